@@ -1,0 +1,86 @@
+"""The `moeprune` command line.
+
+Each sub-command lives in its own module under :mod:`moeprune.commands` and registers itself on
+:data:`app`. Heavy imports (torch, transformers) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="moeprune",
+    help="Measure which experts a domain uses and write a smaller Mixture-of-Experts model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that register commands on `app`, in the order they appear in --help.
+COMMAND_MODULES = [
+    "inspect",
+    "eval",
+    "profile",
+    "plan",
+    "prune",
+    "compare",
+    "report",
+    "library",
+    "testbed",
+]
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"moeprune.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command module not written yet
+            if exc.name != f"moeprune.commands.{name}":
+                raise
+
+
+def error_line(message: str) -> None:
+    """Print one error line to stderr (never a traceback)."""
+    print(f"moeprune: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _register_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        error_line(exc.line())
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        error_line("aborted")
+        return 130
+    except KeyboardInterrupt:
+        error_line("interrupted; nothing was written")
+        return 130
+    except Exception as exc:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
