@@ -1,0 +1,165 @@
+"""Finding the routed MoE blocks of a loaded model, by structure.
+
+A block is found as the parent of a fused experts module (see :mod:`.experts`); its router is the
+sibling whose weight rows are the experts; shared experts are the siblings named ``shared_*``.
+Per-model facts that structure cannot tell (the routing family) come from :mod:`.table`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .experts import ExpertsLayout, is_fused_experts
+from .routing import RoutingSpec, route
+from .table import ArchFacts, facts_for
+
+
+@dataclass
+class MoEBlock:
+    """One routed MoE block of a model, with everything the rest of moeprune needs to know."""
+
+    index: int  # position among the model's MoE blocks (0..L-1)
+    layer: int  # decoder-layer index
+    path: str  # module path of the block, e.g. "model.layers.3.mlp"
+    router_path: str
+    experts_path: str
+    shared_paths: list[str]
+    prenorm_path: str | None  # norm whose *input* is the residual h_t entering the block
+    num_experts: int
+    top_k: int
+    spec: RoutingSpec
+    layout: ExpertsLayout
+    selection_bias_path: str | None  # full path of the selection-bias tensor, if any
+    router_tensors: dict[str, int] = field(default_factory=dict)  # router tensor name -> expert axis
+
+    def module(self, model: nn.Module, path: str) -> nn.Module:
+        return model.get_submodule(path)
+
+    def block(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.path)
+
+    def router(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.router_path)
+
+    def experts(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.experts_path)
+
+    def selection_bias(self, model: nn.Module) -> torch.Tensor | None:
+        if self.selection_bias_path is None:
+            return None
+        return model.get_parameter_or_buffer(self.selection_bias_path)
+
+    def route(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        allowed: torch.Tensor | None = None,
+        top_k: int | None = None,
+    ):
+        return route(self.spec, logits, self.selection_bias(model), allowed=allowed, top_k=top_k)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (the ModuleList the text model iterates over)."""
+    config = model.config.get_text_config()
+    n = getattr(config, "num_hidden_layers", None)
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.endswith("layers") and (n is None or len(mod) == n):
+            candidates.append((name.count("."), name, mod))
+    if not candidates:
+        raise UserError("could not find the decoder layers of this model", "it is not a supported causal LM")
+    candidates.sort(key=lambda c: c[0])
+    return candidates[0][2]
+
+
+def layers_path(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise AssertionError("unreachable")
+
+
+def _find_router(block: nn.Module, experts_name: str, num_experts: int, facts: ArchFacts) -> str:
+    if facts.router_name:
+        return facts.router_name
+    for name, child in block.named_children():
+        if name == experts_name or name.startswith("shared"):
+            continue
+        w = getattr(child, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == num_experts:
+            return name
+    raise UserError(
+        f"could not find the router of {type(block).__name__}",
+        "this MoE architecture is not supported yet (see docs/architectures.md)",
+    )
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """All routed MoE blocks of ``model``, in layer order. Raises UserError for dense or unsupported models."""
+    config = model.config.get_text_config()
+    model_type = getattr(config, "model_type", None) or getattr(model.config, "model_type", "?")
+    facts = facts_for(model_type)
+    layers = decoder_layers(model)
+    lpath = layers_path(model)
+    blocks: list[MoEBlock] = []
+    for layer_idx, layer in enumerate(layers):
+        for name, mod in layer.named_modules():
+            if not name or not is_fused_experts(mod):
+                continue
+            block_rel, _, experts_name = name.rpartition(".")
+            block = layer.get_submodule(block_rel) if block_rel else layer
+            layout = ExpertsLayout.of(mod)
+            router_name = _find_router(block, experts_name, layout.num_experts, facts)
+            router = block.get_submodule(router_name)
+            base = f"{lpath}.{layer_idx}" + (f".{block_rel}" if block_rel else "")
+            spec = facts.spec(router=router, block=block, config=config)
+            bias_path = None
+            for cand in facts.selection_bias_names:
+                owner_path, _, attr = cand.rpartition(".")
+                owner = block.get_submodule(owner_path) if owner_path else block
+                if isinstance(getattr(owner, attr, None), torch.Tensor):
+                    bias_path = f"{base}.{cand}"
+                    break
+            router_tensors = {
+                f"{router_name}.{n}": 0
+                for n, p in list(router.named_parameters()) + list(router.named_buffers())
+                if p.dim() >= 1 and p.shape[0] == layout.num_experts
+            }
+            for n, p in list(router.named_parameters()) + list(router.named_buffers()):
+                if p.dim() == 2 and p.shape[0] == 1 and p.shape[1] == layout.num_experts:
+                    router_tensors[f"{router_name}.{n}"] = 1  # Ernie moe_statics [1, E]
+            shared = [
+                f"{base}.{n}" for n, _ in block.named_children() if n.startswith("shared") and n != experts_name
+            ]
+            prenorm = None
+            if facts.prenorm_name and hasattr(layer, facts.prenorm_name):
+                prenorm = f"{lpath}.{layer_idx}.{facts.prenorm_name}"
+            blocks.append(
+                MoEBlock(
+                    index=len(blocks),
+                    layer=layer_idx,
+                    path=base,
+                    router_path=f"{base}.{router_name}",
+                    experts_path=f"{base}.{experts_name}",
+                    shared_paths=shared,
+                    prenorm_path=prenorm,
+                    num_experts=layout.num_experts,
+                    top_k=spec.top_k,
+                    spec=spec,
+                    layout=layout,
+                    selection_bias_path=bias_path,
+                    router_tensors=router_tensors,
+                )
+            )
+    if not blocks:
+        raise UserError(
+            f"{model_type} model has no routed Mixture-of-Experts layers",
+            "moeprune prunes MoE models only (a dense model has no experts to prune)",
+        )
+    return blocks

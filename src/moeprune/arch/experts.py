@@ -1,0 +1,123 @@
+"""Expert storage: which tensors carry the expert axis, and each selected expert's own output.
+
+transformers 5 keeps the routed experts of almost every MoE in one module decorated with
+``@use_experts_implementation``: fused 3D tensors ``gate_up_proj`` [E, 2I, H] (or [E, H, 2I] when
+``is_transposed``) and ``down_proj`` [E, H, I], optional biases, and ``_apply_gate`` for the gated
+activation (which also knows whether gate and up are concatenated or interleaved). We compute with
+exactly those pieces, so every activation variant (clamped SwiGLU of gpt-oss, ...) is the module's
+own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """True for an experts module built by ``@use_experts_implementation`` (fused 3D tensors)."""
+    return hasattr(type(module), "_apply_gate") and hasattr(module, "down_proj") and hasattr(module, "has_gate")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a fused experts module stores its weights (read off the module's own flags)."""
+
+    class_name: str
+    num_experts: int
+    tensors: dict[str, tuple[int, ...]]  # name -> shape; the expert axis is 0 for all of them
+    is_transposed: bool
+    is_concatenated: bool
+    has_bias: bool
+    has_gate: bool
+    has_post_expert_norm: bool
+    custom_gate: bool  # `_apply_gate` overridden (clamped / soft-capped SwiGLU, ...)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ExpertsLayout:
+        from transformers.integrations.moe import _default_apply_gate
+
+        tensors = {
+            name: tuple(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() >= 1
+        }
+        num = next(iter(tensors.values()))[0]
+        custom = getattr(type(module), "_apply_gate", None) is not _default_apply_gate
+        return cls(
+            class_name=type(module).__name__,
+            num_experts=int(num),
+            tensors=tensors,
+            is_transposed=bool(module.is_transposed),
+            is_concatenated=bool(module.is_concatenated),
+            has_bias=bool(module.has_bias),
+            has_gate=bool(module.has_gate),
+            has_post_expert_norm=bool(module.has_post_expert_norm),
+            custom_gate=custom,
+        )
+
+    def params_per_expert(self) -> int:
+        total = 0
+        for shape in self.tensors.values():
+            n = 1
+            for d in shape[1:]:
+                n *= d
+            total += n
+        return total
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ w if transposed else F.linear(x, w)
+    return out + b if b is not None else out
+
+
+def single_expert_forward(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """Unweighted output of one expert of a fused experts module on tokens ``x`` [n, H]."""
+    t = module.is_transposed
+    if module.has_gate:
+        w, b = module.gate_up_proj[expert], (module.gate_up_proj_bias[expert] if module.has_bias else None)
+        h = module._apply_gate(_linear(x, w, b, t))
+    else:
+        w, b = module.up_proj[expert], (module.up_proj_bias[expert] if module.has_bias else None)
+        h = module.act_fn(_linear(x, w, b, t))
+    b = module.down_proj_bias[expert] if module.has_bias else None
+    out = _linear(h, module.down_proj[expert], b, t)
+    if module.has_post_expert_norm:
+        out = module.post_expert_norm(out)
+    return out
+
+
+def selected_expert_outputs(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    constant_outputs: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each selected expert's unweighted output, computed once per (token, expert) pair.
+
+    Returns [T, k, H]. Tokens are grouped by expert so each expert runs one matmul on its tokens;
+    no expert ever runs on a token that did not select it. ``constant_outputs`` maps expert ids to a
+    fixed [H] vector that replaces the expert's computation (MoNE novices).
+    """
+    t, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
+    order = torch.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        rows = order[start : start + count]
+        start += count
+        if expert < 0:  # expert-parallel sentinels; never produced on one process
+            out[rows] = 0
+            continue
+        if constant_outputs is not None and expert in constant_outputs:
+            out[rows] = constant_outputs[expert].to(out.dtype)
+            continue
+        tokens = torch.div(rows, k, rounding_mode="floor")
+        out[rows] = single_expert_forward(module, expert, hidden_states[tokens]).to(out.dtype)
+    return out.view(t, k, -1)

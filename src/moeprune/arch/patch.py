@@ -1,0 +1,165 @@
+"""Seeing and steering what MoE blocks do, without changing the model's code.
+
+:func:`patch_moe` swaps, on the *instances* only (the classes stay untouched, and everything is
+restored on exit), the forward of each block's router and experts module:
+
+- the router still computes its own logits; the selection and gate weights are then recomputed by
+  :func:`moeprune.arch.routing.route` when a block is masked (removed experts can never be chosen:
+  the pruning reference semantics) or when ``reroute`` asks for it;
+- the experts module computes each selected expert's unweighted output once
+  (:func:`.experts.selected_expert_outputs`), optionally replaces some experts by constant vectors
+  (MoNE novices), hands everything to an observer, and returns the gate-weighted sum exactly as the
+  model's own implementations do.
+
+Calibration, masked evaluation and the architecture tests are all built on this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .blocks import MoEBlock
+from .experts import selected_expert_outputs
+
+
+@dataclass
+class BlockEvent:
+    """What one MoE block saw and did for one forward, over its T flattened tokens."""
+
+    block: MoEBlock
+    hidden: torch.Tensor  # [T, H] input of the experts (after the pre-MoE norm)
+    logits: torch.Tensor  # [T, E] router logits
+    top_k_index: torch.Tensor  # [T, k]
+    top_k_weights: torch.Tensor  # [T, k] gate weights the model really applies (incl. scaling)
+    expert_outputs: torch.Tensor  # [T, k, H] unweighted outputs e_{i,t}
+    residual: torch.Tensor | None  # [T, H] residual stream h_t entering the block, if known
+    token_mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens, if set
+
+
+@dataclass
+class BlockControl:
+    """How to steer one block (all optional)."""
+
+    allowed: torch.Tensor | None = None  # bool [E]: experts that may be selected (mask mode)
+    top_k: int | None = None  # lower the number of active experts
+    novices: dict[int, torch.Tensor] | None = None  # expert id -> constant output [H] (MoNE)
+
+
+@dataclass
+class _BlockState:
+    logits: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+
+@dataclass
+class PatchSession:
+    """Handle returned by :func:`patch_moe`; set ``token_mask`` before each forward if padding exists."""
+
+    blocks: list[MoEBlock]
+    controls: dict[int, BlockControl] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
+
+
+def _router_forward(
+    model: nn.Module, block: MoEBlock, original: Callable, state: _BlockState, session: PatchSession, reroute: bool
+) -> Callable:
+    def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        out = original(hidden_states, *args, **kwargs)
+        logits = out[0]
+        state.logits = logits
+        control = session.controls.get(block.index)
+        steer = control is not None and (control.allowed is not None or control.top_k is not None)
+        if not (steer or reroute):
+            return out
+        r = block.route(
+            model,
+            logits,
+            allowed=control.allowed if control else None,
+            top_k=control.top_k if control else None,
+        )
+        weights = r.top_k_weights
+        if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
+            weights = weights / block.spec.scaling  # the block multiplies it back
+        return (logits, weights.to(out[1].dtype), r.top_k_index.to(out[2].dtype), *out[3:])
+
+    return forward
+
+
+def _experts_forward(
+    block: MoEBlock,
+    module: nn.Module,
+    state: _BlockState,
+    session: PatchSession,
+    observer: Callable[[BlockEvent], None] | None,
+) -> Callable:
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        control = session.controls.get(block.index)
+        novices = control.novices if control is not None else None
+        outputs = selected_expert_outputs(module, hidden_states, top_k_index, novices)
+        if observer is not None:
+            applied = top_k_weights
+            if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
+                applied = top_k_weights * block.spec.scaling
+            observer(
+                BlockEvent(
+                    block=block,
+                    hidden=hidden_states,
+                    logits=state.logits,
+                    top_k_index=top_k_index,
+                    top_k_weights=applied,
+                    expert_outputs=outputs,
+                    residual=state.residual,
+                    token_mask=session.token_mask,
+                )
+            )
+        weighted = outputs * top_k_weights.unsqueeze(-1).to(outputs.dtype)
+        return weighted.sum(dim=1).to(hidden_states.dtype)
+
+    return forward
+
+
+@contextmanager
+def patch_moe(
+    model: nn.Module,
+    blocks: list[MoEBlock],
+    observer: Callable[[BlockEvent], None] | None = None,
+    controls: dict[int, BlockControl] | None = None,
+    reroute: bool = False,
+) -> Iterator[PatchSession]:
+    """Patch every block's router and experts (instances only) for the duration of the context."""
+    session = PatchSession(blocks=blocks, controls=dict(controls or {}))
+    restore: list[tuple[nn.Module, bool, object]] = []
+    handles = []
+    try:
+        for block in blocks:
+            state = _BlockState()
+            router = block.router(model)
+            experts = block.experts(model)
+            for mod, new in (
+                (router, _router_forward(model, block, router.forward, state, session, reroute)),
+                (experts, _experts_forward(block, experts, state, session, observer)),
+            ):
+                restore.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
+                mod.forward = new
+            if block.prenorm_path is not None:
+                norm = model.get_submodule(block.prenorm_path)
+
+                def grab(_mod, args, _state=state):
+                    x = args[0]
+                    _state.residual = x.reshape(-1, x.shape[-1])
+
+                handles.append(norm.register_forward_pre_hook(grab))
+        yield session
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mod, had, old in reversed(restore):
+            if had:
+                mod.forward = old
+            else:
+                del mod.forward

@@ -1,0 +1,145 @@
+"""Router semantics as data, and one function that applies them.
+
+Every supported router is described by a :class:`RoutingSpec`: how logits become scores, which
+score selects experts, how groups limit the choice, and how the selected scores become the gate
+weights the model really multiplies expert outputs by. :func:`route` reimplements the routers of
+transformers from the spec, and can additionally forbid experts (the *mask* semantics used as the
+reference for pruning: a removed expert can never be selected and, for softmax routers, leaves the
+softmax denominator, exactly as if its logit were -inf).
+
+The architecture tests check `route(spec, logits)` against each router's own outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+ScoreFn = Literal["softmax", "sigmoid", "identity"]
+WeightFrom = Literal["score", "softmax_topk"]
+GroupScore = Literal["max", "top2_sum"]
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """What a router does with its logits ``s_t`` (shape [T, E]).
+
+    - ``score_fn``: p_t = softmax(s_t) | sigmoid(s_t) | s_t.
+    - ``selection_bias``: added to p_t for *selection only* (DeepSeek-V3 ``e_score_correction_bias``,
+      Ernie ``moe_statics``); weights still come from the unbiased p_t.
+    - ``n_group``/``topk_group``/``group_score``: group-limited routing (only experts in the best
+      ``topk_group`` groups may be chosen; a group's score is its max or the sum of its top two).
+    - ``weight_from``: ``score`` = gather p_t at the chosen experts; ``softmax_topk`` = softmax over the
+      chosen *logits* (gpt-oss, Mixtral-style top-k-then-softmax).
+    - ``renormalize``: divide the chosen weights by their sum (+``renorm_eps``, or clamp at
+      ``renorm_min``).
+    - ``scaling``: multiply the weights by this (``routed_scaling_factor``); ``scaling_site`` says
+      whether the router applies it or the block applies it to the experts' summed output (same
+      product, recorded so that observers report the weight the model really applies).
+    """
+
+    top_k: int
+    score_fn: ScoreFn = "softmax"
+    has_selection_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: GroupScore = "max"
+    weight_from: WeightFrom = "score"
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    renorm_min: float | None = None
+    scaling: float = 1.0
+    scaling_site: Literal["router", "block"] = "router"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def group_limited(self) -> bool:
+        return self.n_group > 1 and self.topk_group < self.n_group
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        return d
+
+
+@dataclass
+class Routing:
+    """The outcome of routing T tokens among E experts."""
+
+    probs: torch.Tensor  # [T, E] router probabilities p_t (after score_fn, before any bias)
+    top_k_index: torch.Tensor  # [T, k] selected experts
+    top_k_weights: torch.Tensor  # [T, k] gate weights g the model applies (incl. scaling)
+
+
+def route(
+    spec: RoutingSpec,
+    logits: torch.Tensor,
+    selection_bias: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    top_k: int | None = None,
+) -> Routing:
+    """Route tokens from router logits exactly as the architecture does.
+
+    ``allowed`` (bool [E]) forbids experts: the pruning reference semantics. ``top_k`` overrides the
+    number of active experts (used when a plan lowers it explicitly).
+    """
+    k = top_k or spec.top_k
+    logits = logits.float()
+    if allowed is not None:
+        allowed = allowed.to(device=logits.device, dtype=torch.bool)
+        if int(allowed.sum()) < k:
+            raise ValueError(f"only {int(allowed.sum())} experts allowed but top-k is {k}")
+        # -inf logits: softmax renormalises over the kept experts; sigmoid gives 0 for removed ones.
+        logits = logits.masked_fill(~allowed, float("-inf"))
+
+    if spec.score_fn == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+    elif spec.score_fn == "sigmoid":
+        probs = torch.sigmoid(logits)
+    else:
+        probs = logits
+
+    choice = probs
+    if spec.has_selection_bias and selection_bias is not None:
+        choice = probs + selection_bias.float().reshape(1, -1)
+    if allowed is not None:
+        choice = choice.masked_fill(~allowed, float("-inf"))
+
+    if spec.group_limited:
+        choice = _limit_to_groups(spec, choice)
+
+    chosen = torch.topk(choice, k, dim=-1).indices
+    if spec.weight_from == "softmax_topk":
+        weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
+    else:
+        weights = probs.gather(-1, chosen)
+    if spec.renormalize:
+        denom = weights.sum(dim=-1, keepdim=True)
+        if spec.renorm_min is not None:
+            denom = denom.clamp(min=spec.renorm_min)
+        weights = weights / (denom + spec.renorm_eps)
+    if spec.scaling != 1.0:
+        weights = weights * spec.scaling
+    return Routing(probs=probs, top_k_index=chosen, top_k_weights=weights)
+
+
+def _limit_to_groups(spec: RoutingSpec, choice: torch.Tensor) -> torch.Tensor:
+    """Mask out experts outside the ``topk_group`` best groups (DeepSeek group-limited routing).
+
+    With forbidden experts, a group's score is computed over its allowed experts only: that is what
+    the pruned model computes, since its groups contain only the kept experts.
+    """
+    t, e = choice.shape
+    per_group = e // spec.n_group
+    grouped = choice.view(t, spec.n_group, per_group)
+    if spec.group_score == "top2_sum":
+        # Removed experts hold -inf; a group keeping a single expert cannot form a top-2 sum.
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = torch.topk(group_scores, spec.topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, spec.n_group, per_group).reshape(t, e)
+    return choice.masked_fill(~expert_mask, float("-inf"))

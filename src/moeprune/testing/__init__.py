@@ -1,0 +1,1 @@
+"""Test helpers: tiny random models of every MoE causal-LM type in transformers."""
