@@ -22,6 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Measure which experts a domain uses and write a smaller Mixture-of-Experts model."""
+
+
 # Modules that register commands on `app`, in the order they appear in --help.
 COMMAND_MODULES = [
     "inspect",
@@ -68,13 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted; nothing was written")
         return 130
-    except Exception as exc:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except typer.TyperException as exc:  # usage errors: click's own message, exit code 2
+        show = getattr(exc, "show", None)
+        if show is None:
+            raise
+        show()
+        return int(getattr(exc, "exit_code", 2))
     return 0
 
 

@@ -15,7 +15,11 @@ from torch import nn
 from ..errors import UserError
 from .experts import ExpertsLayout, is_fused_experts
 from .routing import RoutingSpec, route
-from .table import ArchFacts, facts_for
+from .table import ARCH_TABLE, EXPERT_COUNT_ATTRS, UNSUPPORTED, ArchFacts, facts_for
+
+
+def _has_expert_config(config) -> bool:
+    return any((getattr(config, name, None) or 0) > 1 for name in EXPERT_COUNT_ATTRS)
 
 
 @dataclass
@@ -104,7 +108,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """All routed MoE blocks of ``model``, in layer order. Raises UserError for dense or unsupported models."""
     config = model.config.get_text_config()
     model_type = getattr(config, "model_type", None) or getattr(model.config, "model_type", "?")
-    facts = facts_for(model_type)
+    facts: ArchFacts | None = None
     layers = decoder_layers(model)
     lpath = layers_path(model)
     blocks: list[MoEBlock] = []
@@ -112,6 +116,8 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         for name, mod in layer.named_modules():
             if not name or not is_fused_experts(mod):
                 continue
+            if facts is None:
+                facts = facts_for(model_type)  # a MoE was found: now it must be a known type
             block_rel, _, experts_name = name.rpartition(".")
             block = layer.get_submodule(block_rel) if block_rel else layer
             layout = ExpertsLayout.of(mod)
@@ -135,7 +141,9 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                 if p.dim() == 2 and p.shape[0] == 1 and p.shape[1] == layout.num_experts:
                     router_tensors[f"{router_name}.{n}"] = 1  # Ernie moe_statics [1, E]
             shared = [
-                f"{base}.{n}" for n, _ in block.named_children() if n.startswith("shared") and n != experts_name
+                f"{base}.{n}"
+                for n, _ in block.named_children()
+                if n.startswith("shared") and n != experts_name
             ]
             prenorm = None
             if facts.prenorm_name and hasattr(layer, facts.prenorm_name):
@@ -158,8 +166,11 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                 )
             )
     if not blocks:
+        known = model_type in ARCH_TABLE or model_type in UNSUPPORTED
+        if not known and _has_expert_config(config):
+            facts_for(model_type)  # raises: a MoE type that moeprune does not know
         raise UserError(
-            f"{model_type} model has no routed Mixture-of-Experts layers",
-            "moeprune prunes MoE models only (a dense model has no experts to prune)",
+            f"'{model_type}' is a dense model: it has no routed Mixture-of-Experts layers",
+            "moeprune prunes the experts of MoE models only",
         )
     return blocks

@@ -16,12 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+FUSED_EXPERT_PARAMS = (
+    "gate_up_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj_bias",
+    "up_proj_bias",
+    "down_proj_bias",
+)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for an experts module built by ``@use_experts_implementation`` (fused 3D tensors)."""
-    return hasattr(type(module), "_apply_gate") and hasattr(module, "down_proj") and hasattr(module, "has_gate")
+    return (
+        hasattr(type(module), "_apply_gate") and hasattr(module, "down_proj") and hasattr(module, "has_gate")
+    )
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,7 @@ class ExpertsLayout:
     def of(cls, module: nn.Module) -> ExpertsLayout:
         from transformers.integrations.moe import _default_apply_gate
 
-        tensors = {
-            name: tuple(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() >= 1
-        }
+        tensors = {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() >= 1}
         num = next(iter(tensors.values()))[0]
         custom = getattr(type(module), "_apply_gate", None) is not _default_apply_gate
         return cls(

@@ -66,7 +66,12 @@ class PatchSession:
 
 
 def _router_forward(
-    model: nn.Module, block: MoEBlock, original: Callable, state: _BlockState, session: PatchSession, reroute: bool
+    model: nn.Module,
+    block: MoEBlock,
+    original: Callable,
+    state: _BlockState,
+    session: PatchSession,
+    reroute: bool,
 ) -> Callable:
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         out = original(hidden_states, *args, **kwargs)

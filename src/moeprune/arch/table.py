@@ -58,7 +58,9 @@ def topk_softmax() -> SpecBuilder:
     """top-k on the logits, then softmax over the chosen k (gpt-oss)."""
 
     def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
-        return RoutingSpec(top_k=_top_k(router, block, config), score_fn="softmax", weight_from="softmax_topk")
+        return RoutingSpec(
+            top_k=_top_k(router, block, config), score_fn="softmax", weight_from="softmax_topk"
+        )
 
     return build
 

@@ -1,0 +1,129 @@
+"""Finding and opening models: local directories and hub ids present in the local cache.
+
+moeprune never downloads at run time. A hub id works only when its snapshot is already in the
+local Hugging Face cache; otherwise the error says how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.match(model)) and not model.startswith((".", "~"))
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory holding the model's config.json (resolving cached hub ids)."""
+    if not model or not model.strip():
+        raise UserError("no model given", "pass a local model directory or a cached hub id")
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise UserError(
+                f"'{model}' is a file, not a model directory", "pass the directory holding config.json"
+            )
+        if not (path / "config.json").is_file():
+            raise UserError(f"'{model}' has no config.json", "pass a transformers model directory")
+        return path
+    if not _is_hub_id(model):
+        raise UserError(
+            f"model path '{model}' does not exist", "check the path, or pass a cached hub id (org/name)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(model, local_files_only=True)
+    except Exception:
+        raise UserError(
+            f"'{model}' is neither a local directory nor a hub id in the local cache (moeprune never downloads)",
+            f"download it first with `hf download {model}` or pass a local path",
+        ) from None
+    snap = Path(snapshot)
+    if not (snap / "config.json").is_file():
+        raise UserError(
+            f"cached snapshot of '{model}' has no config.json", "re-download it with `hf download`"
+        )
+    return snap
+
+
+def load_config(model: str) -> Any:
+    """The model's config (no weights), with a clear error for anything that is not a transformers model."""
+    from transformers import AutoConfig
+
+    path = resolve_model_dir(model)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"{path / 'config.json'} is not valid JSON ({exc.__class__.__name__})", "fix or re-download it"
+        ) from None
+    if "model_type" not in raw:
+        raise UserError(f"{path / 'config.json'} has no model_type", "pass a transformers model directory")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        raise UserError(
+            f"transformers cannot read the config of '{model}' (model_type '{raw['model_type']}'): {str(exc).splitlines()[0]}",
+            "upgrade transformers or check the model",
+        ) from None
+
+
+def build_on_meta(config: Any):
+    """Instantiate the causal LM on the meta device: structure and shapes, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise UserError(
+            f"model type '{config.model_type}' has no causal-LM class in transformers ({str(exc).splitlines()[0][:120]})",
+            "moeprune works on causal language models",
+        ) from None
+
+
+def load_model(
+    model: str, dtype: str = "float32", device: str = "cpu", experts_implementation: str | None = None
+):
+    """Load a causal LM and its tokenizer from a local directory or cached hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(model)
+    load_config(str(path))  # clear errors for broken configs before transformers' own
+    torch_dtype = parse_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    if device not in ("cpu", ""):
+        kwargs["device_map"] = device
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    return lm, tok
+
+
+def parse_dtype(dtype: str):
+    import torch
+
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise UserError(f"unknown dtype '{dtype}'", "use float32, bfloat16 or float16")
+    return table[dtype]
