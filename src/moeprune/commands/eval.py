@@ -1,0 +1,236 @@
+"""`moeprune eval MODEL --task ...`: perplexity, exact-match and multiple-choice evaluation,
+optionally lm-evaluation-harness tasks (``--lm-eval``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from moeprune.cli import app
+from moeprune.errors import UserError
+
+TASK_HELP = (
+    "Task file: PATH, NAME=PATH, or with a forced kind kind:PATH (perplexity, exact_match, multiple_choice). "
+    "JSON lines with 'text' (perplexity; .txt files too), 'prompt'+'answer' (exact match) or "
+    "'prompt'+'choices'+'label' (multiple choice). 'testbed' runs every testbed task, 'testbed:NAME' one. Repeatable."
+)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(
+        ..., help="Model directory, or a hub id already in the local Hugging Face cache."
+    ),
+    task: list[str] | None = typer.Option(None, "--task", "-t", help=TASK_HELP),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="Comma-separated lm-evaluation-harness task names (needs moeprune\\[lmeval])."
+    ),
+    lm_eval_include: str | None = typer.Option(
+        None,
+        "--lm-eval-include",
+        help="Directory of local lm-eval task YAMLs (relative data_files resolve against it).",
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N records of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    max_new_tokens: int = typer.Option(
+        24, "--max-new-tokens", help="Generation limit for exact-match tasks."
+    ),
+    max_length: int = typer.Option(
+        1024, "--max-length", help="Truncate perplexity documents to this many tokens."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write the results as JSON to this file."
+    ),
+) -> None:
+    """Evaluate a model on perplexity, exact-match and multiple-choice tasks (and lm-eval tasks)."""
+    from moeprune.evaluate.loading import DEVICES, DTYPES
+    from moeprune.evaluate.tasks import resolve_tasks
+
+    # --- check everything the user gave before loading anything heavy --------------------------
+    if limit is not None and limit <= 0:
+        raise UserError(
+            f"--limit must be a positive number of records, got {limit}", "pass --limit 1 or more"
+        )
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}", "pass --batch-size 1 or more")
+    if max_new_tokens <= 0:
+        raise UserError(
+            f"--max-new-tokens must be positive, got {max_new_tokens}", "pass --max-new-tokens 1 or more"
+        )
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {max_length}", "pass a larger --max-length")
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise UserError(f"unknown device '{device}'", "use --device cpu, cuda or auto")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'", "use --dtype float32, bfloat16 or float16")
+    if not task and not lm_eval:
+        raise UserError("no task given", "pass --task PATH (repeatable) or --lm-eval TASKNAMES")
+    if lm_eval_include and not lm_eval:
+        raise UserError(
+            "--lm-eval-include given without --lm-eval", "name the lm-eval tasks to run with --lm-eval"
+        )
+    if output is not None:
+        _check_output(output)
+    from moeprune.evaluate.loading import load_model_and_tokenizer, resolve_device, resolve_model_path
+
+    model_path = resolve_model_path(model)
+    resolved_device = resolve_device(device)
+    tasks = resolve_tasks(list(task or []))
+    lm_eval_tasks: list[str] = []
+    lm_eval_manager = None
+    if lm_eval:
+        from moeprune.evaluate.lm_eval_bridge import parse_task_names, prepare_lm_eval
+
+        lm_eval_tasks = parse_task_names(lm_eval)
+        lm_eval_manager = prepare_lm_eval(lm_eval_tasks, lm_eval_include)
+
+    # --- load and run ----------------------------------------------------------------------------
+    from moeprune.evaluate.runners import evaluate
+
+    started = time.time()
+    lm, tokenizer = load_model_and_tokenizer(model, device=resolved_device, dtype=dtype)
+    results = evaluate(
+        lm,
+        tokenizer,
+        tasks,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        progress=True,
+    )
+    if lm_eval_tasks:
+        from moeprune.evaluate.lm_eval_bridge import run_lm_eval
+
+        results["tasks"].update(
+            run_lm_eval(
+                lm,
+                tokenizer,
+                lm_eval_tasks,
+                include_path=lm_eval_include,
+                limit=limit,
+                batch_size=batch_size,
+                task_manager=lm_eval_manager,
+            )
+        )
+
+    report: dict[str, Any] = {
+        "model": model,
+        "model_path": str(model_path.resolve()),
+        "settings": {
+            **results["settings"],
+            "device": resolved_device,
+            "dtype": dtype,
+            "lm_eval": lm_eval_tasks or None,
+            "lm_eval_include": str(Path(lm_eval_include).resolve()) if lm_eval_include else None,
+        },
+        "versions": _versions(),
+        "seconds": round(time.time() - started, 3),
+        "tasks": results["tasks"],
+    }
+    print_table(report)
+    if output is not None:
+        write_json(output, report)
+        from rich.console import Console
+
+        Console(stderr=True).print(f"wrote {output}", highlight=False)
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and output.is_dir():
+        raise UserError(f"--output '{output}' is a directory", "pass a file name such as results.json")
+    parent = output.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"the folder of --output '{output}' does not exist", f"create {parent} first")
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import moeprune
+
+    return {
+        "moeprune": moeprune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    path = path.expanduser()
+    text = json.dumps(_clean(data), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"moeprune eval: {report['model']}")
+    for col, justify in (
+        ("task", "left"),
+        ("kind", "left"),
+        ("metric", "left"),
+        ("value", "right"),
+        ("± stderr", "right"),
+        ("n", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, res in report["tasks"].items():
+        metrics = res.get("metrics", {})
+        for metric, value in metrics.items():
+            if metric == "tokens" or "_stderr" in metric:
+                continue
+            stderr = metrics.get(f"{metric}_stderr")
+            if stderr is None and "[" in metric:
+                base, _, filt = metric.partition("[")
+                stderr = metrics.get(f"{base}_stderr[{filt}")
+            n = res.get("n")
+            if metric in ("perplexity", "nll") and "tokens" in metrics:
+                n = f"{n} ({metrics['tokens']} tok)"
+            table.add_row(name, res.get("kind", ""), metric, _fmt(value), _fmt(stderr), _fmt(n))
+    # A pipe or a captured stream has no width: use a wide one so names are never wrapped.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(table)

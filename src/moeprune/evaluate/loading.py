@@ -1,0 +1,111 @@
+"""Loading a model and its tokenizer for evaluation (local directory or a hub id in the local cache).
+
+Self-contained on purpose; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import UserError
+
+__all__ = ["DTYPES", "load_model_and_tokenizer", "resolve_device", "resolve_model_path", "torch_dtype"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "auto")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype '{dtype}'", "use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (cuda when available) -> a torch device string."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device '{device}' requested but CUDA is not available", "use --device cpu or auto"
+            )
+        return device
+    raise UserError(f"unknown device '{device}'", "use cpu, cuda or auto")
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local model directory for ``model`` (a path, or a hub id already in the local HF cache)."""
+    if not model or not model.strip():
+        raise UserError("no model given", "pass a local model directory or a cached hub id")
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(
+                f"model path '{model}' is a file, not a directory",
+                "pass the directory that holds config.json",
+            )
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model directory '{model}' has no config.json", "pass a transformers model directory"
+            )
+        return path
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_like_path or not _HUB_ID.match(model):
+        raise UserError(
+            f"model path '{model}' does not exist", "check the path, or pass a hub id from the local cache"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(model, local_files_only=True))
+    except Exception:
+        raise UserError(
+            f"model '{model}' is not a local directory and is not in the local Hugging Face cache",
+            f"download it first with `hf download {model}` or pass a local path",
+        ) from None
+    if not (snapshot / "config.json").is_file():
+        raise UserError(
+            f"the cached snapshot of '{model}' has no config.json",
+            f"re-download it with `hf download {model}`",
+        )
+    return snapshot
+
+
+def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a causal LM (eval mode, on ``device``) and its tokenizer; never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    dt = torch_dtype(dtype)
+    dev = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load the tokenizer of '{model}': {str(exc).strip().splitlines()[0][:200]}",
+            "the model directory needs its tokenizer files",
+        ) from None
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load '{model}' as a causal language model: {str(exc).strip().splitlines()[0][:200]}",
+            "pass a transformers causal-LM checkpoint",
+        ) from None
+    lm.to(dev)
+    lm.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
