@@ -39,6 +39,7 @@ class MoEBlock:
     layout: ExpertsLayout
     selection_bias_path: str | None  # full path of the selection-bias tensor, if any
     router_tensors: dict[str, int] = field(default_factory=dict)  # router tensor name -> expert axis
+    router_weight_path: str = ""  # full path of the router's [E, H] weight
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
@@ -90,14 +91,15 @@ def layers_path(model: nn.Module) -> str:
 
 
 def _find_router(block: nn.Module, experts_name: str, num_experts: int, facts: ArchFacts) -> str:
+    """The block's child whose weight rows are the experts (a router, whatever its class)."""
     if facts.router_name:
         return facts.router_name
     for name, child in block.named_children():
         if name == experts_name or name.startswith("shared"):
             continue
-        w = getattr(child, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == num_experts:
-            return name
+        for p in child.parameters():
+            if p.dim() == 2 and p.shape[0] == num_experts:
+                return name
     raise UserError(
         f"could not find the router of {type(block).__name__}",
         "this MoE architecture is not supported yet (see docs/architectures.md)",
@@ -108,6 +110,8 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """All routed MoE blocks of ``model``, in layer order. Raises UserError for dense or unsupported models."""
     config = model.config.get_text_config()
     model_type = getattr(config, "model_type", None) or getattr(model.config, "model_type", "?")
+    if model_type in UNSUPPORTED:
+        facts_for(model_type)  # raises, naming the reason
     facts: ArchFacts | None = None
     layers = decoder_layers(model)
     lpath = layers_path(model)
@@ -140,6 +144,9 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             for n, p in list(router.named_parameters()) + list(router.named_buffers()):
                 if p.dim() == 2 and p.shape[0] == 1 and p.shape[1] == layout.num_experts:
                     router_tensors[f"{router_name}.{n}"] = 1  # Ernie moe_statics [1, E]
+            weight_name = next(
+                n for n, p in router.named_parameters() if p.dim() == 2 and p.shape[0] == layout.num_experts
+            )
             shared = [
                 f"{base}.{n}"
                 for n, _ in block.named_children()
@@ -163,12 +170,12 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                     layout=layout,
                     selection_bias_path=bias_path,
                     router_tensors=router_tensors,
+                    router_weight_path=f"{base}.{router_name}.{weight_name}",
                 )
             )
     if not blocks:
-        known = model_type in ARCH_TABLE or model_type in UNSUPPORTED
-        if not known and _has_expert_config(config):
-            facts_for(model_type)  # raises: a MoE type that moeprune does not know
+        if model_type in UNSUPPORTED or (model_type not in ARCH_TABLE and _has_expert_config(config)):
+            facts_for(model_type)  # raises: a MoE type that moeprune does not (yet) support
         raise UserError(
             f"'{model_type}' is a dense model: it has no routed Mixture-of-Experts layers",
             "moeprune prunes the experts of MoE models only",

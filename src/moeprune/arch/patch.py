@@ -37,7 +37,7 @@ class BlockEvent:
     top_k_index: torch.Tensor  # [T, k]
     top_k_weights: torch.Tensor  # [T, k] gate weights the model really applies (incl. scaling)
     expert_outputs: torch.Tensor  # [T, k, H] unweighted outputs e_{i,t}
-    residual: torch.Tensor | None  # [T, H] residual stream h_t entering the block, if known
+    residual: torch.Tensor  # [T, H] residual stream h_t entering the block (the block input for post-norm layers)
     token_mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens, if set
 
 
@@ -118,7 +118,7 @@ def _experts_forward(
                     top_k_index=top_k_index,
                     top_k_weights=applied,
                     expert_outputs=outputs,
-                    residual=state.residual,
+                    residual=state.residual if block.prenorm_path is not None else hidden_states,
                     token_mask=session.token_mask,
                 )
             )

@@ -28,9 +28,11 @@ class RoutingSpec:
 
     - ``score_fn``: p_t = softmax(s_t) | sigmoid(s_t) | s_t.
     - ``selection_bias``: added to p_t for *selection only* (DeepSeek-V3 ``e_score_correction_bias``,
-      Ernie ``moe_statics``); weights still come from the unbiased p_t.
+      Ernie ``moe_statics``); weights still come from the unbiased p_t. ``selection_on_logits``:
+      the bias is added to the raw logits instead (Kolibri-1).
     - ``n_group``/``topk_group``/``group_score``: group-limited routing (only experts in the best
-      ``topk_group`` groups may be chosen; a group's score is its max or the sum of its top two).
+      ``topk_group`` groups may be chosen; a group's score is its max or the sum of its top two;
+      experts of dropped groups get ``group_fill``: -inf, or 0.0 as DeepSeek-V2 and AXK-2 do).
     - ``weight_from``: ``score`` = gather p_t at the chosen experts; ``softmax_topk`` = softmax over the
       chosen *logits* (gpt-oss, Mixtral-style top-k-then-softmax).
     - ``renormalize``: divide the chosen weights by their sum (+``renorm_eps``, or clamp at
@@ -43,9 +45,11 @@ class RoutingSpec:
     top_k: int
     score_fn: ScoreFn = "softmax"
     has_selection_bias: bool = False
+    selection_on_logits: bool = False
     n_group: int = 1
     topk_group: int = 1
     group_score: GroupScore = "max"
+    group_fill: float = float("-inf")
     weight_from: WeightFrom = "score"
     renormalize: bool = False
     renorm_eps: float = 0.0
@@ -101,14 +105,16 @@ def route(
     else:
         probs = logits
 
-    choice = probs
+    choice = logits if spec.selection_on_logits else probs
     if spec.has_selection_bias and selection_bias is not None:
-        choice = probs + selection_bias.float().reshape(1, -1)
+        choice = choice + selection_bias.float().reshape(1, -1)
     if allowed is not None:
         choice = choice.masked_fill(~allowed, float("-inf"))
 
     if spec.group_limited:
         choice = _limit_to_groups(spec, choice)
+        if allowed is not None:  # a 0.0 group fill must not revive a forbidden expert
+            choice = choice.masked_fill(~allowed, float("-inf"))
 
     chosen = torch.topk(choice, k, dim=-1).indices
     if spec.weight_from == "softmax_topk":
@@ -142,4 +148,4 @@ def _limit_to_groups(spec: RoutingSpec, choice: torch.Tensor) -> torch.Tensor:
     best = torch.topk(group_scores, spec.topk_group, dim=-1).indices
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
     expert_mask = group_mask.unsqueeze(-1).expand(t, spec.n_group, per_group).reshape(t, e)
-    return choice.masked_fill(~expert_mask, float("-inf"))
+    return choice.masked_fill(~expert_mask, spec.group_fill)

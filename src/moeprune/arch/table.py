@@ -10,7 +10,7 @@ attributes first, then from the config, so a checkpoint's settings are always th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -40,10 +40,11 @@ def _top_k(router: nn.Module, block: nn.Module, config: Any) -> int:
 
 
 # --- routing families -----------------------------------------------------------------------------
+# Each builder returns a SpecBuilder; the builders read the numbers off the live router/block/config.
 
 
 def softmax_topk(default_renorm: bool | None = None) -> SpecBuilder:
-    """softmax over E, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE, ...)."""
+    """softmax over E, top-k, renormalised iff ``norm_topk_prob`` (or always / never when fixed)."""
 
     def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
         renorm = default_renorm
@@ -55,7 +56,7 @@ def softmax_topk(default_renorm: bool | None = None) -> SpecBuilder:
 
 
 def topk_softmax() -> SpecBuilder:
-    """top-k on the logits, then softmax over the chosen k (gpt-oss)."""
+    """top-k on the logits, then softmax over the chosen k (gpt-oss, Granite-MoE, Aria)."""
 
     def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
         return RoutingSpec(
@@ -65,34 +66,99 @@ def topk_softmax() -> SpecBuilder:
     return build
 
 
-def sigmoid_grouped(renorm_eps: float = 1e-20, scaling_site: str = "router") -> SpecBuilder:
-    """DeepSeek-V3 family: sigmoid, selection on sigmoid + correction bias, group-limited top-k
-    (group score = sum of the group's top 2), weights = unbiased sigmoids, optional renormalisation,
-    times ``routed_scaling_factor``."""
+def cohere2() -> SpecBuilder:
+    """Cohere2-MoE: top-k on logits, then softmax over the k, or sigmoid (renormalised iff
+    ``norm_topk_prob``); the block averages routed and shared outputs (x0.5) by default."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        k = _top_k(router, block, config)
+        halve = getattr(config, "shared_expert_combination_strategy", "average") == "average" and bool(
+            getattr(block, "shared_experts", None) is not None
+        )
+        scale = {"scaling": 0.5, "scaling_site": "block"} if halve else {}
+        if getattr(router, "expert_selection_fn", "softmax") == "sigmoid":
+            return RoutingSpec(
+                top_k=k,
+                score_fn="sigmoid",
+                renormalize=bool(getattr(router, "norm_topk_prob", False)),
+                **scale,
+            )
+        return RoutingSpec(top_k=k, score_fn="softmax", weight_from="softmax_topk", **scale)
+
+    return build
+
+
+def sigmoid_biased(
+    *,
+    groups: bool = True,
+    renorm: bool | None = None,
+    renorm_eps: float = 1e-20,
+    scaling_attrs: tuple[str, ...] = ("routed_scaling_factor",),
+    scaling_site: str = "router",
+    group_fill: float = float("-inf"),
+    on_logits: bool = False,
+) -> SpecBuilder:
+    """DeepSeek-V3 family and its relatives: sigmoid scores, selection on score + correction bias
+    (or on logits + bias), optional group-limited top-k (group score = sum of the group's top 2),
+    weights = unbiased sigmoids, renormalised (iff ``norm_topk_prob`` unless fixed), times a
+    routed scaling factor applied by the router or by the block."""
 
     def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
         objs = (router, block, config)
-        n_group = int(_first_attr(objs, ("num_group", "n_group"), 1) or 1)
-        topk_group = int(_first_attr(objs, ("topk_group",), n_group) or n_group)
+        n_group = int(_first_attr(objs, ("num_group", "n_group"), 1) or 1) if groups else 1
+        topk_group = int(_first_attr(objs, ("topk_group",), n_group) or n_group) if groups else 1
+        do_renorm = renorm if renorm is not None else bool(_first_attr(objs, ("norm_topk_prob",), True))
+        scaling = float(_first_attr(objs, scaling_attrs, 1.0) or 1.0) if scaling_attrs else 1.0
         return RoutingSpec(
             top_k=_top_k(router, block, config),
             score_fn="sigmoid",
             has_selection_bias=True,
+            selection_on_logits=on_logits,
             n_group=n_group,
             topk_group=topk_group,
             group_score="top2_sum",
-            renormalize=bool(_first_attr(objs, ("norm_topk_prob",), True)),
-            renorm_eps=renorm_eps,
-            scaling=float(_first_attr(objs, ("routed_scaling_factor",), 1.0)),
+            group_fill=group_fill,
+            renormalize=do_renorm,
+            renorm_eps=renorm_eps if do_renorm else 0.0,
+            scaling=scaling,
             scaling_site=scaling_site,  # type: ignore[arg-type]
         )
 
     return build
 
 
+def sigmoid_topk() -> SpecBuilder:
+    """Flint: top-k of sigmoid scores, no bias, renormalised iff ``norm_topk_prob``."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        renorm = bool(_first_attr((router, block, config), ("norm_topk_prob",), False))
+        return RoutingSpec(top_k=_top_k(router, block, config), score_fn="sigmoid", renormalize=renorm)
+
+    return build
+
+
+def lfm2() -> SpecBuilder:
+    """LFM2-MoE: sigmoid; selection on score + ``expert_bias`` when ``use_expert_bias``;
+    renormalised (+1e-6) iff ``norm_topk_prob``; times ``routed_scaling_factor`` in the router."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        objs = (router, block, config)
+        renorm = bool(_first_attr(objs, ("norm_topk_prob",), False))
+        return RoutingSpec(
+            top_k=_top_k(router, block, config),
+            score_fn="sigmoid",
+            has_selection_bias=bool(getattr(config, "use_expert_bias", False)),
+            renormalize=renorm,
+            renorm_eps=1e-6 if renorm else 0.0,
+            scaling=float(_first_attr(objs, ("routed_scaling_factor",), 1.0) or 1.0),
+        )
+
+    return build
+
+
 def softmax_group_greedy() -> SpecBuilder:
-    """DeepSeek-V2: softmax, greedy or group-limited greedy (group score = max), no
-    renormalisation, times ``routed_scaling_factor``."""
+    """DeepSeek-V2: softmax, greedy or group-limited greedy (group score = max, dropped groups
+    filled with 0.0), never renormalised, times ``routed_scaling_factor``."""
 
     def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
         objs = (router, block, config)
@@ -105,6 +171,7 @@ def softmax_group_greedy() -> SpecBuilder:
             n_group=n_group if grouped else 1,
             topk_group=int(_first_attr(objs, ("topk_group",), n_group)) if grouped else 1,
             group_score="max",
+            group_fill=0.0,
             scaling=float(_first_attr(objs, ("routed_scaling_factor",), 1.0)),
         )
 
@@ -136,35 +203,146 @@ class ArchFacts:
     spec: SpecBuilder
     selection_bias_names: tuple[str, ...] = ()  # paths relative to the block
     router_name: str | None = None  # default: found by structure
+    # Norm whose input is the residual h_t entering the block; None: the block input is used
+    # (post-norm layers, where the residual stream itself feeds the MoE).
     prenorm_name: str | None = "post_attention_layernorm"
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    family: str = ""
 
 
-_DSV3_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias", "e_score_correction_bias")
+_ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
+_BLOCK_BIAS = ("e_score_correction_bias",)
+
+_A = ArchFacts(softmax_topk(), family="softmax -> top-k, renormalised iff norm_topk_prob")
+_A_RENORM = ArchFacts(softmax_topk(default_renorm=True), family="softmax -> top-k, renormalised")
+_B = ArchFacts(topk_softmax(), family="top-k logits -> softmax over k")
+_C = ArchFacts(
+    sigmoid_biased(),
+    _ROUTER_BIAS,
+    family="sigmoid + correction bias, group-limited top-k, scaled (DeepSeek-V3)",
+)
 
 ARCH_TABLE: dict[str, ArchFacts] = {
-    # softmax over E, top-k, renormalise iff norm_topk_prob
-    "qwen2_moe": ArchFacts(softmax_topk()),
-    "qwen3_moe": ArchFacts(softmax_topk()),
-    "olmoe": ArchFacts(softmax_topk()),
-    "flex_olmo": ArchFacts(softmax_topk()),
-    # softmax over E, top-k, always renormalised
-    "mixtral": ArchFacts(softmax_topk(default_renorm=True)),
-    "minimax": ArchFacts(softmax_topk(default_renorm=True)),
-    # top-k over logits, then softmax
-    "gpt_oss": ArchFacts(topk_softmax()),
-    # DeepSeek-V3 family
-    "deepseek_v3": ArchFacts(sigmoid_grouped(), _DSV3_BIAS),
-    "glm4_moe": ArchFacts(sigmoid_grouped(), _DSV3_BIAS),
-    "dots1": ArchFacts(sigmoid_grouped(), _DSV3_BIAS),
-    # DeepSeek-V2
-    "deepseek_v2": ArchFacts(softmax_group_greedy()),
-    # Ernie
-    "ernie4_5_moe": ArchFacts(softmax_statics(), ("gate.moe_statics.e_score_correction_bias",)),
+    # A. softmax over E -> top-k, renormalise iff norm_topk_prob
+    "qwen2_moe": _A,
+    "qwen3_moe": _A,
+    "qwen3_next": _A,
+    "qwen4_exp": replace(_A, prenorm_name=None),  # hyper-connection residual: no single h_t
+    "qwen4_exp_text": replace(_A, prenorm_name=None),
+    "olmoe": _A,
+    "flex_olmo": replace(_A, prenorm_name=None),  # post-norm: no norm before the MoE
+    "mellum": _A,
+    # A'. always renormalised
+    "mixtral": _A_RENORM,
+    "minimax": replace(_A_RENORM, prenorm_name=None),  # post-norm: the residual is the normed state
+    "qwen3_5_moe": _A_RENORM,
+    "qwen3_5_moe_text": _A_RENORM,
+    "hunyuan_v1_moe": replace(_A_RENORM, router_name="gate"),
+    # A''. never renormalised
+    "jamba": ArchFacts(
+        softmax_topk(default_renorm=False), prenorm_name="pre_ff_layernorm", family="softmax -> top-k"
+    ),
+    # B. top-k over logits -> softmax over the k
+    "gpt_oss": _B,
+    "aria_text": _B,
+    "granitemoe": _B,
+    "granitemoe_swa": _B,
+    "granitemoehybrid": _B,
+    "granitemoeshared": _B,
+    "cohere2_moe": ArchFacts(
+        cohere2(), prenorm_name="input_layernorm", family="top-k logits -> softmax/sigmoid"
+    ),
+    # C. DeepSeek-V3 family
+    "deepseek_v3": _C,
+    "deepseek_v32": _C,
+    "axk1": _C,
+    "bailing_hybrid": _C,
+    "dots1": _C,
+    "dots3_note": _C,
+    "dots3_note_text": _C,
+    "exaone_moe": _C,
+    "glm4_moe": _C,
+    "glm4_moe_lite": _C,
+    "glm_moe_dsa": _C,
+    "hy_v4": replace(_C, prenorm_name=None),  # hyper-connections around the block
+    "kimi_linear": _C,
+    "mimo_v2_flash": _C,
+    "nemotron_h": replace(_C, prenorm_name="norm"),
+    "solar_open": _C,
+    "axk2": replace(_C, spec=sigmoid_biased(group_fill=0.0)),
+    "beam": replace(_C, spec=sigmoid_biased(scaling_site="block")),
+    # E. sigmoid + bias, no groups, always renormalised
+    "minimax_m2": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, renorm_eps=0.0, scaling_attrs=()),
+        _BLOCK_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised",
+    ),
+    "minimax_m3_vl_text": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, renorm_eps=0.0, scaling_site="block"),
+        _ROUTER_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised, scaled by the block",
+    ),
+    "hy_v3": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("router_scaling_factor",)),
+        _BLOCK_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised, scaled",
+    ),
+    "afmoe": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("route_scale",)),
+        ("expert_bias",),
+        family="sigmoid + expert bias, top-k, renormalised, scaled",
+    ),
+    "laguna": ArchFacts(
+        sigmoid_biased(
+            groups=False,
+            renorm=True,
+            renorm_eps=0.0,
+            scaling_attrs=("moe_routed_scaling_factor",),
+            scaling_site="block",
+        ),
+        _ROUTER_BIAS,
+        family="(soft-capped) sigmoid + correction bias, top-k, renormalised, scaled by the block",
+    ),
+    "inkling2_text": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("route_scale", "routed_scaling_factor")),
+        _ROUTER_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised, scaled",
+    ),
+    "lfm2_moe": ArchFacts(
+        lfm2(), ("expert_bias",), prenorm_name="ffn_norm", family="sigmoid (+ expert bias), top-k"
+    ),
+    "kolibri1": ArchFacts(
+        sigmoid_biased(groups=False, renorm=None, scaling_attrs=(), on_logits=True),
+        _ROUTER_BIAS,
+        family="top-k on logits + bias, sigmoid weights",
+    ),
+    "flint": ArchFacts(sigmoid_topk(), family="sigmoid -> top-k"),
+    # D. DeepSeek-V2
+    "deepseek_v2": ArchFacts(
+        softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
+    ),
+    # G. Ernie-4.5
+    "ernie4_5_moe": ArchFacts(
+        softmax_statics(),
+        ("gate.moe_statics.e_score_correction_bias",),
+        family="softmax + statics bias, top-k, renormalised (Ernie-4.5)",
+    ),
 }
 
-# Types that exist in transformers but cannot be pruned exactly, with the reason (docs table too).
-UNSUPPORTED: dict[str, str] = {}
+# Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
+UNSUPPORTED: dict[str, str] = {
+    "deepseek_v4": "its first layers use hash routing (a token-id -> expert table), which expert scores cannot describe",
+    "phimoe": "its sparsemixer router selects the second expert relative to the first with a jitter threshold",
+    "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
+    "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
+    "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",
+    "inkling_text": "its shared experts take part in the router's softmax (E+S router rows)",
+    "dbrx": "its experts are stored as 2D [E*I, H] tensors outside the experts-implementation interface",
+    "jetmoe": "its experts are custom parallel linear layers, and attention is a mixture of experts too",
+    "llama4": "its router scores scale the experts' input and every expert runs densely",
+    "llama4_text": "its router scores scale the experts' input and every expert runs densely",
+    "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
+    "gemma4_text": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
+}
 
 
 def facts_for(model_type: str) -> ArchFacts:

@@ -1,15 +1,18 @@
 """Tiny random models of every MoE causal-LM type in transformers 5.x.
 
-``tiny_config(model_type)`` returns a config with a few thousand parameters per layer,
-``tiny_model(model_type)`` a seeded float32 model in eval mode whose routers are randomised
-enough that routing is diverse. Per-type needs are kept in ONE table, ``TINY_FIXES``.
+``tiny_config(model_type)`` returns a config with hidden 64, 2-3 layers (a dense first layer
+where the architecture has a dense prefix), 8 routed experts, top-2, one shared expert where the
+architecture has them, and group-limited routing with 2 groups where it exists;
+``tiny_model(model_type)`` a seeded float32 model (< 2M parameters) in eval mode whose routers
+are randomised so that routing is diverse. Per-type needs are kept in ONE table,
+``TINY_FIXES``. The per-type survey of routers and MoE blocks is docs/arch-survey.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from functools import lru_cache
+import math
 from typing import Any
 
 import torch
@@ -19,10 +22,12 @@ __all__ = [
     "TINY_FIXES",
     "UNBUILDABLE",
     "NEEDS_NO_CACHE",
+    "TEXT_ALIASES",
     "buildable_types",
     "find_moe_causal_lm_types",
     "has_routed_experts",
     "tiny_config",
+    "randomize_routing",
     "tiny_model",
 ]
 
@@ -47,6 +52,7 @@ _COMMON: dict[str, Any] = {
     "ffn_hidden_size": 128,
     "dense_intermediate_size": 128,
     "prefix_dense_intermediate_size": 128,
+    "intermediate_size_mlp": 128,
     # routed experts
     "num_experts": 8,
     "num_local_experts": 8,
@@ -72,6 +78,16 @@ _COMMON: dict[str, Any] = {
     "qk_nope_head_dim": 8,
     "qk_head_dim": 16,
     "v_head_dim": 16,
+    # sliding-window layers with their own attention shape (Inkling)
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    # grouped low-rank output projection (DeepSeek-V4), hyper-connections (Qwen4-Exp),
+    # per-head width of JetMoE's attention experts
+    "o_lora_rank": 16,
+    "o_groups": 2,
+    "hc_lowrank": 16,
+    "kv_channels": 16,
     # sparse-attention indexers
     "index_n_heads": 2,
     "index_head_dim": 16,
@@ -104,15 +120,38 @@ _TOWER: dict[str, Any] = {
     "out_hidden_size": 64,
     "output_dim": 64,
     "text_hidden_size": 64,
+    # adapters from a tower into the text model (dots3_note): in = tower width, out = text width
+    "adapter_in_dim": 32,
+    "adapter_input_size": 32,
+    "adapter_out_dim": 64,
 }
 
 # Per-layer list attributes that are shrunk to the tiny layer count.
 _LAYER_LISTS = ("layer_types", "mlp_layer_types", "indexer_types", "mtp_layer_types", "mtp_mlp_layer_types")
 
 # ---------------------------------------------------------------------------------------------
-# ONE table of per-type fixes. Keys are config attributes of the *text* config; they override
-# the generic sizes above. "_use_cache": False marks types whose forward needs use_cache=False.
+# ONE table of per-type fixes. Keys are attributes of the *text* config; they override the
+# generic sizes above. "_towers": {sub_config_name: {...}} adds kwargs for a non-text tower.
+# Generic rules applied before it (see _text_kwargs), so they need no entry here:
+# * per-layer lists (layer_types, mlp_layer_types, ...) keep the first occurrence of each
+#   distinct value, in order: hybrids (qwen3_next, qwen3_5_moe, qwen4_exp, kimi_linear,
+#   bailing_hybrid, minimax, ...) get one linear-attention and one full-attention layer,
+#   dense-prefix models get ["dense", "sparse"]; the layer count grows to 3 when a list needs it;
+# * a dense/sparse mlp_layer_types selector always starts with a dense layer;
+# * MLA configs (kv_lora_rank) get num_key_value_heads = num_attention_heads, and head_dim =
+#   qk_rope_head_dim where the default config ties them (DeepSeek-V3 style rotary);
+# * pad/bos/eos ids >= vocab are moved inside the tiny vocab.
 # ---------------------------------------------------------------------------------------------
+_DOTS3_SWA = {
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 4,
+    "swa_q_lora_rank": 32,
+    "swa_kv_lora_rank": 16,
+    "swa_head_dim": 16,
+    "swa_qk_nope_head_dim": 8,
+    "swa_v_head_dim": 16,
+}
+
 TINY_FIXES: dict[str, dict[str, Any]] = {
     # DBRX: its own names (d_model/n_heads/n_layers) and nested attn/ffn configs; the attention
     # reads attn_config.rope_theta, which DbrxAttentionConfig does not declare, and clip_qkv.
@@ -124,12 +163,21 @@ TINY_FIXES: dict[str, dict[str, Any]] = {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
     },
+    # DeepSeek-V2: the default topk_method "greedy" ignores n_group/topk_group; the full V2
+    # uses "group_limited_greedy" (group score = max of the group), exercised here.
+    "deepseek_v2": {"topk_method": "group_limited_greedy"},
     # Doge: the routed "experts" are product keys: num_experts must be a square (num_keys =
     # sqrt(E) per key half); is_moe=False (the default) builds a dense MLP.
     "doge": {"is_moe": True, "num_experts": 16},
-    # dots3_note: validate_architecture requires num_key_value_heads == num_attention_heads.
-    "dots3_note": {"num_key_value_heads": 4},
-    "dots3_note_text": {"num_key_value_heads": 4},
+    # dots3_note: validate_architecture requires num_key_value_heads == num_attention_heads; the
+    # sliding-window layers get their own per_layer_config from swa_* kwargs (default 64 heads,
+    # ranks 1024); the vision tower is itself a "pyramid" MoE: make its single layer dense.
+    "dots3_note": {
+        "num_key_value_heads": 4,
+        **_DOTS3_SWA,
+        "_towers": {"vision_config": {"mlp_layer_types": ["dense"]}},
+    },
+    "dots3_note_text": {"num_key_value_heads": 4, **_DOTS3_SWA},
     # Flint: mlp_only_layers defaults to [0, 1], which would make both tiny layers dense.
     "flint": {"mlp_only_layers": [0]},
     # Gemma-4: the MoE block exists only with enable_moe_block=True (beside the dense MLP);
@@ -144,9 +192,32 @@ TINY_FIXES: dict[str, dict[str, Any]] = {
         "vocab_size_per_layer_input": VOCAB,
         "hidden_size_per_layer_input": 8,
     },
+    # Granite-MoE-Hybrid: layer_types defaults to all Mamba ("linear_attention"); a forward with
+    # a cache needs at least one attention layer (get_seq_length). Every layer is MoE.
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    # Jamba: attention/MoE placement by period/offset: layer 0 = attention + dense MLP,
+    # layer 1 = Mamba + MoE (the cache needs an attention layer).
+    "jamba": {
+        "attn_layer_period": 2,
+        "attn_layer_offset": 0,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+    },
+    # Llama-4: MoE every interleave_moe_layer_step layers (Maverick: 2); step 2 gives layer 0 a
+    # dense Llama4TextMLP and layer 1 the MoE (the default step 1 = Scout makes every layer MoE).
+    "llama4": {"interleave_moe_layer_step": 2},
+    "llama4_text": {"interleave_moe_layer_step": 2},
     # LFM2-MoE: layer_types defaults to None (derived from full_attn_idxs); give it one
     # short-conv layer and one full-attention layer (first layer dense via num_dense_layers=1).
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # Longcat-Flash: Z identity ("zero") experts beside the E routed ones; the default Z=256
+    # makes the router and the (E+Z)-row expert tensor large. One Longcat layer holds two
+    # attention sublayers, two dense MLPs and one MoE (num_hidden_layers = 2 * num_layers, so
+    # 4 gives two Longcat layers).
+    "longcat_flash": {"zero_expert_num": 2, "num_hidden_layers": 4},
+    # Nemotron-H: one mixer per block (Mamba / attention / MoE / MLP); the default 4-block
+    # pattern ends in a dense MLP block: keep Mamba + MoE + attention.
+    "nemotron_h": {"layer_types": ["linear_attention", "moe", "full_attention"]},
     # Qwen4-Exp: the indexed-attention (QSA) indexer has no defaults; fields must all be set,
     # indexer_kv_heads must be 1 and budget divisible by compress ratio.
     "qwen4_exp": {
@@ -163,14 +234,19 @@ TINY_FIXES: dict[str, dict[str, Any]] = {
         "indexer_budget": 8,
         "indexer_compress_ratio": 2,
     },
-    # ZAYA: validate_architecture only supports top-1 routing.
-    "zaya": {"num_experts_per_tok": 1},
+    # ZAYA: validate_architecture only supports top-1 routing; the router is an MLP of width
+    # router_hidden_size (default 256) over E+1 classes (the last one = skip).
+    "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 32},
 }
 
-# Types whose forward must be run with use_cache=False.
+# Types whose forward must be run with use_cache=False. Empty in transformers 5.23: the hybrids
+# that failed with a cache (Jamba, Granite-MoE-Hybrid: "get_seq_length can only be called on
+# Attention layers") only did so because their tiny layer pattern had no attention layer, which
+# TINY_FIXES now gives them.
 NEEDS_NO_CACHE: set[str] = set()
 
-# Types that cannot be built or run from a config in transformers 5.23, with the reason.
+# Types that cannot be built or run from a config in transformers 5.23, with the reason. Empty:
+# every type in MOE_CAUSAL_LM_TYPES builds and runs with TINY_FIXES.
 UNBUILDABLE: dict[str, str] = {}
 
 
@@ -208,6 +284,13 @@ def _text_kwargs(cfg_cls: type, fix: dict[str, Any]) -> dict[str, Any]:
     default = cfg_cls()
     have = (_fields(cfg_cls) | set(default.to_dict())) - {k for k in _COMMON if _is_property(cfg_cls, k)}
     kw = {k: v for k, v in _COMMON.items() if k in have}
+    # MLA models whose rotary embedding is sized by head_dim == qk_rope_head_dim (DeepSeek-V3 style)
+    rope = getattr(default, "qk_rope_head_dim", None)
+    if rope is not None and getattr(default, "head_dim", None) == rope:
+        kw["head_dim"] = _COMMON["qk_rope_head_dim"]
+    # MLA expands the latent KV to one head per query head (real configs set kv heads == heads)
+    if "kv_lora_rank" in kw and "num_key_value_heads" in kw:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
     n_layers = fix.get("num_hidden_layers")
     if n_layers is None:
         n_layers = max(
@@ -221,6 +304,15 @@ def _text_kwargs(cfg_cls: type, fix: dict[str, Any]) -> dict[str, Any]:
         v = getattr(default, k, None)
         if isinstance(v, (list, tuple)) and len(v) == orig_layers:
             kw[k] = _shrink_list(list(v), n_layers)
+    # Architectures with a per-layer dense/sparse selector get a dense first layer, like the
+    # dense-prefix knobs above (first_k_dense_replace, num_dense_layers).
+    mlp_types = kw.get("mlp_layer_types", getattr(default, "mlp_layer_types", None))
+    if (
+        "mlp_layer_types" in have
+        and "mlp_layer_types" not in fix
+        and (mlp_types is None or set(mlp_types) <= {"dense", "sparse"})
+    ):
+        kw["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
     for tok in ("pad_token_id", "bos_token_id", "eos_token_id"):
         v = getattr(default, tok, None)
         if isinstance(v, int) and v >= VOCAB:
@@ -247,11 +339,10 @@ def tiny_config(model_type: str, **overrides: Any):
 
     cfg_cls = CONFIG_MAPPING[model_type]
     fix = {k: v for k, v in TINY_FIXES.get(model_type, {}).items() if not k.startswith("_")}
-    top = dict(TINY_FIXES.get(model_type, {}).get("_top", {}))
+    towers = TINY_FIXES.get(model_type, {}).get("_towers", {})
     subs = getattr(cfg_cls, "sub_configs", None) or {}
     if "text_config" not in subs:
         kw = _text_kwargs(cfg_cls, fix)
-        kw.update(top)
         kw.update(overrides)
         return cfg_cls(**kw)
     specs = getattr(cfg_cls, "sub_configs_defaults", None) or {}
@@ -262,8 +353,7 @@ def tiny_config(model_type: str, **overrides: Any):
         elif getattr(specs.get(name), "optional", False):
             kw[name] = None
         else:
-            kw[name] = _tower_kwargs(sub_cls)
-    kw.update(top)
+            kw[name] = {**_tower_kwargs(sub_cls), **towers.get(name, {})}
     kw.update(overrides)
     return cfg_cls(**kw)
 
@@ -286,77 +376,212 @@ def has_routed_experts(model: torch.nn.Module) -> bool:
 def _is_router(name: str, mod: torch.nn.Module) -> bool:
     cls = type(mod).__name__.lower()
     leaf = name.rsplit(".", 1)[-1]
-    if "shared" in leaf or "shared" in cls:
+    # shared-expert gates (Qwen2-MoE shared_expert_gate) and expert modules are not routers;
+    # GraniteMoeShared's router class name contains "shared" and is one.
+    if "shared" in leaf or "sharedexpert" in cls or "expert" in cls:
         return False
-    return "router" in cls or "router" in leaf or (leaf == "gate" and "expert" not in cls)
+    return "router" in cls or "router" in leaf or leaf == "gate"
+
+
+# Names of tensors that bias expert *selection* (score-correction / load-balancing biases).
+_ROUTING_BIAS = ("correction_bias", "expert_bias", "statics", "balancing_bias")
+
+ROUTER_WEIGHT_STD = 0.5  # at fan-in 64; scaled by 8 / sqrt(fan_in) for other widths
+ROUTING_BIAS_STD = 0.1
+OTHER_BIAS_STD = 0.02
+
+
+@torch.no_grad()
+def randomize_routing(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Make routing diverse in a freshly initialised model (in place, seeded).
+
+    * the score matrix of every router (its last weight of dim >= 2): N(0, 0.5 * 8 / sqrt(fan_in))
+      (std 0.5 at fan-in 64; std 0.02 gives near-uniform router scores); other matrices inside a
+      router (Zaya's router MLP): N(0, 1 / fan_in);
+    * every floating parameter or buffer named like ``*bias*`` / ``*statics*``: seeded normal
+      noise *added* to its init (so structural values such as Zaya's -1 skip-class bias stay),
+      std 0.1 for routing biases (score correction, expert bias, Ernie statics, router biases),
+      std 0.02 elsewhere (a larger constant attention/norm bias would dominate the tiny
+      embeddings and send every token to the same experts);
+    * integer hash-routing tables (DeepSeek-V4 ``tid2eid``, zeros at init): k distinct random
+      experts per token id.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    router_names = [n for n, m in model.named_modules() if n and _is_router(n, m)]
+    routers = tuple(n + "." for n in router_names)
+    # The last matrix of each router produces the expert scores; earlier ones (Zaya's router
+    # MLP) get a variance-preserving N(0, 1/fan_in) so the scores do not saturate.
+    last_matrix = {}
+    for r in router_names:
+        mats = [n for n, p in model.named_parameters() if n.startswith(r + ".") and p.dim() >= 2]
+        if mats:
+            last_matrix[r] = mats[-1]
+    score_mats = set(last_matrix.values())
+    n_experts = _num_experts(model.config)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        leaf = name.rsplit(".", 1)[-1]
+        if not p.is_floating_point():
+            if leaf == "tid2eid" and n_experts:
+                perm = torch.rand(p.shape[0], n_experts, generator=gen).argsort(dim=-1)
+                p.copy_(perm[:, : p.shape[1]].to(p.dtype))
+            continue
+        in_router = name.startswith(routers)
+        if "bias" in leaf or "statics" in name:
+            std = ROUTING_BIAS_STD if in_router or any(k in name for k in _ROUTING_BIAS) else OTHER_BIAS_STD
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * std)
+        elif in_router and p.dim() >= 2:
+            scale = ROUTER_WEIGHT_STD * 8.0 if name in score_mats else 1.0
+            std = scale / math.sqrt(p.shape[-1])
+            p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * std)
+    return model
+
+
+def _num_experts(cfg) -> int | None:
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    ffn = getattr(cfg, "ffn_config", None)
+    return getattr(ffn, "moe_num_experts", None)
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any):
-    """A seeded float32 tiny model of ``model_type`` in eval mode with randomised routers."""
+    """A seeded float32 tiny model of ``model_type`` in eval mode with randomised routing."""
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.float().eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        routers = {n for n, m in model.named_modules() if n and _is_router(n, m)}
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if not p.is_floating_point():
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            if "bias" in leaf or "statics" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif owner in routers and p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
+    return randomize_routing(model, seed + 1)
 
 
-def find_moe_causal_lm_types() -> list[str]:
-    """Scan transformers: causal-LM model types whose modeling code mentions experts and whose
-    meta-device build from a tiny config really contains routed experts."""
+def find_moe_causal_lm_types() -> tuple[list[str], dict[str, str]]:
+    """Scan the installed transformers for MoE causal-LM types (slow: a few seconds).
+
+    Candidates are the ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` types whose modeling code mentions
+    experts; each is built on the meta device from ``tiny_config`` (falling back to its default
+    config) and kept when the model really contains routed experts. Returns ``(types, failures)``
+    where ``failures`` maps candidates that could not be built either way to the error.
+    """
     import os
     import re
 
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     root = os.path.join(os.path.dirname(transformers.__file__), "models")
-    out = []
+    found: list[str] = []
+    failures: dict[str, str] = {}
     for mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         d = os.path.join(root, model_type_to_module_name(mt))
         if not os.path.isdir(d):
             continue
-        text = "".join(
-            open(os.path.join(d, f)).read() for f in os.listdir(d) if f.startswith("modeling_")
-        )
+        text = ""
+        for f in os.listdir(d):
+            if f.startswith("modeling_") and f.endswith(".py"):
+                with open(os.path.join(d, f), encoding="utf-8") as fh:
+                    text += fh.read()
         if not re.search(r"[Ee]xpert", text):
             continue
-        try:
-            cfg = tiny_config(mt)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(cfg)
-        except Exception:  # noqa: BLE001 - unbuildable types are listed separately
-            out.append(mt)
+        model = None
+        for make in (lambda mt=mt: tiny_config(mt), lambda mt=mt: AutoConfig.for_model(mt)):
+            try:
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(make())
+                break
+            except Exception as e:  # noqa: BLE001 - any build error is reported, not raised
+                failures[mt] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        if model is None:
             continue
+        failures.pop(mt, None)
         if has_routed_experts(model):
-            out.append(mt)
-    return out
+            found.append(mt)
+    return found, failures
 
 
-MOE_CAUSAL_LM_TYPES: list[str] = []
+# Text-only aliases: model types whose AutoModelForCausalLM class is the same text model as the
+# composite type's (same modules; the composite config nests the text config).
+TEXT_ALIASES: dict[str, str] = {
+    "dots3_note_text": "dots3_note",
+    "gemma4_text": "gemma4",
+    "llama4_text": "llama4",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen4_exp_text": "qwen4_exp",
+}
 
-
-@lru_cache(maxsize=1)
-def _buildable() -> tuple[str, ...]:
-    return tuple(t for t in MOE_CAUSAL_LM_TYPES if t not in UNBUILDABLE)
+# Every MoE causal-LM type of transformers 5.23 (output of find_moe_causal_lm_types(); 57
+# architectures + the 5 TEXT_ALIASES). Not MoE although their code mentions experts: bamba,
+# gemma3n(_text), gemma4_unified(_text), gemma4_assistant.
+MOE_CAUSAL_LM_TYPES: list[str] = [
+    "afmoe",
+    "aria_text",
+    "axk1",
+    "axk2",
+    "bailing_hybrid",
+    "beam",
+    "cohere2_moe",
+    "dbrx",
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "deepseek_v4",
+    "doge",
+    "dots1",
+    "dots3_note",
+    "dots3_note_text",
+    "ernie4_5_moe",
+    "exaone_moe",
+    "flex_olmo",
+    "flint",
+    "gemma4",
+    "gemma4_text",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "glm_moe_dsa",
+    "gpt_oss",
+    "granitemoe",
+    "granitemoe_swa",
+    "granitemoehybrid",
+    "granitemoeshared",
+    "hunyuan_v1_moe",
+    "hy_v3",
+    "hy_v4",
+    "inkling2_text",
+    "inkling_text",
+    "jamba",
+    "jetmoe",
+    "kimi_linear",
+    "kolibri1",
+    "laguna",
+    "lfm2_moe",
+    "llama4",
+    "llama4_text",
+    "longcat_flash",
+    "mellum",
+    "mimo_v2_flash",
+    "minimax",
+    "minimax_m2",
+    "minimax_m3_vl_text",
+    "mixtral",
+    "nemotron_h",
+    "olmoe",
+    "phimoe",
+    "qwen2_moe",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+    "qwen3_moe",
+    "qwen3_next",
+    "qwen4_exp",
+    "qwen4_exp_text",
+    "solar_open",
+    "zaya",
+]
 
 
 def buildable_types() -> list[str]:
     """MoE causal-LM types that build and run from a tiny config."""
-    return list(_buildable())
-
+    return [t for t in MOE_CAUSAL_LM_TYPES if t not in UNBUILDABLE]

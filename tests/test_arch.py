@@ -1,0 +1,133 @@
+"""The architecture layer reproduces every supported MoE type exactly (float32, tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeprune.arch import ARCH_TABLE, UNSUPPORTED, BlockControl, find_moe_blocks, patch_moe
+from moeprune.errors import UserError
+from moeprune.testing.tiny import buildable_types, tiny_model
+
+SUPPORTED = [t for t in buildable_types() if t in ARCH_TABLE]
+REFUSED = [t for t in buildable_types() if t in UNSUPPORTED]
+
+
+def _inputs(model) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, vocab, (2, 12), generator=g)
+
+
+def test_every_buildable_type_is_classified():
+    unclassified = [t for t in buildable_types() if t not in ARCH_TABLE and t not in UNSUPPORTED]
+    assert unclassified == []
+
+
+@pytest.fixture(scope="module", params=SUPPORTED)
+def tiny(request):
+    torch.manual_seed(0)
+    model = tiny_model(request.param)
+    return request.param, model, find_moe_blocks(model)
+
+
+def test_blocks_found(tiny):
+    model_type, model, blocks = tiny
+    text = model.config.get_text_config()
+    assert blocks, model_type
+    assert [b.index for b in blocks] == list(range(len(blocks)))
+    assert len({b.layer for b in blocks}) == len(blocks)
+    for b in blocks:
+        assert b.num_experts == b.experts(model).down_proj.shape[0]
+        assert 1 <= b.top_k < b.num_experts
+        router_w = model.get_parameter(b.router_weight_path)
+        assert router_w.shape[0] == b.num_experts and router_w.shape[-1] == text.hidden_size
+
+
+def test_router_semantics_reproduce_the_router(tiny):
+    """route(spec, logits) gives the same experts and gate weights as the router's own forward."""
+    model_type, model, blocks = tiny
+    seen: dict[int, tuple] = {}
+    hooks = []
+    for b in blocks:
+
+        def hook(_mod, _args, out, _b=b):
+            seen[_b.index] = tuple(o.detach().clone() for o in out[:3])
+
+        hooks.append(b.router(model).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(_inputs(model), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == {b.index for b in blocks}
+    for b in blocks:
+        logits, weights, index = seen[b.index]
+        r = b.route(model, logits)
+        own_idx, own_order = index.sort(dim=-1)
+        our_idx, our_order = r.top_k_index.sort(dim=-1)
+        assert torch.equal(own_idx, our_idx), f"{model_type} layer {b.layer}: different experts"
+        applied = weights.float()
+        if b.spec.scaling_site == "block":
+            applied = applied * b.spec.scaling
+        torch.testing.assert_close(
+            applied.gather(-1, own_order), r.top_k_weights.gather(-1, our_order), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_rerouted_and_recomputed_blocks_reproduce_the_model(tiny):
+    """With routing by route() and every expert output recomputed by moeprune, logits are unchanged."""
+    model_type, model, blocks = tiny
+    x = _inputs(model)
+    events = []
+    with torch.no_grad():
+        reference = model(x, use_cache=False).logits
+        with patch_moe(model, blocks, observer=events.append, reroute=True):
+            ours = model(x, use_cache=False).logits
+        again = model(x, use_cache=False).logits
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)  # patches fully removed
+    assert {e.block.index for e in events} == {b.index for b in blocks}
+    for e in events:
+        t = e.hidden.shape[0]
+        assert e.expert_outputs.shape == (t, e.block.top_k, e.hidden.shape[-1])
+        assert e.logits.shape == (t, e.block.num_experts)
+        if e.block.prenorm_path is not None:
+            assert e.residual is not None and e.residual.shape == e.hidden.shape
+
+
+def test_masking_forbids_experts(tiny):
+    model_type, model, blocks = tiny
+    x = _inputs(model)
+    forbidden = torch.zeros(blocks[0].num_experts, dtype=torch.bool)
+    spec = blocks[0].spec
+    # forbid one expert per group, keeping every group able to route
+    per_group = blocks[0].num_experts // max(spec.n_group, 1)
+    forbidden[::per_group] = True
+    allowed = ~forbidden
+    chosen = []
+    with torch.no_grad():
+        reference = model(x, use_cache=False).logits
+        controls = {b.index: BlockControl(allowed=allowed) for b in blocks}
+        with patch_moe(model, blocks, observer=lambda e: chosen.append(e.top_k_index), controls=controls):
+            masked = model(x, use_cache=False).logits
+    assert chosen and all(not forbidden[idx].any() for idx in chosen)
+    assert not torch.allclose(masked, reference)
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_unsupported_types_are_refused_clearly(model_type):
+    model = tiny_model(model_type)
+    with pytest.raises(UserError, match="not supported"):
+        find_moe_blocks(model)
+
+
+def test_dense_model_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    with pytest.raises(UserError, match="dense"):
+        find_moe_blocks(AutoModelForCausalLM.from_config(cfg))
