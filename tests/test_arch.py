@@ -131,3 +131,14 @@ def test_dense_model_is_refused():
     )
     with pytest.raises(UserError, match="dense"):
         find_moe_blocks(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_architectures_doc_lists_every_type():
+    """docs/architectures.md is regenerated whenever the table changes (scripts/gen_architectures_doc.py)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    for model_type in list(ARCH_TABLE) + list(UNSUPPORTED):
+        assert f" {model_type}" in doc, model_type
+    assert f"Supported ({len(ARCH_TABLE)} types)" in doc
+    assert f"Not supported ({len(UNSUPPORTED)} types)" in doc
