@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int) and result == 130:  # typer turns Ctrl-C into a return value
+            error_line("interrupted; nothing was written")
+            return 130
     except UserError as exc:
         error_line(exc.line())
         return exc.exit_code

@@ -65,6 +65,7 @@ class RoutingSpec:
     def describe(self) -> dict:
         d = asdict(self)
         d["notes"] = list(self.notes)
+        d["group_fill"] = repr(self.group_fill)  # "-inf" stays valid JSON
         return d
 
 

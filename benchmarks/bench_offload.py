@@ -1,0 +1,233 @@
+"""Sequential offload: peak memory of `calibrate_sequential` on a checkpoint larger than it may use.
+
+Generates a random DeepSeek-V3-style checkpoint in the hub layout (one key per expert, as the real
+DeepSeek-V3 is stored; bf16, hidden 1024, 64 routed experts in 8 groups, top-8, 1 dense layer +
+16 MoE layers, about 3.4 GB in several shards) in a temporary folder, writing it shard by shard
+from a small pool of random bytes (no model is built in memory; key names and shapes come from the
+model built on the meta device and transformers' own reverse conversion). Then it profiles a few
+records with ``calibrate_sequential`` (dtype bfloat16, as stored) in a child process and reports
+its peak RSS against the checkpoint size and against the largest decoder layer.
+
+The child reports its own high-water mark (``VmHWM`` in ``/proc/self/status``): on Linux
+``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits the parent's high-water mark across fork + exec.
+Everything generated is deleted at the end.
+
+    python benchmarks/bench_offload.py [--layers 16] [--records 4] [--append docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
+
+CHILD = r"""
+import json, sys, time
+import torch, transformers  # noqa: F401  (imported up front: their memory is reported separately)
+from transformers import DeepseekV3ForCausalLM  # noqa: F401  (the model code, too)
+from moeprune.offload import calibrate_sequential
+
+def hwm_kb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
+torch.set_num_threads(int(sys.argv[5]))
+base = hwm_kb()
+src, records, length, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+g = torch.Generator().manual_seed(0)
+seqs = [torch.randint(3, 32000, (length,), generator=g).tolist() for _ in range(records)]
+t0 = time.perf_counter()
+out = calibrate_sequential(src, seqs, batch_size=batch, pad_id=0, dtype=torch.bfloat16)
+seconds = time.perf_counter() - t0
+assert int(out["count"].sum()) == records * length * 8 * out["count"].shape[0]
+assert all(bool(torch.isfinite(t).all()) for t in out.values() if t.is_floating_point())
+print(json.dumps({"seconds": seconds, "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
+                  "moe_layers": int(out["count"].shape[0])}))
+"""
+
+
+def config(layers: int):
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=512,
+        num_hidden_layers=layers + 1,
+        first_k_dense_replace=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_shared_experts=1,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def generate(directory: Path, layers: int, shards: int) -> int:
+    """Write the hub-layout checkpoint shard by shard; returns the bytes of tensor data."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moeprune.checkpoint import DTYPE_SIZES
+    from moeprune.modelio import build_on_meta
+
+    cfg = config(layers)
+    cfg.save_pretrained(directory)
+    meta = build_on_meta(cfg)
+    hub = revert_weight_conversion(meta, meta.state_dict())  # per-expert keys, on meta
+    entries = []
+    for key, t in hub.items():
+        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"  # as DeepSeek-V3 stores them
+        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
+    del meta, hub
+    total = sum(e[3] for e in entries)
+    per_shard = total / shards
+    groups: list[list[tuple]] = [[]]
+    size = 0
+    for e in entries:
+        if groups[-1] and size + e[3] > per_shard and len(groups) < shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e[3]
+    # small values (std 0.02) keep activations finite through every layer
+    pools = {
+        "BF16": (torch.randn(POOL // 2) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes(),
+        "F32": (torch.randn(POOL // 4) * 0.02).view(torch.uint8).numpy().tobytes(),
+    }
+    weight_map = {}
+    n = len(groups)
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, dtype, shape, nbytes in group:
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[key] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(directory / name, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for _key, dtype, _shape, nbytes in group:
+                left = nbytes
+                while left:
+                    chunk = min(left, POOL)
+                    fh.write(pools[dtype][:chunk])
+                    left -= chunk
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def layer_bytes(directory: Path) -> dict[int, int]:
+    import re
+
+    from moeprune.checkpoint import Checkpoint
+
+    sizes: dict[int, int] = {}
+    for key, info in Checkpoint.open(directory).tensors.items():
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        if m:
+            sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + info.nbytes
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=16, help="MoE layers (about 0.2 GB each)")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--records", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256, help="tokens per record")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the child")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="moeprune-bench-offload-", dir=args.dir))
+    try:
+        src = work / "src"
+        src.mkdir()
+        t0 = time.perf_counter()
+        generate(src, args.layers, args.shards)
+        gen_s = time.perf_counter() - t0
+        on_disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        n_shards = len(list(src.glob("*.safetensors")))
+        sizes = layer_bytes(src)
+        print(f"generated {on_disk / 1e9:.2f} GB in {gen_s:.0f} s", file=sys.stderr)
+        subprocess.run(["sync"], check=False)
+        cmd = [sys.executable, "-c", CHILD, str(src), str(args.records), str(args.length)]
+        cmd += [str(args.batch_size), str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"calibrate_sequential failed:\n{proc.stderr}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    peak = child["hwm_peak_kb"] * 1024
+    base = child["hwm_after_imports_kb"] * 1024
+    layer = max(sizes.values())
+    added = peak - base
+    tokens = args.records * args.length
+    rows = [
+        (
+            f"checkpoint (bf16, hub layout, {n_shards} shards)",
+            f"{on_disk / 1e9:.2f} GB, {args.layers + 1} layers ({child['moe_layers']} MoE)",
+        ),
+        ("largest decoder layer", f"{layer / 1e6:.0f} MB"),
+        ("records", f"{args.records} x {args.length} tokens, batch {args.batch_size}"),
+        (
+            "peak RSS of the calibration process",
+            f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}% of the checkpoint",
+        ),
+        ("  of which after imports (torch, transformers)", f"{base / 1e6:.0f} MB"),
+        (
+            "  added by calibrate_sequential",
+            f"{added / 1e6:.0f} MB = {100 * added / on_disk:.1f}% of the checkpoint = {added / layer:.1f} x the largest layer",
+        ),
+        (
+            "calibrate_sequential, whole call",
+            f"{child['seconds']:.1f} s ({child['seconds'] / (args.layers + 1):.2f} s per layer, {tokens / child['seconds']:.0f} tok/s)",
+        ),
+    ]
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    print(table)
+    if args.append is not None:
+        import torch
+
+        line = f"python benchmarks/bench_offload.py --layers {args.layers} --records {args.records} --append docs/benchmarks.md"
+        env = (
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
+            f"{platform.system()} {platform.release()}; source in the page cache"
+        )
+        text = args.append.read_text() if args.append.exists() else "# Benchmarks\n"
+        block = (
+            f"\n## Sequential offload\n\nCommand: `{line}` ({env}). Goal: peak RSS well under the "
+            f"checkpoint size.\n\n{table}\n"
+        )
+        args.append.write_text(text.rstrip("\n") + "\n" + block)
+
+
+if __name__ == "__main__":
+    main()

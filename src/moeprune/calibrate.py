@@ -1,0 +1,524 @@
+"""One streaming calibration pass: every statistic of the profile, accumulated on the fly.
+
+:class:`Accumulator` turns :class:`~moeprune.arch.BlockEvent` s into the sums of
+``docs/profile-format.md`` (float64, nothing per token except PreMoe's top-Ka entries). It knows
+nothing about how the events are produced: :func:`calibrate` drives it with a whole-model forward
+under :func:`~moeprune.arch.patch_moe`, and any other driver (a layer-by-layer offloaded pass) can
+feed it too, by calling :meth:`Accumulator.set_batch` before the events of each batch, in any
+layer order.
+
+Distributed runs (torchrun): every rank gets a strided share of the records, the sums are
+all-reduced, MoNE's mean/M2 are combined exactly (Chan), and the per-token / per-sample rows are
+placed at their record-order positions, so the result equals the one-process result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .arch import BlockEvent, MoEBlock
+
+__all__ = [
+    "SUM_NAMES",
+    "Accumulator",
+    "DistInfo",
+    "calibrate",
+    "chan_merge",
+    "dist_info",
+    "init_distributed",
+    "self_generate",
+]
+
+# [L, E] float64 sums
+SUM_NAMES = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")
+
+
+def chan_merge(
+    n_a: torch.Tensor,
+    mean_a: torch.Tensor,
+    m2_a: torch.Tensor,
+    n_b: torch.Tensor,
+    mean_b: torch.Tensor,
+    m2_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s parallel update of (count, mean, M2); counts broadcast over the last axis."""
+    n = n_a + n_b
+    safe = n.clamp(min=1).unsqueeze(-1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b.unsqueeze(-1) / safe)
+    m2 = m2_a + m2_b + delta.square() * (n_a * n_b).unsqueeze(-1) / safe
+    return n, mean, m2
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def dist_info() -> DistInfo:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return DistInfo()
+
+
+def wants_distributed() -> bool:
+    """True when launched by torchrun (or anything that sets WORLD_SIZE/RANK) or already initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Initialise the default process group if needed (gloo on CPU, nccl on CUDA)."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl" and torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))
+        torch.distributed.init_process_group(backend=backend)
+    return dist_info()
+
+
+def _moments_by_loop(
+    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row norms [P] and per-expert mean and M2 [E, H] of ``rows`` [P, H], whose row p belongs to
+    expert ``key[p]`` (``key == E``: a padding row, ignored); ``counts`` [E] real rows per expert.
+
+    Each expert's rows are gathered into a small block that stays in cache for its norms and its
+    two-pass centred moments: the fastest form on CPU once the rows no longer fit in cache."""
+    E, H = counts.numel(), rows.shape[1]
+    mean = torch.zeros(E, H, dtype=rows.dtype, device=rows.device)
+    m2 = torch.zeros(E, H, dtype=rows.dtype, device=rows.device)
+    order = torch.argsort(key, stable=True)
+    norms = torch.zeros(key.numel(), dtype=rows.dtype, device=rows.device)
+    # Hundreds of small in-cache ops: intra-op threads only add barriers (and stall badly when
+    # the cores are shared), so the loop runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = 0
+        for i, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            ids = order[start : start + n]
+            chunk = rows.index_select(0, ids)
+            norms[ids] = torch.linalg.vector_norm(chunk, dim=1)
+            ones = torch.ones(1, n, dtype=chunk.dtype, device=chunk.device)
+            mu = ones @ chunk / n
+            chunk -= mu
+            mean[i] = mu[0]
+            m2[i] = (ones @ chunk.mul_(chunk))[0]
+            start += n
+    finally:
+        torch.set_num_threads(threads)
+    return norms, mean, m2
+
+
+def _moments_vectorized(
+    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same as :func:`_moments_by_loop` with a fixed number of large kernels (GPUs, small batches)."""
+    E, H = counts.numel(), rows.shape[1]
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    total = torch.zeros(E + 1, H, dtype=rows.dtype, device=rows.device).index_add_(0, key, rows)
+    total[:E] /= counts.clamp(min=1).unsqueeze(1).to(rows.dtype)
+    total[E] = 0
+    centred = torch.nn.functional.embedding(key, total)  # each row's expert mean (a fast gather)
+    torch.sub(rows, centred, out=centred)
+    m2 = torch.zeros(E + 1, H, dtype=rows.dtype, device=rows.device).index_add_(0, key, centred.square_())
+    return norms, total[:E], m2[:E]
+
+
+class Accumulator:
+    """The streaming sums of one calibration pass over ``lengths`` (token count of every record,
+    in record order; the record ids given to :meth:`set_batch` index this list)."""
+
+    moments_by_loop: bool | None = None  # None: the per-expert loop for large CPU batches, else large kernels
+
+    def __init__(
+        self,
+        blocks: Sequence[MoEBlock],
+        hidden_size: int,
+        lengths: Sequence[int],
+        premoe_ka: int | None = None,
+        per_sample: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.blocks = list(blocks)
+        self.L = len(self.blocks)
+        self.E = self.blocks[0].num_experts
+        self.H = int(hidden_size)
+        self.top_k = self.blocks[0].top_k
+        self.ka = int(premoe_ka or self.top_k)
+        if not 1 <= self.ka <= self.E:
+            raise ValueError(f"premoe_ka must be in 1..{self.E}, got {self.ka}")
+        self.device = torch.device(device)
+        self.lengths = [int(n) for n in lengths]
+        self.S = len(self.lengths)
+        self.T = sum(self.lengths)
+        self.per_sample = per_sample
+        dev, f64 = self.device, torch.float64
+        self.offsets = torch.tensor([0, *self.lengths], dtype=torch.long).cumsum(0)[:-1].to(dev)
+        self.sums = {name: torch.zeros(self.L, self.E, dtype=f64, device=dev) for name in SUM_NAMES}
+        self.layer_tokens = torch.zeros(self.L, dtype=f64, device=dev)
+        self.mean = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
+        self.m2 = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
+        self.premoe_q = torch.zeros(self.L, self.T, self.ka, dtype=torch.float32, device=dev)
+        self.premoe_f = torch.zeros(self.L, self.T, self.ka, dtype=torch.float32, device=dev)
+        self.premoe_idx = torch.zeros(self.L, self.T, self.ka, dtype=torch.int32, device=dev)
+        # [L, S, E] inside (one contiguous block per layer); [S, L, E] in the profile
+        self.sample_gate = torch.zeros(self.L, self.S, self.E, dtype=f64, device=dev) if per_sample else None
+        self._sel: torch.Tensor | None = None
+        self._mask = torch.ones(0, dtype=torch.bool)
+        self._pos: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+        self._reduced = False
+
+    def _use_loop(self, rows: torch.Tensor) -> bool:
+        if self.moments_by_loop is not None:
+            return self.moments_by_loop
+        # the loop pays off on CPU once the rows no longer fit in cache (> 8 MB of float32)
+        return self.device.type == "cpu" and rows.numel() > (1 << 21)
+
+    # --- feeding ----------------------------------------------------------------------------
+
+    def set_batch(
+        self, record_ids: Sequence[int], attention_mask: torch.Tensor | None, seq_len: int | None = None
+    ) -> None:
+        """Declare the batch the next events belong to: which records its rows are and which of its
+        flattened tokens are real (``attention_mask`` [B, S]; left or right padding)."""
+        rec = torch.as_tensor(list(record_ids), dtype=torch.long, device=self.device)
+        if attention_mask is None:
+            if seq_len is None:
+                raise ValueError("give attention_mask or seq_len")
+            mask = torch.ones(len(rec), seq_len, dtype=torch.bool, device=self.device)
+        else:
+            mask = attention_mask.to(self.device).bool()
+        within = mask.long().cumsum(1) - 1  # position of each real token inside its record
+        flat_mask = mask.reshape(-1)
+        pos = (self.offsets[rec].unsqueeze(1) + within).reshape(-1)
+        rows = rec.unsqueeze(1).expand_as(mask).reshape(-1)
+        self._mask = flat_mask
+        if bool(flat_mask.all()):
+            self._sel = None
+            self._pos, self._rows = pos, rows
+        else:
+            sel = flat_mask.nonzero().squeeze(1)
+            self._sel, self._pos, self._rows = sel, pos[sel], rows[sel]
+        n = [self.lengths[int(r)] for r in rec.tolist()]
+        if mask.sum(1).tolist() != n:
+            raise ValueError("attention mask does not match the declared record lengths")
+
+    def observe(self, event: BlockEvent) -> None:
+        """Add one block's event (for the batch declared by :meth:`set_batch`)."""
+        if self._pos is None:
+            raise RuntimeError("Accumulator.set_batch must be called before observe")
+        if event.residual is None:
+            raise RuntimeError(
+                f"block {event.block.path}: the residual stream h_t is unknown (no pre-norm); "
+                "EASY-EP's token factor cannot be computed"
+            )
+        li = event.block.index
+        dev, E, H, sums, f64 = self.device, self.E, self.H, self.sums, torch.float64
+        logits = event.logits.reshape(-1, event.logits.shape[-1]).to(dev)
+        idx_all = event.top_k_index.to(dev)
+        g_all = event.top_k_weights.to(dev).float()
+        e = event.expert_outputs.to(dev)
+        h = event.residual.to(dev)
+        sel = self._sel
+        # per-token tensors are cheap to select; the [T, k, H] outputs are never copied whole
+        idx, g = (idx_all, g_all) if sel is None else (idx_all[sel], g_all[sel])
+        if sel is not None:
+            logits = logits[sel]
+        t, k = idx.shape
+        if t != self._pos.numel():
+            raise ValueError(f"event has {t} real tokens, the declared batch {self._pos.numel()}")
+        flat = idx.reshape(-1).long()
+        g64 = g.double().reshape(-1)
+        self.layer_tokens[li] += t
+
+        # routing statistics
+        # (index_add_ rather than bincount: bincount scans its input for the range first)
+        sums["count"][li].index_add_(0, flat, torch.ones_like(g64))
+        sums["gate"][li].index_add_(0, flat, g64)
+        s = logits.float()
+        fn = event.block.spec.score_fn
+        probs = torch.softmax(s, -1) if fn == "softmax" else torch.sigmoid(s) if fn == "sigmoid" else s
+        sums["prob"][li] += probs.sum(0, dtype=f64)
+        vals, ids = torch.topk(s, self.ka, dim=-1)  # sorted descending: column 0 is the argmax
+        sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
+        self.premoe_q[li, self._pos] = torch.softmax(vals, -1)
+        self.premoe_f[li, self._pos] = torch.maximum(vals, torch.sigmoid(vals))
+        self.premoe_idx[li, self._pos] = ids.int()
+        if self.sample_gate is not None:
+            cell = self._rows.repeat_interleave(k) * E + flat
+            self.sample_gate[li].view(-1).index_add_(0, cell, g64)
+
+        # Output-aware statistics, over the (token, expert) pairs of the batch: `key` is each
+        # pair's expert, or E for a padding pair (accumulated into a spare slot and dropped). The
+        # MoNE mean/M2 are two-pass and centred within the batch; batches are combined in float64
+        # with Chan's update.
+        ef = e if e.dtype == torch.float32 else e.float()
+        rows = ef.reshape(-1, H)
+        key = idx_all.reshape(-1).long()
+        if sel is not None:
+            key = key.masked_fill(~self._mask.repeat_interleave(k), E)
+        n_b = torch.zeros(E + 1, dtype=torch.long, device=dev).index_add_(0, key, torch.ones_like(key))[:E]
+        moments = _moments_by_loop if self._use_loop(rows) else _moments_vectorized
+        norms, mean_b, m2_b = moments(rows, key, n_b)
+        gn = g_all.reshape(-1).double() * norms.double()  # g ||e|| per pair
+        # EASY-EP token factor: max(0, 1 - cos(h, h~)) with h~ = h + sum_k g e (routed experts)
+        h_new = torch.bmm(g_all.unsqueeze(1), ef).squeeze(1)
+        if sel is not None:
+            h, h_new = h[sel], h_new[sel]
+        h64 = h.double()
+        h_new = h_new.double().add_(h64)
+        dot = torch.linalg.vecdot(h64, h_new)
+        denom = torch.linalg.vector_norm(h64, dim=-1) * torch.linalg.vector_norm(h_new, dim=-1)
+        factor = (1.0 - dot / denom.clamp_min(torch.finfo(f64).tiny)).clamp_min(0.0)
+        if sel is not None:
+            factor = torch.zeros(self._mask.numel(), dtype=f64, device=dev).index_copy_(0, sel, factor)
+        spare = torch.zeros(2, E + 1, dtype=f64, device=dev)
+        spare[0].index_add_(0, key, gn)
+        spare[1].index_add_(0, key, gn * factor.repeat_interleave(k))
+        sums["reap_sum"][li] += spare[0, :E]
+        sums["easyep"][li] += spare[1, :E]
+        nb = n_b.to(f64)
+        n_a = sums["count"][li] - nb
+        _, self.mean[li], self.m2[li] = chan_merge(
+            n_a, self.mean[li], self.m2[li], nb, mean_b.double(), m2_b.double()
+        )
+
+    # --- finishing ----------------------------------------------------------------------------
+
+    def reduce(self) -> None:
+        """Combine the ranks' partial results (no-op on one process). Call once, on every rank."""
+        info = dist_info()
+        if self._reduced or not info.active:
+            self._reduced = True
+            return
+        dist = torch.distributed
+        local_n = self.sums["count"].clone()
+        for name in SUM_NAMES:
+            dist.all_reduce(self.sums[name])
+        n_r = self.sums["count"]  # global counts now
+        # exact combination of per-rank (n, mean, M2): global mean, then M2 + n (m_r - mean)^2
+        weighted = self.mean * local_n.unsqueeze(-1)
+        dist.all_reduce(weighted)
+        mean = weighted / n_r.clamp(min=1).unsqueeze(-1)
+        m2 = self.m2 + local_n.unsqueeze(-1) * (self.mean - mean).square()
+        dist.all_reduce(m2)
+        self.mean, self.m2 = mean, m2
+        dist.all_reduce(self.layer_tokens)
+        # per-token / per-sample rows: every position is written by exactly one rank, zeros elsewhere
+        for t in (self.premoe_q, self.premoe_f, self.premoe_idx):
+            dist.all_reduce(t)
+        if self.sample_gate is not None:
+            dist.all_reduce(self.sample_gate)
+        self._reduced = True
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The profile tensors (CPU, dtypes of docs/profile-format.md). Call after :meth:`reduce`."""
+        seen = self.layer_tokens.tolist()
+        if any(int(n) != self.T for n in seen):
+            raise RuntimeError(f"MoE layers saw {seen} tokens, expected {self.T} each")
+        out = {"tokens": torch.tensor([float(self.T)], dtype=torch.float64)}
+        for name in SUM_NAMES:
+            out[name] = self.sums[name].cpu()
+        out["premoe_q"] = self.premoe_q.cpu()
+        out["premoe_f"] = self.premoe_f.cpu()
+        out["premoe_idx"] = self.premoe_idx.cpu()
+        empty = (self.sums["count"] == 0).unsqueeze(-1)
+        out["mone_mean"] = self.mean.masked_fill(empty, 0.0).float().cpu()
+        out["mone_m2"] = self.m2.masked_fill(empty, 0.0).float().cpu()
+        if self.sample_gate is not None:
+            out["sample_gate"] = self.sample_gate.transpose(0, 1).float().contiguous().cpu()
+        return out
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar on stderr counting tokens (rank 0 only), or nothing."""
+
+    def __init__(self, enabled: bool, label: str, total: int, unit: str = "tok") -> None:
+        self.bar: Any = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.0f} {unit}/s" if speed else f"? {unit}/s")
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + unit),
+            Rate(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.bar.add_task(label, total=total)
+        self.bar.start()
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- the whole-model driver --------------------------------------------------------------------
+
+
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # the LM head on one position only: calibration needs no logits
+    return kwargs
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    *,
+    blocks: Sequence[MoEBlock] | None = None,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    premoe_ka: int | None = None,
+    per_sample: bool = False,
+    progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the model over every sequence (one record each, right-padded batches) and return the
+    profile tensors. Under torch.distributed, each rank takes records rank, rank+world, ... and all
+    ranks return the combined tensors."""
+    from .arch import find_moe_blocks, patch_moe
+    from .data import batches
+
+    blocks = list(blocks) if blocks is not None else find_moe_blocks(model)
+    device = _model_device(model)
+    hidden = int(model.config.get_text_config().hidden_size)
+    acc = Accumulator(blocks, hidden, [len(s) for s in seqs], premoe_ka, per_sample, device)
+    info = dist_info()
+    mine = list(range(info.rank, len(seqs), info.world))
+    kwargs = _forward_kwargs(model)
+    bar = _Progress(progress and info.rank == 0, "calibrating", sum(len(seqs[i]) for i in mine))
+    try:
+        with patch_moe(model, blocks, observer=acc.observe) as session:
+            for batch in batches(seqs, batch_size, pad_id, order=mine):
+                ids = batch.input_ids.to(device)
+                mask = batch.attention_mask.to(device)
+                session.token_mask = mask.reshape(-1).bool()
+                acc.set_batch(batch.indices, mask)
+                model(input_ids=ids, attention_mask=mask, **kwargs)
+                bar.advance(batch.tokens)
+                if on_batch is not None:
+                    on_batch(batch.tokens)
+    finally:
+        bar.close()
+    acc.reduce()
+    return acc.tensors()
+
+
+# --- self-generated demonstrations ----------------------------------------------------------------
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for src in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        for v in src if isinstance(src, (list, tuple)) else [src]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids
+
+
+@torch.no_grad()
+def self_generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> list[list[int]]:
+    """The model's own greedy answer to every prompt (left-padded batches, stopping at EOS; the EOS
+    itself is not returned). Distributed: each rank generates its share, all ranks get all."""
+    from transformers import GenerationConfig
+
+    from .data import batches
+
+    info = dist_info()
+    mine = list(range(info.rank, len(prompts), info.world))
+    eos = eos_token_ids(model, tokenizer)
+    device = _model_device(model)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos or None,
+    )
+    out: dict[int, list[int]] = {}
+    bar = _Progress(progress and info.rank == 0, "generating", len(mine), unit="prompts")
+    try:
+        for batch in batches(prompts, batch_size, pad_id, order=mine, left=True):
+            ids = batch.input_ids.to(device)
+            mask = batch.attention_mask.to(device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            new = gen[:, ids.shape[1] :].tolist()
+            for row, i in enumerate(batch.indices):
+                toks = new[row]
+                for j, tok in enumerate(toks):
+                    if tok in eos:
+                        toks = toks[:j]
+                        break
+                out[i] = toks
+            bar.advance(len(batch.indices))
+    finally:
+        bar.close()
+    if info.active:
+        gathered: list[Any] = [None] * info.world
+        torch.distributed.all_gather_object(gathered, out)
+        for part in gathered:
+            out.update(part)
+    return [out[i] for i in range(len(prompts))]

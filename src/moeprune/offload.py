@@ -1,0 +1,422 @@
+"""Sequential (layer-by-layer) calibration for models larger than memory.
+
+:func:`calibrate_sequential` returns exactly what :func:`moeprune.calibrate.calibrate` returns for
+the same records, while holding only one decoder layer's weights (plus the activations of every
+calibration record) in memory:
+
+1. the model is built on the meta device from its config; its MoE blocks are found there;
+2. only the tensors of the text model that live outside its decoder layers are loaded (embedding,
+   final norm; never the LM head), non-persistent buffers (rotary ``inv_freq``) are recomputed by
+   transformers' own ``_init_weights``, and the text model's real ``forward`` is run over every
+   batch with each decoder layer replaced by a stub that records its ``(args, kwargs)`` (causal
+   mask, position ids, position embeddings, ...) and stops the forward after the last MoE layer
+   (the "sequential onloading" trick). The hidden states entering layer 0 are kept per batch;
+   the embedding is then freed;
+3. every decoder layer up to the last MoE layer is, in turn, read from the safetensors shards
+   (only that layer's keys, through lazy ``get_slice`` handles opened for that layer alone),
+   converted from the checkpoint layout to the model's (hub per-expert keys -> fused 3D tensors)
+   by transformers' own ``convert_and_load_state_dict_in_model``, run over every batch under
+   :func:`~moeprune.arch.patch_moe` (the accumulator observes its MoE blocks), and put back on
+   the meta device. Its outputs replace the stored hidden states.
+
+Memory: one layer's weights (plus the transient copies of its conversion), the hidden states of
+every record (tokens x hidden x dtype), and each batch's layer inputs (masks, position
+embeddings), kept on CPU. To keep the peak at about 1.7 x the largest layer above the resting
+RSS (docs/benchmarks.md, "Sequential offload"), shards are read with safetensors' ``pread``
+backend (no mapped pages), transformers converts one tensor group at a time (no loader threads,
+see ``ASYNC_LOAD``), and the heap is trimmed after each layer. Quantized checkpoints (fp8,
+mxfp4, ...) are not supported: no quantizer is applied.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["ShardReader", "calibrate_sequential", "plan_keys"]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer stub: the rest of the model is not needed."""
+
+
+# --- reading one layer's tensors ----------------------------------------------------------------
+
+
+class ShardReader:
+    """Lazy slices of some keys of a safetensors checkpoint. Shards are opened for one
+    :meth:`open` only. The ``pread`` backend of safetensors >= 0.7 (read into fresh buffers) is
+    used where available: with ``mmap`` the pages a layer touches count in the process's RSS
+    while its shards are open."""
+
+    def __init__(self, directory: str | Path, backend: str = "pread") -> None:
+        from .checkpoint import Checkpoint
+
+        self.checkpoint = Checkpoint.open(directory)
+        self.backend = backend
+
+    def keys(self) -> list[str]:
+        return self.checkpoint.keys()
+
+    @contextmanager
+    def open(self, keys: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """``{key: safetensors slice}`` for ``keys`` (read from disk only when indexed)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.checkpoint.info(key).file, []).append(key)
+        with ExitStack() as stack:
+            slices: dict[str, Any] = {}
+            for path, names in by_file.items():
+                fh = stack.enter_context(self._open(safe_open, path))
+                for name in names:
+                    slices[name] = fh.get_slice(name)
+            yield slices
+
+    def _open(self, safe_open, path: Path):
+        if self.backend != "mmap":
+            try:
+                return safe_open(str(path), framework="pt", backend=self.backend)
+            except TypeError:  # safetensors < 0.7: no backend argument
+                self.backend = "mmap"
+        return safe_open(str(path), framework="pt")
+
+
+@dataclass
+class KeyPlan:
+    """Which checkpoint keys feed which part of the model (after transformers' renaming)."""
+
+    layers: dict[int, list[str]] = field(default_factory=dict)  # decoder-layer index -> keys
+    prefix: list[str] = field(default_factory=list)  # text model outside its layers (embedding, norm)
+    other: list[str] = field(default_factory=list)  # never loaded (LM head, towers, unknown keys)
+
+
+def plan_keys(model: nn.Module, keys: Sequence[str], weight_mapping: list, layers_path: str) -> KeyPlan:
+    """Group checkpoint ``keys`` by the model tensor each becomes, with the renaming rules
+    ``from_pretrained`` applies (``weight_mapping`` = ``get_model_conversion_mapping(model)``)."""
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    renamings = [w for w in weight_mapping if isinstance(w, WeightRenaming)]
+    converters = [w for w in weight_mapping if isinstance(w, WeightConverter)]
+    meta_sd = model.state_dict()
+    base_prefix = model.base_model_prefix
+    text_prefix = layers_path.rpartition(".")[0]
+    head = model.get_output_embeddings()
+    head_path = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    layer_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
+    plan = KeyPlan()
+    for key in sorted(keys, key=dot_natural_key):  # the order transformers uses (stateful renamings)
+        renamed, _ = rename_source_key(key, renamings, converters, base_prefix, meta_sd)
+        if renamed not in meta_sd and key in meta_sd:
+            renamed = key
+        m = layer_re.match(renamed)
+        if m:
+            plan.layers.setdefault(int(m.group(1)), []).append(key)
+        elif (
+            renamed in meta_sd
+            and (not text_prefix or renamed.startswith(text_prefix + "."))
+            and not (head_path and renamed.startswith(head_path + "."))
+        ):
+            plan.prefix.append(key)
+        else:
+            plan.other.append(key)
+    return plan
+
+
+ASYNC_LOAD = False  # transformers' loader threads: every tensor of a layer read at once (more memory)
+
+
+@contextmanager
+def _quiet_sync_loading() -> Iterator[None]:
+    """No "Loading weights" bar; unless ``ASYNC_LOAD``, tensors read one conversion at a time
+    (``HF_DEACTIVATE_ASYNC_LOAD``, read by transformers at each call)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    env = "HF_DEACTIVATE_ASYNC_LOAD"
+    before = os.environ.get(env)
+    if enabled:
+        hf_logging.disable_progress_bar()
+    if not ASYNC_LOAD:
+        os.environ[env] = "1"
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+        if not ASYNC_LOAD:
+            if before is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = before
+
+
+def _load_tensors(model: nn.Module, reader: ShardReader, keys: Sequence[str], load_config: Any) -> Any:
+    """Load ``keys`` into ``model`` with transformers' own renaming and conversion."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+    with reader.open(keys) as slices, _quiet_sync_loading():
+        info, _ = convert_and_load_state_dict_in_model(model, slices, load_config)
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys, key=str)[0]
+        raise UserError(
+            f"checkpoint tensor for '{name}' has shape {list(got)}, the model expects {list(want)}",
+            "the checkpoint does not match its config.json",
+        )
+    if info.conversion_errors:
+        first = next(iter(info.conversion_errors.items()))
+        raise UserError(
+            f"could not convert checkpoint tensor(s) for {first[0]}: {first[1]}", "check the model"
+        )
+    return info
+
+
+def _materialize_buffers(model: nn.Module, root: nn.Module, root_path: str, device: torch.device) -> None:
+    """Recompute the non-persistent buffers under ``root`` (not in any checkpoint: rotary
+    ``inv_freq``, ...) with transformers' own ``_init_weights``; check every one was written."""
+    for name, mod in root.named_modules():
+        own = [b for b in mod._non_persistent_buffers_set if getattr(mod, b, None) is not None]
+        own = [b for b in own if getattr(mod, b).is_meta]
+        if not own:
+            continue
+        for b in own:
+            buf = getattr(mod, b)
+            fill = torch.full_like(buf, float("nan"), device=device) if buf.is_floating_point() else None
+            setattr(mod, b, fill if fill is not None else torch.zeros_like(buf, device=device))
+        if getattr(mod, "_is_hf_initialized", False):
+            mod._is_hf_initialized = False
+        model._init_weights(mod)
+        for b in own:
+            value = getattr(mod, b)
+            if value.is_meta or (value.is_floating_point() and bool(torch.isnan(value).any())):
+                path = ".".join(p for p in (root_path, name, b) if p)
+                raise UserError(
+                    f"cannot recompute the non-persistent buffer '{path}' ({type(mod).__name__})",
+                    "this model cannot be calibrated with --offload sequential; load it whole",
+                )
+
+
+def _check_loaded(module: nn.Module, path: str, what: str) -> None:
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    missing += [n for n, b in module.named_buffers() if b.is_meta]
+    if missing:
+        raise UserError(
+            f"the checkpoint has no tensor for '{path}.{missing[0]}' ({len(missing)} missing in {what})",
+            "the checkpoint does not match its config.json",
+        )
+
+
+def _free(module: nn.Module) -> None:
+    """Put every tensor of ``module`` back on the meta device (the memory is released)."""
+    module.to_empty(device="meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: the many per-expert
+    buffers of a layer load fragment the heap and RSS would creep up layer after layer)."""
+    import ctypes
+    import sys
+    from contextlib import suppress
+
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):  # not glibc (musl, ...)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [_to(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class _Batch:
+    indices: list[int]
+    ids: torch.Tensor | None  # [B, S] input ids (CPU), dropped once the layer inputs are captured
+    mask: torch.Tensor  # [B, S] attention mask (CPU)
+    tokens: int
+    hidden: torch.Tensor | None = None  # [B, S, H] entering the next layer (CPU)
+    inputs: dict[int, tuple[tuple, dict]] = field(default_factory=dict)  # layer -> (args, kwargs)
+
+
+def _forward_kwargs(module: nn.Module) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _capture(text_model: nn.Module, layers: nn.ModuleList, last: int, batch: _Batch, device) -> None:
+    """Run the text model's own forward up to layer ``last`` with every layer stubbed: records each
+    layer's (args, kwargs) and the hidden states entering layer 0."""
+
+    def stub(i: int):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if i == 0:
+                batch.hidden = hidden.detach().to("cpu")
+            batch.inputs[i] = (_to(rest, torch.device("cpu")), _to(kwargs, torch.device("cpu")))
+            if i == last:
+                raise _StopForward
+            return hidden
+
+        return forward
+
+    for i in range(last + 1):
+        layers[i].forward = stub(i)
+    try:
+        text_model(
+            input_ids=batch.ids.to(device),
+            attention_mask=batch.mask.to(device),
+            **_forward_kwargs(text_model),
+        )
+    except _StopForward:
+        pass
+    else:
+        raise RuntimeError("the text model finished its forward without reaching its last MoE layer")
+    finally:
+        for i in range(last + 1):
+            del layers[i].forward
+    batch.ids = None
+    if batch.hidden is None or len(batch.inputs) != last + 1:
+        raise RuntimeError("the text model did not call its decoder layers in order")
+
+
+@torch.no_grad()
+def calibrate_sequential(
+    model_dir: str | Path,
+    seqs: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    premoe_ka: int | None = None,
+    per_sample: bool = False,
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The profile tensors of :func:`moeprune.calibrate.calibrate` for the model in ``model_dir``
+    (a local directory or cached hub id with safetensors weights), computed one decoder layer at
+    a time (see the module docstring). Under torch.distributed, each rank takes records rank,
+    rank+world, ... and all ranks return the combined tensors."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    from .arch import decoder_layers, find_moe_blocks, patch_moe
+    from .arch.blocks import layers_path as find_layers_path
+    from .calibrate import Accumulator, _Progress, dist_info
+    from .data import batches
+    from .modelio import build_on_meta, load_config, resolve_model_dir
+
+    device = torch.device(device)
+    path = resolve_model_dir(str(model_dir))
+    reader = ShardReader(path)
+    config = load_config(str(path))
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = (
+            quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        )
+        raise UserError(
+            f"--offload sequential does not support quantized checkpoints ({method})",
+            "dequantize the checkpoint first, or profile without offload",
+        )
+    config.dtype = dtype  # build_on_meta (from_config) builds in config.dtype
+    model = build_on_meta(config).eval()
+    blocks = find_moe_blocks(model)
+    layers = decoder_layers(model)
+    lpath = find_layers_path(model)
+    text_path = lpath.rpartition(".")[0]
+    text_model = model.get_submodule(text_path) if text_path else model
+    last = max(b.layer for b in blocks)
+
+    weight_mapping = get_model_conversion_mapping(model)
+    load_config_ = LoadStateDictConfig(
+        pretrained_model_name_or_path=str(path),
+        device_map={"": device},
+        dtype=dtype,
+        dtype_plan=model._get_dtype_plan(dtype),
+        weight_mapping=weight_mapping,
+    )
+    plan = plan_keys(model, reader.keys(), weight_mapping, lpath)
+    absent = [i for i in range(last + 1) if i not in plan.layers]
+    if absent:
+        raise UserError(f"the checkpoint has no tensor of decoder layer {absent[0]}", "check the model")
+
+    hidden_size = int(model.config.get_text_config().hidden_size)
+    acc = Accumulator(blocks, hidden_size, [len(s) for s in seqs], premoe_ka, per_sample, device)
+    info = dist_info()
+    mine = list(range(info.rank, len(seqs), info.world))
+    work = [
+        _Batch(b.indices, b.input_ids, b.attention_mask, b.tokens)
+        for b in batches(seqs, batch_size, pad_id, order=mine)
+    ]
+    n_tokens = sum(b.tokens for b in work)
+
+    # --- before the first layer: embedding, masks, position embeddings ------------------------
+    _load_tensors(model, reader, plan.prefix, load_config_)
+    prefix_modules = [m for n, m in text_model.named_children() if m is not layers]
+    for name, child in text_model.named_children():
+        if child is not layers:
+            where = f"{text_path}.{name}".lstrip(".")
+            _materialize_buffers(model, child, where, device)
+            _check_loaded(child, where, "the text model outside its layers")
+    for name, p in text_model.named_parameters(recurse=False):
+        if p.is_meta:
+            raise UserError(f"the checkpoint has no tensor for '{text_path}.{name}'", "check the model")
+    for batch in work:
+        _capture(text_model, layers, last, batch, device)
+    for child in prefix_modules:
+        _free(child)
+
+    # --- layer by layer -----------------------------------------------------------------------
+    bar = _Progress(progress and info.rank == 0, "calibrating (sequential)", n_tokens * (last + 1))
+    try:
+        for i in range(last + 1):
+            layer = layers[i]
+            _load_tensors(model, reader, plan.layers[i], load_config_)
+            _materialize_buffers(model, layer, f"{lpath}.{i}", device)
+            _check_loaded(layer, f"{lpath}.{i}", f"layer {i}")
+            mine_blocks = [b for b in blocks if b.layer == i]
+            with patch_moe(model, mine_blocks, observer=acc.observe) as session:
+                for batch in work:
+                    args, kwargs = batch.inputs.pop(i)
+                    mask = batch.mask.to(device)
+                    session.token_mask = mask.reshape(-1).bool()
+                    acc.set_batch(batch.indices, mask)
+                    out = layer(batch.hidden.to(device), *_to(args, device), **_to(kwargs, device))
+                    if isinstance(out, (tuple, list)):
+                        out = out[0]
+                    batch.hidden = out.to("cpu") if i < last else None
+                    bar.advance(batch.tokens)
+            _free(layer)
+    finally:
+        bar.close()
+    acc.reduce()
+    return acc.tensors()

@@ -1,0 +1,653 @@
+"""The calibration pass and the profile: exactness against a naive float64 reference, independence
+from batching and record split (merge), padding, the file format, the CLI, distributed runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.arch import find_moe_blocks, single_expert_forward
+from moeprune.calibrate import Accumulator, calibrate
+from moeprune.cli import main
+from moeprune.errors import UserError
+from moeprune.profile import FORMAT, Profile, atomic_write
+
+tiny = pytest.importorskip("moeprune.testing.tiny")
+
+MODEL_TYPES = ("deepseek_v3", "qwen3_moe")
+LENGTHS = [7, 1, 40, 3, 19, 2, 28]  # very different lengths: batches carry a lot of padding
+
+
+def _seqs(lengths: list[int], seed: int = 0, vocab: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def model(request):
+    return tiny.tiny_model(request.param)
+
+
+# --- the naive reference -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor]:
+    """Every statistic of docs/profile-format.md from per-token tensors in float64, one record at
+    a time (no padding at all), using the model's own modules."""
+    blocks = find_moe_blocks(model)
+    L, E = len(blocks), blocks[0].num_experts
+    H = model.config.get_text_config().hidden_size
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for b in blocks:
+
+        def grab_x(_m, args, _l=b.index):
+            captured[("x", _l)] = args[0].reshape(-1, args[0].shape[-1])
+
+        def grab_h(_m, args, _l=b.index):
+            captured[("h", _l)] = args[0].reshape(-1, args[0].shape[-1])
+
+        handles.append(model.get_submodule(b.path).register_forward_pre_hook(grab_x))
+        handles.append(model.get_submodule(b.prenorm_path).register_forward_pre_hook(grab_h))
+    f64 = torch.float64
+    out = {
+        n: torch.zeros(L, E, dtype=f64) for n in ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")
+    }
+    per_expert: list[list[list[torch.Tensor]]] = [[[] for _ in range(E)] for _ in range(L)]
+    q_rows, f_rows, i_rows = [[] for _ in range(L)], [[] for _ in range(L)], [[] for _ in range(L)]
+    sample_gate = torch.zeros(len(seqs), L, E, dtype=f64)
+    try:
+        for s_idx, seq in enumerate(seqs):
+            model(input_ids=torch.tensor([seq]), use_cache=False)
+            for b in blocks:
+                li = b.index
+                x, h = captured[("x", li)], captured[("h", li)].double()
+                logits = b.router(model)(x)[0].reshape(-1, E)
+                r = b.route(model, logits)
+                experts = b.experts(model)
+                for t in range(x.shape[0]):
+                    h_new = h[t].clone()
+                    contrib = []
+                    for j in range(r.top_k_index.shape[1]):
+                        i = int(r.top_k_index[t, j])
+                        g = float(r.top_k_weights[t, j])
+                        e = single_expert_forward(experts, i, x[t : t + 1])[0].double()
+                        h_new += g * e
+                        contrib.append((i, g, e))
+                    cos = float((h[t] @ h_new) / (h[t].norm() * h_new.norm()))
+                    for i, g, e in contrib:
+                        out["count"][li, i] += 1
+                        out["gate"][li, i] += g
+                        out["reap_sum"][li, i] += g * e.norm()
+                        out["easyep"][li, i] += g * e.norm() * max(0.0, 1.0 - cos)
+                        per_expert[li][i].append(e)
+                        sample_gate[s_idx, li, i] += g
+                    s = logits[t].double()
+                    out["prob"][li] += r.probs[t].double()
+                    am = int(s.argmax())
+                    out["premoe_v1"][li, am] += s[am]
+                    vals, ids = torch.topk(s, ka)
+                    q_rows[li].append(torch.softmax(vals, -1))
+                    f_rows[li].append(torch.maximum(vals, torch.sigmoid(vals)))
+                    i_rows[li].append(ids)
+    finally:
+        for hd in handles:
+            hd.remove()
+    mean = torch.zeros(L, E, H, dtype=f64)
+    m2 = torch.zeros(L, E, H, dtype=f64)
+    for li in range(L):
+        for i in range(E):
+            if per_expert[li][i]:
+                stack = torch.stack(per_expert[li][i])
+                mean[li, i] = stack.mean(0)
+                m2[li, i] = (stack - stack.mean(0)).square().sum(0)
+    out["mone_mean"], out["mone_m2"] = mean, m2
+    out["premoe_q"] = torch.stack([torch.stack(r) for r in q_rows])
+    out["premoe_f"] = torch.stack([torch.stack(r) for r in f_rows])
+    out["premoe_idx"] = torch.stack([torch.stack(r) for r in i_rows])
+    out["sample_gate"] = sample_gate
+    out["tokens"] = torch.tensor([float(sum(len(s) for s in seqs))], dtype=f64)
+    return out
+
+
+def assert_same(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-4, atol: float = 1e-5
+) -> None:
+    assert set(a) == set(b), set(a) ^ set(b)
+    for name in a:
+        x, y = a[name], b[name]
+        assert x.shape == y.shape, (name, x.shape, y.shape)
+        if name in ("count", "tokens", "premoe_idx"):
+            assert torch.equal(x.long(), y.long()), name
+        else:
+            torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol, msg=name)
+
+
+# --- exactness ----------------------------------------------------------------------------------
+
+
+def test_statistics_match_naive_float64_reference(model):
+    seqs = _seqs(LENGTHS)
+    ka = 3
+    got = calibrate(model, seqs, batch_size=3, premoe_ka=ka, per_sample=True)
+    ref = naive_stats(model, seqs, ka)
+    assert got["tokens"].dtype == torch.float64 and got["mone_mean"].dtype == torch.float32
+    assert got["premoe_idx"].dtype == torch.int32 and got["sample_gate"].dtype == torch.float32
+    assert_same(got, ref)
+    # MoNE: experts that were never selected hold zeros, the others the true mean
+    assert int(got["count"].sum()) == sum(LENGTHS) * find_moe_blocks(model)[0].top_k * len(
+        find_moe_blocks(model)
+    )
+
+
+def test_batch_size_and_padding_do_not_matter(model, monkeypatch):
+    seqs = _seqs(LENGTHS, seed=1)
+    with monkeypatch.context() as m:  # the per-expert loop used for large batches on CPU
+        m.setattr(Accumulator, "moments_by_loop", True)
+        one = calibrate(model, seqs, batch_size=1, per_sample=True)
+    three = calibrate(model, seqs, batch_size=3, per_sample=True)
+    everything = calibrate(model, seqs, batch_size=len(seqs), per_sample=True)  # one batch, lengths 1..40
+    assert_same(one, three)
+    assert_same(one, everything)
+    assert one["premoe_q"].shape[1] == sum(LENGTHS)
+
+
+def _profile(model, seqs, name: str, per_sample: bool = True) -> Profile:
+    blocks = find_moe_blocks(model)
+    t = calibrate(model, seqs, blocks=blocks, batch_size=2, per_sample=per_sample)
+    return Profile.build(
+        t,
+        model="tiny",
+        config=model.config,
+        blocks=blocks,
+        samples=len(seqs),
+        data=[{"path": name, "sha256": "0" * 64, "records": len(seqs)}],
+        settings={"per_sample": per_sample},
+    )
+
+
+def test_merge_equals_profile_of_the_union(model, tmp_path):
+    seqs = _seqs(LENGTHS, seed=2)
+    a, b = seqs[:3], seqs[3:]
+    union = _profile(model, seqs, "ab")
+    pa, pb = _profile(model, a, "a"), _profile(model, b, "b")
+    pa.save(tmp_path / "a.profile.safetensors")
+    pb.save(tmp_path / "b.profile.safetensors")
+    merged = Profile.merge(
+        [Profile.load(tmp_path / "a.profile.safetensors"), Profile.load(tmp_path / "b.profile.safetensors")]
+    )
+    assert_same(merged.tensors, union.tensors)
+    assert merged.tokens == union.tokens == sum(LENGTHS)
+    assert merged.samples == len(seqs)
+    assert [d["path"] for d in merged.meta["data"]] == ["a", "b"]
+    # three-way merge in another grouping gives the same
+    pc = _profile(model, b[:2], "c")
+    pd = _profile(model, b[2:], "d")
+    assert_same(Profile.merge([pa, pc, pd]).tensors, union.tensors)
+
+
+def test_accumulator_can_be_fed_layer_by_layer(model):
+    """The seam for other drivers: events of all batches of one layer, then the next layer."""
+    from moeprune.arch import patch_moe
+    from moeprune.data import batches
+
+    seqs = _seqs(LENGTHS[:4], seed=3)
+    blocks = find_moe_blocks(model)
+    seen: list = []
+    events: list[tuple[list[int], torch.Tensor, object]] = []
+    with torch.no_grad(), patch_moe(model, blocks, observer=seen.append) as session:
+        for batch in batches(seqs, 2, 0):
+            session.token_mask = batch.attention_mask.reshape(-1).bool()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            events += [(batch.indices, batch.attention_mask, ev) for ev in seen]
+            seen.clear()
+    acc = Accumulator(
+        blocks, model.config.get_text_config().hidden_size, [len(s) for s in seqs], per_sample=True
+    )
+    acc.moments_by_loop = False  # the large-kernel path (GPUs, small batches)
+    for b in reversed(blocks):  # layer by layer, in any order
+        for indices, mask, ev in events:
+            if ev.block.index == b.index:
+                acc.set_batch(indices, mask)
+                acc.observe(ev)
+    acc.reduce()
+    assert_same(acc.tensors(), calibrate(model, seqs, batch_size=1, per_sample=True))
+
+
+# --- the file ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ds_model():
+    return tiny.tiny_model("deepseek_v3")
+
+
+def test_save_load_roundtrip_and_format(ds_model, tmp_path):
+    p = _profile(ds_model, _seqs([5, 9]), "x")
+    path = tmp_path / "x.profile.safetensors"
+    p.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        names = set(f.keys())
+    assert meta["format"] == FORMAT
+    for key in (
+        "tool_version",
+        "model",
+        "model_fingerprint",
+        "model_type",
+        "architecture",
+        "layers",
+        "num_experts",
+        "top_k",
+        "hidden_size",
+        "tokens",
+        "samples",
+        "data",
+        "settings",
+    ):
+        assert key in meta
+    assert meta["layers"] == [1] and meta["tokens"] == 14 and meta["samples"] == 2
+    assert names == {
+        "tokens",
+        "count",
+        "gate",
+        "prob",
+        "reap_sum",
+        "easyep",
+        "premoe_v1",
+        "premoe_q",
+        "premoe_f",
+        "premoe_idx",
+        "mone_mean",
+        "mone_m2",
+        "sample_gate",
+    }
+    q = Profile.load(path)
+    assert_same(q.tensors, p.tensors, rtol=0, atol=0)
+    assert q.meta == json.loads(json.dumps(p.meta))
+    assert sorted(os.listdir(tmp_path)) == ["x.profile.safetensors"]  # no temp file left
+
+
+def test_load_rejects_corrupted_and_foreign_files(ds_model, tmp_path):
+    from safetensors.torch import save_file
+
+    p = _profile(ds_model, _seqs([5]), "x")
+    good = tmp_path / "good.profile.safetensors"
+    p.save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / "trunc.profile.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="trunc.profile.safetensors"):
+        Profile.load(truncated)
+    garbage = tmp_path / "garbage.profile.safetensors"
+    garbage.write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        Profile.load(garbage)
+    foreign = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(UserError, match="not a moeprune profile"):
+        Profile.load(foreign)
+    # right metadata, wrong tensor shape
+    t = dict(p.tensors)
+    t["gate"] = torch.zeros(3, 3, dtype=torch.float64)
+    bad = tmp_path / "bad.profile.safetensors"
+    save_file(t, str(bad), metadata={"meta": json.dumps(p.meta)})
+    with pytest.raises(UserError, match="corrupted: tensor 'gate' has shape"):
+        Profile.load(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        Profile.load(tmp_path / "missing.profile.safetensors")
+
+
+def test_check_model_refuses_another_model(ds_model):
+    p = _profile(ds_model, _seqs([4]), "x")
+    p.check_model(ds_model.config)  # same layout: fine (from the config alone, meta device)
+    other = tiny.tiny_config("qwen3_moe")
+    with pytest.raises(UserError) as exc:
+        p.check_model(other, model_name="qwen-tiny")
+    msg = str(exc.value)
+    assert "deepseek_v3" in msg and "qwen3_moe" in msg and "qwen-tiny" in msg
+    wider = tiny.tiny_config("deepseek_v3", n_routed_experts=16)
+    with pytest.raises(UserError, match="16 experts"):
+        p.check_model(wider)
+
+
+def test_merge_refuses_different_models(ds_model, model):
+    a = _profile(ds_model, _seqs([4]), "a")
+    b = _profile(model, _seqs([4]), "b")
+    if a.meta["model_fingerprint"] == b.meta["model_fingerprint"]:
+        pytest.skip("same model")
+    with pytest.raises(UserError, match="different models"):
+        Profile.merge([a, b])
+
+
+def test_atomic_write_removes_temp_on_interrupt(tmp_path):
+    target = tmp_path / "p.profile.safetensors"
+
+    def boom(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, boom)
+    assert os.listdir(tmp_path) == []
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, ds_model):
+    d = tmp_path_factory.mktemp("tiny-dsv3")
+    ds_model.config.eos_token_id, ds_model.config.pad_token_id, ds_model.config.bos_token_id = 2, 0, 1
+    ds_model.generation_config.eos_token_id = 2
+    ds_model.generation_config.pad_token_id = 0
+    ds_model.save_pretrained(d)
+    _byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    words = ["alpha", "beta", "x = 1", "print(2)", "gamma ray", "def f():", "42"]
+    g = torch.Generator().manual_seed(0)
+    with open(d / "a.jsonl", "w") as f:
+        for n in (3, 30, 1, 12):
+            f.write(
+                json.dumps({"text": " ".join(words[int(i)] for i in torch.randint(0, 7, (n,), generator=g))})
+                + "\n"
+            )
+    with open(d / "b.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"{i} + {3 * i} = ", "answer": str(4 * i)}) + "\n")
+    return d
+
+
+def _run(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def test_cli_profile_and_merge(model_dir, data_files, tmp_path):
+    a, b = data_files / "a.jsonl", data_files / "b.jsonl"
+    out = tmp_path / "out"
+    assert (
+        _run(
+            "profile",
+            model_dir,
+            "--data",
+            a,
+            "--data",
+            b,
+            "--out",
+            out / "ab.profile.safetensors",
+            "--per-sample",
+            "--batch-size",
+            "3",
+            "--quiet",
+        )
+        == 0
+    )
+    assert (
+        _run("profile", model_dir, "--data", a, "--out", out / "a.profile.safetensors", "--per-sample", "-q")
+        == 0
+    )
+    assert (
+        _run(
+            "profile",
+            "create",
+            model_dir,
+            "--data",
+            b,
+            "--out",
+            out / "b.profile.safetensors",
+            "--per-sample",
+            "--batch-size",
+            "1",
+            "-q",
+        )
+        == 0
+    )
+    assert (
+        _run(
+            "profile",
+            "merge",
+            out / "a.profile.safetensors",
+            out / "b.profile.safetensors",
+            "--out",
+            out / "m.profile.safetensors",
+            "-q",
+        )
+        == 0
+    )
+    ab, m = Profile.load(out / "ab.profile.safetensors"), Profile.load(out / "m.profile.safetensors")
+    assert_same(ab.tensors, m.tensors)
+    assert ab.samples == m.samples == 8
+    assert [d["records"] for d in ab.meta["data"]] == [4, 4]
+    assert ab.meta["data"] == m.meta["data"]
+    assert ab.meta["settings"]["max_length"] == 2048 and ab.meta["settings"]["premoe_ka"] == 2
+    ab.check_model(__import__("moeprune.modelio", fromlist=["load_config"]).load_config(str(model_dir)))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.profile.safetensors",
+        "ab.profile.safetensors",
+        "b.profile.safetensors",
+        "m.profile.safetensors",
+    ]
+
+
+def test_cli_user_errors_write_nothing(model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "x.profile.safetensors"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n')
+    assert _run("profile", model_dir, "--data", bad, "--out", out, "-q") == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    assert (
+        _run("profile", model_dir, "--data", data_files / "a.jsonl", "--out", out, "--max-length", "0") == 2
+    )
+    assert "--max-length" in capsys.readouterr().err
+    assert (
+        _run("profile", model_dir, "--data", data_files / "a.jsonl", "--out", out, "--premoe-ka", "99", "-q")
+        == 2
+    )
+    assert "--premoe-ka" in capsys.readouterr().err
+    other = tmp_path / "p.profile.safetensors"
+    assert _run("profile", "merge", other, other, "--out", out) == 2
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_interrupt_leaves_no_partial_profile(model_dir, data_files, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from moeprune.calibrate import Accumulator as Acc
+    from moeprune.commands.profile import run_profile
+
+    out = tmp_path / "x.profile.safetensors"
+    kwargs = {
+        "model": str(model_dir),
+        "data": [str(data_files / "b.jsonl")],
+        "out": out,
+        "quiet": True,
+        "self_generate": 2,
+    }
+
+    def interrupted_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            run_profile(**kwargs)
+    assert os.listdir(tmp_path) == []  # neither the profile, nor its temp file, nor the demos
+
+    def interrupted_observe(self, event):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Acc, "observe", interrupted_observe)
+        with pytest.raises(KeyboardInterrupt):
+            run_profile(**kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_self_generate(model_dir, data_files, tmp_path, ds_model):
+    from moeprune.calibrate import self_generate
+
+    out = tmp_path / "g.profile.safetensors"
+    assert (
+        _run(
+            "profile",
+            model_dir,
+            "--data",
+            data_files / "b.jsonl",
+            "--out",
+            out,
+            "--self-generate",
+            "5",
+            "--batch-size",
+            "3",
+            "-q",
+        )
+        == 0
+    )
+    demos = [json.loads(line) for line in (tmp_path / "g.demos.jsonl").read_text().splitlines()]
+    assert [d["prompt"] for d in demos] == [f"{i} + {3 * i} = " for i in range(4)]
+    assert all(set(d) == {"prompt", "response"} for d in demos)
+    tok = _byte_tokenizer()
+    prompts = [tok(d["prompt"])["input_ids"] for d in demos]
+    answers = self_generate(ds_model, tok, prompts, 5, batch_size=3)  # left-padded batches
+    for p, a in zip(prompts, answers, strict=True):  # equals an unbatched greedy loop
+        ids = torch.tensor([p])
+        ref: list[int] = []
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = int(ds_model(input_ids=ids).logits[0, -1].argmax())
+                if nxt == 2:
+                    break
+                ref.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        assert a == ref
+    prof = Profile.load(out)
+    assert prof.tokens == sum(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+    assert prof.meta["settings"]["self_generate"] == 5
+
+
+def test_cli_distributed_matches_single_process(model_dir, data_files, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same profile as one process."""
+    single = tmp_path / "one.profile.safetensors"
+    dual = tmp_path / "two.profile.safetensors"
+    args = [
+        "--data",
+        str(data_files / "a.jsonl"),
+        "--data",
+        str(data_files / "b.jsonl"),
+        "--per-sample",
+        "--batch-size",
+        "2",
+        "-q",
+    ]
+    assert _run("profile", model_dir, *args, "--out", single) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moeprune",
+            "profile",
+            str(model_dir),
+            *args,
+            "--out",
+            str(dual),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = Profile.load(single), Profile.load(dual)
+    assert_same(one.tensors, two.tensors)
+    assert two.meta["settings"]["world_size"] == 2
+    assert (one.tokens, one.samples) == (two.tokens, two.samples)
+
+
+def test_bfloat16_model_calibrates():
+    model = tiny.tiny_model("qwen3_moe").to(torch.bfloat16)
+    seqs = _seqs([6, 3])
+    got = calibrate(model, seqs, batch_size=2, per_sample=True)
+    assert got["mone_mean"].dtype == torch.float32 and got["count"].dtype == torch.float64
+    assert int(got["count"].sum()) == 9 * 2 * 2  # tokens x top-k x layers
+    assert all(bool(torch.isfinite(v.double()).all()) for v in got.values())
+
+
+def test_cli_sequential_offload_gives_the_same_profile(model_dir, data_files, tmp_path):
+    """`--offload sequential` (one decoder layer in memory at a time) writes the same profile."""
+    a = data_files / "a.jsonl"
+    full, seq = tmp_path / "full.profile.safetensors", tmp_path / "seq.profile.safetensors"
+    assert _run("profile", model_dir, "--data", a, "--out", full, "--per-sample", "-q") == 0
+    assert (
+        _run("profile", model_dir, "--data", a, "--out", seq, "--per-sample", "--offload", "sequential", "-q")
+        == 0
+    )
+    p_full, p_seq = Profile.load(full), Profile.load(seq)
+    assert_same(p_full.tensors, p_seq.tensors)
+    assert p_seq.meta["settings"]["offload"] == "sequential"
+    routing = p_seq.meta["routing"]
+    assert routing["score_fn"] == "sigmoid" and routing["top_k"] == p_seq.top_k
+
+
+def test_cli_offload_rejects_bad_values(model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "x.profile.safetensors"
+    a = data_files / "a.jsonl"
+    assert _run("profile", model_dir, "--data", a, "--out", out, "--offload", "disk") == 2
+    assert (
+        _run(
+            "profile", model_dir, "--data", a, "--out", out, "--offload", "sequential", "--self-generate", "4"
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("moeprune: error:") for line in err)
+    assert not out.exists()
