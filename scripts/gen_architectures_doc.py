@@ -8,6 +8,7 @@ from pathlib import Path
 import transformers
 
 from moeprune.arch import ARCH_TABLE, UNSUPPORTED, find_moe_blocks
+from moeprune.arch.pruned import pad_uniform_problem
 from moeprune.testing.tiny import buildable_types, tiny_model
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -16,6 +17,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 def main() -> None:
     by_family: dict[str, list[str]] = defaultdict(list)
     bias_at: dict[str, str] = {}
+    paddable: list[str] = []
     for model_type in sorted(ARCH_TABLE):
         by_family[ARCH_TABLE[model_type].family or "?"].append(model_type)
     for model_type in buildable_types():
@@ -23,6 +25,8 @@ def main() -> None:
             block = find_moe_blocks(tiny_model(model_type))[0]
             path = block.selection_bias_path
             bias_at[model_type] = path[len(block.path) + 1 :] if path else "-"
+            if pad_uniform_problem(block) is None:
+                paddable.append(model_type)
     lines = [
         "# Supported architectures",
         "",
@@ -40,9 +44,12 @@ def main() -> None:
         lines.append(f"| {family} | {', '.join(types)} |")
     lines += [
         "",
-        "Selection-bias tensors (sliced with the router rows; `--pad-uniform` uses them):",
+        "Selection-bias tensors (sliced with the router rows):",
         "",
         ", ".join(f"{t}: `{b}`" for t, b in sorted(bias_at.items()) if b != "-"),
+        "",
+        "`moeprune prune --pad-uniform` (docs/surgery.md) can pad layers with exactly dead experts for:",
+        ", ".join(sorted(paddable)) + ".",
         "",
         f"## Not supported ({len(UNSUPPORTED)} types)",
         "",

@@ -2,6 +2,12 @@
 
 Data flow: data -> calibrate -> profile -> score -> plan -> surgery/checkpoint -> evaluate/report.
 Architecture knowledge lives in :mod:`moeprune.arch` and nowhere else.
+
+``moeprune.load(path)`` loads any checkpoint moeprune writes (ragged and novice ones included).
 """
 
 __version__ = "0.1.0"
+
+from .load import load  # noqa: E402 - light: torch and transformers are imported on call
+
+__all__ = ["__version__", "load"]

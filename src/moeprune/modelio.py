@@ -95,7 +95,9 @@ def load_model(
     model: str, dtype: str = "float32", device: str = "cpu", experts_implementation: str | None = None
 ):
     """Load a causal LM and its tokenizer from a local directory or cached hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .load import from_pretrained
 
     path = resolve_model_dir(model)
     load_config(str(path))  # clear errors for broken configs before transformers' own
@@ -105,7 +107,7 @@ def load_model(
         kwargs["experts_implementation"] = experts_implementation
     if device not in ("cpu", ""):
         kwargs["device_map"] = device
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    lm = from_pretrained(path, **kwargs).eval()  # ragged / novice checkpoints: moeprune.load
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):

@@ -52,7 +52,8 @@ class ExpertsLayout:
         from transformers.integrations.moe import _default_apply_gate
 
         tensors = {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() >= 1}
-        num = next(iter(tensors.values()))[0]
+        # a novice experts module (arch.pruned.NoviceExperts) stores fewer experts than it routes
+        num = getattr(module, "routed_experts", None) or next(iter(tensors.values()))[0]
         custom = getattr(type(module), "_apply_gate", None) is not _default_apply_gate
         return cls(
             class_name=type(module).__name__,
@@ -107,8 +108,12 @@ def selected_expert_outputs(
 
     Returns [T, k, H]. Tokens are grouped by expert so each expert runs one matmul on its tokens;
     no expert ever runs on a token that did not select it. ``constant_outputs`` maps expert ids to a
-    fixed [H] vector that replaces the expert's computation (MoNE novices).
+    fixed [H] vector that replaces the expert's computation (MoNE novices). A novice experts module
+    (:class:`moeprune.arch.pruned.NoviceExperts`) takes router ids and adds its stored constants.
     """
+    novice_route = getattr(module, "novice_route", None)
+    if novice_route is not None:
+        top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
     t, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))

@@ -85,7 +85,9 @@ def resolve_model_path(model: str) -> Path:
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal LM (eval mode, on ``device``) and its tokenizer; never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from moeprune.load import from_pretrained
 
     path = resolve_model_path(model)
     dt = torch_dtype(dtype)
@@ -98,7 +100,7 @@ def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "floa
             "the model directory needs its tokenizer files",
         ) from None
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True)
+        lm = from_pretrained(path, dtype=dt, local_files_only=True)  # ragged/novice: moeprune.load
     except (OSError, ValueError) as exc:
         raise UserError(
             f"cannot load '{model}' as a causal language model: {str(exc).strip().splitlines()[0][:200]}",

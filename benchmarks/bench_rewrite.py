@@ -1,0 +1,255 @@
+"""Checkpoint rewrite: peak memory and speed of the streaming `remove` surgery.
+
+Generates a random fused-layout DeepSeek-V3-style checkpoint (bf16, hidden 1024, 64 routed experts
+in 8 groups, top-8, 12 MoE layers + 1 dense, about 2.6 GB in 5 shards) in a temporary folder,
+writing it shard by shard straight from a small pool of random bytes (no model is built in memory).
+Then it rewrites it keeping 32 of 64 experts per layer (4 per group) in a child process, and reports:
+
+- peak RSS of the child as a fraction of the checkpoint size (goal < 10%), with the child's RSS
+  after importing torch/transformers for scale. The child reports its own high-water mark
+  (``VmHWM`` in ``/proc/self/status``): on Linux ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits
+  the parent's high-water mark across fork + exec, so it would report this script's own memory;
+- rewrite time / time to ``cp`` the same number of bytes (goal <= 1.5), for the whole
+  ``rewrite_checkpoint`` call in a fresh process (it imports the model's transformers code, builds
+  it on the meta device twice, maps the keys) and for its shard-writing phase alone. ``cp`` copies
+  whole source shards adding up to about the kept bytes, and its time is scaled to exactly the kept
+  bytes. Both read a source that is in the page cache (written and synced just before); neither
+  syncs its output.
+
+Everything generated is deleted at the end.
+
+    python benchmarks/bench_rewrite.py [--layers 12] [--append docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
+
+CHILD = r"""
+import json, sys, time
+import torch, transformers  # noqa: F401  (imported up front: their memory is reported separately)
+import moeprune.surgery as surgery
+
+def hwm_kb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
+writes = []
+write = surgery.write_safetensors
+
+def timed(*args, **kwargs):
+    t = time.perf_counter()
+    out = write(*args, **kwargs)
+    writes.append((t, time.perf_counter()))
+    return out
+
+surgery.write_safetensors = timed
+base = hwm_kb()
+src, out, kept = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+t0 = time.perf_counter()
+result = surgery.rewrite_checkpoint(src, out, {int(k): v for k, v in kept.items()})
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0][0],
+                  "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
+                  "bytes_out": result.bytes_out, "shards": len(result.shards)}))
+"""
+
+
+def config(layers: int):
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=512,
+        num_hidden_layers=layers + 1,
+        first_k_dense_replace=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_shared_experts=1,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        head_dim=32,
+        max_position_embeddings=1024,
+        dtype="bfloat16",
+    )
+
+
+def generate(directory: Path, layers: int, shards: int) -> int:
+    """Write the checkpoint shard by shard; returns the bytes of tensor data."""
+    import torch
+
+    from moeprune.checkpoint import DTYPE_SIZES
+    from moeprune.modelio import build_on_meta
+
+    cfg = config(layers)
+    cfg.save_pretrained(directory)
+    meta = build_on_meta(cfg)
+    entries = []
+    for key, t in meta.state_dict().items():
+        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"  # as DeepSeek-V3 stores them
+        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
+    del meta
+    total = sum(e[3] for e in entries)
+    per_shard = total / shards
+    groups: list[list[tuple]] = [[]]
+    size = 0
+    for e in entries:
+        if groups[-1] and size + e[3] > per_shard and len(groups) < shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e[3]
+    pool = torch.randn(POOL // 2, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    weight_map = {}
+    n = len(groups)
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, dtype, shape, nbytes in group:
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[key] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(directory / name, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for _key, _dtype, _shape, nbytes in group:
+                left = nbytes
+                while left:
+                    chunk = min(left, POOL)
+                    fh.write(pool[:chunk])
+                    left -= chunk
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def kept_plan(layers: int) -> dict[int, list[int]]:
+    """Keep 4 of each group of 8 experts, different ones per layer."""
+    return {
+        layer: sorted(g * 8 + (layer + j) % 8 for g in range(8) for j in (0, 2, 4, 6))
+        for layer in range(1, layers + 1)
+    }
+
+
+def time_cp(src: Path, dst: Path, kept_bytes: int) -> tuple[float, int]:
+    """Seconds to cp whole shards adding up to about ``kept_bytes``, scaled to exactly that."""
+    shards = sorted(src.glob("model-*.safetensors"), key=lambda p: -p.stat().st_size)
+    chosen, size = [], 0
+    for p in shards:
+        if size >= kept_bytes:
+            break
+        chosen.append(p)
+        size += p.stat().st_size
+    dst.mkdir()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "--reflink=never", *map(str, chosen), str(dst)], check=True)
+    seconds = time.perf_counter() - t0
+    return seconds * kept_bytes / size, size
+
+
+def check_output(src: Path, out: Path, kept: dict[int, list[int]]) -> None:
+    """One sliced tensor of the output equals the kept rows of the source (bytes compared)."""
+    import torch
+
+    from moeprune.checkpoint import Checkpoint
+
+    a, b = Checkpoint.open(src), Checkpoint.open(out)
+    layer = max(kept)
+    for name in ("mlp.experts.down_proj", "mlp.gate.weight", "mlp.gate.e_score_correction_bias"):
+        key = f"model.layers.{layer}.{name}"
+        assert torch.equal(b.tensor(key), a.experts(key, kept[layer])), key
+    assert b.total_bytes < a.total_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12, help="MoE layers (about 0.2 GB each)")
+    parser.add_argument("--shards", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="moeprune-bench-rewrite-", dir=args.dir))
+    try:
+        src, out = work / "src", work / "out"
+        src.mkdir()
+        t0 = time.perf_counter()
+        total = generate(src, args.layers, args.shards)
+        print(f"generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        on_disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        kept = kept_plan(args.layers)
+        subprocess.run(["sync"], check=False)
+
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            sys.exit(f"rewrite failed:\n{proc.stderr}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        check_output(src, out, kept)
+        subprocess.run(["sync"], check=False)
+
+        kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        cp_seconds, cp_bytes = time_cp(src, work / "cp", kept_bytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    peak = child["hwm_peak_kb"] * 1024
+    base = child["hwm_after_imports_kb"] * 1024
+    total_s, write_s = child["seconds"], child["write_seconds"]
+    rows = [
+        (f"checkpoint (bf16, {args.shards} shards)", f"{on_disk / 1e9:.2f} GB"),
+        ("rewritten, keeping 32/64 experts", f"{kept_bytes / 1e9:.2f} GB in {child['shards']} shard(s)"),
+        (
+            "peak RSS of the rewrite process",
+            f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}% of the checkpoint",
+        ),
+        ("  of which after imports (torch, transformers)", f"{base / 1e6:.0f} MB"),
+        ("  added by the rewrite", f"{(peak - base) / 1e6:.0f} MB = {100 * (peak - base) / on_disk:.1f}%"),
+        ("cp of the kept bytes", f"{cp_seconds:.2f} s (scaled from cp of {cp_bytes / 1e9:.2f} GB)"),
+        ("rewrite, whole call (fresh process)", f"{total_s:.2f} s = {total_s / cp_seconds:.2f} x cp"),
+        ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_seconds:.2f} x cp"),
+    ]
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    print(table)
+    if args.append is not None:
+        import torch
+
+        cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --append docs/benchmarks.md"
+        env = (
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
+            f"{platform.system()} {platform.release()}; source in the page cache, no sync"
+        )
+        text = args.append.read_text() if args.append.exists() else "# Benchmarks\n"
+        block = (
+            f"\n## Checkpoint rewrite\n\nCommand: `{cmd}` ({env}). Goals: peak RSS < 10% of the checkpoint, "
+            f"rewrite / cp <= 1.5.\n\n{table}\n"
+        )
+        args.append.write_text(text.rstrip("\n") + "\n" + block)
+
+
+if __name__ == "__main__":
+    main()

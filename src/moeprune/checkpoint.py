@@ -1,0 +1,503 @@
+"""Lazy access to safetensors checkpoints, and a streaming safetensors writer.
+
+Reading never loads a model: opening a :class:`Checkpoint` parses only the shard headers (8-byte
+length + JSON), which give every tensor's dtype, shape and byte range. Tensors, or the rows of
+some experts, are read with ``safetensors.safe_open`` / ``get_slice`` only when asked for.
+
+Writing (:func:`write_safetensors`) needs no tensor in memory either: the header of an output
+file is known in advance from the source headers, and the data is copied from source byte ranges
+(:class:`Piece`) with ``os.copy_file_range`` (a kernel-side copy), falling back to ``pread`` /
+``write`` through a bounded buffer. Slicing a tensor along its expert axis is a list of byte
+ranges (:meth:`TensorInfo.expert_pieces`), so a rewrite streams at about the speed of ``cp``.
+Entries that exist in no source file (padding experts, constant vectors) are :class:`DataPiece`
+(a few literal bytes) or :class:`ZeroPiece` (zeros, written in bounded chunks);
+:meth:`TensorInfo.slot_pieces` mixes all three along the expert axis.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# bytes per element of each safetensors dtype
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+
+_MAX_HEADER = 256 * 1024 * 1024  # safetensors' own limit is 100 MB; be a little lenient
+_COPY_CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call / fallback buffer
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a shard file (absolute byte offsets)."""
+
+    key: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    def whole(self) -> list[AnyPiece]:
+        return [Piece(self.file, self.start, self.nbytes)] if self.nbytes else []
+
+    def expert_pieces(self, axis: int, ids: Sequence[int]) -> list[AnyPiece]:
+        """Byte ranges of the entries ``ids`` (ascending) along ``axis``, in output order."""
+        if not 0 <= axis < len(self.shape):
+            raise ValueError(f"{self.key}: axis {axis} out of range for shape {list(self.shape)}")
+        n = self.shape[axis]
+        outer = 1
+        for d in self.shape[:axis]:
+            outer *= d
+        inner = self.itemsize
+        for d in self.shape[axis + 1 :]:
+            inner *= d
+        pieces: list[AnyPiece] = []
+        for o in range(outer):
+            base = self.start + o * n * inner
+            for first, last in contiguous_runs(ids):
+                _append(pieces, Piece(self.file, base + first * inner, (last - first + 1) * inner))
+        return pieces
+
+    def entry_bytes(self, axis: int) -> int:
+        """Bytes of one entry along ``axis`` (the size of one expert's slice, for one outer index)."""
+        inner = self.itemsize
+        for d in self.shape[axis + 1 :]:
+            inner *= d
+        return inner
+
+    def slot_pieces(self, axis: int, slots: Sequence[int | bytes | None]) -> list[AnyPiece]:
+        """Byte ranges of a tensor whose entries along ``axis`` are ``slots``, in output order: an int
+        is that entry of this tensor, ``bytes`` a literal entry (``entry_bytes`` long, the same for
+        every outer index), ``None`` an entry of zeros."""
+        if not 0 <= axis < len(self.shape):
+            raise ValueError(f"{self.key}: axis {axis} out of range for shape {list(self.shape)}")
+        n = self.shape[axis]
+        outer = 1
+        for d in self.shape[:axis]:
+            outer *= d
+        inner = self.entry_bytes(axis)
+        pieces: list[AnyPiece] = []
+        for o in range(outer):
+            base = self.start + o * n * inner
+            for slot in slots:
+                if slot is None:
+                    _append(pieces, ZeroPiece(inner))
+                elif isinstance(slot, bytes):
+                    if len(slot) != inner:
+                        raise ValueError(
+                            f"{self.key}: a literal entry of {len(slot)} bytes, expected {inner}"
+                        )
+                    _append(pieces, DataPiece(slot))
+                else:
+                    if not 0 <= slot < n:
+                        raise ValueError(f"{self.key}: entry {slot} out of range 0..{n - 1}")
+                    _append(pieces, Piece(self.file, base + slot * inner, inner))
+        return pieces
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of a source file."""
+
+    file: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DataPiece:
+    """Literal bytes (small generated tensors: constant vectors, padding values)."""
+
+    data: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class ZeroPiece:
+    """``length`` zero bytes (padding experts), written without holding them in memory."""
+
+    length: int
+
+
+AnyPiece = Piece | DataPiece | ZeroPiece
+
+
+def _append(pieces: list[AnyPiece], piece: AnyPiece) -> None:
+    """Append, merging with the previous piece when the ranges touch (or both are zeros/literals)."""
+    if not piece.length:
+        return
+    last = pieces[-1] if pieces else None
+    if (
+        isinstance(piece, Piece)
+        and isinstance(last, Piece)
+        and last.file == piece.file
+        and last.offset + last.length == piece.offset
+    ):
+        pieces[-1] = Piece(last.file, last.offset, last.length + piece.length)
+    elif isinstance(piece, ZeroPiece) and isinstance(last, ZeroPiece):
+        pieces[-1] = ZeroPiece(last.length + piece.length)
+    elif isinstance(piece, DataPiece) and isinstance(last, DataPiece) and len(last.data) < _COPY_CHUNK:
+        pieces[-1] = DataPiece(last.data + piece.data)
+    else:
+        pieces.append(piece)
+
+
+def contiguous_runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """``[0, 1, 2, 5, 6]`` -> ``[(0, 2), (5, 6)]`` (inclusive runs of consecutive ids)."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensors and ``__metadata__`` of one safetensors file, from its header alone."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise _corrupt(path, "shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, _MAX_HEADER):
+                raise _corrupt(path, "header length is out of range")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}' ({exc.strerror or exc})", "check the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _corrupt(path, "header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    base = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype = str(entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"entry '{key}' is malformed") from None
+        if not 0 <= begin <= end or base + end > size:
+            raise _corrupt(path, f"tensor '{key}' lies outside the file")
+        info = TensorInfo(key, path, dtype, shape, base + begin, base + end)
+        if dtype in DTYPE_SIZES and info.numel * info.itemsize != info.nbytes:
+            raise _corrupt(path, f"tensor '{key}' has {info.nbytes} bytes for shape {list(shape)} {dtype}")
+        tensors[key] = info
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"'{path}' is not a valid safetensors file ({why})", "re-download or re-save the model")
+
+
+_OTHER_WEIGHTS = re.compile(r"(pytorch_model.*\.bin|tf_model\.h5|flax_model\.msgpack|model.*\.ckpt)$")
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint directory (``model.safetensors`` or a sharded index), read lazily."""
+
+    directory: Path
+    tensors: dict[str, TensorInfo]  # in file order
+    shard_files: list[Path]
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+    file_metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> Checkpoint:
+        directory = Path(directory)
+        index = directory / INDEX_NAME
+        single = directory / SINGLE_NAME
+        weight_map: dict[str, str] | None = None
+        index_meta: dict[str, Any] = {}
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
+                index_meta = dict(data.get("metadata") or {})
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise UserError(
+                    f"'{index}' is not a valid safetensors index", "re-download or re-save the model"
+                ) from None
+            names = list(dict.fromkeys(weight_map.values()))
+            files = [directory / name for name in names]
+            missing = [str(f.name) for f in files if not f.is_file()]
+            if missing:
+                raise UserError(
+                    f"the checkpoint index names shard(s) that are missing: {', '.join(missing[:3])}",
+                    "re-download the model",
+                )
+        elif single.is_file():
+            files = [single]
+        else:
+            others = sorted(p.name for p in directory.iterdir() if _OTHER_WEIGHTS.search(p.name))
+            if others:
+                raise UserError(
+                    f"'{directory}' holds {others[0]} but no safetensors weights",
+                    "convert it first (load it with transformers and save_pretrained)",
+                )
+            raise UserError(f"'{directory}' has no model.safetensors or {INDEX_NAME}", "check the model")
+        tensors: dict[str, TensorInfo] = {}
+        file_meta: dict[str, str] = {}
+        for i, path in enumerate(files):
+            found, meta = read_header(path)
+            if i == 0:
+                file_meta = meta
+            for key, info in sorted(found.items(), key=lambda kv: kv[1].start):
+                if key in tensors:
+                    raise UserError(
+                        f"tensor '{key}' is stored twice ({tensors[key].file.name}, {path.name})",
+                        "re-download the model",
+                    )
+                tensors[key] = info
+        if weight_map is not None:
+            wrong = [k for k, name in weight_map.items() if k not in tensors or tensors[k].file.name != name]
+            if wrong:
+                raise UserError(
+                    f"the checkpoint index lists '{wrong[0]}' in a shard that does not hold it",
+                    "re-download the model",
+                )
+        return cls(directory, tensors, files, index_meta, file_meta)
+
+    # --- questions answered by the headers ---------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        return self.tensors[key]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return max(f.stat().st_size for f in self.shard_files)
+
+    # --- reading tensors (only when asked) ---------------------------------------------------
+
+    def tensor(self, key: str):
+        """One whole tensor (read from disk now)."""
+        from safetensors import safe_open
+
+        info = self.tensors[key]
+        with safe_open(str(info.file), framework="pt") as fh:
+            return fh.get_tensor(key)
+
+    def experts(self, key: str, ids: Sequence[int], axis: int = 0):
+        """The entries ``ids`` of ``key`` along ``axis`` (only those bytes are read)."""
+        import torch
+        from safetensors import safe_open
+
+        info = self.tensors[key]
+        index: list[Any] = [slice(None)] * axis
+        runs = contiguous_runs(sorted(ids)) or [(0, -1)]
+        with safe_open(str(info.file), framework="pt") as fh:
+            sl = fh.get_slice(key)
+            parts = [sl[(*index, slice(first, last + 1))] for first, last in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class OutTensor:
+    """One tensor of an output file: its name, dtype, shape and the source bytes it is made of."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[AnyPiece]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.length for p in self.pieces)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def safetensors_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The length-prefixed header of a safetensors file holding ``tensors`` in this order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        if t.dtype in DTYPE_SIZES and t.numel * DTYPE_SIZES[t.dtype] != t.nbytes:
+            raise ValueError(f"{t.key}: {t.nbytes} bytes for shape {list(t.shape)} {t.dtype}")
+        header[t.key] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Sequence[OutTensor],
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write ``tensors`` to ``path`` by copying their source byte ranges; returns the bytes of data."""
+    header = safetensors_header(tensors, metadata)
+    fds: dict[Path, int] = {}
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    try:
+        _write_all(out, header)
+        for t in tensors:
+            for piece in t.pieces:
+                if isinstance(piece, (DataPiece, ZeroPiece)):
+                    _write_generated(out, piece, progress)
+                    written += piece.length
+                    continue
+                src = fds.get(piece.file)
+                if src is None:
+                    src = fds[piece.file] = os.open(piece.file, os.O_RDONLY)
+                _copy_range(src, out, piece.offset, piece.length, progress)
+                written += piece.length
+    finally:
+        os.close(out)
+        for fd in fds.values():
+            os.close(fd)
+    return written
+
+
+def _write_generated(fd: int, piece: DataPiece | ZeroPiece, progress: Callable[[int], None] | None) -> None:
+    if isinstance(piece, DataPiece):
+        _write_all(fd, piece.data)
+        if progress is not None:
+            progress(piece.length)
+        return
+    done = 0
+    zeros = bytes(min(_COPY_CHUNK, piece.length))
+    while done < piece.length:
+        n = min(len(zeros), piece.length - done)
+        _write_all(fd, memoryview(zeros)[:n])
+        done += n
+        if progress is not None:
+            progress(n)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+_use_copy_file_range = hasattr(os, "copy_file_range")
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int, progress: Callable[[int], None] | None) -> None:
+    """Append ``length`` bytes of ``src`` from ``offset`` to ``dst`` (at its current position)."""
+    global _use_copy_file_range
+    done = 0
+    while done < length:
+        want = min(_COPY_CHUNK, length - done)
+        n = 0
+        if _use_copy_file_range:
+            try:
+                n = os.copy_file_range(src, dst, want, offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE or done:
+                    raise
+                _use_copy_file_range = False
+        if not _use_copy_file_range:
+            data = os.pread(src, want, offset + done)
+            _write_all(dst, data)
+            n = len(data)
+        if n <= 0:
+            raise OSError(errno.EIO, f"unexpected end of file while copying {length} bytes at {offset}")
+        done += n
+        if progress is not None:
+            progress(n)
+
+
+def parse_size(text: str | int) -> int:
+    """``'5GB'`` / ``'500MB'`` / ``'2GiB'`` / ``1000`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"size '{text}' is not understood", "write it like 5GB, 500MB or a number of bytes")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    power = "KMGT".index(unit) + 1 if unit else 0
+    size = int(value * (1024 if binary else 1000) ** power)
+    if size < 1:
+        raise UserError(f"size '{text}' must be positive", "pass e.g. 5GB")
+    return size

@@ -1,0 +1,127 @@
+"""``moeprune.load(path)``: load any checkpoint moeprune writes, strictly.
+
+Stock transformers loads the checkpoints of uniform Remove surgery and of ``--pad-uniform``. Two
+kinds need more than one config count can say, and record it in ``config.moeprune``
+(:class:`moeprune.arch.pruned.PrunedLayout`):
+
+- ragged checkpoints (a different number of experts per MoE layer);
+- MoNE novice checkpoints (kept experts' weights plus one constant vector per replaced expert).
+
+For those, the model class is subclassed once (same name and module, so transformers applies the
+same weight conversions, attention and experts implementations); its ``__init__`` builds the model
+from the config as usual (on the meta device inside ``from_pretrained``) and then reshapes every
+MoE layer with :func:`moeprune.arch.pruned.apply_layout`. ``from_pretrained`` then loads the
+safetensors into correctly sized tensors, whatever the layout on disk (fused or one key per expert).
+Every load is strict: a missing, unexpected or mis-sized tensor is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import UserError
+
+__all__ = ["from_pretrained", "load", "needs_moeprune_load", "pruned_model_class"]
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def pruned_model_class(cls: type) -> type:
+    """``cls`` whose instances are reshaped after ``__init__`` by the config's ``moeprune`` layout."""
+    if cls in _SUBCLASSES:
+        return _SUBCLASSES[cls]
+    from .arch.pruned import PrunedLayout, apply_layout
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        layout = PrunedLayout.of_config(config)
+        if layout is not None:
+            apply_layout(self, layout)
+
+    # Same name, qualname and module: transformers looks up weight conversions by class name and
+    # treats classes from outside its package as custom code (no conversions).
+    sub = type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
+    _SUBCLASSES[cls] = sub
+    return sub
+
+
+def _causal_lm_class(config: Any) -> type:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise UserError(
+            f"model type '{config.model_type}' has no causal-LM class in transformers",
+            "moeprune works on causal language models",
+        ) from None
+
+
+def load(path: str | os.PathLike, **kwargs: Any):
+    """Load the causal LM in ``path`` (a model directory or cached hub id), reshaping ragged and
+    novice MoE layers as its ``config.moeprune`` says. ``kwargs`` go to ``from_pretrained``
+    (``dtype``, ``device_map``, ``experts_implementation``, ...). Raises :class:`UserError` unless
+    every tensor of the checkpoint loads into the model and every tensor of the model is loaded."""
+    from .arch.pruned import CONFIG_KEY, PrunedLayout
+    from .modelio import load_config, resolve_model_dir
+
+    directory = resolve_model_dir(str(path))
+    config = load_config(str(directory))
+    try:
+        layout = PrunedLayout.of_config(config)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{directory / 'config.json'}: {exc}", "re-write it with `moeprune prune`") from None
+    cls = _causal_lm_class(config)
+    if layout is not None:
+        cls = pruned_model_class(cls)
+    kwargs.setdefault("local_files_only", True)
+    kwargs.pop("output_loading_info", None)
+    try:
+        model, info = cls.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        hint = (
+            f"the checkpoint does not match its config.{CONFIG_KEY}"
+            if layout is not None
+            else "if it is a ragged checkpoint written by another tool, it cannot be loaded"
+        )
+        raise UserError(f"cannot load '{directory}': {first}", hint) from None
+    problems = []
+    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = sorted(str(x) for x in info.get(what) or [])
+        if found:
+            problems.append(f"{len(found)} {what.replace('_', ' ')} (e.g. {found[0]})")
+    if problems:
+        raise UserError(
+            f"'{directory}' does not load exactly: {'; '.join(problems)}", "re-write the checkpoint"
+        )
+    return model
+
+
+def needs_moeprune_load(config: Any) -> bool:
+    """True when stock ``from_pretrained`` cannot build this config's checkpoint (ragged or novice)."""
+    from .arch.pruned import PrunedLayout
+
+    try:
+        layout = PrunedLayout.of_config(config)
+    except (ValueError, TypeError):
+        return False
+    if layout is None:
+        return False
+    return layout.novices_in_buffer or len(set(layout.experts_per_layer.values())) > 1
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained``, or :func:`load` for checkpoints that need it (what
+    moeprune's own commands use, so that ``moeprune eval`` works on ragged and novice checkpoints)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=kwargs.get("local_files_only", True))
+    if needs_moeprune_load(config):
+        return load(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)

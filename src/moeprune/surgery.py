@@ -1,0 +1,864 @@
+"""Surgery: rewrite a safetensors checkpoint keeping only some routed experts.
+
+Modes (``shared/methods.md``, "Pruning modes"; ``docs/surgery.md``):
+
+- **remove**: the pruned model's logits equal those of the original model whose router logits for
+  removed experts are set to -inf before selection. Slicing every tensor that carries the expert
+  axis (router rows, selection biases, fused or per-expert weights, expert biases) and lowering the
+  expert count in ``config.json`` does exactly that, because the kept experts stay in ascending
+  original order: routing picks top-k among them and renormalises as the architecture does, and
+  group-limited routers keep their groups when every group keeps the same number of experts.
+  A plan with different counts per layer (``--scope global``) gives a *ragged* checkpoint: the
+  config holds the largest count and ``config.moeprune.experts_per_layer`` every layer's own, and
+  :func:`moeprune.load` builds it. ``pad_uniform`` instead pads each short layer with dead experts
+  (zero weights and router row, selection bias ~-1e4, never selected) so stock transformers loads
+  it; only routers with an additive selection bias have such an exactly dead expert.
+- **novice** (MoNE): the router is unchanged and a replaced expert outputs its mean output ē_i
+  (from the profile) times its gate. The checkpoint stores the kept experts' weights and the
+  vectors (``experts.novice_outputs`` [R, H]); :func:`moeprune.load` builds it. With
+  ``pad_uniform``, experts with biases (gpt-oss) store a novice as zero weights with ē_i as down
+  bias: a stock checkpoint, exact because the gated activation of 0 is 0.
+
+The rewrite streams: it reads the shard headers, builds the output headers from them, and copies
+only the kept byte ranges (:mod:`moeprune.checkpoint`), one output shard at a time; padding and
+constant vectors are written from memory. It writes into a temporary folder beside the output and
+renames it at the end; on any error or interrupt the temporary folder is removed and nothing is
+left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch.blocks import MoEBlock
+from .arch.keys import ExpertKey, ExpertKeyMap, map_expert_keys
+from .arch.pruned import (
+    CONFIG_KEY,
+    DOWN_BIAS,
+    NOVICE_BUFFER,
+    PrunedLayout,
+    bias_novice_problem,
+    dead_bias_value,
+    pad_uniform_problem,
+    padding_slots,
+)
+from .arch.table import EXPERT_COUNT_ATTRS, TOP_K_ATTRS
+from .checkpoint import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    AnyPiece,
+    Checkpoint,
+    DataPiece,
+    OutTensor,
+    TensorInfo,
+    ZeroPiece,
+    parse_size,
+    write_safetensors,
+)
+from .errors import UserError
+
+MODES = ("remove", "novice")
+
+# Weight files of any format: never copied into the output (they would be stale, unpruned copies).
+_WEIGHT_FILE = re.compile(
+    r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.npz|\.onnx)$"
+    r"|(\.safetensors|\.bin)\.index\.json$",
+    flags=re.IGNORECASE,
+)
+# Besides the names every config declares, these types have readers that use an alias: hub Qwen3-MoE
+# configs and transformers < 5 read `num_experts`, transformers 5 writes `num_local_experts`.
+_ALSO_WRITE: dict[str, tuple[str, ...]] = {"qwen3_moe": ("num_experts", "num_local_experts")}
+
+
+@dataclass
+class RewriteResult:
+    out_dir: Path
+    layers: list[int]
+    num_experts: int
+    kept_per_layer: int  # the largest number of experts a layer keeps
+    top_k: int
+    original_top_k: int
+    shards: list[str]
+    bytes_in: int
+    bytes_out: int
+    layout: str
+    copied_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    mode: str = "remove"
+    kept_counts: dict[int, int] = field(default_factory=dict)  # layer -> experts kept
+    padded: bool = False  # pad_uniform: short layers padded with dead experts / novices in biases
+    stock: bool = True  # stock transformers loads it (else moeprune.load)
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.kept_counts.values())) > 1
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def check_output_dir(src_dir: Path, out_dir: Path, force: bool) -> None:
+    """Refuse to write into the input, around it, or over a non-empty folder without ``force``."""
+    src = src_dir.resolve()
+    out = out_dir.expanduser().resolve()
+    if out == src or src in out.parents:
+        raise UserError(
+            f"--out '{out_dir}' is the input model's folder or inside it", "write the pruned model elsewhere"
+        )
+    if out in src.parents:
+        raise UserError(f"--out '{out_dir}' contains the input model", "write the pruned model elsewhere")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out_dir}' exists and is not a folder", "pass a new folder name")
+    if not out.parent.is_dir():
+        raise UserError(
+            f"the parent folder of --out '{out_dir}' does not exist", f"create {out.parent} first"
+        )
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--out '{out_dir}' is not empty", "pass --force to replace it, or a new folder")
+        if not (out / "config.json").is_file():
+            raise UserError(
+                f"--out '{out_dir}' is not empty and holds no model (no config.json)",
+                "--force only replaces a model folder; pass a new folder",
+            )
+
+
+def check_kept(
+    blocks: list[MoEBlock], kept: dict[int, list[int]], top_k: int | None = None, mode: str = "remove"
+) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Validate kept ids against the model's MoE blocks; returns (normalised kept, count per layer).
+
+    Layers may keep different numbers of experts. In remove mode every layer must keep at least
+    top-k experts and, with group-limited routing, the same number in every group (the novice mode
+    keeps the router whole, so neither applies)."""
+    layers = [b.layer for b in blocks]
+    missing = [layer for layer in layers if layer not in kept]
+    if missing:
+        raise UserError(
+            f"the plan has no kept experts for MoE layer(s) {', '.join(map(str, missing[:8]))}",
+            "make the plan from a profile of this model",
+        )
+    extra = sorted(set(kept) - set(layers))
+    if extra:
+        raise UserError(
+            f"the plan names layer(s) {', '.join(map(str, extra[:8]))}, which are not MoE layers of this model "
+            f"(MoE layers: {layers})",
+            "make the plan from a profile of this model",
+        )
+    out: dict[int, list[int]] = {}
+    for b in blocks:
+        ids = list(kept[b.layer])
+        if len(set(ids)) != len(ids):
+            raise UserError(f"the plan keeps an expert twice in layer {b.layer}", "make the plan again")
+        bad = [i for i in ids if not 0 <= int(i) < b.num_experts]
+        if bad:
+            raise UserError(
+                f"the plan keeps expert(s) {bad[:5]} in layer {b.layer}, outside 0..{b.num_experts - 1}",
+                "make the plan from a profile of this model",
+            )
+        out[b.layer] = sorted(int(i) for i in ids)
+    counts = {layer: len(ids) for layer, ids in out.items()}
+    if mode == "novice":
+        return out, counts
+    for b in blocks:
+        k = top_k if top_k is not None else b.top_k
+        n_kept = counts[b.layer]
+        if n_kept < k:
+            raise UserError(
+                f"the plan keeps {n_kept} experts in layer {b.layer}, fewer than the {k} active per token",
+                "keep at least top-k experts, or lower top-k in the plan",
+            )
+        spec = b.spec
+        if spec.n_group > 1:
+            size = b.num_experts // spec.n_group
+            per = [0] * spec.n_group
+            for i in out[b.layer]:
+                per[i // size] += 1
+            if len(set(per)) != 1:
+                raise UserError(
+                    f"layer {b.layer} keeps {per} experts in its {spec.n_group} routing groups; the router "
+                    "needs every group to keep the same number",
+                    "make the plan with --per-group equal",
+                )
+            if spec.group_score == "top2_sum" and per[0] < 2:
+                raise UserError(
+                    f"layer {b.layer} keeps {per[0]} expert(s) per routing group; the router scores a group "
+                    "by its top two experts",
+                    "keep at least two experts per group",
+                )
+            if spec.group_limited and spec.topk_group * per[0] < k:
+                raise UserError(
+                    f"layer {b.layer}: {spec.topk_group} group(s) of {per[0]} kept experts cannot hold the "
+                    f"{k} active experts",
+                    "keep more experts per group",
+                )
+    return out, counts
+
+
+def _model_type(config: Any) -> str:
+    return str(getattr(config, "model_type", None) or getattr(config.get_text_config(), "model_type", "?"))
+
+
+def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: bool, config: Any) -> None:
+    """Refuse a mode the architecture cannot do exactly (before anything is written)."""
+    if mode not in MODES:
+        raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
+    if not pad_uniform:
+        return
+    mtype = _model_type(config)
+    if mode == "remove":
+        why = pad_uniform_problem(blocks[0])
+        if why is not None:
+            raise UserError(
+                f"--pad-uniform cannot pad '{mtype}' layers with dead experts: {why}",
+                "drop --pad-uniform (the ragged checkpoint loads with moeprune.load), or plan with --scope layer",
+            )
+    else:
+        why = bias_novice_problem(blocks[0].experts(meta_model))
+        if why is not None:
+            raise UserError(
+                f"--pad-uniform cannot store '{mtype}' novices in stock expert weights: {why}",
+                "drop --pad-uniform: the novice checkpoint loads with moeprune.load",
+            )
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def _set_count(raw: dict[str, Any], cfg: Any, names: tuple[str, ...], old: int, new: int) -> None:
+    """Set every name of a count that this config class reads or that the file already holds."""
+    alias = dict(getattr(type(cfg), "attribute_map", {}) or {})
+    present = [n for n in names if n in raw]
+    canonical = {alias.get(n, n) for n in names if getattr(cfg, n, None) == old and alias.get(n, n) in names}
+    for n in present:
+        raw[n] = new
+    for n in canonical:
+        raw[n] = new
+    for n in _ALSO_WRITE.get(getattr(cfg, "model_type", ""), ()):
+        if n in names:
+            raw[n] = new
+
+
+def pruned_config(
+    raw: dict[str, Any],
+    config: Any,
+    old_e: int,
+    new_e: int,
+    top_k: int | None,
+    layout: PrunedLayout | None = None,
+) -> dict[str, Any]:
+    """``config.json`` of the pruned model: every expert-count name (and top-k names if asked), and
+    the per-layer layout as ``moeprune`` (read by :func:`moeprune.load`)."""
+    out = copy.deepcopy(raw)
+    text = config.get_text_config()
+    targets = [(out, config)]
+    if text is not config:
+        for key, value in out.items():
+            if isinstance(value, dict) and getattr(config, key, None) is text:
+                targets = [(value, text)]
+                break
+        else:
+            targets.append((out.setdefault("text_config", {}), text))
+    for d, cfg in targets:
+        _set_count(d, cfg, EXPERT_COUNT_ATTRS, old_e, new_e)
+        if top_k is not None:
+            old_k = next((getattr(cfg, n) for n in TOP_K_ATTRS if getattr(cfg, n, None) is not None), None)
+            if old_k is not None and old_k != top_k:
+                _set_count(d, cfg, TOP_K_ATTRS, old_k, top_k)
+        d.pop(CONFIG_KEY, None)
+    out.pop(CONFIG_KEY, None)
+    if layout is not None:
+        out[CONFIG_KEY] = layout.to_json()
+    return out
+
+
+# --- the rewrite -----------------------------------------------------------------------------------
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _entry_bytes(values: torch.Tensor, dtype: str, what: str) -> bytes:
+    """``values`` as the raw little-endian bytes of a safetensors ``dtype``."""
+    if dtype not in _TORCH_DTYPES:
+        raise UserError(
+            f"{what} is stored as {dtype}, which moeprune cannot write values into",
+            "this checkpoint's dtype is not supported for this mode yet",
+        )
+    t = values.detach().to("cpu", _TORCH_DTYPES[dtype]).contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+@dataclass
+class BlockRewrite:
+    """How one MoE block's expert-axis tensors are rewritten.
+
+    ``experts``: the output expert slots (a source expert id, or None for a generated entry);
+    ``router``: the same for router rows and selection biases, or None to copy them whole
+    (novice mode); ``constants``: slot -> constant vector (novice: the extra buffer, or the down
+    bias of a zeroed expert); ``dead``: slots whose selection bias makes them never selected."""
+
+    block: MoEBlock
+    experts: list[int | None]
+    router: list[int | None] | None
+    constants: dict[int, torch.Tensor] = field(default_factory=dict)
+    novice_buffer: bool = False
+    hidden: int = 0  # width of the constant vectors
+
+    def positions(self) -> dict[int, int]:
+        return {src: pos for pos, src in enumerate(self.experts) if src is not None}
+
+
+def _generated_entry(
+    ek: ExpertKey, info: TensorInfo, rw: BlockRewrite, slot: int, ckpt: Checkpoint, dead: dict[str, bytes]
+) -> bytes | None:
+    """The content of a generated expert-axis entry (None = zeros)."""
+    b = rw.block
+    if ek.kind == "router":
+        if ek.target is not None and ek.target == b.selection_bias_path:
+            if ek.key not in dead:
+                axis = ek.axis or 0
+                kept = [s for s in (rw.router or []) if s is not None]
+                bias = ckpt.experts(ek.key, kept, axis=axis) if kept else None
+                value = torch.tensor([dead_bias_value(bias)])
+                entry = info.entry_bytes(axis) // info.itemsize
+                dead[ek.key] = _entry_bytes(value.expand(entry), info.dtype, f"selection bias '{ek.key}'")
+            return dead[ek.key]
+        return None
+    if slot in rw.constants and ek.target == f"{b.experts_path}.{DOWN_BIAS}":
+        return _entry_bytes(rw.constants[slot], info.dtype, f"expert bias '{ek.key}'")
+    return None
+
+
+def plan_tensors(
+    ckpt: Checkpoint, keymap: ExpertKeyMap, rewrites: dict[int, list[int]] | dict[int, BlockRewrite]
+) -> list[OutTensor]:
+    """The output tensors in source order: expert tensors sliced, renumbered, padded or whole, the
+    rest whole. ``rewrites`` maps a layer to its :class:`BlockRewrite` (or, for plain removal, to
+    its sorted kept expert ids)."""
+    plans: dict[int, BlockRewrite] = {}
+    for b in keymap.blocks:
+        rw = rewrites[b.layer]
+        plans[b.layer] = rw if isinstance(rw, BlockRewrite) else BlockRewrite(b, list(rw), list(rw))
+    tensors: list[OutTensor] = []
+    dead: dict[str, bytes] = {}
+    buffers_done: set[int] = set()
+    positions = {layer: rw.positions() for layer, rw in plans.items()}
+    for key, info in ckpt.tensors.items():
+        ek = keymap.get(key)
+        if ek is None:
+            tensors.append(OutTensor(key, info.dtype, info.shape, info.whole()))
+            continue
+        rw = plans[ek.layer]
+        if ek.kind != "router" and rw.novice_buffer and ek.layer not in buffers_done:
+            buffers_done.add(ek.layer)
+            tensors.append(_novice_buffer(ckpt, keymap, ek, rw))
+        if ek.kind == "per_expert":
+            pos = positions[ek.layer].get(ek.expert)  # type: ignore[arg-type]
+            if pos is not None:
+                tensors.append(OutTensor(ek.renumbered(pos), info.dtype, info.shape, info.whole()))
+            if ek.expert == 0:  # every template holds expert 0: emit its generated slots once
+                for slot, src in enumerate(rw.experts):
+                    if src is None:
+                        data = _generated_entry(ek, info, rw, slot, ckpt, dead)
+                        piece = DataPiece(data) if data is not None else ZeroPiece(info.nbytes)
+                        tensors.append(OutTensor(ek.renumbered(slot), info.dtype, info.shape, [piece]))
+            continue
+        slots_src = rw.router if ek.kind == "router" else rw.experts
+        if slots_src is None:
+            tensors.append(OutTensor(key, info.dtype, info.shape, info.whole()))
+            continue
+        axis = ek.axis or 0
+        slots: list[int | bytes | None] = [
+            src if src is not None else _generated_entry(ek, info, rw, pos, ckpt, dead)
+            for pos, src in enumerate(slots_src)
+        ]
+        shape = list(info.shape)
+        shape[axis] = len(slots)
+        tensors.append(OutTensor(key, info.dtype, tuple(shape), info.slot_pieces(axis, slots)))
+    names = [t.key for t in tensors]
+    if len(set(names)) != len(names):
+        raise AssertionError("renumbering produced duplicate keys")
+    return tensors
+
+
+def _novice_buffer(ckpt: Checkpoint, keymap: ExpertKeyMap, ek: ExpertKey, rw: BlockRewrite) -> OutTensor:
+    """``<experts>.novice_outputs`` [R, H], named like the block's experts keys in this checkpoint and
+    stored in the dtype of its router weight (never quantised)."""
+    b = rw.block
+    prefix = ek.prefix.rstrip(".") if ek.kind == "per_expert" else ek.key.rpartition(".")[0]
+    dtype = "F32"
+    for other in keymap.of_block(b.index):
+        if other.target == b.router_weight_path and ckpt.info(other.key).dtype in _TORCH_DTYPES:
+            dtype = ckpt.info(other.key).dtype
+    vectors = [rw.constants[pos] for pos in sorted(rw.constants)]
+    data = b"".join(_entry_bytes(v, dtype, "a novice vector") for v in vectors)
+    pieces: list[AnyPiece] = [DataPiece(data)] if data else []
+    return OutTensor(f"{prefix}.{NOVICE_BUFFER}", dtype, (len(vectors), rw.hidden), pieces)
+
+
+def block_rewrites(
+    blocks: list[MoEBlock],
+    kept: dict[int, list[int]],
+    mode: str,
+    pad_uniform: bool,
+    novices: dict[int, torch.Tensor] | None,
+) -> tuple[dict[int, BlockRewrite], PrunedLayout, int]:
+    """Per-block rewrites, the config's layout record, and the config's expert count."""
+    old_e = blocks[0].num_experts
+    rewrites: dict[int, BlockRewrite] = {}
+    if mode == "remove":
+        total = max(len(v) for v in kept.values())
+        for b in blocks:
+            slots = padding_slots(b, kept[b.layer], total) if pad_uniform else list(kept[b.layer])
+            rewrites[b.layer] = BlockRewrite(b, slots, slots)
+        layout = PrunedLayout(
+            mode="remove",
+            experts_per_layer={layer: len(rw.experts) for layer, rw in rewrites.items()},
+            dead_experts={
+                layer: [p for p, s in enumerate(rw.experts) if s is None]
+                for layer, rw in rewrites.items()
+                if None in rw.experts
+            },
+            original_experts=old_e,
+        )
+        return rewrites, layout, total
+    replaced = {b.layer: sorted(set(range(b.num_experts)) - set(kept[b.layer])) for b in blocks}
+    for b in blocks:
+        vectors = (novices or {}).get(b.layer)
+        if vectors is None or vectors.dim() != 2 or vectors.shape[0] != len(replaced[b.layer]):
+            raise UserError(
+                f"no novice vector for each of the {len(replaced[b.layer])} replaced experts of layer {b.layer}",
+                "pass the profile the plan was made from",
+            )
+        if pad_uniform:
+            slots: list[int | None] = [i if i in set(kept[b.layer]) else None for i in range(b.num_experts)]
+            consts = {i: vectors[j] for j, i in enumerate(replaced[b.layer])}
+            rewrites[b.layer] = BlockRewrite(b, slots, None, consts, hidden=int(vectors.shape[1]))
+        else:
+            n = len(kept[b.layer])
+            consts = {n + j: vectors[j] for j in range(len(replaced[b.layer]))}
+            rewrites[b.layer] = BlockRewrite(
+                b, list(kept[b.layer]), None, consts, novice_buffer=True, hidden=int(vectors.shape[1])
+            )
+    layout = PrunedLayout(
+        mode="novice",
+        experts_per_layer={layer: (old_e if pad_uniform else len(kept[layer])) for layer in kept},
+        novice_experts=replaced,
+        novice_storage="down_bias" if pad_uniform else "buffer",
+        original_experts=old_e,
+    )
+    return rewrites, layout, old_e
+
+
+def split_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _aligned(shard: list[OutTensor]) -> list[OutTensor]:
+    """Widest dtypes first (as safetensors orders them), so every tensor starts aligned."""
+    from .checkpoint import DTYPE_SIZES
+
+    return sorted(shard, key=lambda t: -DTYPE_SIZES.get(t.dtype, 1))
+
+
+def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> tuple[list[str], list[str]]:
+    """Copy tokenizer, generation config, chat template, ...: every file that is not weights."""
+    copied: list[str] = []
+    skipped: list[str] = []
+    for path in sorted(src.iterdir()):
+        name = path.name
+        if name in skip or name.startswith("."):
+            continue
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            if any(_WEIGHT_FILE.search(p.name) for p in files):
+                skipped.append(name + "/")
+                continue
+            shutil.copytree(path, dst / name, symlinks=False)
+            copied.append(name + "/")
+        elif _WEIGHT_FILE.search(name):
+            skipped.append(name)
+        elif path.is_file():
+            shutil.copy2(path, dst / name)
+            copied.append(name)
+    return copied, skipped
+
+
+def rewrite_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kept: dict[int, list[int]],
+    top_k: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    force: bool = False,
+    *,
+    plan: dict[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    mode: str = "remove",
+    pad_uniform: bool = False,
+    novices: dict[int, torch.Tensor] | None = None,
+) -> RewriteResult:
+    """Write ``out_dir``: the checkpoint in ``src_dir`` keeping, in every MoE layer (decoder index ->
+    sorted expert ids), only the experts ``kept``; ``top_k`` lowers the active experts per token.
+
+    ``mode`` is ``remove`` or ``novice``; ``novices`` (novice mode) maps each layer to the constant
+    outputs [R, H] of its replaced experts, in ascending expert order. ``pad_uniform`` writes a
+    checkpoint stock transformers loads: ragged layers padded with dead experts (remove), or novices
+    stored as zeroed experts with a down bias (novice, experts with biases only).
+
+    ``plan`` (the plan's JSON) is kept as ``plan.json`` and ``metadata`` (the profile's ``meta``) as
+    ``profile-meta.json``; both feed the model card. ``progress(done_bytes, total_bytes)`` is called
+    while the weights are copied.
+    """
+    from .arch import find_moe_blocks
+    from .modelio import build_on_meta, load_config
+
+    src = Path(src_dir)
+    out = Path(out_dir).expanduser()
+    if mode not in MODES:
+        raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
+    if not (src / "config.json").is_file():
+        raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
+    check_output_dir(src, out, force)
+    config = load_config(str(src))
+    raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    _check_not_reshaped(config, src)
+    meta_model = build_on_meta(config)
+    blocks = find_moe_blocks(meta_model)
+    check_mode(blocks, meta_model, mode, pad_uniform, config)
+    kept, counts = check_kept(blocks, kept, top_k, mode)
+    old_e = blocks[0].num_experts
+    if any(b.num_experts != old_e for b in blocks):
+        raise UserError("this model has different expert counts per layer", "it is not supported yet")
+    original_top_k = blocks[0].top_k
+    ckpt = Checkpoint.open(src)
+    keymap = map_expert_keys(meta_model, blocks, ckpt.shapes())
+    del meta_model
+    rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
+
+    tensors = plan_tensors(ckpt, keymap, rewrites)
+    limit = parse_size(max_shard_size) if max_shard_size is not None else ckpt.max_shard_bytes
+    shards = split_shards(tensors, limit)
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(t.nbytes for t in tensors)
+    new_config = pruned_config(raw_config, config, old_e, new_e, top_k, layout)
+    key_layout = "per-expert" if any(keymap.layout(b.index) == "per-expert" for b in blocks) else "fused"
+    stock = mode == "remove" and len(set(layout.experts_per_layer.values())) == 1
+    stock = stock or (mode == "novice" and pad_uniform)
+
+    result = RewriteResult(
+        out_dir=out,
+        layers=[b.layer for b in blocks],
+        num_experts=old_e,
+        kept_per_layer=max(counts.values()),
+        top_k=top_k if top_k is not None else original_top_k,
+        original_top_k=original_top_k,
+        shards=names,
+        bytes_in=ckpt.total_bytes,
+        bytes_out=total,
+        layout=key_layout,
+        mode=mode,
+        kept_counts=counts,
+        padded=pad_uniform,
+        stock=stock,
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
+    try:
+        done = 0
+
+        def step(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            if progress is not None:
+                progress(done, total)
+
+        file_meta = ckpt.file_metadata or {"format": "pt"}
+        for name, shard in zip(names, shards, strict=True):
+            write_safetensors(tmp / name, _aligned(shard), file_meta, step)
+        if n > 1:
+            index_meta = dict(ckpt.index_metadata)
+            index_meta["total_size"] = total
+            if "total_parameters" in index_meta:
+                index_meta["total_parameters"] = sum(t.numel for t in tensors)
+            weight_map = {t.key: name for name, shard in zip(names, shards, strict=True) for t in shard}
+            index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+        _self_check(tmp, layout, result.top_k)
+
+        skip = {"config.json", INDEX_NAME, "README.md", "plan.json", "profile-meta.json"}
+        skip |= {f.name for f in ckpt.shard_files}
+        result.copied_files, result.skipped_files = _copy_other_files(src, tmp, skip)
+        if (src / "README.md").is_file():
+            shutil.copy2(src / "README.md", tmp / "README.original.md")
+            result.copied_files.append("README.original.md")
+        if plan is not None:
+            (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+        if metadata is not None:
+            (tmp / "profile-meta.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(
+            model_card(src, result, kept, raw_config, plan, metadata, layout), encoding="utf-8"
+        )
+        _replace_dir(tmp, out.resolve())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _check_not_reshaped(config: Any, src: Path) -> None:
+    """Refuse a source whose tensors are not what its config's counts say (ragged or novice)."""
+    try:
+        layout = PrunedLayout.of_config(config)
+    except (ValueError, TypeError):
+        layout = None
+    if layout is None:
+        return
+    counts = set(layout.experts_per_layer.values())
+    if layout.novices_in_buffer or len(counts) > 1:
+        raise UserError(
+            f"'{src}' is a {'novice' if layout.mode == 'novice' else 'ragged'} checkpoint written by moeprune",
+            "prune the original model instead",
+        )
+
+
+def _self_check(tmp: Path, layout: PrunedLayout, top_k: int) -> None:
+    """The written config builds (with :func:`moeprune.load`'s reshaping) a model whose every MoE
+    block has the layer's expert count and top-k."""
+    from .arch import find_moe_blocks
+    from .arch.pruned import apply_layout
+    from .modelio import build_on_meta, load_config
+
+    model = build_on_meta(load_config(str(tmp)))
+    apply_layout(model, layout)
+    wrong = []
+    for b in find_moe_blocks(model):
+        stored = next(iter(b.layout.tensors.values()))[0]
+        routed = layout.router_experts(b.layer, b.num_experts)
+        want = (layout.experts_per_layer[b.layer], routed, top_k)
+        if (stored, b.num_experts, b.top_k) != want:
+            wrong.append((b.layer, stored, b.num_experts, b.top_k, want))
+    if wrong:
+        raise AssertionError(f"pruned config builds blocks with (layer, experts, routed, top-k) {wrong[:3]}")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished temporary folder to ``out`` (replacing an old ``out`` only at the end)."""
+    old: Path | None = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-old-", dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- model card -----------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _hub_id(src: Path, raw_config: dict[str, Any]) -> str | None:
+    """The hub id of a cached snapshot (…/models--org--name/snapshots/<rev>), if it is one."""
+    parts = src.resolve().parts
+    for part in parts:
+        if part.startswith("models--"):
+            return part[len("models--") :].replace("--", "/")
+    name = raw_config.get("_name_or_path")
+    return name if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name or "") else None
+
+
+def _counts_text(counts: list[int]) -> str:
+    lo, hi = min(counts), max(counts)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _mode_paragraph(result: RewriteResult, base: str, layout: PrunedLayout) -> str:
+    e = result.num_experts
+    counts = list(result.kept_counts.values()) or [result.kept_per_layer]
+    share = 100 * sum(counts) / (e * len(counts))
+    if result.mode == "novice":
+        text = (
+            f"This checkpoint was written by moeprune from `{base}` in **novice mode** (MoNE): the router "
+            f"is unchanged, so all {e} routed experts stay routable; each MoE layer keeps "
+            f"{_counts_text(counts)} experts as computed experts ({share:.1f}% overall) and every other "
+            "expert is a *novice*: a constant vector (its mean output on the calibration data) times its "
+            "gate weight. "
+        )
+        if layout.novice_storage == "down_bias":
+            text += (
+                "The novices are stored as experts with zero weights whose down-projection bias is the "
+                "constant (exact: the gated activation of 0 is 0), so the checkpoint keeps all "
+                f"{e} experts' tensors and loads with stock transformers."
+            )
+        else:
+            text += (
+                "Only the kept experts' weights are stored, plus one vector per novice "
+                "(`experts.novice_outputs`); the model is built by `moeprune.load`."
+            )
+        return text
+    text = (
+        f"This checkpoint was written by moeprune from `{base}` by **removing routed experts** (the "
+        f"Remove mode of EASY-EP and PreMoe's PEP): each MoE layer keeps {_counts_text(counts)} of its {e} "
+        f"routed experts ({share:.1f}% overall), with their router rows and selection-bias entries; the "
+        "kept experts stay in their original order and are renumbered from 0. Routing picks the top-k "
+        "among the kept experts and renormalises exactly as the architecture does, so the model equals "
+        "the original one with the removed experts' router logits set to -inf. Shared experts, attention "
+        "and dense layers are unchanged."
+    )
+    if result.ragged and result.padded:
+        text += (
+            f" Layers differ in their counts; every layer is padded to {max(counts)} experts with *dead* "
+            "experts (zero weights and router row, selection bias -1e4: never selected), so stock "
+            "transformers loads it and the padding changes no output."
+        )
+    elif result.ragged:
+        text += (
+            " Layers differ in their counts; one config count cannot describe that, so `config.json` holds "
+            f"the largest ({max(counts)}) and `moeprune.experts_per_layer` every layer's own."
+        )
+    return text
+
+
+def model_card(
+    src: Path,
+    result: RewriteResult,
+    kept: dict[int, list[int]],
+    raw_config: dict[str, Any],
+    plan: dict[str, Any] | None,
+    profile_meta: dict[str, Any] | None,
+    layout: PrunedLayout | None = None,
+) -> str:
+    base = _hub_id(src, raw_config)
+    e = result.num_experts
+    counts = [len(kept[layer]) for layer in result.layers]
+    if layout is None:
+        layout = PrunedLayout(mode="remove", experts_per_layer=dict(zip(result.layers, counts, strict=True)))
+    if not result.kept_counts:
+        result.kept_counts = dict(zip(result.layers, counts, strict=True))
+    lines: list[str] = ["---"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += ["tags:", "- moeprune", "- mixture-of-experts", "- expert-pruning", "---", ""]
+    title = base or src.name
+    what = "computed experts" if result.mode == "novice" else "routed experts"
+    per = "per MoE layer" if len(set(counts)) == 1 else "per MoE layer (differs by layer)"
+    lines.append(f"# {title}, {_counts_text(counts)}/{e} {what} {per}")
+    lines.append("")
+    lines.append(_mode_paragraph(result, base or src.name, layout))
+    lines.append("")
+    top = str(result.top_k)
+    if result.top_k != result.original_top_k:
+        top += f" (lowered from {result.original_top_k})"
+    ragged = result.mode == "remove" and result.ragged and not result.padded
+    mode = result.mode + (" (ragged)" if ragged else "")
+    if result.padded:
+        mode += ", padded to a uniform count" if result.mode == "remove" else ", novices in expert biases"
+    rows = [
+        ("mode", mode),
+        ("model type", str(raw_config.get("model_type", "?"))),
+        ("MoE layers", str(len(result.layers))),
+        (f"{what} per MoE layer", f"{e} -> {_counts_text(counts)}"),
+        ("active experts per token (top-k)", top),
+        ("weights", f"{human_bytes(result.bytes_in)} -> {human_bytes(result.bytes_out)}"),
+        ("checkpoint layout", f"{result.layout}, {len(result.shards)} shard(s)"),
+        ("loads with", "stock transformers" if result.stock else "`moeprune.load`"),
+    ]
+    if plan:
+        rows.append(("scoring method", str(plan.get("method", "?"))))
+        settings = plan.get("settings") or {}
+        if settings.get("scope"):
+            rows.append(("budget", f"{settings.get('scope')} scope"))
+    data = _data_sources(plan, profile_meta)
+    if data:
+        rows.append(("calibration data", data))
+    if profile_meta and profile_meta.get("tokens"):
+        rows.append(("calibration tokens", str(profile_meta["tokens"])))
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    replaced_name = "novice" if result.mode == "novice" else "removed"
+    lines += ["", "## Experts kept per layer", ""]
+    header = f"| layer | kept | {replaced_name} expert ids (original numbering) |"
+    rule = "|---:|---:|---|"
+    if layout.dead_experts:
+        header += " dead padding slots |"
+        rule += "---:|"
+    lines += [header, rule]
+    for layer in result.layers:
+        removed = sorted(set(range(e)) - set(kept[layer]))
+        row = f"| {layer} | {len(kept[layer])} | {', '.join(map(str, removed))} |"
+        if layout.dead_experts:
+            row += f" {len(layout.dead_experts.get(layer, []))} |"
+        lines.append(row)
+    lines += [
+        "",
+        "`plan.json` lists the kept experts of every layer in the original numbering"
+        + (" and `profile-meta.json` describes the calibration run." if profile_meta else "."),
+    ]
+    if result.stock:
+        lines.append("Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`.")
+    else:
+        why = (
+            "novice experts need moeprune's own experts module"
+            if result.mode == "novice"
+            else "its layers do not match one config count"
+        )
+        lines.append(
+            "Load it with `moeprune.load(path)` (`pip install moeprune`; keyword arguments go to "
+            f"`from_pretrained`). Stock `from_pretrained` refuses it: {why}."
+        )
+    if (src / "README.md").is_file():
+        lines.append("The original model card is kept as `README.original.md` (its license applies).")
+    return "\n".join(lines) + "\n"
+
+
+def _data_sources(plan: dict[str, Any] | None, profile_meta: dict[str, Any] | None) -> str:
+    paths: list[str] = []
+    metas: list[Any] = []
+    if profile_meta:
+        metas.append(profile_meta.get("data"))
+    for p in ((plan or {}).get("settings") or {}).get("profiles") or []:
+        if isinstance(p, dict):
+            metas.append(p.get("data"))
+    for data in metas:
+        for d in data or []:
+            path = d.get("path") if isinstance(d, dict) else d
+            if path and str(path) not in paths:
+                paths.append(str(path))
+    return ", ".join(f"`{Path(p).name}`" for p in paths)

@@ -1,0 +1,458 @@
+"""The rest of the surgery: ragged checkpoints (different expert counts per layer) loaded by
+``moeprune.load``, ``--pad-uniform`` (dead padding experts, stock loading), and MoNE novice
+checkpoints. Every checkpoint is compared with the original model steered by ``patch_moe``
+(masked routing, or constant novice outputs): float32 logits, rtol/atol 1e-5."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import moeprune
+from moeprune.arch import ARCH_TABLE, BlockControl, BlockEvent, find_moe_blocks, patch_moe
+from moeprune.arch.pruned import pad_uniform_problem
+from moeprune.checkpoint import Checkpoint
+from moeprune.cli import main
+from moeprune.errors import UserError
+from moeprune.plan import Plan
+from moeprune.surgery import rewrite_checkpoint
+from moeprune.testing.tiny import _LAYER_LISTS, buildable_types, tiny_config, tiny_model
+
+TYPES = buildable_types() or sorted(ARCH_TABLE)
+HUB_PER_EXPERT = ("deepseek_v3", "qwen3_moe", "mixtral")  # saved one key per expert
+NOVICE_TYPES = ("deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral")
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; with xdist workers on a shared 2-core machine, more
+    threads only spin against each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- tiny models with several MoE layers ------------------------------------------------------------
+
+
+_SLOW = ("linear", "conv", "mamba")  # reference kernels of linear-attention / SSM layers are slow on CPU
+
+
+def _deeper_overrides(model_type: str) -> dict:
+    """Two more decoder layers, so every type has at least two MoE layers (the default tiny models
+    of many types have one): per-layer lists get their last two entries again. Linear-attention /
+    SSM layer kinds become the list's other kind: their CPU reference kernels take seconds per
+    forward, and the MoE blocks do not depend on the attention kind (tests/test_surgery.py runs
+    the hybrid layouts)."""
+    cfg = tiny_config(model_type)
+    text = cfg.get_text_config()
+    n = text.num_hidden_layers
+    over: dict = {"num_hidden_layers": n + 2}
+    for name in _LAYER_LISTS:
+        value = getattr(text, name, None)
+        settable = not isinstance(getattr(type(text), name, None), property)
+        if isinstance(value, list) and len(value) == n and n >= 2 and settable:
+            fast = [v for v in value if not any(w in str(v) for w in _SLOW)]
+            if fast:
+                value = [v if v in fast else fast[-1] for v in value]
+            over[name] = list(value) + list(value[-2:])
+    return {"text_config": over} if text is not cfg else over
+
+
+@cache
+def _model(model_type: str):
+    model = tiny_model(model_type, **_deeper_overrides(model_type))
+    try:
+        blocks = find_moe_blocks(model)
+    except UserError:
+        return model, None
+    return model, blocks
+
+
+def _tiny(model_type: str):
+    model, blocks = _model(model_type)
+    if blocks is None:
+        pytest.skip(f"{model_type} is refused by find_moe_blocks (unsupported by design)")
+    assert len(blocks) >= 2, model_type
+    return model, blocks
+
+
+@cache
+def _bias_types() -> list[str]:
+    """Supported types whose router has an additive selection bias (pad-uniform applies)."""
+    from moeprune.modelio import build_on_meta
+
+    out = []
+    for t in TYPES:
+        try:
+            blocks = find_moe_blocks(build_on_meta(tiny_config(t)))
+        except UserError:
+            continue
+        if pad_uniform_problem(blocks[0]) is None:
+            out.append(t)
+    return out
+
+
+def _ragged(blocks, seed: int = 0) -> dict[int, list[int]]:
+    """Different counts per layer (6, 4, 3, ... or 3, 2, 4 per routing group), different experts."""
+    gen = torch.Generator().manual_seed(seed)
+    kept = {}
+    for j, b in enumerate(blocks):
+        e, g = b.num_experts, b.spec.n_group
+        if g > 1:
+            size = e // g
+            per = (3, 2, 4)[j % 3]
+            ids = [grp * size + int(i) for grp in range(g) for i in torch.randperm(size, generator=gen)[:per]]
+        else:
+            ids = torch.randperm(e, generator=gen)[: (6, 4, 3)[j % 3]].tolist()
+        kept[b.layer] = sorted(ids)
+    return kept
+
+
+def _ids(model) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, **patch) -> torch.Tensor:
+    with torch.no_grad():
+        if not patch:
+            return model(_ids(model), use_cache=False).logits
+        with patch_moe(model, **patch):
+            return model(_ids(model), use_cache=False).logits
+
+
+@cache
+def _ragged_reference(model_type: str, seed: int) -> torch.Tensor:
+    model, blocks = _tiny(model_type)
+    return _masked_reference(model, blocks, _ragged(blocks, seed))
+
+
+def _masked_reference(model, blocks, kept) -> torch.Tensor:
+    controls = {}
+    for b in blocks:
+        allowed = torch.zeros(b.num_experts, dtype=torch.bool)
+        allowed[kept[b.layer]] = True
+        controls[b.index] = BlockControl(allowed=allowed)
+    return _logits(model, blocks=blocks, controls=controls)
+
+
+def _stock_load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info[what], (what, info[what])
+    return model.eval()
+
+
+def _save(model, path: Path, layout: str = "fused") -> Path:
+    model.save_pretrained(path, save_original_format=(layout == "hub"))
+    return path
+
+
+# --- ragged remove -------------------------------------------------------------------------------
+
+
+def _check_ragged(model_type: str, layout: str, tmp_path: Path) -> None:
+    model, blocks = _tiny(model_type)
+    src = _save(model, tmp_path / "src", layout)
+    kept = _ragged(blocks)
+    counts = {layer: len(ids) for layer, ids in kept.items()}
+    assert len(set(counts.values())) > 1
+    result = rewrite_checkpoint(src, tmp_path / "out", kept)
+    assert result.ragged and not result.stock and result.kept_counts == counts
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["moeprune"]["experts_per_layer"] == {str(k): v for k, v in counts.items()}
+    pruned = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    assert {b.layer: b.num_experts for b in find_moe_blocks(pruned)} == counts
+    torch.testing.assert_close(_logits(pruned), _ragged_reference(model_type, 0), **TOL)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_ragged_loads_exactly(model_type, tmp_path):
+    _check_ragged(model_type, "fused", tmp_path)
+
+
+@pytest.mark.parametrize("model_type", HUB_PER_EXPERT)
+def test_ragged_loads_exactly_from_hub_layout(model_type, tmp_path):
+    _check_ragged(model_type, "hub", tmp_path)
+
+
+def test_ragged_checkpoint_is_refused_by_stock_loading_and_by_surgery(tmp_path):
+    model, blocks = _tiny("qwen3_moe")
+    src = _save(model, tmp_path / "src")
+    rewrite_checkpoint(src, tmp_path / "out", _ragged(blocks))
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises((RuntimeError, ValueError)):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(UserError, match="ragged checkpoint"):
+        rewrite_checkpoint(tmp_path / "out", tmp_path / "again", _ragged(blocks))
+    assert not (tmp_path / "again").exists()
+
+
+def test_uniform_checkpoint_loads_both_ways(tmp_path):
+    model, blocks = _tiny("glm4_moe")
+    src = _save(model, tmp_path / "src")
+    kept = {b.layer: [0, 1, 2, 4, 5, 6] for b in blocks}
+    result = rewrite_checkpoint(src, tmp_path / "out", kept)
+    assert result.stock and not result.ragged
+    ref = _masked_reference(model, blocks, kept)
+    torch.testing.assert_close(_logits(_stock_load(tmp_path / "out")), ref, **TOL)
+    torch.testing.assert_close(_logits(moeprune.load(tmp_path / "out", dtype=torch.float32)), ref, **TOL)
+
+
+# --- pad-uniform ---------------------------------------------------------------------------------
+
+
+def _check_padded(model_type: str, layout: str, tmp_path: Path) -> None:
+    model, blocks = _tiny(model_type)
+    src = _save(model, tmp_path / "src", layout)
+    kept = _ragged(blocks)
+    top = max(len(v) for v in kept.values())
+    result = rewrite_checkpoint(src, tmp_path / "out", kept, pad_uniform=True)
+    assert result.padded and result.stock
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    dead = {int(k): v for k, v in config["moeprune"]["dead_experts"].items()}
+    assert sum(map(len, dead.values())) == sum(top - len(v) for v in kept.values())
+    padded = _stock_load(tmp_path / "out")
+    pblocks = find_moe_blocks(padded)
+    assert {b.num_experts for b in pblocks} == {top}
+    chosen: dict[int, set[int]] = {b.layer: set() for b in pblocks}
+
+    def see(event: BlockEvent) -> None:
+        chosen[event.block.layer] |= set(event.top_k_index.flatten().tolist())
+
+    logits = _logits(padded, blocks=pblocks, observer=see)
+    torch.testing.assert_close(logits, _ragged_reference(model_type, 0), **TOL)
+    for layer, slots in dead.items():
+        assert not chosen[layer] & set(slots), (layer, chosen[layer], slots)
+
+
+@pytest.mark.parametrize("model_type", _bias_types())
+def test_pad_uniform_loads_with_stock_transformers(model_type, tmp_path):
+    _check_padded(model_type, "fused", tmp_path)
+
+
+def test_pad_uniform_hub_layout_and_negative_biases(tmp_path):
+    """Per-expert keys get zero padding experts; kept experts with strongly negative selection biases
+    (selection scores near -3) still always beat the dead ones, and groups keep their size."""
+    model = copy.deepcopy(_tiny("deepseek_v3")[0])
+    for b in find_moe_blocks(model):
+        b.selection_bias(model).data.sub_(3.0)
+    blocks = find_moe_blocks(model)
+    src = _save(model, tmp_path / "src", "hub")
+    kept = _ragged(blocks, seed=5)
+    rewrite_checkpoint(src, tmp_path / "out", kept, pad_uniform=True)
+    keys = set(Checkpoint.open(tmp_path / "out").tensors)
+    layer = min(kept, key=lambda k: len(kept[k]))
+    assert f"model.layers.{layer}.mlp.experts.7.gate_proj.weight" in keys
+    padded = _stock_load(tmp_path / "out")
+    torch.testing.assert_close(_logits(padded), _masked_reference(model, blocks, kept), **TOL)
+
+
+def test_pad_uniform_places_dead_experts_in_every_group(tmp_path):
+    from moeprune.arch.pruned import padding_slots
+
+    _, blocks = _tiny("deepseek_v3")
+    slots = padding_slots(blocks[0], [1, 3, 4, 6], 6)  # groups {0..3}, {4..7}; 2 kept of each
+    assert slots == [1, 3, None, 4, 6, None]
+
+
+# --- novice (MoNE) -------------------------------------------------------------------------------
+
+
+def _novices(blocks, kept, hidden: int) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return {
+        b.layer: torch.randn(b.num_experts - len(kept[b.layer]), hidden, generator=gen) * 0.5 for b in blocks
+    }
+
+
+def _novice_reference(model, blocks, kept, novices) -> torch.Tensor:
+    controls = {}
+    for b in blocks:
+        replaced = sorted(set(range(b.num_experts)) - set(kept[b.layer]))
+        controls[b.index] = BlockControl(novices=dict(zip(replaced, novices[b.layer], strict=True)))
+    return _logits(model, blocks=blocks, controls=controls)
+
+
+@pytest.mark.parametrize("model_type", NOVICE_TYPES)
+def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
+    model, blocks = _tiny(model_type)
+    layout = "hub" if model_type in HUB_PER_EXPERT else "fused"
+    src = _save(model, tmp_path / "src", layout)
+    kept = _ragged(blocks, seed=11)
+    novices = _novices(blocks, kept, model.config.get_text_config().hidden_size)
+    result = rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices)
+    assert result.mode == "novice" and not result.stock
+    assert result.bytes_out < result.bytes_in
+    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    ref = _novice_reference(model, blocks, kept, novices)
+    torch.testing.assert_close(_logits(loaded), ref, **TOL)
+    # the loaded model is itself a MoE moeprune can observe: routers over all E, same outputs
+    lblocks = find_moe_blocks(loaded)
+    assert [b.num_experts for b in lblocks] == [b.num_experts for b in blocks]
+    seen = []
+    torch.testing.assert_close(_logits(loaded, blocks=lblocks, observer=seen.append), ref, **TOL)
+    assert len(seen) == len(blocks)
+
+
+def test_novice_gpt_oss_as_stock_checkpoint(tmp_path):
+    model, blocks = _tiny("gpt_oss")
+    src = _save(model, tmp_path / "src")
+    kept = _ragged(blocks, seed=13)
+    novices = _novices(blocks, kept, model.config.hidden_size)
+    result = rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices, pad_uniform=True)
+    assert result.stock and result.padded
+    loaded = _stock_load(tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), _novice_reference(model, blocks, kept, novices), **TOL)
+    # the module's own activation of 0 is 0: a zeroed expert outputs exactly its down bias
+    experts = blocks[0].experts(loaded)
+    gated = experts._apply_gate(torch.zeros(3, experts.gate_up_proj.shape[-1]))
+    assert gated.shape[-1] > 0 and not gated.any()
+
+
+def test_novice_pad_uniform_refused_without_expert_biases(tmp_path):
+    model, blocks = _tiny("qwen3_moe")
+    src = _save(model, tmp_path / "src")
+    kept = _ragged(blocks)
+    novices = _novices(blocks, kept, model.config.hidden_size)
+    with pytest.raises(UserError, match="no biases"):
+        rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices, pad_uniform=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _fingerprint(model_dir: Path) -> tuple[str, object]:
+    from moeprune.modelio import load_config
+    from moeprune.profile import fingerprint_fields, model_fingerprint
+
+    config = load_config(str(model_dir))
+    return model_fingerprint(fingerprint_fields(config)), config
+
+
+def _plan_file(path: Path, model_dir: Path, kept: dict[int, list[int]]) -> Path:
+    fp, config = _fingerprint(model_dir)
+    blocks = find_moe_blocks(_model(config.model_type)[0])
+    plan = Plan(
+        model_fingerprint=fp,
+        model_type=config.model_type,
+        layers=sorted(kept),
+        num_experts=blocks[0].num_experts,
+        top_k=blocks[0].top_k,
+        method="frequency",
+        kept=kept,
+        settings={"scope": "global"},
+    )
+    path.write_text(plan.dumps())
+    return path
+
+
+def _profile_file(path: Path, model_dir: Path) -> tuple[Path, torch.Tensor]:
+    from moeprune.modelio import load_config
+    from moeprune.profile import Profile
+
+    config = load_config(str(model_dir))
+    blocks = find_moe_blocks(_model(config.model_type)[0])
+    n_layers, e, h, t = len(blocks), blocks[0].num_experts, config.get_text_config().hidden_size, 4
+    tensors = {"tokens": torch.tensor([float(t)], dtype=torch.float64)}
+    for name in ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1"):
+        tensors[name] = torch.ones(n_layers, e, dtype=torch.float64)
+    tensors["premoe_q"] = torch.zeros(n_layers, t, 2)
+    tensors["premoe_f"] = torch.zeros(n_layers, t, 2)
+    tensors["premoe_idx"] = torch.zeros(n_layers, t, 2, dtype=torch.int32)
+    mean = torch.randn(n_layers, e, h, generator=torch.Generator().manual_seed(3))
+    tensors["mone_mean"] = mean
+    tensors["mone_m2"] = torch.ones(n_layers, e, h)
+    prof = Profile.build(
+        tensors, model=str(model_dir), config=config, blocks=blocks, samples=2, data=[], settings={}
+    )
+    prof.save(path)
+    return path, mean
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory) -> Path:
+    return _save(_tiny("mixtral")[0], tmp_path_factory.mktemp("mixtral") / "model", "hub")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    return _save(_tiny("qwen3_moe")[0], tmp_path_factory.mktemp("qwen") / "model")
+
+
+def _run(capsys, args: list) -> tuple[int, str]:
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def _assert_error(rc: int, err: str, *words: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
+    model, blocks = _tiny("mixtral")
+    kept = _ragged(blocks)
+    plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
+    rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--out", tmp_path / "ragged"])
+    assert rc == 0, err
+    card = (tmp_path / "ragged" / "README.md").read_text()
+    assert "| mode | remove (ragged) |" in card and "moeprune.load" in card
+    for layer, ids in kept.items():
+        assert f"| {layer} | {len(ids)} |" in card
+    from moeprune.modelio import load_model
+
+    lm, _ = load_model(str(tmp_path / "ragged"))  # what moeprune's commands use: moeprune.load here
+    torch.testing.assert_close(_logits(lm), _masked_reference(model, blocks, kept), **TOL)
+
+    profile, mean = _profile_file(tmp_path / "p.profile.safetensors", mixtral_dir)
+    out = tmp_path / "novice"
+    args = ["prune", mixtral_dir, "--plan", plan, "--mode", "novice", "--profile", profile, "--out", out]
+    rc, err = _run(capsys, args)
+    assert rc == 0, err
+    card = (out / "README.md").read_text()
+    assert "| mode | novice |" in card and "novice expert ids" in card
+    assert json.loads((out / "config.json").read_text())["moeprune"]["mode"] == "novice"
+    rows = {b.layer: i for i, b in enumerate(blocks)}
+    novices = {b.layer: mean[rows[b.layer], sorted(set(range(8)) - set(kept[b.layer]))] for b in blocks}
+    torch.testing.assert_close(
+        _logits(moeprune.load(out, dtype=torch.float32)),
+        _novice_reference(model, blocks, kept, novices),
+        **TOL,
+    )
+
+
+def test_cli_refuses_bad_mode_input(mixtral_dir, qwen_dir, tmp_path, capsys):
+    kept = _ragged(_tiny("mixtral")[1])
+    plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
+    other, _ = _profile_file(tmp_path / "qwen.profile.safetensors", qwen_dir)
+    out = tmp_path / "out"
+    base = ["prune", mixtral_dir, "--plan", plan, "--out", out]
+    cases = [
+        (["--pad-uniform"], ["--pad-uniform", "selection bias"]),
+        (["--mode", "novice"], ["--mode novice", "--profile"]),
+        (["--mode", "novice", "--profile", other], ["profile", "was made on model"]),
+        (["--mode", "novice", "--profile", tmp_path / "none.safetensors"], ["does not exist"]),
+        (["--mode", "mask"], ["unknown --mode"]),
+        (["--mode", "novice", "--profile", other, "--pad-uniform"], ["was made on model"]),
+    ]
+    for extra, words in cases:
+        rc, err = _run(capsys, base + extra)
+        _assert_error(rc, err, *words)
+        assert not out.exists(), extra
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "qwen.profile.safetensors"]
