@@ -5,7 +5,9 @@
 - :mod:`.experts` computes each selected expert's own output from fused 3D tensors;
 - :mod:`.patch` observes and steers blocks on a live model;
 - :mod:`.table` holds the per-model facts structure cannot tell;
-- :mod:`.meta` answers size questions from a config alone.
+- :mod:`.keys` maps checkpoint keys to the expert tensors they hold;
+- :mod:`.pruned` builds ragged and MoNE-novice models (``config.moeprune``) and knows where
+  padding experts and bias-stored novices are exact;
 """
 
 from .blocks import MoEBlock, decoder_layers, find_moe_blocks
