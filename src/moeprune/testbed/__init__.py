@@ -14,7 +14,16 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_DIR = PACKAGE_DIR / "model"
 DATA_DIR = PACKAGE_DIR / "data"
 
-__all__ = ["DATA_DIR", "DOMAINS", "MODEL_DIR", "PACKAGE_DIR", "TASKS", "TEXT_DOMAINS", "data_file", "testbed_path"]
+__all__ = [
+    "DATA_DIR",
+    "DOMAINS",
+    "MODEL_DIR",
+    "PACKAGE_DIR",
+    "TASKS",
+    "TEXT_DOMAINS",
+    "data_file",
+    "testbed_path",
+]
 
 
 def testbed_path() -> Path:

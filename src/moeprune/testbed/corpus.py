@@ -4,9 +4,9 @@ Domains
 -------
 Exact-match tasks (records ``{"prompt": str, "answer": str}``):
 
-* ``arithmetic`` -- integer addition or subtraction of 1-3 digit operands
-  (subtraction never goes negative).  Prompt ``"347 + 58 = "``, answer ``"405"``.
-* ``reverse`` -- reverse a random string of 3-8 lowercase letters written
+* ``arithmetic`` -- addition or subtraction of a 1-3 digit and a 1-2 digit
+  non-negative integer (either order for ``+``; subtraction never goes negative).  Prompt ``"347 + 58 = "``, answer ``"405"``.
+* ``reverse`` -- reverse a random string of 3-7 lowercase letters written
   space-separated.  Prompt ``"reverse: k q z m r\\n=> "``, answer ``"r m z q k"``.
 * ``dates`` -- rewrite an ISO date (years 1900-2099) in words (month-name
   lookup, day without leading zero).  Prompt ``"Date 2019-03-07 in words: "``,
@@ -85,22 +85,23 @@ _MONTHS = [
 # ---------------------------------------------------------------------------
 
 
-def _operand(rng: random.Random) -> int:
-    digits = rng.choice((1, 2, 3, 3))
+def _operand(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
     lo = 0 if digits == 1 else 10 ** (digits - 1)
     return rng.randint(lo, 10**digits - 1)
 
 
 def make_arithmetic(rng: random.Random) -> dict[str, str]:
-    a, b = _operand(rng), _operand(rng)
+    a, b = _operand(rng, 3), _operand(rng, 2)
     if rng.random() < 0.5:
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
         return {"prompt": f"{a} + {b} = ", "answer": str(a + b)}
     a, b = max(a, b), min(a, b)
     return {"prompt": f"{a} - {b} = ", "answer": str(a - b)}
 
 
 def make_reverse(rng: random.Random) -> dict[str, str]:
-    n = rng.randint(3, 8)
+    n = rng.randint(3, 7)
     letters = [rng.choice(_LETTERS) for _ in range(n)]
     return {"prompt": f"reverse: {' '.join(letters)}\n=> ", "answer": " ".join(reversed(letters))}
 
