@@ -1,0 +1,232 @@
+"""`moeprune compare`: masked rows equal evaluating the checkpoint `moeprune prune` writes, the full
+row equals `evaluate()` on the unmodified model, files and plots are written, user errors write nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.cli import main
+
+tiny = pytest.importorskip("moeprune.testing.tiny")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _save(model, d: Path) -> Path:
+    model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id = 2, 0, 1
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(d)
+    _byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # deepseek_v3: 8 experts, top-2, 2 groups of which a token may use 1 (keep 0.25 is group-invalid)
+    return _save(tiny.tiny_model("deepseek_v3"), tmp_path_factory.mktemp("tiny-dsv3"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    words = ["alpha", "beta", "x = 1", "print(2)", "gamma ray", "def f():", "42"]
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, 7, (n,), generator=g)) for n in (3, 12, 6, 9)]
+    (d / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    (d / "calib2.jsonl").write_text(
+        "".join(json.dumps({"text": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(4))
+    )
+    (d / "ppl.jsonl").write_text("".join(json.dumps({"text": t[::-1] + " " + t}) + "\n" for t in lines))
+    (d / "em.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{i} + {3 * i} = ", "answer": str(4 * i)}) + "\n" for i in range(3))
+    )
+    return d
+
+
+def _run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def profile(model_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof") / "code.profile.safetensors"
+    assert _run("profile", model_dir, "--data", data / "calib.jsonl", "--out", out, "-q") == 0
+    return out
+
+
+def _tasks(data: Path) -> list[str]:
+    return [f"ppl={data / 'ppl.jsonl'}", f"em={data / 'em.jsonl'}"]
+
+
+def _eval(path: Path, data: Path) -> dict:
+    from moeprune.evaluate import evaluate, load_model_and_tokenizer
+
+    lm, tok = load_model_and_tokenizer(str(path), device="cpu")
+    return evaluate(lm, tok, _tasks(data), batch_size=2, max_new_tokens=4, progress=False)["tasks"]
+
+
+def test_cli_compare_matches_pruned_checkpoints(model_dir, data, profile, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", model_dir, "--profile", profile, "--batch-size", "2", "--max-new-tokens", "4"]
+    for t in _tasks(data):
+        args += ["--task", t]
+    args += [
+        "--method",
+        "easyep",
+        "--method",
+        "frequency",
+        "--keep",
+        "0.75",
+        "--keep",
+        "0.5",
+        "--keep",
+        "0.25",
+    ]
+    assert _run(*args, "--out", out) == 0
+    printed = capsys.readouterr()
+    assert "moeprune compare" in printed.out and "skipped" in printed.out
+
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["plot_em.png", "plot_ppl.png", "results.csv", "results.json", "results.md"]
+    for png in ("plot_em.png", "plot_ppl.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    report = json.loads((out / "results.json").read_text())
+    rows = report["rows"]
+    # full + 2 keeps x 2 methods x (mask, novice) + one skipped row for keep 0.25
+    assert [(r["method"], r["mode"]) for r in rows][0] == ("full", "full")
+    assert len(rows) == 1 + 2 * 2 * 2 + 1
+    skipped = [r for r in rows if r["skipped"]]
+    assert len(skipped) == 1 and skipped[0]["keep"] == 0.25
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == len(rows) + 1 and "skipped" in md
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1 and "ppl.perplexity" in csv_lines[0]
+
+    # the full row is evaluate() on the unmodified model
+    full = _eval(model_dir, data)
+    assert rows[0]["tasks"]["ppl"]["perplexity"] == pytest.approx(
+        full["ppl"]["metrics"]["perplexity"], rel=1e-6
+    )
+    assert rows[0]["tasks"]["em"]["accuracy"] == full["em"]["metrics"]["accuracy"]
+
+    # the masked row equals the checkpoint `moeprune prune` writes; the novice row its novice checkpoint
+    plan = tmp_path / "plan.json"
+    assert _run("plan", profile, "--method", "easyep", "--keep", "0.5", "--out", plan) == 0
+    kept = json.loads(plan.read_text())["kept"]
+    for mode in ("remove", "novice"):
+        ckpt = tmp_path / f"pruned-{mode}"
+        assert (
+            _run("prune", model_dir, "--plan", plan, "--mode", mode, "--profile", profile, "--out", ckpt) == 0
+        )
+        ref = _eval(ckpt, data)
+        row = next(
+            r
+            for r in rows
+            if r["method"] == "easyep"
+            and r["keep"] == 0.5
+            and r["mode"] == ("mask" if mode == "remove" else mode)
+        )
+        assert row["kept"] == kept and row["experts"] == 4 and row["kept_fraction"] == 0.5
+        got, want = row["tasks"]["ppl"]["perplexity"], ref["ppl"]["metrics"]["perplexity"]
+        assert math.isclose(got, want, rel_tol=1e-4), (mode, got, want)
+        assert row["tasks"]["em"]["accuracy"] == ref["em"]["metrics"]["accuracy"]
+        # pruning changes the model: the row is not the full model's
+        assert not math.isclose(got, rows[0]["tasks"]["ppl"]["perplexity"], rel_tol=1e-6)
+
+
+def test_api_several_profiles_and_mixed_domain(model_dir, data, profile, tmp_path):
+    from moeprune.compare import compare, write_results
+    from moeprune.evaluate import load_model_and_tokenizer
+    from moeprune.profile import Profile
+
+    other = tmp_path / "math.profile.safetensors"
+    assert _run("profile", model_dir, "--data", data / "calib2.jsonl", "--out", other, "-q") == 0
+    lm, tok = load_model_and_tokenizer(str(model_dir), device="cpu")
+    profiles = [Profile.load(profile), Profile.load(other)]
+    rows = compare(
+        lm,
+        tok,
+        profiles,
+        [f"ppl={data / 'ppl.jsonl'}"],
+        ["random", "gate"],
+        [0.5],
+        novice=False,
+        profile_names=["code", "math"],
+        batch_size=4,
+    )
+    assert [(r["domain"], r["method"], r["mode"]) for r in rows] == [
+        ("-", "full", "full"),
+        ("code", "random", "mask"),
+        ("code", "gate", "mask"),
+        ("math", "random", "mask"),
+        ("math", "gate", "mask"),
+        ("mixed", "random", "mask"),
+        ("mixed", "gate", "mask"),
+    ]
+    for r in rows[1:]:
+        assert all(len(ids) == 4 for ids in r["kept"].values())
+    files = write_results(tmp_path, rows, {"model": "tiny", "tasks": {"ppl": "perplexity"}, "num_experts": 8})
+    assert (tmp_path / "plot_ppl.png").is_file() and files[-1] == "plot_ppl.png"
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--keep", "1.5"], "outside (0, 1]"),
+        (["--keep", "0"], "cannot keep 0 experts"),
+        (["--keep", "9"], "the model has 8"),
+        (["--keep", "abc"], "not a number"),
+        (["--task", "missing.jsonl"], "missing.jsonl"),
+    ],
+)
+def test_cli_user_errors_write_nothing(model_dir, data, profile, tmp_path, capsys, extra, needle):
+    out = tmp_path / "cmp"
+    code = _run("compare", model_dir, "--profile", profile, "--task", _tasks(data)[0], *extra, "--out", out)
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_profile_of_another_model(data, profile, tmp_path, capsys):
+    other = _save(tiny.tiny_model("qwen3_moe"), tmp_path / "qwen")
+    out = tmp_path / "cmp"
+    assert _run("compare", other, "--profile", profile, "--task", _tasks(data)[0], "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "profile" in err and "not model" in err, err
+    assert not out.exists()
+    existing = tmp_path / "full"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    assert _run("compare", other, "--profile", profile, "--task", _tasks(data)[0], "--out", existing) == 2
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
