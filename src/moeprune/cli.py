@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "profile",
     "plan",
     "prune",
+    "run",
     "compare",
     "report",
     "library",

@@ -23,7 +23,9 @@ def prune_command(
     model: str = typer.Argument(
         ..., help="Model directory, or a hub id already in the local Hugging Face cache."
     ),
-    plan_path: Path = typer.Option(..., "--plan", "-p", help="Plan file (JSON) from `moeprune plan`."),
+    plan_path: Path | None = typer.Option(
+        None, "--plan", "-p", help="Plan file (JSON) from `moeprune plan` (or give --data instead)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the pruned model to."),
     mode: str = typer.Option(
         "remove",
@@ -48,11 +50,123 @@ def prune_command(
         help="The profile the plan came from: its metadata is kept as profile-meta.json; "
         "--mode novice takes the novices' mean outputs from it (required there).",
     ),
+    data: list[str] | None = typer.Option(
+        None,
+        "--data",
+        help="One-shot: calibration data (repeatable); profile, plan and prune in one go, the profile and "
+        "plan kept in --out. Needs --method and --keep.",
+    ),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
+    ),
+    keep: str | None = typer.Option(
+        None, "--keep", "-k", help="One-shot: experts kept per MoE layer (e.g. 64) or a fraction (0.5)."
+    ),
+    self_generate: int | None = typer.Option(
+        None, "--self-generate", help="One-shot: calibrate on the model's own answers (up to N new tokens)."
+    ),
+    scope: str | None = typer.Option(None, "--scope", help="One-shot: layer (default) or global."),
+    top_k: int | None = typer.Option(None, "--top-k", help="One-shot: lower the experts active per token."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="One-shot: truncate each calibration record (default 2048 tokens)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="One-shot: seed (random method; default 0)."),
+    eval_tasks: list[str] | None = typer.Option(
+        None,
+        "--eval",
+        help="One-shot: evaluate full and pruned on this task (as `moeprune eval --task`, e.g. "
+        "testbed:dates; repeatable): a table in the model card and eval.json.",
+    ),
+    eval_limit: int | None = typer.Option(
+        None, "--eval-limit", help="One-shot: evaluate only the first N records of each task."
+    ),
 ) -> None:
     """Write a smaller model that keeps only the experts of a plan (streams; never loads the model).
 
-    Checkpoints whose layers keep different numbers of experts, and novice checkpoints, load with
-    `moeprune.load(path)` (see docs/surgery.md)."""
+    One-shot: `--data FILE --method M --keep K` instead of `--plan` profiles, plans and prunes in one
+    go (the same as `moeprune run recipe.yaml`). Checkpoints whose layers keep different numbers of
+    experts, and novice checkpoints, load with `moeprune.load(path)` (see docs/surgery.md)."""
+    oneshot = {
+        "--method": method,
+        "--keep": keep,
+        "--self-generate": self_generate,
+        "--scope": scope,
+        "--top-k": top_k,
+        "--max-length": max_length,
+        "--seed": seed,
+        "--eval": eval_tasks or None,
+        "--eval-limit": eval_limit,
+    }
+    if plan_path is not None and data:
+        raise UserError("--plan and --data are given together", "pass --plan PLAN or --data FILE, not both")
+    if plan_path is None and not data:
+        raise UserError(
+            "no plan and no data given",
+            "pass --plan plan.json, or --data FILE --method M --keep K to profile and plan in one go",
+        )
+    if plan_path is not None:
+        given = [flag for flag, value in oneshot.items() if value is not None]
+        if given:
+            raise UserError(
+                f"{', '.join(given)} only apply with --data (one-shot pruning)", "leave them out with --plan"
+            )
+        prune_with_plan(
+            model=model,
+            plan_path=plan_path,
+            out=out,
+            mode=mode,
+            pad_uniform=pad_uniform,
+            force=force,
+            max_shard_size=max_shard_size,
+            profile=profile,
+        )
+        return
+    missing = [flag for flag in ("--method", "--keep") if oneshot[flag] is None]
+    if missing:
+        raise UserError(
+            f"one-shot pruning (--data) needs {' and '.join(missing)}", "e.g. --method easyep --keep 0.5"
+        )
+    if profile is not None:
+        raise UserError(
+            "--profile does not apply with --data", "leave it out: the profile is made and kept in --out"
+        )
+    if max_shard_size is not None:
+        raise UserError("--max-shard-size does not apply with --data", "leave it out")
+    from moeprune.oneshot import OneShot, run_oneshot
+
+    run_oneshot(
+        OneShot(
+            model=model,
+            data=list(data or []),
+            method=str(method),
+            keep=str(keep),
+            out=str(out),
+            self_generate=self_generate or 0,
+            scope=scope or "layer",
+            mode=mode,
+            eval=list(eval_tasks or []),
+            eval_limit=eval_limit,
+            max_length=max_length if max_length is not None else 2048,
+            seed=seed if seed is not None else 0,
+            top_k=top_k,
+            force=force,
+            pad_uniform=pad_uniform,
+        )
+    )
+
+
+def prune_with_plan(
+    *,
+    model: str,
+    plan_path: Path,
+    out: Path,
+    mode: str = "remove",
+    pad_uniform: bool = False,
+    force: bool = False,
+    max_shard_size: str | None = None,
+    profile: Path | None = None,
+) -> None:
+    """What `moeprune prune MODEL --plan PLAN ...` does (usable from Python)."""
     from moeprune.checkpoint import parse_size
     from moeprune.modelio import load_config, resolve_model_dir
     from moeprune.plan import Plan

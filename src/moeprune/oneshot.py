@@ -1,0 +1,299 @@
+"""One-shot pruning: profile -> plan -> rewrite (-> evaluate) in one go, into one output folder.
+
+Used by ``moeprune prune MODEL --data ...`` and ``moeprune run recipe.yaml``. Everything is
+written in a temporary folder beside ``out`` and renamed at the end: a failure anywhere (profile,
+plan, rewrite, evaluation) leaves nothing behind. The output folder holds the pruned checkpoint
+plus ``profile.safetensors``, ``plan.json``, ``recipe.yaml`` and, with evaluation, ``eval.json``
+and an "Evaluation" section in its model card (``README.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+MODES = ("remove", "novice")
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class OneShot:
+    """The settings of one one-shot run (the keys of a recipe)."""
+
+    model: str
+    data: list[str]
+    method: str
+    keep: str
+    out: str
+    self_generate: int = 0
+    scope: str = "layer"
+    mode: str = "remove"
+    eval: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
+    max_length: int = 2048
+    seed: int = 0
+    top_k: int | None = None
+    force: bool = False
+    pad_uniform: bool = False
+
+
+def check_settings(s: OneShot) -> None:
+    """Every check that needs no model: a clear one-line error before anything is read or written."""
+    from .data import check_max_length
+    from .plan import parse_keep
+    from .score import check_method
+
+    if not s.data:
+        raise UserError("no calibration data given", "pass --data FILE (repeatable)")
+    for d in s.data:
+        if not Path(d).expanduser().exists():
+            raise UserError(f"data file '{d}' does not exist", "pass an existing calibration file")
+    check_method(s.method)
+    parse_keep(str(s.keep))
+    if s.scope not in SCOPES:
+        raise UserError(f"unknown scope '{s.scope}'", "use --scope layer or --scope global")
+    if s.mode not in MODES:
+        raise UserError(f"unknown --mode '{s.mode}'", f"use --mode {' or '.join(MODES)}")
+    if s.self_generate < 0:
+        raise UserError(f"--self-generate must be >= 0, got {s.self_generate}", "pass a number of new tokens")
+    if s.eval_limit is not None and s.eval_limit <= 0:
+        raise UserError(f"--eval-limit must be positive, got {s.eval_limit}", "pass --eval-limit 1 or more")
+    if s.eval_limit is not None and not s.eval:
+        raise UserError("--eval-limit given without --eval", "name the tasks with --eval TASK")
+    if s.top_k is not None and s.top_k <= 0:
+        raise UserError(f"--top-k must be positive, got {s.top_k}", "pass --top-k 1 or more")
+    check_max_length(s.max_length)
+    out = Path(s.out).expanduser()
+    if not out.resolve().parent.is_dir():
+        raise UserError(
+            f"the folder of --out '{s.out}' does not exist", f"create {out.resolve().parent} first"
+        )
+    for d in s.data:
+        if Path(d).expanduser().resolve() == out.resolve():
+            raise UserError(f"--out '{s.out}' is one of the data files", "pass another output folder")
+
+
+def recipe_dict(s: OneShot) -> dict[str, Any]:
+    """The recipe of a run, with absolute paths (a hub id stays as it is)."""
+    model = s.model
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return {
+        "model": model,
+        "data": [str(Path(d).expanduser().resolve()) for d in s.data],
+        "method": s.method,
+        "keep": str(s.keep),
+        "out": str(Path(s.out).expanduser().resolve()),
+        "self_generate": s.self_generate,
+        "scope": s.scope,
+        "mode": s.mode,
+        "eval": [_abs_task(t) for t in s.eval],
+        "eval_limit": s.eval_limit,
+        "max_length": s.max_length,
+        "seed": s.seed,
+        "top_k": s.top_k,
+        "force": s.force,
+        "pad_uniform": s.pad_uniform,
+    }
+
+
+def _abs_task(spec: str) -> str:
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def run_oneshot(s: OneShot, *, quiet: bool = False) -> Path:
+    """Profile, plan and prune (and evaluate) as ``s`` says; returns the output folder."""
+    import yaml
+
+    from .commands.plan import plan_command
+    from .commands.prune import prune_with_plan
+    from .evaluate.tasks import resolve_tasks
+    from .modelio import resolve_model_dir
+    from .score import OPTIONS
+    from .surgery import _replace_dir, check_output_dir
+
+    check_settings(s)
+    src = resolve_model_dir(s.model)
+    out = Path(s.out).expanduser()
+    check_output_dir(src, out, s.force)
+    tasks = resolve_tasks(list(s.eval)) if s.eval else []
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
+    try:
+        work = tmp / "work"
+        work.mkdir()
+        profile = work / "profile.safetensors"
+        plan_path = work / "plan.json"
+        model_dir = tmp / "model"
+        _say(quiet, "== profile")
+        from .commands.profile import demos_path, run_profile
+
+        run_profile(
+            model=s.model,
+            data=list(s.data),
+            out=profile,
+            max_length=s.max_length,
+            seed=s.seed,
+            self_generate=s.self_generate,
+            quiet=quiet,
+        )
+        _say(quiet, "== plan")
+        with _silenced(quiet):
+            plan_command(
+                profile=profile,
+                more=None,
+                method=s.method,
+                keep=str(s.keep),
+                out=plan_path,
+                scope=s.scope,
+                top_k=s.top_k,
+                seed=s.seed if "seed" in OPTIONS.get(s.method, ()) else None,
+                per_group="equal",
+                premoe_r=None,
+                premoe_ka=None,
+                model=None,
+            )
+        _final_profile_path(plan_path, out.resolve() / "profile.safetensors")
+        _say(quiet, "== prune")
+        with _silenced(quiet):
+            prune_with_plan(
+                model=s.model,
+                plan_path=plan_path,
+                out=model_dir,
+                mode=s.mode,
+                pad_uniform=s.pad_uniform,
+                force=False,
+                max_shard_size=None,
+                profile=profile,
+            )
+        shutil.copy2(profile, model_dir / "profile.safetensors")
+        shutil.copy2(plan_path, model_dir / "plan.json")
+        demos = demos_path(profile)
+        if demos.is_file():
+            shutil.copy2(demos, model_dir / "demos.jsonl")
+        if tasks:
+            _say(quiet, "== evaluate full and pruned")
+            report = evaluate_pair(s.model, model_dir, tasks, s.eval_limit)
+            (model_dir / "eval.json").write_text(
+                json.dumps(_clean(report), indent=2) + "\n", encoding="utf-8"
+            )
+            card = model_dir / "README.md"
+            card.write_text(card.read_text(encoding="utf-8") + "\n" + eval_section(report), encoding="utf-8")
+        (model_dir / "recipe.yaml").write_text(
+            "# moeprune recipe of this run: `moeprune run recipe.yaml` makes it again\n"
+            + yaml.safe_dump(recipe_dict(s), sort_keys=False),
+            encoding="utf-8",
+        )
+        _replace_dir(model_dir, out.resolve())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say(quiet, f"wrote {out} (with profile.safetensors, plan.json, recipe.yaml)")
+    return out
+
+
+def _final_profile_path(plan_path: Path, final: Path) -> None:
+    """Name the profile by where it ends up (``DIR/profile.safetensors``), not the temporary folder."""
+    from .plan import Plan
+
+    plan = Plan.load(plan_path)
+    for entry in (plan.settings or {}).get("profiles") or []:
+        entry["path"] = str(final)
+    plan.save(plan_path)
+
+
+def _silenced(quiet: bool) -> Any:
+    """Drop the steps' own console output when quiet (errors are exceptions, never printed)."""
+    import contextlib
+    import io
+
+    if not quiet:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        import sys
+
+        print(text, file=sys.stderr)
+
+
+def evaluate_pair(model: str, pruned: Path, tasks: list[Any], limit: int | None) -> dict[str, Any]:
+    """Evaluate the full model, then the pruned one, on the same tasks (one model in memory at a time)."""
+    import gc
+
+    from .evaluate.loading import load_model_and_tokenizer, resolve_device
+    from .evaluate.runners import evaluate
+
+    device = resolve_device("auto")
+    results: dict[str, Any] = {}
+    for which, path in (("full", model), ("pruned", str(pruned))):
+        lm, tok = load_model_and_tokenizer(path, device=device, dtype="float32")
+        results[which] = evaluate(lm, tok, tasks, limit=limit, progress=False)["tasks"]
+        del lm, tok
+        gc.collect()
+    return {
+        "model": model,
+        "limit": limit,
+        "device": device,
+        "full": results["full"],
+        "pruned": results["pruned"],
+    }
+
+
+def eval_rows(report: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """(task, metric, full, pruned) for every headline metric (no stderr, no token counts)."""
+    rows = []
+    for name, res in report["full"].items():
+        other = report["pruned"].get(name, {}).get("metrics", {})
+        for metric, value in res.get("metrics", {}).items():
+            if metric == "tokens" or "_stderr" in metric:
+                continue
+            rows.append((name, metric, value, other.get(metric)))
+    return rows
+
+
+def eval_section(report: dict[str, Any]) -> str:
+    """The "## Evaluation" section of the model card: a markdown table full vs pruned."""
+    limit = report.get("limit")
+    lines = [
+        "## Evaluation",
+        "",
+        "Full vs pruned model, the same tasks and settings"
+        + (f" (first {limit} records of each task)" if limit else "")
+        + "; details in `eval.json`.",
+        "",
+        "| task | metric | full | pruned |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {t} | {m} | {_fmt(f)} | {_fmt(p)} |" for t, m, f, p in eval_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
