@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the moeprune testbed: corpus, tokenizer, a small trained DeepSeek-V3 MoE, data files.
 
-    python scripts/train_testbed.py                 # full run (~20 min on 2 CPU cores)
+    python scripts/train_testbed.py                 # full run (about 30 min on 2 shared CPU cores)
     python scripts/train_testbed.py --quick --out /tmp/tb   # smoke run (seconds)
 
 Everything is seeded: the default invocation (CPU, 1 thread) reproduces the packaged
@@ -36,7 +36,7 @@ DEFAULTS = dict(
     vocab_size=2048,
     seq_len=128,
     batch_size=8,
-    steps=1000,
+    steps=3000,
     lr=3e-3,
     min_lr_ratio=0.1,
     warmup=50,
