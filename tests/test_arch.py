@@ -127,7 +127,12 @@ def test_dense_model_is_refused():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
     )
     with pytest.raises(UserError, match="dense"):
         find_moe_blocks(AutoModelForCausalLM.from_config(cfg))

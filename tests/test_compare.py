@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import moeprune.testing.tiny as tiny  # noqa: E402
 from moeprune.cli import main
-
-tiny = pytest.importorskip("moeprune.testing.tiny")
+from moeprune.testing.tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,27 +23,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 def _save(model, d: Path) -> Path:
     model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id = 2, 0, 1
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     model.save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     return d
 
 

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import moeprune.testing.tiny as tiny  # noqa: E402
 from moeprune import offload
 from moeprune.arch import decoder_layers
 from moeprune.calibrate import calibrate
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
 from moeprune.offload import calibrate_sequential
-
-tiny = pytest.importorskip("moeprune.testing.tiny")
 
 # gpt_oss: a 4-token window on its sliding layer, so that the two layers get different masks
 MODELS = {

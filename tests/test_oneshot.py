@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
+import moeprune.testing.tiny as tiny  # noqa: E402
 from moeprune.cli import main
 from moeprune.recipe import load_recipe
-
-tiny = pytest.importorskip("moeprune.testing.tiny")
+from moeprune.testing.tiny import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,21 +26,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-dsv3")
@@ -49,7 +34,7 @@ def model_dir(tmp_path_factory):
     m.generation_config.eos_token_id = 2
     m.generation_config.pad_token_id = 0
     m.save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     return d
 
 

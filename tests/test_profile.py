@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import moeprune.testing.tiny as tiny  # noqa: E402
 from moeprune.arch import find_moe_blocks, single_expert_forward
 from moeprune.calibrate import Accumulator, calibrate
 from moeprune.cli import main
 from moeprune.errors import UserError
 from moeprune.profile import FORMAT, Profile, atomic_write
-
-tiny = pytest.importorskip("moeprune.testing.tiny")
+from moeprune.testing.tiny import byte_tokenizer
 
 MODEL_TYPES = ("deepseek_v3", "qwen3_moe")
 LENGTHS = [7, 1, 40, 3, 19, 2, 28]  # very different lengths: batches carry a lot of padding
@@ -353,21 +353,6 @@ def test_atomic_write_removes_temp_on_interrupt(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, ds_model):
     d = tmp_path_factory.mktemp("tiny-dsv3")
@@ -375,7 +360,7 @@ def model_dir(tmp_path_factory, ds_model):
     ds_model.generation_config.eos_token_id = 2
     ds_model.generation_config.pad_token_id = 0
     ds_model.save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     return d
 
 
@@ -546,7 +531,7 @@ def test_cli_self_generate(model_dir, data_files, tmp_path, ds_model):
     demos = [json.loads(line) for line in (tmp_path / "g.demos.jsonl").read_text().splitlines()]
     assert [d["prompt"] for d in demos] == [f"{i} + {3 * i} = " for i in range(4)]
     assert all(set(d) == {"prompt", "response"} for d in demos)
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     prompts = [tok(d["prompt"])["input_ids"] for d in demos]
     answers = self_generate(ds_model, tok, prompts, 5, batch_size=3)  # left-padded batches
     for p, a in zip(prompts, answers, strict=True):  # equals an unbatched greedy loop

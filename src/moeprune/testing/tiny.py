@@ -24,6 +24,7 @@ __all__ = [
     "NEEDS_NO_CACHE",
     "TEXT_ALIASES",
     "buildable_types",
+    "byte_tokenizer",
     "find_moe_causal_lm_types",
     "has_routed_experts",
     "tiny_config",
@@ -585,3 +586,20 @@ MOE_CAUSAL_LM_TYPES: list[str] = [
 def buildable_types() -> list[str]:
     """MoE causal-LM types that build and run from a tiny config."""
     return [t for t in MOE_CAUSAL_LM_TYPES if t not in UNBUILDABLE]
+
+
+def byte_tokenizer():
+    """A character-level tokenizer (<pad>=0, <s>=1, </s>=2, <unk>=3, printable ASCII, newline) that
+    prepends BOS: enough to save beside a tiny model so the CLI can run end to end in tests."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
