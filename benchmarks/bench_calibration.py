@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from _models import dsv3_config
 from moeprune.arch import find_moe_blocks, patch_moe
 from moeprune.calibrate import Accumulator, _forward_kwargs, calibrate
 from moeprune.data import batches
@@ -30,30 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dsv3_random():
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from transformers import AutoModelForCausalLM
 
-    cfg = DeepseekV3Config(
-        vocab_size=8192,
-        hidden_size=1024,
-        intermediate_size=2816,
-        moe_intermediate_size=256,
-        num_hidden_layers=4,
-        first_k_dense_replace=0,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        n_shared_experts=1,
-        n_routed_experts=64,
-        num_experts_per_tok=8,
-        n_group=8,
-        topk_group=4,
-        q_lora_rank=256,
-        kv_lora_rank=128,
-        qk_rope_head_dim=32,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
-        head_dim=32,
-        max_position_embeddings=1024,
-    )
+    cfg = dsv3_config(4, first_dense=0, vocab_size=8192, moe_intermediate_size=256)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # diverse routing: router rows and correction bias of a trained model's scale

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _models import dsv3_config
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
 
@@ -67,31 +69,7 @@ print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0]
 
 
 def config(layers: int):
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=2816,
-        moe_intermediate_size=512,
-        num_hidden_layers=layers + 1,
-        first_k_dense_replace=1,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        n_shared_experts=1,
-        n_routed_experts=64,
-        num_experts_per_tok=8,
-        n_group=8,
-        topk_group=4,
-        q_lora_rank=256,
-        kv_lora_rank=128,
-        qk_rope_head_dim=32,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
-        head_dim=32,
-        max_position_embeddings=1024,
-        dtype="bfloat16",
-    )
+    return dsv3_config(layers, dtype="bfloat16")
 
 
 def generate(directory: Path, layers: int, shards: int) -> int:
