@@ -33,3 +33,26 @@ def dsv3_config(layers: int, *, first_dense: int = 1, **overrides: Any):
     )
     settings.update(overrides)
     return DeepseekV3Config(**settings)
+
+
+def kv_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column markdown table of (what, figure) rows."""
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def append_section(path: Any, title: str, command: str, note: str, goal: str, table: str) -> None:
+    """Append a `## title` section (command, environment, goal, table) to a markdown file."""
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    env = (
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"{platform.system()} {platform.release()}; {note}"
+    )
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"\n## {title}\n\nCommand: `{command}` ({env}). {goal}\n\n{table}\n"
+    path.write_text(text.rstrip("\n") + "\n" + block)

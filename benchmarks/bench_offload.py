@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import dsv3_config
+from _models import append_section, dsv3_config, kv_table
 
 POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
 
@@ -188,22 +186,18 @@ def main() -> None:
             f"{child['seconds']:.1f} s ({child['seconds'] / (args.layers + 1):.2f} s per layer, {tokens / child['seconds']:.0f} tok/s)",
         ),
     ]
-    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    table = kv_table(rows)
     print(table)
     if args.append is not None:
-        import torch
-
         line = f"python benchmarks/bench_offload.py --layers {args.layers} --records {args.records} --append docs/benchmarks.md"
-        env = (
-            f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
-            f"{platform.system()} {platform.release()}; source in the page cache"
+        append_section(
+            args.append,
+            "Sequential offload",
+            line,
+            "source in the page cache",
+            "Goal: peak RSS well under the checkpoint size.",
+            table,
         )
-        text = args.append.read_text() if args.append.exists() else "# Benchmarks\n"
-        block = (
-            f"\n## Sequential offload\n\nCommand: `{line}` ({env}). Goal: peak RSS well under the "
-            f"checkpoint size.\n\n{table}\n"
-        )
-        args.append.write_text(text.rstrip("\n") + "\n" + block)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import dsv3_config
+from _models import append_section, dsv3_config, kv_table
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
@@ -211,22 +209,18 @@ def main() -> None:
         ("rewrite, whole call (fresh process)", f"{total_s:.2f} s = {total_s / cp_seconds:.2f} x cp"),
         ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_seconds:.2f} x cp"),
     ]
-    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    table = kv_table(rows)
     print(table)
     if args.append is not None:
-        import torch
-
         cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --append docs/benchmarks.md"
-        env = (
-            f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
-            f"{platform.system()} {platform.release()}; source in the page cache, no sync"
+        append_section(
+            args.append,
+            "Checkpoint rewrite",
+            cmd,
+            "source in the page cache, no sync",
+            "Goals: peak RSS < 10% of the checkpoint, rewrite / cp <= 1.5.",
+            table,
         )
-        text = args.append.read_text() if args.append.exists() else "# Benchmarks\n"
-        block = (
-            f"\n## Checkpoint rewrite\n\nCommand: `{cmd}` ({env}). Goals: peak RSS < 10% of the checkpoint, "
-            f"rewrite / cp <= 1.5.\n\n{table}\n"
-        )
-        args.append.write_text(text.rstrip("\n") + "\n" + block)
 
 
 if __name__ == "__main__":
