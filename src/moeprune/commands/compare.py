@@ -6,9 +6,6 @@ semantics, no checkpoint written) and, with ``--novice``, in MoNE's novice mode.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -227,19 +224,6 @@ def _write(out: Path, rows: list[dict[str, Any]], report: dict[str, Any], force:
     from moeprune.compare import write_results
 
     out = out.expanduser()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write_results(tmp, rows, report)
-        if out.exists():
-            os.replace(out, old)  # --force, or an empty folder
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            with contextlib.suppress(OSError):
-                os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    from ..outputs import write_dir_atomically
+
+    write_dir_atomically(out, lambda tmp: write_results(tmp, rows, report))

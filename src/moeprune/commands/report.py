@@ -5,9 +5,6 @@ temporary folder beside ``--out`` and renamed into place at the end."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -72,19 +69,6 @@ def _write(out: Path, rep: dict) -> None:
     from moeprune.report import write_report
 
     out = out.expanduser()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write_report(tmp, rep)
-        if out.exists():
-            os.replace(out, old)  # --force, or an empty folder
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            with contextlib.suppress(OSError):
-                os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    from ..outputs import write_dir_atomically
+
+    write_dir_atomically(out, lambda tmp: write_report(tmp, rep))
