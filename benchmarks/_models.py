@@ -56,3 +56,68 @@ def append_section(path: Any, title: str, command: str, note: str, goal: str, ta
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"\n## {title}\n\nCommand: `{command}` ({env}). {goal}\n\n{table}\n"
     path.write_text(text.rstrip("\n") + "\n" + block)
+
+
+POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
+
+
+def write_random_dsv3(directory: Any, layers: int, shards: int) -> int:
+    """Write a random bf16 DeepSeek-V3-style checkpoint in the hub layout (one key per expert, as
+    DeepSeek-V3 is published) shard by shard, from a small pool of random bytes (no model is built
+    in memory); returns the bytes of tensor data."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moeprune.checkpoint import DTYPE_SIZES
+    from moeprune.modelio import build_on_meta
+
+    cfg = dsv3_config(layers, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.save_pretrained(directory)
+    meta = build_on_meta(cfg)
+    hub = revert_weight_conversion(meta, meta.state_dict())  # per-expert keys, on meta
+    entries = []
+    for key, t in hub.items():
+        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"  # as DeepSeek-V3 stores them
+        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
+    del meta, hub
+    total = sum(e[3] for e in entries)
+    per_shard = total / shards
+    groups: list[list[tuple]] = [[]]
+    size = 0
+    for e in entries:
+        if groups[-1] and size + e[3] > per_shard and len(groups) < shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e[3]
+    # small values (std 0.02) keep activations finite through every layer
+    pools = {
+        "BF16": (torch.randn(POOL // 2) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes(),
+        "F32": (torch.randn(POOL // 4) * 0.02).view(torch.uint8).numpy().tobytes(),
+    }
+    weight_map = {}
+    n = len(groups)
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, dtype, shape, nbytes in group:
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[key] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(directory / name, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for _key, dtype, _shape, nbytes in group:
+                left = nbytes
+                while left:
+                    chunk = min(left, POOL)
+                    fh.write(pools[dtype][:chunk])
+                    left -= chunk
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total

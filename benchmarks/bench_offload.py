@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import append_section, dsv3_config, kv_table
-
-POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
+from _models import append_section, kv_table, write_random_dsv3
 
 CHILD = r"""
 import json, sys, time
@@ -52,66 +50,6 @@ assert all(bool(torch.isfinite(t).all()) for t in out.values() if t.is_floating_
 print(json.dumps({"seconds": seconds, "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
                   "moe_layers": int(out["count"].shape[0])}))
 """
-
-
-def config(layers: int):
-    return dsv3_config(layers, tie_word_embeddings=False, dtype="bfloat16")
-
-
-def generate(directory: Path, layers: int, shards: int) -> int:
-    """Write the hub-layout checkpoint shard by shard; returns the bytes of tensor data."""
-    import torch
-    from transformers.core_model_loading import revert_weight_conversion
-
-    from moeprune.checkpoint import DTYPE_SIZES
-    from moeprune.modelio import build_on_meta
-
-    cfg = config(layers)
-    cfg.save_pretrained(directory)
-    meta = build_on_meta(cfg)
-    hub = revert_weight_conversion(meta, meta.state_dict())  # per-expert keys, on meta
-    entries = []
-    for key, t in hub.items():
-        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"  # as DeepSeek-V3 stores them
-        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
-    del meta, hub
-    total = sum(e[3] for e in entries)
-    per_shard = total / shards
-    groups: list[list[tuple]] = [[]]
-    size = 0
-    for e in entries:
-        if groups[-1] and size + e[3] > per_shard and len(groups) < shards:
-            groups.append([])
-            size = 0
-        groups[-1].append(e)
-        size += e[3]
-    # small values (std 0.02) keep activations finite through every layer
-    pools = {
-        "BF16": (torch.randn(POOL // 2) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes(),
-        "F32": (torch.randn(POOL // 4) * 0.02).view(torch.uint8).numpy().tobytes(),
-    }
-    weight_map = {}
-    n = len(groups)
-    for i, group in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key, dtype, shape, nbytes in group:
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[key] = name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(directory / name, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little") + raw)
-            for _key, dtype, _shape, nbytes in group:
-                left = nbytes
-                while left:
-                    chunk = min(left, POOL)
-                    fh.write(pools[dtype][:chunk])
-                    left -= chunk
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return total
 
 
 def layer_bytes(directory: Path) -> dict[int, int]:
@@ -144,7 +82,7 @@ def main() -> None:
         src = work / "src"
         src.mkdir()
         t0 = time.perf_counter()
-        generate(src, args.layers, args.shards)
+        write_random_dsv3(src, args.layers, args.shards)
         gen_s = time.perf_counter() - t0
         on_disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         n_shards = len(list(src.glob("*.safetensors")))

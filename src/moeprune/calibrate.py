@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .arch import BlockEvent, MoEBlock
+from .score import premoe_token_entries
 
 __all__ = [
     "SUM_NAMES",
@@ -255,10 +256,11 @@ class Accumulator:
         fn = event.block.spec.score_fn
         probs = torch.softmax(s, -1) if fn == "softmax" else torch.sigmoid(s) if fn == "sigmoid" else s
         sums["prob"][li] += probs.sum(0, dtype=f64)
-        vals, ids = torch.topk(s, self.ka, dim=-1)  # sorted descending: column 0 is the argmax
+        q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
+        vals = torch.gather(s, -1, ids[:, :1])
         sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
-        self.premoe_q[li, self._pos] = torch.softmax(vals, -1)
-        self.premoe_f[li, self._pos] = torch.maximum(vals, torch.sigmoid(vals))
+        self.premoe_q[li, self._pos] = q
+        self.premoe_f[li, self._pos] = f
         self.premoe_idx[li, self._pos] = ids.int()
         if self.sample_gate is not None:
             cell = self._rows.repeat_interleave(k) * E + flat

@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "compare",
     "report",
     "library",
+    "generate",
     "testbed",
 ]
 

@@ -181,23 +181,39 @@ def premoe_threshold(q: torch.Tensor) -> torch.Tensor:
     return q[:, :, 0].mean(dim=1)
 
 
+def premoe_token_entries(logits: torch.Tensor, ka: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PreMoe's per-token candidates from router logits [T, E]: the top-``ka`` logits (descending),
+    q = their softmax over the candidates only, f = max(s, sigmoid(s)); (q, f, idx) each [T, ka].
+    Calibration stores exactly these; a retrieval query computes them the same way."""
+    s = logits.float()
+    vals, ids = torch.topk(s, ka, dim=-1)
+    return torch.softmax(vals, -1), torch.maximum(vals, torch.sigmoid(vals)), ids
+
+
+def premoe_scores(
+    q: torch.Tensor, f: torch.Tensor, idx: torch.Tensor, n_experts: int, r: float | None = None
+) -> torch.Tensor:
+    """(1/T) Σ_t Σ_j 1[idx_{t,j} = i ∧ q_{t,j} ≥ r_l] f_{t,j} from entries [L, T, Ka] -> [L, E]."""
+    n_layers, n_tokens = int(q.shape[0]), int(q.shape[1])
+    out = torch.zeros(n_layers, n_experts, dtype=torch.float64)
+    if n_tokens == 0:
+        return out
+    thr = premoe_threshold(q) if r is None else torch.full((n_layers,), float(r), dtype=torch.float64)
+    use = q.double() >= thr.view(-1, 1, 1)
+    contrib = torch.where(use, f.double(), torch.zeros((), dtype=torch.float64))
+    out.scatter_add_(1, idx.long().reshape(n_layers, -1), contrib.reshape(n_layers, -1))
+    return out / n_tokens
+
+
 def score_premoe(profile: ProfileLike, *, r: float | None = None, ka: int | None = None) -> torch.Tensor:
     """PreMoe PEU: (1/T) Σ_t Σ_j 1[idx_{t,j} = i ∧ q_{t,j} ≥ r_l] f_{t,j}.
 
     ``r`` fixes the threshold for every layer (default: r_l, the mean top-1 q of the layer);
     ``ka`` lowers the candidate count below the stored Ka.
     """
-    n_layers, n_experts = _shape(profile)
+    _, n_experts = _shape(profile)
     q, f, idx = premoe_entries(profile, ka)
-    n_tokens = q.shape[1]
-    out = torch.zeros(n_layers, n_experts, dtype=torch.float64)
-    if n_tokens == 0:
-        return out
-    thr = premoe_threshold(q) if r is None else torch.full((n_layers,), float(r), dtype=torch.float64)
-    use = q >= thr.view(-1, 1, 1)
-    contrib = torch.where(use, f, torch.zeros_like(f))
-    out.scatter_add_(1, idx.reshape(n_layers, -1), contrib.reshape(n_layers, -1))
-    return out / n_tokens
+    return premoe_scores(q, f, idx, n_experts, r)
 
 
 def score_premoe_v1(profile: ProfileLike) -> torch.Tensor:

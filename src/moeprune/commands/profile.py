@@ -176,8 +176,10 @@ def run_profile(
     device: str = "auto",
     offload: str = "none",
     quiet: bool = False,
+    loaded: tuple[Any, Any] | None = None,
 ) -> None:
-    """What `moeprune profile MODEL ...` does (usable from Python)."""
+    """What `moeprune profile MODEL ...` does (usable from Python). ``loaded`` = (model, tokenizer)
+    already in memory (several profiles of one model without reloading it)."""
     import torch
 
     from ..arch import find_moe_blocks
@@ -215,7 +217,10 @@ def run_profile(
                 tok = None
             blocks = find_moe_blocks(build_on_meta(config))
         else:
-            lm, tok = load_model(str(resolve_model_dir(model)), dtype=dtype, device=dev)
+            if loaded is not None:
+                lm, tok = loaded
+            else:
+                lm, tok = load_model(str(resolve_model_dir(model)), dtype=dtype, device=dev)
             blocks = find_moe_blocks(lm)
         if tok is None:
             raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")

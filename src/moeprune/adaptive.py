@@ -1,0 +1,510 @@
+"""A model that loads only the experts a query needs (PreMoe task-adaptive expert retrieval).
+
+:class:`AdaptiveMoE` holds a causal LM shaped like a checkpoint pruned to K experts per MoE layer
+(the library's K), whose expert slots are filled from the *original* safetensors files:
+
+1. at start, every non-expert tensor is read once (attention, norms, embeddings, dense and shared
+   MLPs) and the routers' full [E, ...] tensors are kept aside (small: E x hidden per layer);
+   no routed-expert byte is read;
+2. a query is routed by a forward that stops at the first MoE router (so no expert is needed):
+   the router's input is scored by the full first router, the PreMoe statistic of the query's
+   tokens is compared with the library keys, and the nearest task wins;
+3. activating a task fills each MoE layer's K slots with that task's kept experts in ascending
+   id order (the order a pruned checkpoint has, so the logits are the pruned checkpoint's):
+   experts already in memory (shared with the previous task) are moved, only the others are read
+   from the checkpoint -- per-expert keys whole, fused [E, ...] tensors as slices of their expert
+   axis -- and converted to the model's layout by transformers' own loader, one layer at a time.
+   Router rows are sliced from the kept-aside full routers; the rest of the model is never reread.
+
+Quantized checkpoints are not supported (no quantizer is applied).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .library import Library, Match
+
+__all__ = ["AdaptiveMoE", "Switch", "query_ids"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Switch:
+    """What one activation did."""
+
+    task: str
+    previous: str | None
+    read_experts: int  # (layer, expert) pairs read from disk
+    reused_experts: int  # (layer, expert) pairs kept in memory
+    bytes_read: int  # expert bytes read from the checkpoint
+    seconds: float
+
+
+@dataclass
+class LoadStats:
+    """What loading the adaptive model read and holds."""
+
+    non_expert_bytes: int = 0  # read once at start (router tensors included)
+    expert_bytes_per_task: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def query_ids(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of a query: the prompt as generation sees it (BOS added as the tokenizer does)."""
+    from .data import Record, encode_prompt
+
+    if not isinstance(text, str) or not text.strip():
+        raise UserError("the query is empty", "pass some text")
+    ids = encode_prompt(tokenizer, Record(where="query", prompt=text))
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if not [i for i in ids if i not in specials]:
+        raise UserError(f"the query {text[:40]!r} tokenises to nothing", "pass some text the tokenizer knows")
+    return ids
+
+
+class AdaptiveMoE:
+    """A causal LM with K experts per MoE layer, filled from a pattern library on demand."""
+
+    def __init__(self) -> None:  # use from_library
+        raise TypeError("use AdaptiveMoE.from_library(model, library)")
+
+    # --- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_library(
+        cls,
+        model: str | Path,
+        library: str | Path | Library,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        task: str | None = None,
+    ) -> AdaptiveMoE:
+        """Load the non-expert weights of ``model`` once; experts are read when a task is activated
+        (``task`` now, else on the first :meth:`generate` / :meth:`activate`)."""
+        self = cls.__new__(cls)
+        self._build(str(model), library, dtype, torch.device(device))
+        if task is not None:
+            self.activate(task)
+        return self
+
+    def _build(self, model: str, library: str | Path | Library, dtype: Any, device: torch.device) -> None:
+        from transformers import AutoTokenizer
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        from .arch import find_moe_blocks
+        from .arch.keys import map_expert_keys
+        from .checkpoint import Checkpoint
+        from .modelio import build_on_meta, load_config, parse_dtype, resolve_model_dir
+        from .offload import ShardReader, _materialize_buffers
+        from .surgery import pruned_config
+
+        t0 = time.perf_counter()
+        self.library = library if isinstance(library, Library) else Library.load(library)
+        lib = self.library
+        path = resolve_model_dir(model)
+        config = load_config(str(path))
+        quant = getattr(config, "quantization_config", None)
+        if quant:
+            raise UserError(
+                "the adaptive model does not support quantized checkpoints", "dequantize it first"
+            )
+        if dtype == "auto":
+            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            torch_dtype = stored if isinstance(stored, torch.dtype) else torch.float32
+        else:
+            torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(str(dtype))
+        config.dtype = torch_dtype
+
+        # the original layout (E experts, on meta): what the checkpoint holds
+        full = build_on_meta(config).eval()
+        full_blocks = find_moe_blocks(full)
+        lib.check_model(config, model, full_blocks)
+        self.checkpoint = Checkpoint.open(path)
+        self.keymap = map_expert_keys(full, full_blocks, self.checkpoint.shapes())
+        self.reader = ShardReader(path, backend="pread")
+
+        # the adaptive model: shaped like a checkpoint pruned to K experts per MoE layer
+        num_experts = full_blocks[0].num_experts
+        raw = config.to_dict()
+        pruned = pruned_config(raw, config, num_experts, lib.keep, None)
+        kconfig = type(config).from_dict(pruned)
+        kconfig.dtype = torch_dtype
+        lm = build_on_meta(kconfig).eval()
+        blocks = find_moe_blocks(lm)
+        if [b.layer for b in blocks] != [b.layer for b in full_blocks]:
+            raise RuntimeError("the pruned model has other MoE layers than the original")
+
+        def load_config_for(m: nn.Module) -> Any:
+            mapping = get_model_conversion_mapping(m)
+            return LoadStateDictConfig(
+                pretrained_model_name_or_path=str(path),
+                device_map={"": device},
+                dtype=torch_dtype,
+                dtype_plan=m._get_dtype_plan(torch_dtype),
+                weight_mapping=mapping,
+            )
+
+        self._lc_full = load_config_for(full)
+        lc_model = load_config_for(lm)
+        expert_keys = [k for k, ek in self.keymap.keys.items() if ek.kind != "router"]
+        router_keys = [k for k, ek in self.keymap.keys.items() if ek.kind == "router"]
+        skip = set(expert_keys) | set(router_keys)
+        rest = [k for k in self.checkpoint.tensors if k not in skip]
+
+        stats = LoadStats()
+        # 1. every non-expert tensor, once
+        self._load(lm, rest, lc_model)
+        stats.non_expert_bytes += sum(self.checkpoint.info(k).nbytes for k in rest)
+        if getattr(kconfig.get_text_config(), "tie_word_embeddings", False) or getattr(
+            kconfig, "tie_word_embeddings", False
+        ):
+            lm.tie_weights()
+        _materialize_buffers(lm, lm, "", device)
+        # 2. the full routers, kept aside (loaded into the E-sized skeleton, then taken out)
+        self._load(full, router_keys, self._lc_full)
+        stats.non_expert_bytes += sum(self.checkpoint.info(k).nbytes for k in router_keys)
+        self._router_full: dict[str, tuple[torch.Tensor, int]] = {}
+        for ek in self.keymap.keys.values():
+            if ek.kind == "router" and ek.target is not None:
+                self._router_full[ek.target] = (
+                    full.get_parameter_or_buffer(ek.target).detach(),
+                    ek.axis or 0,
+                )
+        # the first MoE layer's full router module stays loaded: it scores queries
+        self._probe = full_blocks[0].router(full)
+        _complete_from(self._probe, blocks[0].router(lm))
+        self._probe_spec = full_blocks[0].spec
+        self._probe_bias_path = full_blocks[0].selection_bias_path
+        for b in full_blocks:  # free the other router tensors of the skeleton
+            if b.index > 0:
+                b.router(full).to_empty(device="meta")
+
+        self.model = lm
+        self.config = kconfig
+        self.blocks = blocks
+        self._full = full
+        self._full_blocks = full_blocks
+        self.device = device
+        self.dtype = torch_dtype
+        self.path = path
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            self.tokenizer = None
+        self.current: str | None = None
+        self._slots: dict[int, list[int]] = {}  # layer -> expert id in each slot
+        self.switches: list[Switch] = []
+        stats.seconds = time.perf_counter() - t0
+        self.load_stats = stats
+
+    def _load(self, model: nn.Module, keys: Sequence[str], load_config: Any) -> None:
+        from .offload import _load_tensors
+
+        if keys:
+            _load_tensors(model, self.reader, list(keys), load_config)
+
+    # --- routing --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_router_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Router logits [T, E] of the first MoE layer over all E experts, from a forward that stops
+        at that layer's router (no expert of any MoE layer is used)."""
+        captured: dict[str, torch.Tensor] = {}
+        router = self.blocks[0].router(self.model)
+
+        def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _StopForward
+
+        handle = router.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise RuntimeError("the forward did not reach the first MoE router")
+        # the router's other inputs (e.g. AfMoE's expert bias, passed by the block) are the K-sized
+        # tensors of the adaptive model: the probe gets their full versions
+        full = {}
+        for target, (tensor, _axis) in self._router_full.items():
+            if target.startswith(self.blocks[0].path + ".") or target == self.blocks[0].selection_bias_path:
+                full[id(self.model.get_parameter_or_buffer(target))] = tensor
+        args = tuple(full.get(id(a), a) for a in captured["args"])
+        kwargs = {k: full.get(id(v), v) for k, v in captured["kwargs"].items()}
+        out = self._probe(*args, **kwargs)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        return logits.reshape(-1, logits.shape[-1])
+
+    def query_statistics(self, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query's PreMoe key at the first MoE layer [E], its tokens' selected experts
+        there [T, k] and their gate weights [T, k] (full routing over all E experts)."""
+        from .arch.routing import route
+        from .library import query_keys
+        from .score import premoe_token_entries
+
+        if self.tokenizer is None:
+            raise UserError(
+                f"model '{self.path}' has no tokenizer", "save a tokenizer in the model directory"
+            )
+        logits = self.first_router_logits(query_ids(self.tokenizer, text))
+        q, f, idx = premoe_token_entries(logits, self.library.ka)
+        key = query_keys((q[None], f[None], idx[None]), self.library.num_experts)["first"]
+        bias = None
+        if self._probe_bias_path is not None:
+            bias = self._router_full.get(self._probe_bias_path, (None, 0))[0]
+            if bias is None:
+                bias = self._full.get_parameter_or_buffer(self._probe_bias_path)
+        r = route(self._probe_spec, logits.float(), bias)
+        return key, r.top_k_index, r.top_k_weights
+
+    def route(self, text: str) -> Match:
+        """The library task nearest to ``text`` (PreMoe's first-MoE-layer key)."""
+        key, _, _ = self.query_statistics(text)
+        return self.library.match(key, "first")
+
+    # --- switching ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def activate(self, task: str) -> Switch:
+        """Fill every MoE layer with ``task``'s kept experts (only the missing ones are read)."""
+        pattern = self.library.task(task)
+        t0 = time.perf_counter()
+        read = reused = nbytes = 0
+        for b, fb in zip(self.blocks, self._full_blocks, strict=True):
+            kept = sorted(pattern.kept(b.layer))
+            old = self._slots.get(b.layer, [])
+            where = {e: s for s, e in enumerate(old)}
+            new_ids = [e for e in kept if e not in where]
+            fresh = self._read_experts(fb, new_ids) if new_ids else {}
+            nbytes += fresh.pop("__bytes__", 0) if fresh else 0
+            self._fill_experts(b, kept, where, new_ids, fresh)
+            self._fill_router(b, kept)
+            self._slots[b.layer] = kept
+            read += len(new_ids)
+            reused += len(kept) - len(new_ids)
+            if new_ids:
+                fb.experts(self._full).to_empty(device="meta")
+        from .offload import _trim_heap
+
+        _trim_heap()
+        if self.current is None:
+            self._check_loaded()
+        sw = Switch(task, self.current, read, reused, nbytes, time.perf_counter() - t0)
+        self.current = task
+        self.switches.append(sw)
+        return sw
+
+    def _read_experts(self, fb: Any, new_ids: list[int]) -> dict[str, Any]:
+        """The ``new_ids`` experts of one block, converted to the model's layout: {param: [n, ...]}."""
+        from .arch.pruned import _resize
+        from .checkpoint import contiguous_runs
+
+        ex = fb.experts(self._full)
+        n = len(new_ids)
+        for name in fb.layout.tensors:
+            _resize(ex, name, 0, n)
+        pos = {e: i for i, e in enumerate(new_ids)}
+        wanted = [ek for ek in self.keymap.of_block(fb.index) if ek.kind != "router"]
+        per_expert = [ek for ek in wanted if ek.kind == "per_expert" and ek.expert in pos]
+        fused = [ek for ek in wanted if ek.kind == "fused"]
+        state: dict[str, Any] = {}
+        nbytes = 0
+        with self.reader.open([ek.key for ek in per_expert + fused]) as slices:
+            for ek in per_expert:
+                state[ek.renumbered(pos[ek.expert])] = slices[ek.key][:]
+                nbytes += self.checkpoint.info(ek.key).nbytes
+            for ek in fused:
+                info = self.checkpoint.info(ek.key)
+                axis = ek.axis or 0
+                lead: list[Any] = [slice(None)] * axis
+                parts = [slices[ek.key][(*lead, slice(a, b + 1))] for a, b in contiguous_runs(new_ids)]
+                state[ek.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+                nbytes += info.entry_bytes(axis) * n
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+        from .offload import _quiet_sync_loading
+
+        with _quiet_sync_loading():
+            info, _ = convert_and_load_state_dict_in_model(self._full, state, self._lc_full)
+        del state
+        if info.mismatched_keys or info.conversion_errors:
+            raise UserError(
+                f"cannot load the experts of MoE layer {fb.layer} from the checkpoint "
+                f"({sorted(info.mismatched_keys, key=str)[:1] or list(info.conversion_errors)[:1]})",
+                "the checkpoint does not match its config.json",
+            )
+        out: dict[str, Any] = {}
+        for name in fb.layout.tensors:
+            t = getattr(ex, name)
+            if t.is_meta:
+                raise UserError(
+                    f"the checkpoint gave no '{fb.experts_path}.{name}' for experts {new_ids[:4]}",
+                    "the checkpoint does not match its config.json",
+                )
+            out[name] = t.detach()
+        out["__bytes__"] = nbytes
+        return out
+
+    def _fill_experts(
+        self, b: Any, kept: list[int], where: dict[int, int], new_ids: list[int], fresh: dict[str, Any]
+    ) -> None:
+        ex = b.experts(self.model)
+        pos_new = {e: i for i, e in enumerate(new_ids)}
+        for name in b.layout.tensors:
+            cur = ex._parameters.get(name)
+            if cur is None:
+                cur = ex._buffers[name]
+            shape = list(cur.shape)
+            shape[0] = len(kept)
+            dtype = fresh[name].dtype if name in fresh else cur.dtype
+            target = torch.empty(shape, dtype=dtype, device=self.device)
+            reuse = [(s, where[e]) for s, e in enumerate(kept) if e in where]
+            if reuse:
+                dst, src = (
+                    torch.tensor(x, dtype=torch.long, device=self.device) for x in zip(*reuse, strict=True)
+                )
+                target.index_copy_(0, dst, cur.index_select(0, src))
+            load = [(s, pos_new[e]) for s, e in enumerate(kept) if e in pos_new]
+            if load:
+                dst, src = (
+                    torch.tensor(x, dtype=torch.long, device=self.device) for x in zip(*load, strict=True)
+                )
+                target.index_copy_(0, dst, fresh[name].to(self.device).index_select(0, src))
+            _set_tensor(ex, name, target)
+
+    def _fill_router(self, b: Any, kept: list[int]) -> None:
+        ids = torch.tensor(kept, dtype=torch.long)
+        for target, (full, axis) in self._router_full.items():
+            if not (target.startswith(b.path + ".") or target == b.selection_bias_path):
+                continue
+            owner_path, _, name = target.rpartition(".")
+            owner = self.model.get_submodule(owner_path)
+            value = full.index_select(axis, ids.to(full.device)).to(self.device).contiguous()
+            _set_tensor(owner, name, value)
+
+    def _check_loaded(self) -> None:
+        missing = [n for n, p in self.model.named_parameters() if p.is_meta]
+        missing += [n for n, t in self.model.named_buffers() if t.is_meta]
+        if missing:
+            raise UserError(
+                f"the checkpoint has no tensor for '{missing[0]}' ({len(missing)} missing)",
+                "the checkpoint does not match its config.json",
+            )
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def prepare(self, text: str) -> tuple[Match, Switch | None]:
+        """Route ``text`` (a conversation's first message) and activate its task if needed."""
+        match = self.route(text)
+        switch = None if match.task == self.current else self.activate(match.task)
+        return match, switch
+
+    @torch.no_grad()
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, route: bool = True, **kwargs: Any) -> str:
+        """Greedy continuation of ``prompt`` (routed first unless ``route`` is False)."""
+        if route or self.current is None:
+            self.prepare(prompt)
+        ids = query_ids(self.tokenizer, prompt)
+        return self.continue_ids(ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    @torch.no_grad()
+    def continue_ids(
+        self, ids: Sequence[int], *, max_new_tokens: int = 64, stop: str | None = None, **kwargs: Any
+    ) -> str:
+        """Greedy continuation of token ids with the active pattern (text after the prompt)."""
+        if self.current is None:
+            raise UserError("no task is active", "route a query first or pass a task")
+        tok = self.tokenizer
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": pad,
+            "attention_mask": torch.ones_like(input_ids),
+        }
+        if stop is not None:
+            gen_kwargs["stop_strings"] = [stop]
+            gen_kwargs["tokenizer"] = tok
+        gen_kwargs.update(kwargs)
+        out = self.model.generate(input_ids, **gen_kwargs)
+        return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+    # --- sizes ----------------------------------------------------------------------------------
+
+    def expert_bytes(self, per_layer: int | None = None) -> int:
+        """Bytes of ``per_layer`` (default K) experts in every MoE layer, in the loaded dtype."""
+        k = self.library.keep if per_layer is None else per_layer
+        total = 0
+        for b in self.blocks:
+            ex = b.experts(self.model)
+            for name in b.layout.tensors:
+                t = getattr(ex, name)
+                total += t[0].numel() * self.dtype.itemsize * k if t.dim() else 0
+        return total
+
+    def non_expert_bytes(self) -> int:
+        """Bytes of every tensor of the model that is not a routed expert (loaded dtype)."""
+        experts = {id(getattr(b.experts(self.model), n)) for b in self.blocks for n in b.layout.tensors}
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) in experts or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
+
+    @contextmanager
+    def stay_on(self, task: str) -> Iterator[None]:
+        """Use ``task`` within the block and return to the previous task afterwards."""
+        before = self.current
+        if task != before:
+            self.activate(task)
+        try:
+            yield
+        finally:
+            if before is not None and before != self.current:
+                self.activate(before)
+
+
+def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[name] = value
+
+
+def _complete_from(probe: nn.Module, loaded: nn.Module) -> None:
+    """Give the full-size probe router the tensors without an expert axis (scales, norms,
+    non-persistent buffers) that were loaded into the adaptive model's router."""
+    for name, t in list(probe.named_parameters()) + list(probe.named_buffers()):
+        if not t.is_meta:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        src = loaded.get_submodule(owner_path) if owner_path else loaded
+        value = getattr(src, attr, None)
+        if not isinstance(value, torch.Tensor) or value.is_meta or value.shape != t.shape:
+            raise UserError(
+                f"cannot build the full first router: '{name}' {list(t.shape)} is not in the checkpoint",
+                "the checkpoint does not match its config.json",
+            )
+        _set_tensor(probe.get_submodule(owner_path) if owner_path else probe, attr, value)

@@ -1,0 +1,333 @@
+"""`moeprune library build|route|show`: a pattern library of tasks and routing queries to it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..cli import app
+from ..errors import UserError
+
+library_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help=(
+        "Task pattern libraries (PreMoe task-adaptive retrieval).\n\n"
+        "Build: moeprune library build MODEL --task math=math.jsonl --task code=code.jsonl --keep K --out LIB\n\n"
+        'Route: moeprune library route LIB "query" (or --file queries.jsonl)\n\n'
+        "Show: moeprune library show LIB"
+    ),
+)
+app.add_typer(library_app, name="library")
+
+
+def parse_task_specs(specs: list[str]) -> dict[str, Path]:
+    """``NAME=PATH`` specs -> {name: path}; PATH is data or a ``*.profile.safetensors``."""
+    from ..library import check_task_name
+
+    if not specs:
+        raise UserError(
+            "no task given", "pass --task NAME=DATA (or NAME=X.profile.safetensors) at least once"
+        )
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--task '{spec}' is not NAME=PATH", "e.g. --task math=math.jsonl")
+        check_task_name(name)
+        if name in out:
+            raise UserError(f"task '{name}' is given twice", "give each task once")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"data file '{path}' of task '{name}' does not exist", "check the path")
+        out[name] = p
+    return out
+
+
+def is_profile(path: Path) -> bool:
+    return path.name.endswith(".safetensors")
+
+
+@library_app.command("build")
+def build(
+    model: str = typer.Argument(..., help="Local model directory or a hub id present in the local cache."),
+    task: list[str] = typer.Option(
+        ...,
+        "--task",
+        "-t",
+        help="NAME=PATH: a task's calibration data (any `moeprune profile` format) or its existing "
+        "profile (*.profile.safetensors). Repeatable.",
+    ),
+    keep: str = typer.Option(
+        ..., "--keep", "-k", help="Experts kept per MoE layer (e.g. 64) or a fraction (0.5)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Library folder to write."),
+    method: str = typer.Option("premoe", "--method", "-m", help="Score that picks each task's experts."),
+    self_generate: int = typer.Option(
+        0, "--self-generate", help="Calibrate on each prompt + the model's own greedy answer (N new tokens)."
+    ),
+    max_length: int = typer.Option(2048, "--max-length", help="Truncate each record to this many tokens."),
+    max_samples: int | None = typer.Option(
+        None, "--max-samples", help="Seeded subset of N records per task."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of --max-samples."),
+    premoe_ka: int | None = typer.Option(
+        None, "--premoe-ka", help="PreMoe candidates per token (default: the model's top-k)."
+    ),
+    profiles_dir: Path | None = typer.Option(
+        None,
+        "--profiles-dir",
+        help="Also keep the profiles made from data here (re-plan without recalibrating).",
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing library folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Profile each task (or take its profile), plan its kept experts and store its retrieval keys."""
+    from ..arch import find_moe_blocks
+    from ..commands.profile import _resolve_device, run_profile
+    from ..data import check_max_length
+    from ..library import build_library
+    from ..modelio import build_on_meta, load_config, load_model, resolve_model_dir
+    from ..plan import experts_to_keep, parse_keep
+    from ..profile import Profile
+    from ..score import check_method
+
+    # --- everything the user gave, checked before any work ----------------------------------------
+    specs = parse_task_specs(task)
+    check_method(method)
+    keep_value = parse_keep(keep)
+    check_max_length(max_length)
+    if premoe_ka is not None and premoe_ka <= 0:
+        raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
+    out = out.expanduser()
+    if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
+        raise UserError(f"'{out}' already exists", "choose another --out or pass --force")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"the folder of --out '{out}' does not exist", f"create {out.resolve().parent} first")
+    if profiles_dir is not None and not profiles_dir.is_dir():
+        raise UserError(f"--profiles-dir '{profiles_dir}' is not a folder", "create it first")
+    path = resolve_model_dir(model)
+    config = load_config(str(path))
+    blocks = find_moe_blocks(build_on_meta(config))
+    experts_to_keep(keep_value, blocks[0].num_experts, n_group=max(1, blocks[0].spec.n_group))
+
+    profiles: dict[str, Profile] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    loaded = None
+    with tempfile.TemporaryDirectory(prefix=".moeprune-library-", dir=out.resolve().parent) as tmp:
+        for name, src in specs.items():
+            if is_profile(src):
+                prof = Profile.load(src)
+                prof.check_model(config, model)
+                infos[name] = {"source": "profile", "profile": str(src.resolve())}
+            else:
+                if loaded is None:
+                    dev = _resolve_device(device)
+                    dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
+                    loaded = load_model(str(path), dtype=dt, device=dev)
+                target = (profiles_dir or Path(tmp)) / f"{name}.profile.safetensors"
+                if not quiet:
+                    print(f"== task {name}: profiling {src}", file=sys.stderr)
+                run_profile(
+                    model=model,
+                    data=[str(src)],
+                    out=target,
+                    max_length=max_length,
+                    max_samples=max_samples,
+                    seed=seed,
+                    self_generate=self_generate,
+                    premoe_ka=premoe_ka,
+                    quiet=quiet,
+                    loaded=loaded,
+                )
+                prof = Profile.load(target)
+                infos[name] = {"source": "data", "data_path": str(src.resolve())}
+                if profiles_dir is not None:
+                    infos[name]["profile"] = str(target.resolve())
+            profiles[name] = prof
+        lib = build_library(
+            profiles, model=str(path.resolve()), method=method, keep=keep_value, ka=premoe_ka, infos=infos
+        )
+        lib.save(out, force=force)
+    if not quiet:
+        _print_library(lib)
+    print(f"wrote {out}: {len(lib.tasks)} tasks, {lib.keep} of {lib.num_experts} experts per layer")
+
+
+def _print_library(lib: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = lib.names
+    table = Table(title=f"library {lib.path}: {lib.method}, keep {lib.keep}/{lib.num_experts} per layer")
+    table.add_column("task")
+    table.add_column("tokens", justify="right")
+    for n in names:
+        table.add_column(f"shared with {n}", justify="right")
+    for a in names:
+        info = lib.tasks[a].info
+        table.add_row(a, str(info.get("tokens", "?")), *(f"{lib.overlap(a, b):.0%}" for b in names))
+    Console(stderr=True).print(table)
+
+
+@library_app.command("show")
+def show(library: Path = typer.Argument(..., help="Library folder.")) -> None:
+    """List a library's tasks and how many kept experts each pair shares."""
+    from ..library import Library
+
+    _print_library(Library.load(library))
+
+
+def read_queries(path: Path) -> list[tuple[str, str | None]]:
+    """Queries from a file: jsonl records (``prompt``, ``text`` or the first user message of
+    ``messages``; an optional ``task`` field is the expected task) or .txt (one query per line)."""
+    from ..data import read_file
+
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise UserError(f"query file '{path}' does not exist", "check the path")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        queries: list[tuple[str, str | None]] = [(ln, None) for ln in lines if ln]
+    else:
+        df = read_file(path)
+        labels = _labels(path)
+        queries = []
+        for i, r in enumerate(df.records_list):
+            if r.messages is not None:
+                text = next((str(m.get("content", "")) for m in r.messages if m.get("role") == "user"), "")
+            else:
+                text = r.prompt if r.prompt is not None else (r.text or "")
+            queries.append((text, labels[i] if labels else None))
+    if not queries:
+        raise UserError(f"query file '{path}' holds no query", "give one query per line or record")
+    return queries
+
+
+def _labels(path: Path) -> list[str | None] | None:
+    if path.suffix != ".jsonl":
+        return None
+    out: list[str | None] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            task = row.get("task") if isinstance(row, dict) else None
+            out.append(str(task) if task is not None else None)
+    return out if any(x is not None for x in out) else None
+
+
+@library_app.command("route")
+def route(
+    library: Path = typer.Argument(..., help="Library folder."),
+    query: str | None = typer.Argument(None, help="The query text (or use --file)."),
+    file: Path | None = typer.Option(
+        None,
+        "--file",
+        "-f",
+        help="Queries: .jsonl (prompt/text/messages; optional 'task' = expected) or .txt lines.",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="The model (default: the one the library was built on)."
+    ),
+    key: str = typer.Option(
+        "first",
+        "--key",
+        help="first: PreMoe's key, a forward up to the first MoE router (no expert loaded); "
+        "all: every MoE layer's statistics (loads the whole model).",
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+) -> None:
+    """Find the nearest task of each query, the distances to all tasks, and how much of the
+    query's own expert usage the chosen pattern keeps."""
+    from ..commands.profile import _resolve_device
+    from ..library import Library, check_key_kind
+    from ..retrieval import route_query
+
+    check_key_kind(key)
+    if (query is None) == (file is None):
+        raise UserError(
+            "give a query or --file, not both" if query else "no query given", 'pass "TEXT" or --file F'
+        )
+    lib = Library.load(library)
+    queries = read_queries(file) if file is not None else [(query or "", None)]
+    if file is None and not (query or "").strip():
+        raise UserError("the query is empty", "pass some text")
+    probe = make_probe(lib, model or lib.model, key, dtype, _resolve_device(device))
+    results = [route_query(lib, probe, text, key, label) for text, label in queries]
+    _print_routes(lib, results)
+    if output is not None:
+        data = {"library": str(lib.path), "key": key, "results": [r.to_json() for r in results]}
+        labelled = [r for r in results if r.label is not None]
+        if labelled:
+            data["accuracy"] = sum(bool(r.correct) for r in labelled) / len(labelled)
+        output.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
+    from ..retrieval import FirstLayerProbe, FullModelProbe
+
+    if key == "first":
+        from ..adaptive import AdaptiveMoE
+
+        return FirstLayerProbe(AdaptiveMoE.from_library(model, lib, dtype=dtype, device=device))
+    from ..arch import find_moe_blocks
+    from ..modelio import load_config, load_model
+
+    lib.check_model(load_config(model), model)
+    lm, tok = load_model(model, dtype=dtype, device=device)
+    if tok is None:
+        raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
+    lib.check_model(lm.config, model, find_moe_blocks(lm))
+    return FullModelProbe(lm, tok, lib.ka)
+
+
+def _print_routes(lib: Any, results: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if len(results) == 1:
+        r = results[0]
+        table = Table(title=f"query ({r.tokens} tokens) -> {r.match.task}")
+        table.add_column("task")
+        table.add_column("L2 distance", justify="right")
+        for name, d in sorted(r.match.distances.items(), key=lambda kv: kv[1]):
+            table.add_row(("-> " if name == r.match.task else "   ") + name, f"{d:.4f}")
+        console.print(table)
+        cov = ", ".join(f"layer {k}: {v:.0%}" for k, v in r.coverage.items())
+        console.print(
+            f"nearest task: [bold]{r.match.task}[/bold] (margin {r.match.margin:.4f}); "
+            f"the query's own expert choices kept by its pattern: {cov}"
+        )
+        return
+    names = lib.names
+    table = Table(title=f"{len(results)} queries")
+    table.add_column("expected")
+    for n in names:
+        table.add_column(f"-> {n}", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("coverage", justify="right")
+    groups: dict[str, list[Any]] = {}
+    for r in results:
+        groups.setdefault(r.label or "(unlabelled)", []).append(r)
+    for label, rs in groups.items():
+        counts = [sum(r.match.task == n for r in rs) for n in names]
+        acc = f"{sum(bool(r.correct) for r in rs) / len(rs):.1%}" if rs[0].label is not None else "-"
+        cov = sum(r.mean_coverage for r in rs) / len(rs)
+        table.add_row(label, *(str(c) for c in counts), acc, f"{cov:.0%}")
+    console.print(table)
+    labelled = [r for r in results if r.label is not None]
+    if labelled:
+        acc = sum(bool(r.correct) for r in labelled) / len(labelled)
+        console.print(
+            f"routing accuracy: {acc:.1%} ({sum(bool(r.correct) for r in labelled)}/{len(labelled)})"
+        )

@@ -1,0 +1,408 @@
+"""A pattern library: per task, the experts it keeps and a key to find it (PreMoe TAER).
+
+A library is a small folder, no expert weights in it::
+
+    LIB/
+      library.json            model identity, settings, the tasks and their kept counts
+      keys.safetensors        per task: the planning scores [L, E] and the retrieval keys
+      plans/<task>.plan.json  the task's plan (usable as `moeprune prune --plan`)
+
+Retrieval keys are router-only statistics, so a query needs no expert to be computed:
+
+- ``first`` (PreMoe's): the task's PreMoe PEU score vector at the first MoE layer [E]; a query
+  computes the same statistic over its own tokens from a forward that stops at the first MoE
+  router (no expert of any MoE layer is needed);
+- ``all``: the PEU vectors of every MoE layer, concatenated [L * E]; a query needs a forward
+  through the whole model (every expert), so it serves analysis (`moeprune library route --key
+  all`), not the adaptive model.
+
+Nearest neighbour is exact L2 (PreMoe's FAISS IndexFlatL2): numpy, or faiss when installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .plan import Plan
+
+__all__ = ["KEY_KINDS", "LIBRARY_FORMAT", "Library", "Match", "TaskPattern", "nearest"]
+
+LIBRARY_FORMAT = "moeprune-library/1"
+KEY_KINDS = ("first", "all")
+INDEX_NAME = "library.json"
+KEYS_NAME = "keys.safetensors"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_task_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise UserError(
+            f"task name '{name}' is not usable",
+            "use letters, digits, '_', '.' or '-' (starting with a letter or digit)",
+        )
+    return name
+
+
+@dataclass
+class TaskPattern:
+    """One task of a library."""
+
+    name: str
+    plan: Plan
+    scores: torch.Tensor  # [L, E] the planning method's scores (float64)
+    keys: dict[str, torch.Tensor]  # kind -> key vector (float64)
+    info: dict[str, Any] = field(default_factory=dict)  # provenance: profile, tokens, data
+
+    def kept(self, layer: int) -> list[int]:
+        return list(self.plan.kept[layer])
+
+
+@dataclass
+class Match:
+    """Where a query goes: the nearest task and the distance to every task."""
+
+    task: str
+    distances: dict[str, float]  # task -> L2 distance, in library order
+    key: str = "first"
+
+    @property
+    def margin(self) -> float:
+        """Distance to the second nearest minus to the nearest (0 with one task)."""
+        d = sorted(self.distances.values())
+        return d[1] - d[0] if len(d) > 1 else 0.0
+
+
+def nearest(keys: torch.Tensor, query: torch.Tensor, use_faiss: bool | None = None) -> torch.Tensor:
+    """Exact L2 distances [N] from ``query`` [D] to each row of ``keys`` [N, D]."""
+    if use_faiss is None:
+        use_faiss = faiss_available()
+    if use_faiss:
+        import faiss
+        import numpy as np
+
+        index = faiss.IndexFlatL2(int(keys.shape[1]))
+        index.add(np.ascontiguousarray(keys.double().numpy(), dtype="float32"))
+        d2, order = index.search(
+            np.ascontiguousarray(query.double().numpy()[None], dtype="float32"), len(keys)
+        )
+        out = torch.empty(len(keys), dtype=torch.float64)
+        out[torch.from_numpy(order[0].astype("int64"))] = torch.from_numpy(d2[0].astype("float64")).clamp(
+            min=0
+        )
+        return out.sqrt()
+    k = keys.double().numpy()
+    q = query.double().numpy()
+    import numpy as np
+
+    return torch.from_numpy(np.sqrt(((k - q[None, :]) ** 2).sum(axis=1)))
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Library:
+    """The tasks of one model, each with a kept-expert plan and retrieval keys."""
+
+    model: str  # the model it was built on, as given
+    fields: dict[str, Any]  # the model's fingerprint fields (expert layout)
+    model_fingerprint: str
+    method: str
+    keep: int  # experts kept per MoE layer (the same for every task and layer)
+    ka: int  # PreMoe K_a of the keys
+    layers: list[int]
+    num_experts: int
+    tasks: dict[str, TaskPattern]
+    settings: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    # --- queries -------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks)
+
+    def task(self, name: str) -> TaskPattern:
+        if name not in self.tasks:
+            raise UserError(
+                f"library '{self.path or '?'}' has no task '{name}'",
+                f"use one of: {', '.join(self.tasks)}",
+            )
+        return self.tasks[name]
+
+    def key_matrix(self, kind: str) -> torch.Tensor:
+        check_key_kind(kind)
+        return torch.stack([t.keys[kind] for t in self.tasks.values()])
+
+    def match(self, query_key: torch.Tensor, kind: str = "first", use_faiss: bool | None = None) -> Match:
+        keys = self.key_matrix(kind)
+        if query_key.shape != keys.shape[1:]:
+            raise ValueError(f"query key {list(query_key.shape)} vs library keys {list(keys.shape)}")
+        dist = nearest(keys, query_key, use_faiss)
+        names = self.names
+        best = int(torch.argmin(dist))
+        return Match(names[best], {n: float(d) for n, d in zip(names, dist.tolist(), strict=True)}, kind)
+
+    def check_model(self, config: Any, name: str, blocks: list[Any] | None = None) -> None:
+        """Refuse a model whose expert layout is not the one this library was built on."""
+        from .profile import _describe, fingerprint_fields, model_fingerprint
+
+        fields = fingerprint_fields(config, blocks)
+        if model_fingerprint(fields) != self.model_fingerprint:
+            raise UserError(
+                f"library '{self.path or '?'}' was built for model '{self.model}' ({_describe(self.fields)}), "
+                f"not for '{name}' ({_describe(fields)})",
+                "build a library for this model with `moeprune library build`",
+            )
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def save(self, out: str | Path, *, force: bool = False) -> Path:
+        """Write the library folder atomically (nothing is left half-written)."""
+        from safetensors.torch import save_file
+
+        from .outputs import write_dir_atomically
+
+        out = Path(out).expanduser()
+        if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
+            raise UserError(f"'{out}' already exists", "choose another --out or pass --force")
+        if not out.resolve().parent.is_dir():
+            raise UserError(
+                f"the folder of --out '{out}' does not exist", f"create {out.resolve().parent} first"
+            )
+
+        def write(tmp: Path) -> None:
+            (tmp / "plans").mkdir()
+            tensors: dict[str, torch.Tensor] = {}
+            for name, t in self.tasks.items():
+                t.plan.save(tmp / "plans" / f"{name}.plan.json")
+                tensors[f"{name}.scores"] = t.scores.double().contiguous()
+                for kind, vec in t.keys.items():
+                    tensors[f"{name}.key.{kind}"] = vec.double().contiguous()
+            save_file(tensors, str(tmp / KEYS_NAME), metadata={"format": LIBRARY_FORMAT})
+            index = {
+                "format": LIBRARY_FORMAT,
+                "model": self.model,
+                "model_fingerprint": self.model_fingerprint,
+                "model_fields": self.fields,
+                "method": self.method,
+                "keep": self.keep,
+                "premoe_ka": self.ka,
+                "key_statistic": "premoe",
+                "key_kinds": list(KEY_KINDS),
+                "layers": self.layers,
+                "num_experts": self.num_experts,
+                "settings": self.settings,
+                "tasks": [
+                    {
+                        "name": name,
+                        "plan": f"plans/{name}.plan.json",
+                        "kept_per_layer": self.keep,
+                        **t.info,
+                    }
+                    for name, t in self.tasks.items()
+                ],
+            }
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+        write_dir_atomically(out, write)
+        self.path = out
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Library:
+        """Read and check a library folder; any problem is a one-line :class:`UserError`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise UserError(f"library '{path}' does not exist", "build one with `moeprune library build`")
+        index_file = path / INDEX_NAME
+        if not path.is_dir() or not index_file.is_file():
+            raise UserError(
+                f"'{path}' is not a moeprune library (no {INDEX_NAME})",
+                "build one with `moeprune library build`",
+            )
+
+        def bad(problem: str) -> UserError:
+            return UserError(f"library '{path}': {problem}", "build it again with `moeprune library build`")
+
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise bad(f"{INDEX_NAME} is not valid JSON") from None
+        if not isinstance(index, dict) or index.get("format") != LIBRARY_FORMAT:
+            got = index.get("format") if isinstance(index, dict) else None
+            raise bad(f"format is {got!r}, expected {LIBRARY_FORMAT!r}")
+        entries = index.get("tasks")
+        if not isinstance(entries, list) or not entries:
+            raise UserError(
+                f"library '{path}' holds no task", "add tasks with `moeprune library build --task`"
+            )
+        try:
+            tensors = load_file(str(path / KEYS_NAME))
+        except (OSError, SafetensorError, ValueError):
+            raise bad(f"{KEYS_NAME} is missing or unreadable") from None
+        try:
+            layers = [int(x) for x in index["layers"]]
+            num_experts = int(index["num_experts"])
+            keep = int(index["keep"])
+            ka = int(index["premoe_ka"])
+            fp = str(index["model_fingerprint"])
+        except (KeyError, TypeError, ValueError):
+            raise bad("library.json misses the model or settings fields") from None
+        tasks: dict[str, TaskPattern] = {}
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise bad("a task entry has no name")
+            name = entry["name"]
+            if name in tasks:
+                raise bad(f"task '{name}' is listed twice")
+            plan = Plan.load(path / str(entry.get("plan", f"plans/{name}.plan.json")))
+            if plan.model_fingerprint != fp or plan.layers != layers:
+                raise bad(f"the plan of task '{name}' is for another model")
+            counts = set(plan.kept_counts())
+            if counts != {keep}:
+                raise bad(f"the plan of task '{name}' keeps {sorted(counts)} experts per layer, not {keep}")
+            try:
+                scores = tensors[f"{name}.scores"]
+                keys = {kind: tensors[f"{name}.key.{kind}"] for kind in KEY_KINDS}
+            except KeyError as exc:
+                raise bad(f"{KEYS_NAME} has no tensor {exc.args[0]!r}") from None
+            if list(scores.shape) != [len(layers), num_experts] or list(keys["first"].shape) != [num_experts]:
+                raise bad(f"the keys of task '{name}' have the wrong shape")
+            info = {k: v for k, v in entry.items() if k not in ("name", "plan", "kept_per_layer")}
+            tasks[name] = TaskPattern(name, plan, scores, keys, info)
+        return cls(
+            model=str(index.get("model", "?")),
+            fields=dict(index.get("model_fields") or {}),
+            model_fingerprint=fp,
+            method=str(index.get("method", "?")),
+            keep=keep,
+            ka=ka,
+            layers=layers,
+            num_experts=num_experts,
+            tasks=tasks,
+            settings=dict(index.get("settings") or {}),
+            path=path,
+        )
+
+    def overlap(self, a: str, b: str) -> float:
+        """Fraction of the kept experts two tasks share (over all layers)."""
+        pa, pb = self.task(a).plan, self.task(b).plan
+        shared = sum(len(set(pa.kept[layer]) & set(pb.kept[layer])) for layer in self.layers)
+        return shared / (self.keep * len(self.layers))
+
+
+def check_key_kind(kind: str) -> str:
+    if kind not in KEY_KINDS:
+        raise UserError(f"unknown key '{kind}'", f"use one of: {', '.join(KEY_KINDS)}")
+    return kind
+
+
+def task_keys(profile: Any, ka: int) -> dict[str, torch.Tensor]:
+    """The retrieval keys of a task from its profile: PEU at the first MoE layer, and at all."""
+    from .score import score_premoe
+
+    peu = score_premoe(profile, ka=ka)  # [L, E]
+    return {"first": peu[0].clone(), "all": peu.reshape(-1).clone()}
+
+
+def query_keys(
+    entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_experts: int, all_layers: bool = False
+) -> dict[str, torch.Tensor]:
+    """The same statistic over a query's tokens: ``entries`` = PreMoe (q, f, idx), each [L', T, Ka],
+    of the first MoE layer (key ``first``) or, with ``all_layers``, of every MoE layer (``all`` too)."""
+    from .score import premoe_scores
+
+    q, f, idx = entries
+    peu = premoe_scores(q, f, idx, num_experts)
+    out = {"first": peu[0].clone()}
+    if all_layers:
+        out["all"] = peu.reshape(-1).clone()
+    return out
+
+
+def build_library(
+    profiles: dict[str, Any],
+    *,
+    model: str,
+    method: str,
+    keep: int | float,
+    ka: int | None = None,
+    options: dict[str, Any] | None = None,
+    infos: dict[str, dict[str, Any]] | None = None,
+) -> Library:
+    """A library from one profile per task (all of the same model)."""
+    from .plan import experts_to_keep, make_plan
+    from .score import check_method, score
+
+    if not profiles:
+        raise UserError("no task given", "pass --task NAME=DATA at least once")
+    check_method(method)
+    first = next(iter(profiles.values()))
+    meta = first.meta
+    for name, p in profiles.items():
+        check_task_name(name)
+        if p.meta.get("model_fingerprint") != meta.get("model_fingerprint"):
+            raise UserError(
+                f"the profile of task '{name}' was made on another model ({p.meta.get('model')})",
+                "profile every task on the same model",
+            )
+    stored_ka = int(first.premoe_ka)
+    ka = stored_ka if ka is None else int(ka)
+    routing = meta.get("routing") or {}
+    n_group = int(routing.get("n_group", 1) or 1)
+    num_experts = int(first.num_experts)
+    keep_n = experts_to_keep(keep, num_experts, n_group=n_group, per_group="equal")
+    layers = [int(x) for x in meta.get("layers") or range(first.num_layers)]
+    tasks: dict[str, TaskPattern] = {}
+    for name, p in profiles.items():
+        if int(p.premoe_ka) < ka:
+            raise UserError(
+                f"the profile of task '{name}' stores the top {p.premoe_ka} logits per token, the keys need {ka}",
+                f"pass --premoe-ka {p.premoe_ka} or re-profile",
+            )
+        scores = score(p, method, **(options or {}))
+        plan = make_plan(
+            scores,
+            keep=keep_n,
+            scope="layer",
+            top_k=int(meta.get("top_k") or routing.get("top_k")),
+            n_group=n_group,
+            topk_group=int(routing.get("topk_group", 1) or 1),
+            group_score=str(routing.get("group_score", "max")),
+            layers=layers,
+            model_fingerprint=str(meta.get("model_fingerprint", "")),
+            model_type=str(meta.get("model_type", "")),
+            method=method,
+            settings={"task": name, "options": options or {}, "library": True},
+        )
+        info = {"tokens": p.meta.get("tokens"), "samples": p.meta.get("samples"), "data": p.meta.get("data")}
+        info.update((infos or {}).get(name, {}))
+        tasks[name] = TaskPattern(name, plan, scores.double(), task_keys(p, ka), info)
+    return Library(
+        model=model,
+        fields=first._fields(),
+        model_fingerprint=str(meta.get("model_fingerprint", "")),
+        method=method,
+        keep=keep_n,
+        ka=ka,
+        layers=layers,
+        num_experts=num_experts,
+        tasks=tasks,
+        settings={"options": options or {}, "scope": "layer"},
+    )

@@ -1,0 +1,246 @@
+"""Pattern libraries on the testbed: building (from data or profiles), routing queries, and the
+`library`, `generate` and `chat` commands, with their bad-input errors."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.cli import main
+from moeprune.errors import UserError
+from moeprune.library import Library, build_library
+from moeprune.profile import Profile
+from moeprune.testbed import MODEL_DIR, data_file
+
+DATES, REVERSE = "dates", "reverse"
+KEEP = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(capsys, args: list) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _error(rc: int, err: str, *words: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory) -> dict[str, Path]:
+    from moeprune.commands.profile import run_profile
+
+    out = {}
+    folder = tmp_path_factory.mktemp("profiles")
+    for task in (DATES, REVERSE):
+        out[task] = folder / f"{task}.profile.safetensors"
+        run_profile(
+            model=str(MODEL_DIR),
+            data=[str(data_file(task, "calib"))],
+            out=out[task],
+            max_samples=12,
+            quiet=True,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, profiles) -> Path:
+    """Built by the CLI: one task from data, one from its profile."""
+    out = tmp_path_factory.mktemp("lib") / "lib"
+    rc = main(
+        [
+            "library", "build", str(MODEL_DIR),
+            "--task", f"{DATES}={data_file(DATES, 'calib')}",
+            "--task", f"{REVERSE}={profiles[REVERSE]}",
+            "--keep", str(KEEP), "--out", str(out), "--max-samples", "12", "-q",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
+    from moeprune.plan import make_plan
+    from moeprune.score import score_premoe
+
+    loaded = {t: Profile.load(p) for t, p in profiles.items()}
+    lib = build_library(loaded, model=str(MODEL_DIR), method="premoe", keep=KEEP)
+    for task, prof in loaded.items():
+        peu = score_premoe(prof)
+        pattern = lib.task(task)
+        assert torch.equal(pattern.keys["first"], peu[0]) and torch.equal(
+            pattern.keys["all"], peu.reshape(-1)
+        )
+        routing = prof.meta["routing"]
+        ref = make_plan(
+            peu, keep=KEEP, top_k=prof.top_k, n_group=routing["n_group"], topk_group=routing["topk_group"],
+            group_score=routing["group_score"], layers=prof.layers,
+        )  # fmt: skip
+        assert pattern.plan.kept == ref.kept
+        assert all(len(ids) == KEEP for ids in pattern.plan.kept.values())
+    lib.save(tmp_path / "lib")
+    back = Library.load(tmp_path / "lib")
+    assert back.names == lib.names and back.keep == KEEP and back.model_fingerprint == lib.model_fingerprint
+    for task in lib.names:
+        assert back.task(task).plan.kept == lib.task(task).plan.kept
+        assert torch.equal(back.task(task).keys["all"], lib.task(task).keys["all"])
+    assert 0.0 <= lib.overlap(DATES, REVERSE) < 1.0 and lib.overlap(DATES, DATES) == 1.0
+    # the plan files are ordinary plans: `moeprune prune --plan` takes them
+    assert (tmp_path / "lib" / "plans" / f"{DATES}.plan.json").is_file()
+
+
+def test_cli_build_and_show(library, profiles, capsys):
+    index = json.loads((library / "library.json").read_text())
+    assert [t["name"] for t in index["tasks"]] == [DATES, REVERSE]
+    assert index["keep"] == KEEP and index["key_statistic"] == "premoe"
+    assert index["tasks"][0]["source"] == "data" and index["tasks"][1]["source"] == "profile"
+    assert not any(p.suffix == ".safetensors" and p.stat().st_size > 100_000 for p in library.rglob("*"))
+    lib = Library.load(library)
+    same = build_library(
+        {REVERSE: Profile.load(profiles[REVERSE])}, model=str(MODEL_DIR), method="premoe", keep=KEEP
+    )
+    assert lib.task(REVERSE).plan.kept == same.task(REVERSE).plan.kept
+    rc, _, err = _run(capsys, ["library", "show", library])
+    assert rc == 0 and DATES in err and "shared with" in err
+
+
+def test_cli_route_single_query_and_file(library, tmp_path, capsys):
+    prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[0])["prompt"]
+    rc, out, err = _run(capsys, ["library", "route", library, prompt])
+    assert rc == 0, err
+    assert f"-> {DATES}" in out and "nearest task" in out
+    queries = tmp_path / "q.jsonl"
+    rows = []
+    for task in (DATES, REVERSE):
+        for line in data_file(task, "eval").read_text().splitlines()[:6]:
+            rows.append({"prompt": json.loads(line)["prompt"], "task": task})
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = tmp_path / "routes.json"
+    rc, out, err = _run(capsys, ["library", "route", library, "--file", queries, "-o", result])
+    assert rc == 0, err
+    data = json.loads(result.read_text())
+    assert len(data["results"]) == 12
+    correct = sum(r["task"] == r["label"] for r in data["results"])
+    assert data["accuracy"] == correct / 12 and "routing accuracy" in out
+    first = data["results"][0]
+    assert set(first["distances"]) == {DATES, REVERSE} and 0.0 <= first["mean_coverage"] <= 1.0
+    assert first["task"] == min(first["distances"], key=first["distances"].get)
+    rc, out, err = _run(
+        capsys, ["library", "route", library, "--file", queries, "--key", "all", "-o", result]
+    )
+    assert rc == 0, err
+    assert len(json.loads(result.read_text())["results"][0]["coverage"]) == 3  # every MoE layer
+
+
+def test_cli_generate_equals_the_pruned_checkpoint(library, tmp_path, capsys):
+    from moeprune.modelio import load_model
+
+    prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[1])["prompt"]
+    rc, out, err = _run(
+        capsys, ["generate", MODEL_DIR, "--library", library, "--prompt", prompt, "--max-new-tokens", "12"]
+    )
+    assert rc == 0, err
+    assert f"[{DATES}] loaded {3 * KEEP} experts" in err
+    pruned = tmp_path / "pruned"
+    rc, _, err = _run(
+        capsys, ["prune", MODEL_DIR, "--plan", library / "plans" / f"{DATES}.plan.json", "--out", pruned]
+    )
+    assert rc == 0, err
+    lm, tok = load_model(str(pruned))
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    ref = lm.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert out[:-1] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)  # print adds a newline
+
+
+def test_cli_chat_routes_each_conversation(library, capsys, monkeypatch):
+    reverse_prompt = json.loads(data_file(REVERSE, "eval").read_text().splitlines()[0])["prompt"].split("\n")[
+        0
+    ]
+    date_prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[0])["prompt"].strip()
+    script = f"{date_prompt}\n/tasks\n/new\n{reverse_prompt}\n/task nope\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    rc, out, err = _run(capsys, ["chat", MODEL_DIR, "--library", library, "--max-new-tokens", "8"])
+    assert rc == 0, err
+    assert f"[{DATES}] loaded" in err and "new conversation" in err and "unknown task 'nope'" in err
+    assert f"{DATES}, {REVERSE}" in out
+
+
+def test_bad_input(library, tmp_path, capsys):
+    from moeprune.testing.tiny import byte_tokenizer, tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("qwen3_moe").save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    rc, _, err = _run(capsys, ["generate", other, "--library", library, "--prompt", "hi"])
+    _error(rc, err, "was built for model", "library build")
+    rc, _, err = _run(capsys, ["library", "route", library, "x", "--model", other])
+    _error(rc, err, "was built for model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    index = json.loads((library / "library.json").read_text())
+    (empty / "library.json").write_text(json.dumps({**index, "tasks": []}))
+    rc, _, err = _run(capsys, ["library", "route", empty, "x"])
+    _error(rc, err, "holds no task")
+    rc, _, err = _run(capsys, ["library", "route", tmp_path / "missing", "x"])
+    _error(rc, err, "does not exist")
+    rc, _, err = _run(
+        capsys, ["generate", MODEL_DIR, "--library", library, "--prompt", "x", "--task", "nope"]
+    )
+    _error(rc, err, "no task 'nope'", DATES)
+    rc, _, err = _run(capsys, ["library", "route", library, "<|bos|>"])
+    _error(rc, err, "tokenises to nothing")
+    rc, _, err = _run(capsys, ["library", "route", library, "  "])
+    _error(rc, err, "empty")
+    rc, _, err = _run(capsys, ["library", "route", library, "x", "--key", "middle"])
+    _error(rc, err, "unknown key")
+    rc, _, err = _run(
+        capsys, ["library", "build", MODEL_DIR, "--task", "dates", "--keep", "8", "--out", tmp_path / "l"]
+    )
+    _error(rc, err, "NAME=PATH")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    out = tmp_path / "half"
+    rc, _, err = _run(
+        capsys,
+        ["library", "build", MODEL_DIR, "--task", f"a={data_file(DATES, 'calib')}", "--task", f"b={bad}",
+         "--keep", "8", "--out", out, "-q"],
+    )  # fmt: skip
+    _error(rc, err, "bad.jsonl:2")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".moeprune-library")]
+    rc, _, err = _run(
+        capsys, ["library", "build", MODEL_DIR, "--task", f"a={bad}", "--keep", "33", "--out", out]
+    )
+    _error(rc, err, "cannot keep 33")
+    with pytest.raises(UserError, match="no task"):
+        build_library({}, model="m", method="premoe", keep=8)
+
+
+def test_nearest_neighbour_numpy_and_faiss_agree():
+    from moeprune.library import nearest
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.rand(7, 32, generator=g, dtype=torch.float64)
+    query = torch.rand(32, generator=g, dtype=torch.float64)
+    exact = torch.cdist(keys, query[None]).squeeze(1)
+    by_numpy = nearest(keys, query, use_faiss=False)
+    by_faiss = nearest(keys, query, use_faiss=True)  # the faiss extra is installed by .ci/run
+    torch.testing.assert_close(by_numpy, exact)
+    torch.testing.assert_close(by_faiss, exact, rtol=1e-5, atol=1e-5)
+    assert int(by_faiss.argmin()) == int(exact.argmin())
