@@ -60,33 +60,32 @@ def append_section(path: Any, title: str, command: str, note: str, goal: str, ta
 
 POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
 
+Entry = tuple[str, str, tuple[int, ...], int]  # (key, safetensors dtype, shape, bytes)
 
-def write_random_dsv3(directory: Any, layers: int, shards: int) -> int:
-    """Write a random bf16 DeepSeek-V3-style checkpoint in the hub layout (one key per expert, as
-    DeepSeek-V3 is published) shard by shard, from a small pool of random bytes (no model is built
-    in memory); returns the bytes of tensor data."""
+
+def dsv3_entries(tensors: Any) -> list[Entry]:
+    """The (key, dtype, shape, bytes) of each tensor of ``tensors`` (a state dict, on meta) as
+    DeepSeek-V3 stores it: BF16, but F32 for the router's score-correction biases."""
+    from moeprune.checkpoint import DTYPE_SIZES
+
+    entries = []
+    for key, t in tensors.items():
+        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"
+        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
+    return entries
+
+
+def write_shards(directory: Any, entries: list[Entry], shards: int, pools: dict[str, bytes]) -> int:
+    """Write ``entries`` in file order as up to ``shards`` safetensors shards of about equal size,
+    plus ``model.safetensors.index.json``, in ``directory``; each tensor's bytes are
+    ``pools[dtype]`` repeated and cut to size. Returns the bytes of tensor data."""
     import json
     from pathlib import Path
 
     directory = Path(directory)
-    import torch
-    from transformers.core_model_loading import revert_weight_conversion
-
-    from moeprune.checkpoint import DTYPE_SIZES
-    from moeprune.modelio import build_on_meta
-
-    cfg = dsv3_config(layers, tie_word_embeddings=False, dtype="bfloat16")
-    cfg.save_pretrained(directory)
-    meta = build_on_meta(cfg)
-    hub = revert_weight_conversion(meta, meta.state_dict())  # per-expert keys, on meta
-    entries = []
-    for key, t in hub.items():
-        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"  # as DeepSeek-V3 stores them
-        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
-    del meta, hub
     total = sum(e[3] for e in entries)
     per_shard = total / shards
-    groups: list[list[tuple]] = [[]]
+    groups: list[list[Entry]] = [[]]
     size = 0
     for e in entries:
         if groups[-1] and size + e[3] > per_shard and len(groups) < shards:
@@ -94,11 +93,6 @@ def write_random_dsv3(directory: Any, layers: int, shards: int) -> int:
             size = 0
         groups[-1].append(e)
         size += e[3]
-    # small values (std 0.02) keep activations finite through every layer
-    pools = {
-        "BF16": (torch.randn(POOL // 2) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes(),
-        "F32": (torch.randn(POOL // 4) * 0.02).view(torch.uint8).numpy().tobytes(),
-    }
     weight_map = {}
     n = len(groups)
     for i, group in enumerate(groups):
@@ -113,11 +107,34 @@ def write_random_dsv3(directory: Any, layers: int, shards: int) -> int:
         with open(directory / name, "wb") as fh:
             fh.write(len(raw).to_bytes(8, "little") + raw)
             for _key, dtype, _shape, nbytes in group:
-                left = nbytes
+                pool, left = pools[dtype], nbytes
                 while left:
-                    chunk = min(left, POOL)
-                    fh.write(pools[dtype][:chunk])
+                    chunk = min(left, len(pool))
+                    fh.write(pool[:chunk])
                     left -= chunk
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return total
+
+
+def write_random_dsv3(directory: Any, layers: int, shards: int) -> int:
+    """Write a random bf16 DeepSeek-V3-style checkpoint in the hub layout (one key per expert, as
+    DeepSeek-V3 is published) shard by shard, from a small pool of random bytes (no model is built
+    in memory); returns the bytes of tensor data."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moeprune.modelio import build_on_meta
+
+    cfg = dsv3_config(layers, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.save_pretrained(directory)
+    meta = build_on_meta(cfg)
+    hub = revert_weight_conversion(meta, meta.state_dict())  # per-expert keys, on meta
+    entries = dsv3_entries(hub)
+    del meta, hub
+    # small values (std 0.02) keep activations finite through every layer
+    pools = {
+        "BF16": (torch.randn(POOL // 2) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes(),
+        "F32": (torch.randn(POOL // 4) * 0.02).view(torch.uint8).numpy().tobytes(),
+    }
+    return write_shards(directory, entries, shards, pools)

@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import append_section, dsv3_config, kv_table
+from _models import POOL, append_section, dsv3_config, dsv3_entries, kv_table, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-POOL = 64 * 1024 * 1024  # random bytes reused for every tensor
 
 CHILD = r"""
 import json, sys, time
@@ -74,50 +73,15 @@ def generate(directory: Path, layers: int, shards: int) -> int:
     """Write the checkpoint shard by shard; returns the bytes of tensor data."""
     import torch
 
-    from moeprune.checkpoint import DTYPE_SIZES
     from moeprune.modelio import build_on_meta
 
     cfg = config(layers)
     cfg.save_pretrained(directory)
     meta = build_on_meta(cfg)
-    entries = []
-    for key, t in meta.state_dict().items():
-        dtype = "F32" if key.endswith("e_score_correction_bias") else "BF16"  # as DeepSeek-V3 stores them
-        entries.append((key, dtype, tuple(t.shape), t.numel() * DTYPE_SIZES[dtype]))
+    entries = dsv3_entries(meta.state_dict())
     del meta
-    total = sum(e[3] for e in entries)
-    per_shard = total / shards
-    groups: list[list[tuple]] = [[]]
-    size = 0
-    for e in entries:
-        if groups[-1] and size + e[3] > per_shard and len(groups) < shards:
-            groups.append([])
-            size = 0
-        groups[-1].append(e)
-        size += e[3]
     pool = torch.randn(POOL // 2, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
-    weight_map = {}
-    n = len(groups)
-    for i, group in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key, dtype, shape, nbytes in group:
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[key] = name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(directory / name, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little") + raw)
-            for _key, _dtype, _shape, nbytes in group:
-                left = nbytes
-                while left:
-                    chunk = min(left, POOL)
-                    fh.write(pool[:chunk])
-                    left -= chunk
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return total
+    return write_shards(directory, entries, shards, {"BF16": pool, "F32": pool})  # one pool for both dtypes
 
 
 def kept_plan(layers: int) -> dict[int, list[int]]:

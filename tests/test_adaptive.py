@@ -26,14 +26,6 @@ TYPES = [t for t in buildable_types() if t in ARCH_TABLE]
 HUB = ("deepseek_v3", "qwen3_moe", "mixtral", "gpt_oss")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @cache
 def _model(model_type: str):
     model = tiny_model(model_type)

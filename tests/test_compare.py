@@ -15,14 +15,6 @@ from moeprune.cli import main
 from moeprune.testing.tiny import byte_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save(model, d: Path) -> Path:
     model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id = 2, 0, 1
     model.generation_config.eos_token_id = 2

@@ -122,15 +122,6 @@ def _deepseek_v3(vocab: int):
     return DeepseekV3ForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dominated by per-op overhead; one thread is ~10x faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model directory, model, tokenizer) of a saved tiny random Qwen3-MoE."""

@@ -7,17 +7,11 @@ import json
 import pytest
 import torch
 
+from _cli import run_cli
 from moeprune.arch import ARCH_TABLE, find_moe_blocks
-from moeprune.cli import main
 from moeprune.testing.tiny import buildable_types, tiny_config, tiny_model
 
 SUPPORTED = [t for t in buildable_types() if t in ARCH_TABLE]
-
-
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED)
@@ -25,7 +19,7 @@ def test_inspect_reports_the_right_counts(model_type, tmp_path, capsys):
     tiny_config(model_type).save_pretrained(tmp_path)  # config only: inspect never reads weights
     model = tiny_model(model_type)
     blocks = find_moe_blocks(model)
-    code, out, err = _run(capsys, "inspect", str(tmp_path), "--json")
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path), "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["model_type"] == model.config.get_text_config().model_type
@@ -47,19 +41,19 @@ def test_inspect_table_and_size_of_a_large_config(tmp_path, capsys):
     cfg = AutoConfig.for_model("deepseek_v3")  # defaults are the 671B model's shapes
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(tmp_path)
-    code, out, err = _run(capsys, "inspect", str(tmp_path), "--json")
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path), "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["num_experts"] == 256 and report["top_k"] == 8
     assert report["num_moe_layers"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
     assert 600e9 < report["total_params"] < 700e9
     assert report["total_bytes"] == 2 * report["total_params"]
-    code, out, _ = _run(capsys, "inspect", str(tmp_path))
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path))
     assert code == 0 and "256" in out and "12.5%" in out
 
 
 def _one_line_error(capsys, *args: str) -> str:
-    code, out, err = _run(capsys, *args)
+    code, out, err = run_cli(capsys, *args)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err

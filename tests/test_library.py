@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import assert_user_error, run_cli
 from moeprune.cli import main
 from moeprune.errors import UserError
 from moeprune.library import Library, build_library
@@ -18,28 +19,6 @@ from moeprune.testbed import MODEL_DIR, data_file
 
 DATES, REVERSE = "dates", "reverse"
 KEEP = 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(capsys, args: list) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _error(rc: int, err: str, *words: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +96,13 @@ def test_cli_build_and_show(library, profiles, capsys):
         {REVERSE: Profile.load(profiles[REVERSE])}, model=str(MODEL_DIR), method="premoe", keep=KEEP
     )
     assert lib.task(REVERSE).plan.kept == same.task(REVERSE).plan.kept
-    rc, _, err = _run(capsys, ["library", "show", library])
+    rc, _, err = run_cli(capsys, "library", "show", library)
     assert rc == 0 and DATES in err and "shared with" in err
 
 
 def test_cli_route_single_query_and_file(library, tmp_path, capsys):
     prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[0])["prompt"]
-    rc, out, err = _run(capsys, ["library", "route", library, prompt])
+    rc, out, err = run_cli(capsys, "library", "route", library, prompt)
     assert rc == 0, err
     assert f"-> {DATES}" in out and "nearest task" in out
     queries = tmp_path / "q.jsonl"
@@ -133,7 +112,7 @@ def test_cli_route_single_query_and_file(library, tmp_path, capsys):
             rows.append({"prompt": json.loads(line)["prompt"], "task": task})
     queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = tmp_path / "routes.json"
-    rc, out, err = _run(capsys, ["library", "route", library, "--file", queries, "-o", result])
+    rc, out, err = run_cli(capsys, "library", "route", library, "--file", queries, "-o", result)
     assert rc == 0, err
     data = json.loads(result.read_text())
     assert len(data["results"]) == 12
@@ -142,8 +121,8 @@ def test_cli_route_single_query_and_file(library, tmp_path, capsys):
     first = data["results"][0]
     assert set(first["distances"]) == {DATES, REVERSE} and 0.0 <= first["mean_coverage"] <= 1.0
     assert first["task"] == min(first["distances"], key=first["distances"].get)
-    rc, out, err = _run(
-        capsys, ["library", "route", library, "--file", queries, "--key", "all", "-o", result]
+    rc, out, err = run_cli(
+        capsys, "library", "route", library, "--file", queries, "--key", "all", "-o", result
     )
     assert rc == 0, err
     assert len(json.loads(result.read_text())["results"][0]["coverage"]) == 3  # every MoE layer
@@ -153,14 +132,14 @@ def test_cli_generate_equals_the_pruned_checkpoint(library, tmp_path, capsys):
     from moeprune.modelio import load_model
 
     prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[1])["prompt"]
-    rc, out, err = _run(
-        capsys, ["generate", MODEL_DIR, "--library", library, "--prompt", prompt, "--max-new-tokens", "12"]
+    rc, out, err = run_cli(
+        capsys, "generate", MODEL_DIR, "--library", library, "--prompt", prompt, "--max-new-tokens", "12"
     )
     assert rc == 0, err
     assert f"[{DATES}] loaded {3 * KEEP} experts" in err
     pruned = tmp_path / "pruned"
-    rc, _, err = _run(
-        capsys, ["prune", MODEL_DIR, "--plan", library / "plans" / f"{DATES}.plan.json", "--out", pruned]
+    rc, _, err = run_cli(
+        capsys, "prune", MODEL_DIR, "--plan", library / "plans" / f"{DATES}.plan.json", "--out", pruned
     )
     assert rc == 0, err
     lm, tok = load_model(str(pruned))
@@ -176,7 +155,7 @@ def test_cli_chat_routes_each_conversation(library, capsys, monkeypatch):
     date_prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[0])["prompt"].strip()
     script = f"{date_prompt}\n/tasks\n/new\n{reverse_prompt}\n/task nope\n/quit\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(script))
-    rc, out, err = _run(capsys, ["chat", MODEL_DIR, "--library", library, "--max-new-tokens", "8"])
+    rc, out, err = run_cli(capsys, "chat", MODEL_DIR, "--library", library, "--max-new-tokens", "8")
     assert rc == 0, err
     assert f"[{DATES}] loaded" in err and "new conversation" in err and "unknown task 'nope'" in err
     assert f"{DATES}, {REVERSE}" in out
@@ -188,46 +167,45 @@ def test_bad_input(library, tmp_path, capsys):
     other = tmp_path / "other"
     tiny_model("qwen3_moe").save_pretrained(other)
     byte_tokenizer().save_pretrained(other)
-    rc, _, err = _run(capsys, ["generate", other, "--library", library, "--prompt", "hi"])
-    _error(rc, err, "was built for model", "library build")
-    rc, _, err = _run(capsys, ["library", "route", library, "x", "--model", other])
-    _error(rc, err, "was built for model")
+    rc, _, err = run_cli(capsys, "generate", other, "--library", library, "--prompt", "hi")
+    assert_user_error(rc, err, "was built for model", "library build")
+    rc, _, err = run_cli(capsys, "library", "route", library, "x", "--model", other)
+    assert_user_error(rc, err, "was built for model")
     empty = tmp_path / "empty"
     empty.mkdir()
     index = json.loads((library / "library.json").read_text())
     (empty / "library.json").write_text(json.dumps({**index, "tasks": []}))
-    rc, _, err = _run(capsys, ["library", "route", empty, "x"])
-    _error(rc, err, "holds no task")
-    rc, _, err = _run(capsys, ["library", "route", tmp_path / "missing", "x"])
-    _error(rc, err, "does not exist")
-    rc, _, err = _run(
-        capsys, ["generate", MODEL_DIR, "--library", library, "--prompt", "x", "--task", "nope"]
+    rc, _, err = run_cli(capsys, "library", "route", empty, "x")
+    assert_user_error(rc, err, "holds no task")
+    rc, _, err = run_cli(capsys, "library", "route", tmp_path / "missing", "x")
+    assert_user_error(rc, err, "does not exist")
+    rc, _, err = run_cli(
+        capsys, "generate", MODEL_DIR, "--library", library, "--prompt", "x", "--task", "nope"
     )
-    _error(rc, err, "no task 'nope'", DATES)
-    rc, _, err = _run(capsys, ["library", "route", library, "<|bos|>"])
-    _error(rc, err, "tokenises to nothing")
-    rc, _, err = _run(capsys, ["library", "route", library, "  "])
-    _error(rc, err, "empty")
-    rc, _, err = _run(capsys, ["library", "route", library, "x", "--key", "middle"])
-    _error(rc, err, "unknown key")
-    rc, _, err = _run(
-        capsys, ["library", "build", MODEL_DIR, "--task", "dates", "--keep", "8", "--out", tmp_path / "l"]
+    assert_user_error(rc, err, "no task 'nope'", DATES)
+    rc, _, err = run_cli(capsys, "library", "route", library, "<|bos|>")
+    assert_user_error(rc, err, "tokenises to nothing")
+    rc, _, err = run_cli(capsys, "library", "route", library, "  ")
+    assert_user_error(rc, err, "empty")
+    rc, _, err = run_cli(capsys, "library", "route", library, "x", "--key", "middle")
+    assert_user_error(rc, err, "unknown key")
+    rc, _, err = run_cli(
+        capsys, "library", "build", MODEL_DIR, "--task", "dates", "--keep", "8", "--out", tmp_path / "l"
     )
-    _error(rc, err, "NAME=PATH")
+    assert_user_error(rc, err, "NAME=PATH")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
     out = tmp_path / "half"
-    rc, _, err = _run(
-        capsys,
-        ["library", "build", MODEL_DIR, "--task", f"a={data_file(DATES, 'calib')}", "--task", f"b={bad}",
-         "--keep", "8", "--out", out, "-q"],
+    rc, _, err = run_cli(
+        capsys, "library", "build", MODEL_DIR, "--task", f"a={data_file(DATES, 'calib')}", "--task", f"b={bad}",
+        "--keep", "8", "--out", out, "-q",
     )  # fmt: skip
-    _error(rc, err, "bad.jsonl:2")
+    assert_user_error(rc, err, "bad.jsonl:2")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".moeprune-library")]
-    rc, _, err = _run(
-        capsys, ["library", "build", MODEL_DIR, "--task", f"a={bad}", "--keep", "33", "--out", out]
+    rc, _, err = run_cli(
+        capsys, "library", "build", MODEL_DIR, "--task", f"a={bad}", "--keep", "33", "--out", out
     )
-    _error(rc, err, "cannot keep 33")
+    assert_user_error(rc, err, "cannot keep 33")
     with pytest.raises(UserError, match="no task"):
         build_library({}, model="m", method="premoe", keep=8)
 

@@ -34,14 +34,6 @@ def _seqs(lengths: list[int], seed: int = 0, vocab: int = 256) -> list[list[int]
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """model type -> {layout: directory}, each checkpoint in several shards."""

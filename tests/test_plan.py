@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from moeprune.cli import main
+from _cli import run_cli
 from moeprune.errors import UserError
 from moeprune.plan import Plan, experts_to_keep, make_plan, parse_keep, plan_summary
 from moeprune.score import normalize_per_layer
@@ -312,12 +312,6 @@ def write_profile(path: Path, seed: int = 0, fingerprint: str = FINGERPRINT, **m
     return path
 
 
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def profile_module():
     import moeprune.profile
@@ -328,7 +322,7 @@ def profile_module():
 def test_cli_writes_a_plan(tmp_path: Path, capsys, profile_module) -> None:
     prof = write_profile(tmp_path / "a.profile.safetensors")
     out = tmp_path / "plan.json"
-    code, stdout, err = _run(
+    code, stdout, err = run_cli(
         capsys, "plan", str(prof), "--method", "easyep", "--keep", "0.5", "--out", str(out)
     )
     assert code == 0, err
@@ -344,7 +338,7 @@ def test_cli_mixed_domain_global_and_groups(tmp_path: Path, capsys, profile_modu
     a = write_profile(tmp_path / "a.profile.safetensors", 1, routing=routing)
     b = write_profile(tmp_path / "b.profile.safetensors", 2, routing=routing)
     out = tmp_path / "plan.json"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "plan",
         str(a),
@@ -384,7 +378,7 @@ def test_cli_memory_from_model(tmp_path: Path, capsys, profile_module) -> None:
         num_hidden_layers=fields["num_hidden_layers"],
     )
     args = ["plan", str(prof), "--method", "reap", "--keep", "4", "--model", str(tmp_path / "model")]
-    code, stdout, err = _run(capsys, *args, "--out", str(tmp_path / "p.json"))
+    code, stdout, err = run_cli(capsys, *args, "--out", str(tmp_path / "p.json"))
     assert code == 0, err
     assert "parameters" in stdout and "->" in stdout
     # a profile of another model is refused when --model is given
@@ -392,7 +386,7 @@ def test_cli_memory_from_model(tmp_path: Path, capsys, profile_module) -> None:
         tmp_path / "b.profile.safetensors", layers=info.moe_layers, num_experts=info.num_experts
     )
     args[1] = str(other)
-    code, _, err = _run(capsys, *args, "--out", str(tmp_path / "q.json"))
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "q.json"))
     assert code == 2 and "profile this model first" in err and not (tmp_path / "q.json").exists()
 
 
@@ -415,7 +409,7 @@ def test_cli_bad_input_is_one_line(
 ) -> None:
     prof = write_profile(tmp_path / "a.profile.safetensors")
     out = tmp_path / "plan.json"
-    code, stdout, err = _run(capsys, "plan", str(prof), *args, "--out", str(out))
+    code, stdout, err = run_cli(capsys, "plan", str(prof), *args, "--out", str(out))
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -425,11 +419,11 @@ def test_cli_corrupted_and_mismatched_profiles(tmp_path: Path, capsys, profile_m
     out = tmp_path / "plan.json"
     bad = tmp_path / "bad.profile.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    code, _, err = _run(capsys, "plan", str(bad), "--method", "gate", "--keep", "4", "--out", str(out))
+    code, _, err = run_cli(capsys, "plan", str(bad), "--method", "gate", "--keep", "4", "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
     a = write_profile(tmp_path / "a.profile.safetensors")
     b = write_profile(tmp_path / "b.profile.safetensors", fingerprint="b" * 64)
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "plan", str(a), "--profile", str(b), "--method", "gate", "--keep", "4", "--out", str(out)
     )
     assert code == 2 and "different models" in err and len(err.strip().splitlines()) == 1

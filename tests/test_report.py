@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from moeprune.cli import main
+from _cli import run_cli
 from moeprune.errors import UserError
 from moeprune.profile import Profile
 from moeprune.report import (
@@ -119,12 +119,6 @@ def test_different_models_are_refused() -> None:
         compute_report([make_profile(0), make_profile(0, fingerprint="c" * 64)], ["a", "b"], "easyep")
 
 
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _save(tmp_path: Path, name: str, **kw: Any) -> Path:
     path = tmp_path / f"{name}.profile.safetensors"
     make_profile(**kw).save(path)
@@ -135,7 +129,7 @@ def test_cli_writes_a_page_whose_links_exist(tmp_path: Path, capsys) -> None:
     a = _save(tmp_path, "code", seed=0)
     b = _save(tmp_path, "math", seed=3, per_sample=False)
     out = tmp_path / "rep"
-    code, _, err = _run(capsys, "report", str(a), str(b), "--out", str(out), "--top", "3")
+    code, _, err = run_cli(capsys, "report", str(a), str(b), "--out", str(out), "--top", "3")
     assert code == 0, err
     page = (out / "index.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
@@ -145,9 +139,9 @@ def test_cli_writes_a_page_whose_links_exist(tmp_path: Path, capsys) -> None:
     assert "no per-sample data" in page  # math has none: said on the page, not an error
     assert not list(tmp_path.glob(".rep.*"))
     # a non-empty --out is refused unless --force
-    code, _, err = _run(capsys, "report", str(a), "--out", str(out))
+    code, _, err = run_cli(capsys, "report", str(a), "--out", str(out))
     assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _run(capsys, "report", str(a), "--out", str(out), "--force")
+    code, _, err = run_cli(capsys, "report", str(a), "--out", str(out), "--force")
     assert code == 0, err
     assert "diff_0_1.png" not in (out / "index.html").read_text()
 
@@ -173,7 +167,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, extra: list[str], mat
     (tmp_path / "junk.safetensors").write_text(json.dumps({"x": 1}))
     args = [paths.get(x, x) for x in extra]
     out = tmp_path / "rep"
-    code, _, err = _run(capsys, "report", str(a), *args, "--out", str(out))
+    code, _, err = run_cli(capsys, "report", str(a), *args, "--out", str(out))
     assert code == 2, err
     assert match in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".rep.*"))

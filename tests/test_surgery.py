@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from _cli import assert_user_error, run_cli
 from moeprune.arch import ARCH_TABLE, BlockControl, find_moe_blocks, patch_moe
 from moeprune.checkpoint import Checkpoint, TensorInfo, read_header
-from moeprune.cli import main
 from moeprune.errors import UserError
 from moeprune.plan import Plan
 from moeprune.surgery import rewrite_checkpoint
@@ -279,29 +279,16 @@ def deepseek_dir(tmp_path_factory) -> Path:
     return _save(model, tmp_path_factory.mktemp("deepseek") / "model", "fused")
 
 
-def _run(capsys, args: list[str]) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    return rc, capsys.readouterr().err
-
-
-def _assert_error(rc: int, err: str, *words: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_cli_prunes(mixtral_dir, tmp_path, capsys):
     kept = _kept(_tiny("mixtral")[1])
     plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
     out = tmp_path / "out"
-    rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--mode", "remove", "--out", out])
+    rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--mode", "remove", "--out", out)
     assert rc == 0, err
     assert json.loads((out / "plan.json").read_text())["kept"] == {str(k): v for k, v in kept.items()}
-    rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--out", out])
-    _assert_error(rc, err, "not empty", "--force")
-    rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--out", out, "--force"])
+    rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--out", out)
+    assert_user_error(rc, err, "not empty", "--force")
+    rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--out", out, "--force")
     assert rc == 0, err
 
 
@@ -330,8 +317,8 @@ def test_cli_refuses_bad_plans(mixtral_dir, tmp_path, capsys):
         elif isinstance(plan, str):
             (tmp_path / "c.json").write_text(plan)
             plan = tmp_path / "c.json"
-        rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--out", out])
-        _assert_error(rc, err, *words)
+        rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--out", out)
+        assert_user_error(rc, err, *words)
         assert not out.exists(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -340,21 +327,21 @@ def test_cli_refuses_group_invalid_plan(deepseek_dir, tmp_path, capsys):
     blocks = _tiny("deepseek_v3")[1]
     kept = {b.layer: [2, 3, 4, 5, 6, 7] for b in blocks}  # 2 + 4 in two groups of 4
     plan = _plan_file(tmp_path / "plan.json", deepseek_dir, kept)
-    rc, err = _run(capsys, ["prune", deepseek_dir, "--plan", plan, "--out", tmp_path / "out"])
-    _assert_error(rc, err, "groups", "--per-group equal")
+    rc, _, err = run_cli(capsys, "prune", deepseek_dir, "--plan", plan, "--out", tmp_path / "out")
+    assert_user_error(rc, err, "groups", "--per-group equal")
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_bad_models_and_outputs(mixtral_dir, tmp_path, capsys):
     kept = _kept(_tiny("mixtral")[1])
     plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
-    rc, err = _run(capsys, ["prune", tmp_path / "no-such-model", "--plan", plan, "--out", tmp_path / "o"])
-    _assert_error(rc, err, "does not exist")
+    rc, _, err = run_cli(capsys, "prune", tmp_path / "no-such-model", "--plan", plan, "--out", tmp_path / "o")
+    assert_user_error(rc, err, "does not exist")
     for out in (mixtral_dir, mixtral_dir / "pruned"):
-        rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--out", out, "--force"])
-        _assert_error(rc, err, "input model")
-    rc, err = _run(
-        capsys, ["prune", mixtral_dir, "--plan", plan, "--out", tmp_path / "o", "--mode", "novice"]
+        rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--out", out, "--force")
+        assert_user_error(rc, err, "input model")
+    rc, _, err = run_cli(
+        capsys, "prune", mixtral_dir, "--plan", plan, "--out", tmp_path / "o", "--mode", "novice"
     )
-    _assert_error(rc, err, "--mode")
+    assert_user_error(rc, err, "--mode")
     assert not (tmp_path / "o").exists() and not (mixtral_dir / "pruned").exists()

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import moeprune
+from _cli import assert_user_error, run_cli
 from moeprune.arch import ARCH_TABLE, BlockControl, BlockEvent, find_moe_blocks, patch_moe
 from moeprune.arch.pruned import pad_uniform_problem
 from moeprune.checkpoint import Checkpoint
-from moeprune.cli import main
 from moeprune.errors import UserError
 from moeprune.plan import Plan
 from moeprune.surgery import rewrite_checkpoint
@@ -27,16 +27,6 @@ TYPES = [t for t in buildable_types() if t in ARCH_TABLE]  # unsupported types: 
 HUB_PER_EXPERT = ("deepseek_v3", "qwen3_moe", "mixtral")  # saved one key per expert
 NOVICE_TYPES = ("deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; with xdist workers on a shared 2-core machine, more
-    threads only spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- tiny models with several MoE layers ------------------------------------------------------------
@@ -392,24 +382,11 @@ def qwen_dir(tmp_path_factory) -> Path:
     return _save(_tiny("qwen3_moe")[0], tmp_path_factory.mktemp("qwen") / "model")
 
 
-def _run(capsys, args: list) -> tuple[int, str]:
-    rc = main([str(a) for a in args])
-    return rc, capsys.readouterr().err
-
-
-def _assert_error(rc: int, err: str, *words: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
     model, blocks = _tiny("mixtral")
     kept = _ragged(blocks)
     plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
-    rc, err = _run(capsys, ["prune", mixtral_dir, "--plan", plan, "--out", tmp_path / "ragged"])
+    rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--out", tmp_path / "ragged")
     assert rc == 0, err
     card = (tmp_path / "ragged" / "README.md").read_text()
     assert "| mode | remove (ragged) |" in card and "moeprune.load" in card
@@ -423,7 +400,7 @@ def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
     profile, mean = _profile_file(tmp_path / "p.profile.safetensors", mixtral_dir)
     out = tmp_path / "novice"
     args = ["prune", mixtral_dir, "--plan", plan, "--mode", "novice", "--profile", profile, "--out", out]
-    rc, err = _run(capsys, args)
+    rc, _, err = run_cli(capsys, *args)
     assert rc == 0, err
     card = (out / "README.md").read_text()
     assert "| mode | novice |" in card and "novice expert ids" in card
@@ -452,7 +429,7 @@ def test_cli_refuses_bad_mode_input(mixtral_dir, qwen_dir, tmp_path, capsys):
         (["--mode", "novice", "--profile", other, "--pad-uniform"], ["was made on model"]),
     ]
     for extra, words in cases:
-        rc, err = _run(capsys, base + extra)
-        _assert_error(rc, err, *words)
+        rc, _, err = run_cli(capsys, *base, *extra)
+        assert_user_error(rc, err, *words)
         assert not out.exists(), extra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "qwen.profile.safetensors"]

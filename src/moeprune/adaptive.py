@@ -22,9 +22,8 @@ Quantized checkpoints are not supported (no quantizer is applied).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,6 @@ class LoadStats:
     """What loading the adaptive model read and holds."""
 
     non_expert_bytes: int = 0  # read once at start (router tensors included)
-    expert_bytes_per_task: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -472,18 +470,6 @@ class AdaptiveMoE:
             seen.add(id(t))
             total += t.numel() * t.element_size()
         return total
-
-    @contextmanager
-    def stay_on(self, task: str) -> Iterator[None]:
-        """Use ``task`` within the block and return to the previous task afterwards."""
-        before = self.current
-        if task != before:
-            self.activate(task)
-        try:
-            yield
-        finally:
-            if before is not None and before != self.current:
-                self.activate(before)
 
 
 def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:

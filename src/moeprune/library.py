@@ -175,13 +175,7 @@ class Library:
 
         from .outputs import write_dir_atomically
 
-        out = Path(out).expanduser()
-        if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
-            raise UserError(f"'{out}' already exists", "choose another --out or pass --force")
-        if not out.resolve().parent.is_dir():
-            raise UserError(
-                f"the folder of --out '{out}' does not exist", f"create {out.resolve().parent} first"
-            )
+        out = check_out(out, force)
 
         def write(tmp: Path) -> None:
             (tmp / "plans").mkdir()
@@ -305,6 +299,16 @@ class Library:
         pa, pb = self.task(a).plan, self.task(b).plan
         shared = sum(len(set(pa.kept[layer]) & set(pb.kept[layer])) for layer in self.layers)
         return shared / (self.keep * len(self.layers))
+
+
+def check_out(out: str | Path, force: bool) -> Path:
+    """The library folder to write: new, empty, or replaced with ``force``; its parent must exist."""
+    out = Path(out).expanduser()
+    if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
+        raise UserError(f"'{out}' already exists", "choose another --out or pass --force")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"the folder of --out '{out}' does not exist", f"create {out.resolve().parent} first")
+    return out
 
 
 def check_key_kind(kind: str) -> str:

@@ -94,7 +94,7 @@ def build(
     from ..arch import find_moe_blocks
     from ..commands.profile import _resolve_device, run_profile
     from ..data import check_max_length
-    from ..library import build_library
+    from ..library import build_library, check_out
     from ..modelio import build_on_meta, load_config, load_model, resolve_model_dir
     from ..plan import experts_to_keep, parse_keep
     from ..profile import Profile
@@ -107,11 +107,7 @@ def build(
     check_max_length(max_length)
     if premoe_ka is not None and premoe_ka <= 0:
         raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
-    out = out.expanduser()
-    if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
-        raise UserError(f"'{out}' already exists", "choose another --out or pass --force")
-    if not out.resolve().parent.is_dir():
-        raise UserError(f"the folder of --out '{out}' does not exist", f"create {out.resolve().parent} first")
+    out = check_out(out, force)
     if profiles_dir is not None and not profiles_dir.is_dir():
         raise UserError(f"--profiles-dir '{profiles_dir}' is not a folder", "create it first")
     path = resolve_model_dir(model)

@@ -1,0 +1,19 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Every test module runs torch on one intra-op thread (restored after the module): the tiny
+    models are dominated by per-op overhead, and on a busy or shared machine (xdist workers on a
+    few cores) more threads only spin against each other, often 10x slower. Module scope, so that
+    module-scoped fixtures (models built, calibrated, saved once per module) run on one thread
+    too. Subprocesses (torchrun) do not inherit this setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
