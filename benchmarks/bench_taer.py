@@ -38,8 +38,8 @@ import torch, transformers  # noqa: F401  (their memory is the baseline)
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM  # noqa: F401
 from moeprune.adaptive import AdaptiveMoE
 
-def hwm():
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+def hwm(field="VmHWM"):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
 
 torch.set_num_threads(int(sys.argv[4]))
 what, src, lib = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -49,6 +49,7 @@ if what == "full":
     t0 = time.perf_counter()
     m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     out["load_s"] = time.perf_counter() - t0
+    out["rss_loaded"] = hwm("VmRSS")
     out["held"] = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
 else:
     t0 = time.perf_counter()
@@ -57,6 +58,7 @@ else:
     sw = am.activate("a")
     out["first"] = {"s": sw.seconds, "bytes": sw.bytes_read, "read": sw.read_experts}
     out["peak_one_task"] = hwm()
+    out["rss_one_task"] = hwm("VmRSS")
     out["held"] = sum(t.numel() * t.element_size() for t in [*am.model.parameters(), *am.model.buffers()])
     out["ideal"] = am.non_expert_bytes() + am.expert_bytes()
     out["non_expert"] = am.non_expert_bytes()
@@ -65,6 +67,7 @@ else:
         sw = am.activate(name)
         switches.append({"s": sw.seconds, "bytes": sw.bytes_read, "read": sw.read_experts, "reused": sw.reused_experts})
     out["switches"] = switches
+    out["rss_after_switches"] = hwm("VmRSS")
     ids = torch.randint(3, 32000, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(am.model(ids).logits.float()).all()
@@ -182,11 +185,13 @@ def memory(tmp: Path, layers: int, keeps: list[int], threads: int, repeats: int)
     ]
     fulls = [child("full", src, src, threads, 0) for _ in range(repeats)]
     full_peak = median([f["peak"] - f["base"] for f in fulls])
+    full_rss = median([f["rss_loaded"] - f["base"] for f in fulls])
     full_load = median([f["load_s"] for f in fulls])
     rows.append(
         (
             "full model, stock `from_pretrained` (bf16)",
-            f"peak RSS above imports {full_peak / 1e9:.2f} GB (holds {fulls[0]['held'] / 1e9:.2f} GB); "
+            f"peak RSS above imports {full_peak / 1e9:.2f} GB, {full_rss / 1e9:.2f} GB once loaded "
+            f"(holds {fulls[0]['held'] / 1e9:.2f} GB); "
             f"load {full_load:.2f} s (median of {repeats})",
         )
     )
@@ -196,6 +201,7 @@ def memory(tmp: Path, layers: int, keeps: list[int], threads: int, repeats: int)
         runs = [child("adaptive", src, lib, threads, 2) for _ in range(repeats)]
         r = runs[0]
         peak = median([x["peak"] - x["base"] for x in runs])
+        rss = median([x["rss_after_switches"] - x["base"] for x in runs])
         ideal = r["ideal"]
         switch_s = median([s["s"] for x in runs for s in x["switches"]])
         switch_b = r["switches"][0]["bytes"]
@@ -206,6 +212,10 @@ def memory(tmp: Path, layers: int, keeps: list[int], threads: int, repeats: int)
                 f"adaptive, K = {keep}/64: peak RSS above imports",
                 f"**{peak / 1e9:.2f} GB = {peak / ideal:.2f} x the ideal** ({ideal / 1e9:.2f} GB = non-expert "
                 f"{r['non_expert'] / 1e9:.2f} GB + {keep} experts/layer) = {peak / full_peak:.2f} x the full model",
+            ),
+            (
+                f"adaptive, K = {keep}: RSS above imports after switching back and forth",
+                f"{rss / 1e9:.2f} GB = {rss / ideal:.2f} x the ideal",
             ),
             (
                 f"adaptive, K = {keep}: start (non-expert weights) + first task",

@@ -283,6 +283,8 @@ class AdaptiveMoE:
     @torch.no_grad()
     def activate(self, task: str) -> Switch:
         """Fill every MoE layer with ``task``'s kept experts (only the missing ones are read)."""
+        from .offload import _trim_heap
+
         pattern = self.library.task(task)
         t0 = time.perf_counter()
         read = reused = nbytes = 0
@@ -300,9 +302,8 @@ class AdaptiveMoE:
             reused += len(kept) - len(new_ids)
             if new_ids:
                 fb.experts(self._full).to_empty(device="meta")
-        from .offload import _trim_heap
-
-        _trim_heap()
+                del fresh
+                _trim_heap()  # the layer's transient buffers go back to the OS (glibc keeps them otherwise)
         if self.current is None:
             self._check_loaded()
         sw = Switch(task, self.current, read, reused, nbytes, time.perf_counter() - t0)
@@ -325,9 +326,13 @@ class AdaptiveMoE:
         fused = [ek for ek in wanted if ek.kind == "fused"]
         state: dict[str, Any] = {}
         nbytes = 0
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+        from .offload import _quiet_sync_loading
+
         with self.reader.open([ek.key for ek in per_expert + fused]) as slices:
-            for ek in per_expert:
-                state[ek.renumbered(pos[ek.expert])] = slices[ek.key][:]
+            for ek in per_expert:  # lazy: read by the loader when it stacks them
+                state[ek.renumbered(pos[ek.expert])] = slices[ek.key]
                 nbytes += self.checkpoint.info(ek.key).nbytes
             for ek in fused:
                 info = self.checkpoint.info(ek.key)
@@ -336,13 +341,9 @@ class AdaptiveMoE:
                 parts = [slices[ek.key][(*lead, slice(a, b + 1))] for a, b in contiguous_runs(new_ids)]
                 state[ek.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
                 nbytes += info.entry_bytes(axis) * n
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-
-        from .offload import _quiet_sync_loading
-
-        with _quiet_sync_loading():
-            info, _ = convert_and_load_state_dict_in_model(self._full, state, self._lc_full)
-        del state
+            with _quiet_sync_loading():
+                info, _ = convert_and_load_state_dict_in_model(self._full, state, self._lc_full)
+            del state
         if info.mismatched_keys or info.conversion_errors:
             raise UserError(
                 f"cannot load the experts of MoE layer {fb.layer} from the checkpoint "

@@ -126,6 +126,10 @@ def build(
                 infos[name] = {"source": "profile", "profile": str(src.resolve())}
             else:
                 if loaded is None:
+                    if quiet:
+                        from transformers.utils import logging as hf_logging
+
+                        hf_logging.disable_progress_bar()
                     dev = _resolve_device(device)
                     dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
                     loaded = load_model(str(path), dtype=dt, device=dev)
