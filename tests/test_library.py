@@ -148,6 +148,21 @@ def test_cli_generate_equals_the_pruned_checkpoint(library, tmp_path, capsys):
     assert out[:-1] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)  # print adds a newline
 
 
+def test_cli_generate_forced_task_and_json(library, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Date 2001-02-03 in words: \nreverse: a b c\n")
+    result = tmp_path / "gen.json"
+    rc, out, err = run_cli(
+        capsys, "generate", MODEL_DIR, "--library", library, "--file", prompts, "--task", REVERSE,
+        "--max-new-tokens", "6", "-o", result,
+    )  # fmt: skip
+    assert rc == 0, err
+    data = json.loads(result.read_text())["results"]
+    assert [r["task"] for r in data] == [REVERSE, REVERSE] and data[0]["distances"] is None
+    assert data[0]["switch"]["read_experts"] == 3 * KEEP and data[1]["switch"] is None  # loaded once
+    assert out.count("\n") >= 2
+
+
 def test_cli_chat_routes_each_conversation(library, capsys, monkeypatch):
     reverse_prompt = json.loads(data_file(REVERSE, "eval").read_text().splitlines()[0])["prompt"].split("\n")[
         0
