@@ -49,7 +49,7 @@ DEFAULTS = dict(
     experts_implementation="eager",  # fastest on CPU: eager 0.59 s/step, grouped_mm 6.0, batched_mm 16.5
     # fraction of training sequences per source; task sequences pack examples of all tasks
     mix={"tasks": 0.7, "python": 0.18, "prose": 0.12},
-    task_mix={"arithmetic": 0.45, "reverse": 0.35, "dates": 0.20},
+    task_mix={"numbers": 0.40, "reverse": 0.30, "dates": 0.30},
     n_task_train=60000,
     model=dict(
         hidden_size=128,
@@ -512,7 +512,7 @@ def main(argv=None) -> int:
     for t in corpus.TASKS:
         tok_texts += [corpus.format_example(r) for r in task_splits[t]["train"][:5000]]
     tok = train_tokenizer(tok_texts, cfg["vocab_size"])
-    assert tok("1 + 2 = ")["input_ids"][0] == tok.bos_token_id
+    assert tok("Number 12 in English: ")["input_ids"][0] == tok.bos_token_id
 
     # ---- model --------------------------------------------------------------------
     model = build_model(cfg, tok)
@@ -674,7 +674,7 @@ def main(argv=None) -> int:
             "tasks": list(corpus.TASKS),
             "text": list(corpus.TEXT_DOMAINS),
             "sources": {
-                "arithmetic": "synthetic (corpus.make_arithmetic)",
+                "numbers": "synthetic (corpus.make_numbers)",
                 "reverse": "synthetic (corpus.make_reverse)",
                 "dates": "synthetic (corpus.make_dates)",
                 "python": "CPython standard library top-level *.py modules (sysconfig stdlib dir)",

@@ -62,9 +62,12 @@ def test_tokenizer(model_and_tokenizer):
     _, tok = model_and_tokenizer
     assert tok.bos_token and tok.eos_token and tok.pad_token
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
-    ids = tok("12 + 34 = ")["input_ids"]
+    ids = tok("Number 1234 in English: ")["input_ids"]
     assert ids[0] == tok.bos_token_id
-    assert tok.decode(ids[1:]) == "12 + 34 = "
+    assert tok.decode(ids[1:]) == "Number 1234 in English: "
+    pieces = [tok.decode([i]) for i in ids[1:]]
+    assert "".join(pieces[pieces.index("1") : pieces.index("1") + 4]) == "1234"  # one token per digit
+    assert {"1", "2", "3", "4"} <= set(pieces)
     text = "def f(x):\n    return x  # comment\n"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
@@ -73,6 +76,7 @@ def test_training_log():
     log = json.loads((_model_dir() / "training_log.json").read_text())
     for d in TASKS:
         assert log["results"][d]["metric"] == "exact_match"
+        assert log["results"][d]["eval_accuracy"] >= 0.9, d  # the testbed knows every task (issue #3)
     for d in TEXT_DOMAINS:
         assert log["results"][d]["metric"] == "perplexity"
     assert len(log["specialisation"]["layers"]) == log["settings"]["model"]["num_hidden_layers"] - 1
@@ -131,13 +135,19 @@ def test_generators_deterministic():
         assert a != corpus.task_records(t, 50, seed=8)
         assert all(r["answer"] == r["answer"].strip() and "\n" not in r["answer"] for r in a)
     assert corpus.text_records("prose", "eval", 5, seed=3) == corpus.text_records("prose", "eval", 5, seed=3)
-    assert corpus.make_arithmetic.__name__  # generators are importable by name
+    assert corpus.make_numbers.__name__  # generators are importable by name
 
 
 def test_answers_are_correct():
-    for r in _read("arithmetic", "eval"):
-        a, op, b, _ = r["prompt"].split(" ", 3)
-        assert int(r["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    known = {
+        0: "zero", 13: "thirteen", 40: "forty", 105: "one hundred five", 110: "one hundred ten",
+        1000: "one thousand", 2019: "two thousand nineteen", 4217: "four thousand two hundred seventeen",
+        9999: "nine thousand nine hundred ninety-nine", 70_001: "seventy thousand one",
+    }  # fmt: skip
+    assert {n: corpus.number_words(n) for n in known} == known
+    for r in _read("numbers", "eval"):
+        n = int(r["prompt"].removeprefix("Number ").removesuffix(" in English: "))
+        assert r["answer"] == corpus.number_words(n) and 0 <= n <= corpus.NUMBERS_MAX
     for r in _read("reverse", "eval"):
         letters = r["prompt"].split("\n")[0].removeprefix("reverse: ").split(" ")
         assert r["answer"].split(" ") == letters[::-1]

@@ -4,10 +4,15 @@ Domains
 -------
 Exact-match tasks (records ``{"prompt": str, "answer": str}``):
 
-* ``arithmetic`` -- addition or subtraction of a 1-3 digit and a 1-2 digit
-  non-negative integer (either order for ``+``; subtraction never goes negative).  Prompt ``"347 + 58 = "``, answer ``"405"``.
-* ``reverse`` -- reverse a random string of 3-7 lowercase letters written
+* ``numbers`` -- spell out an integer 0-9999 in English words (American style,
+  no "and", hyphenated tens).  Prompt ``"Number 4217 in English: "``, answer
+  ``"four thousand two hundred seventeen"``.  (An earlier testbed used multi-digit
+  addition/subtraction; a model of this size did not learn it in the training
+  budget -- 14% -- so it was replaced by a task it can learn exactly.)
+* ``reverse`` -- reverse a random string of 3-5 lowercase letters written
   space-separated.  Prompt ``"reverse: k q z m r\\n=> "``, answer ``"r m z q k"``.
+  (With 3-7 letters a testbed trained in the same budget reversed 3-5 letters
+  always but 6 letters half the time and 7 letters almost never: 71% overall.)
 * ``dates`` -- rewrite an ISO date (years 1900-2099) in words (month-name
   lookup, day without leading zero).  Prompt ``"Date 2019-03-07 in words: "``,
   answer ``"7 March 2019"``.
@@ -57,7 +62,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-TASKS: tuple[str, ...] = ("arithmetic", "reverse", "dates")
+TASKS: tuple[str, ...] = ("numbers", "reverse", "dates")
 TEXT_DOMAINS: tuple[str, ...] = ("python", "prose")
 DOMAINS: tuple[str, ...] = TASKS + TEXT_DOMAINS
 
@@ -85,23 +90,40 @@ _MONTHS = [
 # ---------------------------------------------------------------------------
 
 
-def _operand(rng: random.Random, max_digits: int) -> int:
-    digits = rng.randint(1, max_digits)
-    lo = 0 if digits == 1 else 10 ** (digits - 1)
-    return rng.randint(lo, 10**digits - 1)
+_ONES = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+    "eighteen", "nineteen",
+]  # fmt: skip
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+#: the numbers task draws from 0..NUMBERS_MAX
+NUMBERS_MAX = 9999
 
 
-def make_arithmetic(rng: random.Random) -> dict[str, str]:
-    a, b = _operand(rng, 3), _operand(rng, 2)
-    if rng.random() < 0.5:
-        a, b = (a, b) if rng.random() < 0.5 else (b, a)
-        return {"prompt": f"{a} + {b} = ", "answer": str(a + b)}
-    a, b = max(a, b), min(a, b)
-    return {"prompt": f"{a} - {b} = ", "answer": str(a - b)}
+def number_words(n: int) -> str:
+    """``n`` (0..999999) in English words: 4217 -> "four thousand two hundred seventeen"."""
+    if not 0 <= n <= 999_999:
+        raise ValueError(n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" {number_words(rest)}" if rest else "")
+    thousands, rest = divmod(n, 1000)
+    return f"{number_words(thousands)} thousand" + (f" {number_words(rest)}" if rest else "")
+
+
+def make_numbers(rng: random.Random) -> dict[str, str]:
+    n = rng.randint(0, NUMBERS_MAX)
+    return {"prompt": f"Number {n} in English: ", "answer": number_words(n)}
 
 
 def make_reverse(rng: random.Random) -> dict[str, str]:
-    n = rng.randint(3, 7)
+    n = rng.randint(3, 5)
     letters = [rng.choice(_LETTERS) for _ in range(n)]
     return {"prompt": f"reverse: {' '.join(letters)}\n=> ", "answer": " ".join(reversed(letters))}
 
@@ -116,7 +138,9 @@ def make_dates(rng: random.Random) -> dict[str, str]:
     }
 
 
-_TASK_MAKERS = {"arithmetic": make_arithmetic, "reverse": make_reverse, "dates": make_dates}
+_TASK_MAKERS = {"numbers": make_numbers, "reverse": make_reverse, "dates": make_dates}
+#: how many distinct prompts a task has (train takes at most what the held-out splits leave)
+_TASK_SPACE = {"numbers": NUMBERS_MAX + 1}
 
 
 def task_records(task: str, n: int, seed: int, exclude: Iterable[str] = ()) -> list[dict[str, str]]:
@@ -143,6 +167,7 @@ def task_splits(task: str, n_train: int = 0) -> dict[str, list[dict[str, str]]]:
     ev = task_records(task, N_TASK_EVAL, EVAL_SEED)
     ca = task_records(task, N_TASK_CALIB, CALIB_SEED, exclude=[r["prompt"] for r in ev])
     held = [r["prompt"] for r in ev + ca]
+    n_train = min(n_train, _TASK_SPACE.get(task, n_train + len(held)) - len(held))
     tr = task_records(task, n_train, TRAIN_SEED, exclude=held) if n_train else []
     return {"eval": ev, "calib": ca, "train": tr}
 
