@@ -2,10 +2,11 @@
 
 1. Routing accuracy on the testbed: a library with one task per testbed domain, each profiled on
    its calibration file (`moeprune library build`, keep 50%); the queries are the held-out eval
-   records (task prompts; for the text domains the first 256 characters of each record). Key
-   ``first`` (PreMoe's, a forward up to the first MoE router -- what the adaptive model uses) and
-   key ``all`` (every MoE layer; full model). Coverage = share of the query's own (token, expert)
-   choices that the chosen pattern keeps (key ``first``: at the first MoE layer).
+   records (task prompts; for the text domains the first 256 characters of each record). Keys
+   ``records`` (nearest calibration record; the adaptive model's default) and ``first`` (PreMoe's
+   per-task key), both from a forward up to the first MoE router, and ``all`` (every MoE layer;
+   full model). Coverage = share of the query's own (token, expert) choices that the chosen
+   pattern keeps (at the first MoE layer, or at every MoE layer for ``all``).
 2. Memory and switching on a random DeepSeek-V3-style checkpoint (bf16, hub layout: one key per
    expert, 64 routed experts in 8 groups, 16 MoE layers, about 3.4 GB, written to a temporary
    folder): in separate child processes, the peak RSS of loading the full model with stock
@@ -97,7 +98,7 @@ def routing(tmp: Path, keep: str) -> tuple[list[tuple[str, str]], dict]:
                 text = rec["prompt"] if d in TASKS else rec["text"][:TEXT_QUERY_CHARS]
                 fh.write(json.dumps({"prompt": text, "task": d}) + "\n")
     results = {}
-    for key in ("first", "all"):
+    for key in ("records", "first", "all"):
         out = tmp / f"routes-{key}.json"
         if cli(["library", "route", str(lib), "--file", str(queries), "--key", key, "-o", str(out)]) != 0:
             sys.exit("library route failed")

@@ -237,3 +237,37 @@ def test_nearest_neighbour_numpy_and_faiss_agree():
     torch.testing.assert_close(by_numpy, exact)
     torch.testing.assert_close(by_faiss, exact, rtol=1e-5, atol=1e-5)
     assert int(by_faiss.argmin()) == int(exact.argmin())
+
+
+def test_record_keys_are_each_demonstration_alone(profiles, tmp_path):
+    """Row i of a task's `records` key is the `first` key of a profile of record i alone; a query
+    goes to the task of its nearest record, and a library without them falls back to `first`."""
+    from moeprune.commands.profile import run_profile
+    from moeprune.library import task_keys
+
+    lines = data_file(DATES, "calib").read_text().splitlines()[:2]
+    made = {}
+    for name, chosen in (("both", lines), ("a", lines[:1]), ("b", lines[1:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(x + "\n" for x in chosen))
+        run_profile(model=str(MODEL_DIR), data=[str(tmp_path / f"{name}.jsonl")], out=tmp_path / name, quiet=True)
+        made[name] = Profile.load(tmp_path / name)
+    keys = task_keys(made["both"], 4)
+    assert keys["records"].shape == (2, made["both"].num_experts)
+    torch.testing.assert_close(keys["records"][0], task_keys(made["a"], 4)["first"])
+    torch.testing.assert_close(keys["records"][1], task_keys(made["b"], 4)["first"])
+    prof = Profile.load(profiles[DATES])
+    assert task_keys(prof, prof.premoe_ka)["records"].shape[0] == prof.samples
+
+    lib = build_library({t: Profile.load(p) for t, p in profiles.items()}, model="m", method="premoe", keep=KEEP)
+    assert lib.default_key == "records"
+    query = lib.task(REVERSE).keys["records"][3]  # exactly one of reverse's demonstrations
+    match = lib.match(query)
+    assert match.task == REVERSE and match.distances[REVERSE] == 0.0 and match.key == "records"
+    rows = lib.task(DATES).keys["records"]
+    assert match.distances[DATES] == pytest.approx(float(torch.cdist(rows, query[None]).min()))
+
+    del prof.tensors["sample_tokens"]  # a profile from before per-sample token counts
+    old = build_library({DATES: prof}, model="m", method="premoe", keep=KEEP)
+    assert old.default_key == "first" and old.match(query).key == "first"
+    with pytest.raises(UserError, match="has no 'records' keys"):
+        old.match(query, "records")

@@ -114,6 +114,7 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
     out["premoe_idx"] = torch.stack([torch.stack(r) for r in i_rows])
     out["sample_gate"] = sample_gate
     out["tokens"] = torch.tensor([float(sum(len(s) for s in seqs))], dtype=f64)
+    out["sample_tokens"] = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     return out
 
 
@@ -270,7 +271,9 @@ def test_save_load_roundtrip_and_format(ds_model, tmp_path):
         "mone_mean",
         "mone_m2",
         "sample_gate",
+        "sample_tokens",
     }
+    assert p["sample_tokens"].tolist() == [5, 9]  # one entry per record, in order
     q = Profile.load(path)
     assert_same(q.tensors, p.tensors, rtol=0, atol=0)
     assert q.meta == json.loads(json.dumps(p.meta))

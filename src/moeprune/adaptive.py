@@ -274,9 +274,10 @@ class AdaptiveMoE:
         return key, r.top_k_index, r.top_k_weights
 
     def route(self, text: str) -> Match:
-        """The library task nearest to ``text`` (PreMoe's first-MoE-layer key)."""
+        """The library task nearest to ``text`` by its first-MoE-layer statistic (the library's
+        per-record keys when it has them, else PreMoe's per-task key)."""
         key, _, _ = self.query_statistics(text)
-        return self.library.match(key, "first")
+        return self.library.match(key)
 
     # --- switching ------------------------------------------------------------------------------
 

@@ -340,6 +340,7 @@ class Accumulator:
         out["premoe_q"] = self.premoe_q.cpu()
         out["premoe_f"] = self.premoe_f.cpu()
         out["premoe_idx"] = self.premoe_idx.cpu()
+        out["sample_tokens"] = torch.tensor(self.lengths, dtype=torch.int64)
         empty = (self.sums["count"] == 0).unsqueeze(-1)
         out["mone_mean"] = self.mean.masked_fill(empty, 0.0).float().cpu()
         out["mone_m2"] = self.m2.masked_fill(empty, 0.0).float().cpu()

@@ -12,6 +12,11 @@ Retrieval keys are router-only statistics, so a query needs no expert to be comp
 - ``first`` (PreMoe's): the task's PreMoe PEU score vector at the first MoE layer [E]; a query
   computes the same statistic over its own tokens from a forward that stops at the first MoE
   router (no expert of any MoE layer is needed);
+- ``records``: the same statistic for each calibration record of the task separately [N, E]
+  (split by the profile's ``sample_tokens``); a query goes to the task of its nearest record
+  (1-nearest-neighbour), and a task's distance is that of its nearest record. One short query's
+  statistic is noisy; matching it to single demonstrations rather than to the task's mean routes
+  better (docs/benchmarks.md);
 - ``all``: the PEU vectors of every MoE layer, concatenated [L * E]; a query needs a forward
   through the whole model (every expert), so it serves analysis (`moeprune library route --key
   all`), not the adaptive model.
@@ -35,7 +40,7 @@ from .plan import Plan
 __all__ = ["KEY_KINDS", "LIBRARY_FORMAT", "Library", "Match", "TaskPattern", "nearest"]
 
 LIBRARY_FORMAT = "moeprune-library/1"
-KEY_KINDS = ("first", "all")
+KEY_KINDS = ("records", "first", "all")
 INDEX_NAME = "library.json"
 KEYS_NAME = "keys.safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -142,18 +147,36 @@ class Library:
             )
         return self.tasks[name]
 
-    def key_matrix(self, kind: str) -> torch.Tensor:
-        check_key_kind(kind)
-        return torch.stack([t.keys[kind] for t in self.tasks.values()])
+    @property
+    def default_key(self) -> str:
+        """``records`` when every task has per-record keys (the best-routing kind), else ``first``."""
+        return "records" if all("records" in t.keys for t in self.tasks.values()) else "first"
 
-    def match(self, query_key: torch.Tensor, kind: str = "first", use_faiss: bool | None = None) -> Match:
-        keys = self.key_matrix(kind)
+    def key_matrix(self, kind: str) -> tuple[torch.Tensor, list[str]]:
+        """All keys of ``kind`` as rows, and the task of each row."""
+        check_key_kind(kind)
+        missing = [n for n, t in self.tasks.items() if kind not in t.keys]
+        if missing:
+            raise UserError(
+                f"task '{missing[0]}' of library '{self.path or '?'}' has no '{kind}' keys "
+                "(built from a profile without per-sample token counts)",
+                "use --key first, or re-profile the task with this version of moeprune",
+            )
+        rows = [t.keys[kind].reshape(-1, t.keys[kind].shape[-1]) for t in self.tasks.values()]
+        owners = [n for n, r in zip(self.tasks, rows, strict=True) for _ in range(r.shape[0])]
+        return torch.cat(rows), owners
+
+    def match(self, query_key: torch.Tensor, kind: str | None = None, use_faiss: bool | None = None) -> Match:
+        """The nearest task to ``query_key`` (a task's distance: that of its nearest key row)."""
+        kind = kind or self.default_key
+        keys, owners = self.key_matrix(kind)
         if query_key.shape != keys.shape[1:]:
             raise ValueError(f"query key {list(query_key.shape)} vs library keys {list(keys.shape)}")
         dist = nearest(keys, query_key, use_faiss)
-        names = self.names
-        best = int(torch.argmin(dist))
-        return Match(names[best], {n: float(d) for n, d in zip(names, dist.tolist(), strict=True)}, kind)
+        best: dict[str, float] = {}
+        for name, d in zip(owners, dist.tolist(), strict=True):
+            best[name] = min(d, best.get(name, float("inf")))
+        return Match(min(best, key=best.__getitem__), best, kind)
 
     def check_model(self, config: Any, name: str, blocks: list[Any] | None = None) -> None:
         """Refuse a model whose expert layout is not the one this library was built on."""
@@ -273,9 +296,14 @@ class Library:
                 raise bad(f"the plan of task '{name}' keeps {sorted(counts)} experts per layer, not {keep}")
             try:
                 scores = tensors[f"{name}.scores"]
-                keys = {kind: tensors[f"{name}.key.{kind}"] for kind in KEY_KINDS}
+                keys = {kind: tensors[f"{name}.key.{kind}"] for kind in ("first", "all")}
             except KeyError as exc:
                 raise bad(f"{KEYS_NAME} has no tensor {exc.args[0]!r}") from None
+            records = tensors.get(f"{name}.key.records")
+            if records is not None:
+                if records.dim() != 2 or records.shape[1] != num_experts or records.shape[0] < 1:
+                    raise bad(f"the record keys of task '{name}' have the wrong shape")
+                keys["records"] = records
             if list(scores.shape) != [len(layers), num_experts] or list(keys["first"].shape) != [num_experts]:
                 raise bad(f"the keys of task '{name}' have the wrong shape")
             info = {k: v for k, v in entry.items() if k not in ("name", "plan", "kept_per_layer")}
@@ -318,11 +346,24 @@ def check_key_kind(kind: str) -> str:
 
 
 def task_keys(profile: Any, ka: int) -> dict[str, torch.Tensor]:
-    """The retrieval keys of a task from its profile: PEU at the first MoE layer, and at all."""
-    from .score import score_premoe
+    """The retrieval keys of a task from its profile: PEU at the first MoE layer, at all, and at the
+    first MoE layer for each record (when the profile has ``sample_tokens``)."""
+    from .score import premoe_entries, premoe_scores, score_premoe
 
     peu = score_premoe(profile, ka=ka)  # [L, E]
-    return {"first": peu[0].clone(), "all": peu.reshape(-1).clone()}
+    keys = {"first": peu[0].clone(), "all": peu.reshape(-1).clone()}
+    lengths = profile.tensors.get("sample_tokens")
+    if lengths is not None:
+        q, f, idx = premoe_entries(profile, ka)
+        rows, start = [], 0
+        for n in lengths.tolist():
+            if n > 0:
+                sl = slice(start, start + n)
+                rows.append(premoe_scores(q[:1, sl], f[:1, sl], idx[:1, sl], int(profile.num_experts))[0])
+            start += n
+        if rows:
+            keys["records"] = torch.stack(rows)
+    return keys
 
 
 def query_keys(

@@ -259,7 +259,13 @@ class Profile:
         need("mone_m2", (L, E, H), torch.float32)
         if "sample_gate" in t:
             need("sample_gate", (S, L, E), torch.float32)
-        unknown = set(t) - {"tokens", "mone_mean", "mone_m2", "sample_gate", *SUM_TENSORS, *PREMOE_TENSORS}
+        if "sample_tokens" in t:  # absent in profiles written before it was added
+            lengths = need("sample_tokens", (S,), torch.int64)
+            if int(lengths.sum()) != T or bool((lengths < 0).any()):
+                raise _Corrupt(f"tensor 'sample_tokens' sums to {int(lengths.sum())}, metadata says {T} tokens")
+        unknown = set(t) - {
+            "tokens", "mone_mean", "mone_m2", "sample_gate", "sample_tokens", *SUM_TENSORS, *PREMOE_TENSORS
+        }  # fmt: skip
         if unknown:
             raise _Corrupt(f"unknown tensors {sorted(unknown)}")
 
@@ -370,6 +376,8 @@ class Profile:
         out["mone_m2"] = m2.masked_fill(empty, 0.0).float()
         for name in PREMOE_TENSORS:
             out[name] = torch.cat([p[name] for p in profiles], dim=1)
+        if all("sample_tokens" in p.tensors for p in profiles):
+            out["sample_tokens"] = torch.cat([p["sample_tokens"] for p in profiles])
         per_sample = all("sample_gate" in p.tensors for p in profiles)
         if per_sample:
             out["sample_gate"] = torch.cat([p["sample_gate"] for p in profiles], dim=0)

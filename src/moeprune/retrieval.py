@@ -67,7 +67,7 @@ class Routed:
 class FirstLayerProbe:
     """Query statistics from the forward up to the first MoE router of an adaptive model."""
 
-    kinds = ("first",)
+    kinds = ("records", "first")
 
     def __init__(self, adaptive: Any) -> None:
         self.adaptive = adaptive
@@ -81,7 +81,7 @@ class FirstLayerProbe:
 class FullModelProbe:
     """Query statistics from a full forward (every MoE layer observed)."""
 
-    kinds = ("first", "all")
+    kinds = ("records", "first", "all")
 
     def __init__(self, model: Any, tokenizer: Any, ka: int) -> None:
         from .arch import find_moe_blocks
@@ -125,10 +125,11 @@ def coverage(selected: torch.Tensor, kept: Sequence[int], num_experts: int) -> f
 
 
 def route_query(
-    library: Library, probe: Any, text: str, key: str = "first", label: str | None = None
+    library: Library, probe: Any, text: str, key: str | None = None, label: str | None = None
 ) -> Routed:
-    """Route ``text`` with ``probe``'s statistics and the library's ``key`` kind."""
-    check_key_kind(key)
+    """Route ``text`` with ``probe``'s statistics and the library's ``key`` kind (default: the
+    library's best available kind)."""
+    key = check_key_kind(key or library.default_key)
     if key not in probe.kinds:
         from .errors import UserError
 
@@ -136,7 +137,7 @@ def route_query(
             f"key '{key}' needs a forward through the whole model", "drop --key or use --key first"
         )
     st = probe.stats(text)
-    match = library.match(st.keys[key], key)
+    match = library.match(st.keys["all" if key == "all" else "first"], key)
     plan = library.task(match.task).plan
     cov = {layer: coverage(sel, plan.kept[layer], library.num_experts) for layer, sel in st.selected.items()}
     return Routed(text, match, cov, st.tokens, label)

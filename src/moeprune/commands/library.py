@@ -236,10 +236,11 @@ def route(
     model: str | None = typer.Option(
         None, "--model", help="The model (default: the one the library was built on)."
     ),
-    key: str = typer.Option(
-        "first",
+    key: str | None = typer.Option(
+        None,
         "--key",
-        help="first: PreMoe's key, a forward up to the first MoE router (no expert loaded); "
+        help="records (default when available): the task of the nearest calibration record; first: "
+        "PreMoe's per-task key; both from a forward up to the first MoE router (no expert loaded). "
         "all: every MoE layer's statistics (loads the whole model).",
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON."),
@@ -252,7 +253,8 @@ def route(
     from ..library import Library, check_key_kind
     from ..retrieval import route_query
 
-    check_key_kind(key)
+    if key is not None:
+        check_key_kind(key)
     if (query is None) == (file is None):
         raise UserError(
             "give a query or --file, not both" if query else "no query given", 'pass "TEXT" or --file F'
@@ -261,6 +263,7 @@ def route(
     queries = read_queries(file) if file is not None else [(query or "", None)]
     if file is None and not (query or "").strip():
         raise UserError("the query is empty", "pass some text")
+    key = key or lib.default_key
     probe = make_probe(lib, model or lib.model, key, dtype, _resolve_device(device))
     results = [route_query(lib, probe, text, key, label) for text, label in queries]
     _print_routes(lib, results)
@@ -275,7 +278,7 @@ def route(
 def make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
     from ..retrieval import FirstLayerProbe, FullModelProbe
 
-    if key == "first":
+    if key != "all":
         from ..adaptive import AdaptiveMoE
 
         return FirstLayerProbe(AdaptiveMoE.from_library(model, lib, dtype=dtype, device=device))
