@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moeprune.adaptive import AdaptiveMoE
-from moeprune.arch import ARCH_TABLE, BlockControl, find_moe_blocks, patch_moe
+from moeprune.arch import ARCH_TABLE, find_moe_blocks, kept_controls, patch_moe
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
 from moeprune.library import Library, TaskPattern
@@ -75,12 +75,7 @@ def _ids(model) -> torch.Tensor:
 
 
 def _masked(model, blocks, kept) -> torch.Tensor:
-    controls = {}
-    for b in blocks:
-        allowed = torch.zeros(b.num_experts, dtype=torch.bool)
-        allowed[kept[b.layer]] = True
-        controls[b.index] = BlockControl(allowed=allowed)
-    with torch.no_grad(), patch_moe(model, blocks, controls=controls):
+    with torch.no_grad(), patch_moe(model, blocks, controls=kept_controls(blocks, kept)):
         return model(_ids(model), use_cache=False).logits
 
 
@@ -267,12 +262,7 @@ def test_generate_routes_and_matches_the_pruned_model(tmp_path):
     assert am.current == "b" and am.switches[-1].task == "b"
     tok = byte_tokenizer()
     ids = torch.tensor([tok("hello there")["input_ids"]])
-    controls = {}
-    for blk in blocks:
-        allowed = torch.zeros(blk.num_experts, dtype=torch.bool)
-        allowed[b[blk.layer]] = True
-        controls[blk.index] = BlockControl(allowed=allowed)
-    with torch.no_grad(), patch_moe(model, blocks, controls=controls):
+    with torch.no_grad(), patch_moe(model, blocks, controls=kept_controls(blocks, b)):
         ref = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
     assert text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
     assert am.generate("hello there", max_new_tokens=2) and len(am.switches) == 1  # no reload

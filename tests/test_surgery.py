@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from _cli import assert_user_error, run_cli
-from moeprune.arch import ARCH_TABLE, BlockControl, find_moe_blocks, patch_moe
+from moeprune.arch import ARCH_TABLE, find_moe_blocks, kept_controls, patch_moe
 from moeprune.checkpoint import Checkpoint, TensorInfo, read_header
 from moeprune.errors import UserError
 from moeprune.plan import Plan
@@ -67,12 +67,7 @@ def _ids(model) -> torch.Tensor:
 
 
 def _reference(model, blocks, kept, top_k=None) -> torch.Tensor:
-    controls = {}
-    for b in blocks:
-        allowed = torch.zeros(b.num_experts, dtype=torch.bool)
-        allowed[kept[b.layer]] = True
-        controls[b.index] = BlockControl(allowed=allowed, top_k=top_k)
-    with torch.no_grad(), patch_moe(model, blocks, controls=controls):
+    with torch.no_grad(), patch_moe(model, blocks, controls=kept_controls(blocks, kept, top_k)):
         return model(_ids(model), use_cache=False).logits
 
 

@@ -15,7 +15,7 @@ import torch
 
 import moeprune
 from _cli import assert_user_error, run_cli
-from moeprune.arch import ARCH_TABLE, BlockControl, BlockEvent, find_moe_blocks, patch_moe
+from moeprune.arch import ARCH_TABLE, BlockControl, BlockEvent, find_moe_blocks, kept_controls, patch_moe
 from moeprune.arch.pruned import pad_uniform_problem
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
@@ -126,12 +126,7 @@ def _ragged_reference(model_type: str, seed: int) -> torch.Tensor:
 
 
 def _masked_reference(model, blocks, kept) -> torch.Tensor:
-    controls = {}
-    for b in blocks:
-        allowed = torch.zeros(b.num_experts, dtype=torch.bool)
-        allowed[kept[b.layer]] = True
-        controls[b.index] = BlockControl(allowed=allowed)
-    return _logits(model, blocks=blocks, controls=controls)
+    return _logits(model, blocks=blocks, controls=kept_controls(blocks, kept))
 
 
 def _stock_load(path: Path):

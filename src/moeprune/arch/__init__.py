@@ -12,7 +12,7 @@
 
 from .blocks import MoEBlock, decoder_layers, find_moe_blocks
 from .experts import ExpertsLayout, selected_expert_outputs, single_expert_forward
-from .patch import BlockControl, BlockEvent, patch_moe
+from .patch import BlockControl, BlockEvent, kept_controls, patch_moe
 from .routing import Routing, RoutingSpec, route
 from .table import ARCH_TABLE, UNSUPPORTED, facts_for
 
@@ -28,6 +28,7 @@ __all__ = [
     "decoder_layers",
     "facts_for",
     "find_moe_blocks",
+    "kept_controls",
     "patch_moe",
     "route",
     "selected_expert_outputs",

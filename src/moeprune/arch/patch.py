@@ -50,6 +50,19 @@ class BlockControl:
     novices: dict[int, torch.Tensor] | None = None  # expert id -> constant output [H] (MoNE)
 
 
+def kept_controls(
+    blocks: list[MoEBlock], kept: dict[int, list[int]], top_k: int | None = None
+) -> dict[int, BlockControl]:
+    """Controls that let each block select only its ``kept`` experts (decoder layer -> expert ids):
+    the pruning reference (removed experts' logits at -inf before selection)."""
+    controls = {}
+    for b in blocks:
+        allowed = torch.zeros(b.num_experts, dtype=torch.bool)
+        allowed[list(kept[b.layer])] = True
+        controls[b.index] = BlockControl(allowed=allowed, top_k=top_k)
+    return controls
+
+
 @dataclass
 class _BlockState:
     logits: torch.Tensor | None = None
