@@ -62,25 +62,15 @@ def compare_command(
 ) -> None:
     """Compare scoring methods and keep ratios on one loaded model (routing masks; nothing pruned on disk)."""
     from moeprune.compare import DEFAULT_KEEPS, check_keeps, default_methods
-    from moeprune.evaluate.loading import DEVICES, DTYPES
+    from moeprune.evaluate.options import check_device_and_dtype, check_run_options
     from moeprune.plan import parse_keep
     from moeprune.score import check_method
 
     # --- check everything before loading anything heavy ---------------------------------------------
-    if limit is not None and limit <= 0:
-        raise UserError(
-            f"--limit must be a positive number of records, got {limit}", "pass --limit 1 or more"
-        )
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}", "pass --batch-size 1 or more")
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}", "pass 1 or more")
-    if max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {max_length}", "pass a larger --max-length")
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise UserError(f"unknown device '{device}'", "use --device cpu, cuda or auto")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'", "use --dtype float32, bfloat16 or float16")
+    check_run_options(
+        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
+    )
+    check_device_and_dtype(device, dtype)
     methods = list(method) if method else default_methods()
     for m in methods:
         check_method(m)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moeprune.errors import UserError
+from moeprune.evaluate.options import check_run_options
 from moeprune.evaluate.tasks import EXACT_MATCH, MULTIPLE_CHOICE, PERPLEXITY, Task, parse_task_spec
 
 __all__ = [
@@ -95,9 +96,15 @@ def _accepts_position_ids(model: Any) -> bool:
         return False
 
 
-def _chunks(seq: Sequence[int], size: int) -> Iterable[Sequence[int]]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
+def _longest_first(lengths: Sequence[int], batch_size: int, advance: Advance) -> Iterator[list[int]]:
+    """Indices ``0..len(lengths)-1`` in batches of ``batch_size``, longest first, so that a batch
+    holds similar lengths (little padding) and the widest batch runs first (running out of memory
+    shows at once). ``advance`` gets each batch's size once the caller is done with it."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        yield batch
+        advance(len(batch))
 
 
 def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +115,14 @@ def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> tupl
         ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[j, : len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _padded_logits(
+    model: Any, rows: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, logits) of one right-padded batch; no KV cache, as nothing is generated."""
+    ids, mask = _right_padded(rows, pad, device)
+    return ids, model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
 def _stderr(p: float, n: int) -> float | None:
@@ -136,22 +151,18 @@ def run_perplexity(
     device = input_device(model)
     pad = pad_id(tokenizer)
     encs = [encode(tokenizer, r["text"])[:max_length] for r in records]
-    order = sorted(range(len(encs)), key=lambda i: len(encs[i]), reverse=True)
     doc_nll = [0.0] * len(encs)
     doc_tokens = [max(len(e) - 1, 0) for e in encs]
-    for batch in _chunks(order, batch_size):
-        rows = [encs[i] for i in batch if len(encs[i]) >= 2]
-        idx = [i for i in batch if len(encs[i]) >= 2]
-        if rows:
-            ids, mask = _right_padded(rows, pad, device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    for batch in _longest_first([len(e) for e in encs], batch_size, advance):
+        idx = [i for i in batch if len(encs[i]) >= 2]  # a single token predicts nothing
+        if idx:
+            ids, logits = _padded_logits(model, [encs[i] for i in idx], pad, device)
             for j, i in enumerate(idx):
                 n = len(encs[i])
                 targets = ids[j, 1:n].to(logits.device)
                 nll = F.cross_entropy(logits[j, : n - 1].float(), targets, reduction="none")
                 doc_nll[i] = float(nll.double().sum())
-            del logits
-        advance(len(batch))
+            del logits  # free it before the next batch's forward pass
     total_tokens = sum(doc_tokens)
     if total_tokens == 0:
         raise UserError(
@@ -262,15 +273,13 @@ def run_exact_match(
                 "give every record a prompt",
             )
     stop = eos_ids(model, tokenizer)
-    order = sorted(range(len(encs)), key=lambda i: len(encs[i]), reverse=True)
     preds = [""] * len(encs)
-    for batch in _chunks(order, batch_size):
+    for batch in _longest_first([len(e) for e in encs], batch_size, advance):
         gen = greedy_generate(
             model, tokenizer, [encs[i] for i in batch], max_new_tokens=max_new_tokens, stop_ids=stop
         )
         for j, i in enumerate(batch):
             preds[i] = prediction_text(tokenizer, gen[j])
-        advance(len(batch))
     correct = [p == r["answer"].strip() for p, r in zip(preds, records, strict=True)]
     n = len(records)
     acc = sum(correct) / n
@@ -322,12 +331,10 @@ def choice_loglikelihoods(
                 whole, start = whole[cut:], max(start - cut, 1)
             requests.append((r_i, c_i, whole, start))
     scores = [[0.0] * len(rec["choices"]) for rec in records]
-    order = sorted(range(len(requests)), key=lambda k: len(requests[k][2]), reverse=True)
-    for batch in _chunks(order, batch_size):
+    for batch in _longest_first([len(req[2]) for req in requests], batch_size, advance):
         rows = [requests[k][2][:-1] for k in batch]
         if max(len(r) for r in rows) > 0:
-            ids, mask = _right_padded([r if r else [pad] for r in rows], pad, device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            _, logits = _padded_logits(model, [r if r else [pad] for r in rows], pad, device)
             for j, k in enumerate(batch):
                 r_i, c_i, whole, start = requests[k]
                 if start >= len(whole):
@@ -335,8 +342,7 @@ def choice_loglikelihoods(
                 targets = torch.tensor(whole[start:], dtype=torch.long, device=logits.device)
                 logp = torch.log_softmax(logits[j, start - 1 : len(whole) - 1].float(), dim=-1)
                 scores[r_i][c_i] = float(logp.gather(-1, targets[:, None]).double().sum())
-            del logits
-        advance(len(batch))
+            del logits  # free it before the next batch's forward pass
     return scores
 
 
@@ -413,18 +419,9 @@ def evaluate(
     Returns ``{"tasks": {name: {"kind", "source", "n", "metrics"[, "samples"]}}, "settings": {...}}``.
     The model is put in eval mode for the run and its previous mode restored afterwards.
     """
-    if limit is not None and limit <= 0:
-        raise UserError(
-            f"--limit must be a positive number of records, got {limit}", "pass --limit 1 or more"
-        )
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}", "pass --batch-size 1 or more")
-    if max_new_tokens <= 0:
-        raise UserError(
-            f"--max-new-tokens must be positive, got {max_new_tokens}", "pass --max-new-tokens 1 or more"
-        )
-    if max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {max_length}", "pass a larger --max-length")
+    check_run_options(
+        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
+    )
     task_list: list[Task] = []
     for t in tasks:
         task_list.extend([t] if isinstance(t, Task) else parse_task_spec(t))
@@ -445,36 +442,19 @@ def evaluate(
                 def advance(k: int, _bar_id: Any = bar_id) -> None:
                     bar.advance(_bar_id, k)
 
+                common: dict[str, Any] = {
+                    "batch_size": batch_size,
+                    "advance": advance,
+                    "log_samples": log_samples,
+                }
                 if task.kind == PERPLEXITY:
-                    res = run_perplexity(
-                        model,
-                        tokenizer,
-                        task.records,
-                        batch_size=batch_size,
-                        max_length=max_length,
-                        advance=advance,
-                        log_samples=log_samples,
-                    )
+                    res = run_perplexity(model, tokenizer, task.records, max_length=max_length, **common)
                 elif task.kind == EXACT_MATCH:
                     res = run_exact_match(
-                        model,
-                        tokenizer,
-                        task.records,
-                        batch_size=batch_size,
-                        max_new_tokens=max_new_tokens,
-                        advance=advance,
-                        log_samples=log_samples,
+                        model, tokenizer, task.records, max_new_tokens=max_new_tokens, **common
                     )
                 else:
-                    res = run_multiple_choice(
-                        model,
-                        tokenizer,
-                        task.records,
-                        batch_size=batch_size,
-                        max_length=max_length,
-                        advance=advance,
-                        log_samples=log_samples,
-                    )
+                    res = run_multiple_choice(model, tokenizer, task.records, max_length=max_length, **common)
                 results[task.name] = {"kind": task.kind, "source": task.source, **res}
     except UserError as exc:
         raise UserError(f"task '{task.name}': {exc.problem}", exc.fix) from None
