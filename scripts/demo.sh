@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: set up, then run the main job end to end on the built-in testbed:
 # profile the testbed on 25 demonstrations of one task, keep half the experts with EASY-EP,
-# write the pruned checkpoint, and evaluate full vs pruned. A few minutes on 2 CPU cores.
+# write the pruned checkpoint, and evaluate full vs pruned; then serve three tasks from a pattern
+# library, loading only each prompt's task experts. A few minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -45,5 +46,14 @@ for name, res in full["tasks"].items():
     for metric, value in res["metrics"].items():
         if metric in ("accuracy", "perplexity"):
             print(f"{name:<22}{metric:<14}{value:>10.3f}{pruned['tasks'][name]['metrics'][metric]:>10.3f}")
-print(f"\nall outputs in {out}/ (profile, plan.json, pruned/ with its model card, eval JSON)")
 PY
+
+echo "== 6. task-adaptive serving: a library of the three tasks; each prompt is routed and only"
+echo "      its task's experts are read from the original checkpoint"
+LIBTASKS=()
+for t in numbers reverse dates; do LIBTASKS+=(--task "$t=$DATA/$t.calib.jsonl"); done
+moeprune library build "$TESTBED" "${LIBTASKS[@]}" --keep 16 --max-samples 25 --out "$OUT/library" -q
+moeprune generate "$TESTBED" --library "$OUT/library" --max-new-tokens 16 --stop $'\n' \
+  --prompt "Number 2026 in English: " --prompt "Date 2026-11-23 in words: " --prompt $'reverse: m o e\n=> '
+echo
+echo "all outputs in $OUT/ (profile, plan.json, pruned/ with its model card, eval JSON, library/)"
