@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .outputs import json_safe
 
 MODES = ("remove", "novice")
 SCOPES = ("layer", "global")
@@ -183,7 +184,7 @@ def run_oneshot(s: OneShot, *, quiet: bool = False) -> Path:
             _say(quiet, "== evaluate full and pruned")
             report = evaluate_pair(s.model, model_dir, tasks, s.eval_limit)
             (model_dir / "eval.json").write_text(
-                json.dumps(_clean(report), indent=2) + "\n", encoding="utf-8"
+                json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8"
             )
             card = model_dir / "README.md"
             card.write_text(card.read_text(encoding="utf-8") + "\n" + eval_section(report), encoding="utf-8")
@@ -289,11 +290,3 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
@@ -30,3 +32,14 @@ def write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
                 os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

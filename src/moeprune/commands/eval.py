@@ -17,6 +17,7 @@ import typer
 
 from moeprune.cli import app
 from moeprune.errors import UserError
+from moeprune.outputs import json_safe
 
 TASK_HELP = (
     "Task file: PATH, NAME=PATH, or with a forced kind kind:PATH (perplexity, exact_match, multiple_choice). "
@@ -156,21 +157,10 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
     path = path.expanduser()
-    text = json.dumps(_clean(data), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

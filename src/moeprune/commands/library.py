@@ -272,7 +272,9 @@ def route(
         labelled = [r for r in results if r.label is not None]
         if labelled:
             data["accuracy"] = sum(bool(r.correct) for r in labelled) / len(labelled)
-        output.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        from ..outputs import json_safe
+
+        output.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
 
 
 def make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
