@@ -271,3 +271,23 @@ def test_record_keys_are_each_demonstration_alone(profiles, tmp_path):
     assert old.default_key == "first" and old.match(query).key == "first"
     with pytest.raises(UserError, match="has no 'records' keys"):
         old.match(query, "records")
+
+
+def test_chat_conversation_ids_with_and_without_a_template():
+    from moeprune.commands.generate import conversation_ids
+    from moeprune.testing.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "again"},
+    ]
+    plain = conversation_ids(tok, history)
+    assert tok.decode(plain) == "<s>hi yo\nagain "  # turns one after another, room for the reply
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    templated = conversation_ids(tok, history)
+    assert tok.decode(templated) == "[user] hi\n[assistant] yo\n[user] again\n[assistant] "
