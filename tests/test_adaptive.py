@@ -268,6 +268,14 @@ def test_generate_routes_and_matches_the_pruned_model(tmp_path):
     assert am.generate("hello there", max_new_tokens=2) and len(am.switches) == 1  # no reload
 
 
+def test_top_level_name():
+    import moeprune
+
+    assert moeprune.AdaptiveMoE is AdaptiveMoE
+    with pytest.raises(AttributeError):
+        _ = moeprune.NoSuchThing
+
+
 def test_bad_input(tmp_path):
     model, blocks = _model("deepseek_v3")
     src = _save(model, tmp_path / "src", "fused")

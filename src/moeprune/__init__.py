@@ -3,11 +3,20 @@
 Data flow: data -> calibrate -> profile -> score -> plan -> surgery/checkpoint -> evaluate/report.
 Architecture knowledge lives in :mod:`moeprune.arch` and nowhere else.
 
-``moeprune.load(path)`` loads any checkpoint moeprune writes (ragged and novice ones included).
+``moeprune.load(path)`` loads any checkpoint moeprune writes (ragged and novice ones included);
+``moeprune.AdaptiveMoE.from_library(model, library)`` serves a pattern library (PreMoe TAER).
 """
 
 __version__ = "0.1.0"
 
 from .load import load  # noqa: E402 - light: torch and transformers are imported on call
 
-__all__ = ["__version__", "load"]
+__all__ = ["AdaptiveMoE", "__version__", "load"]
+
+
+def __getattr__(name: str):
+    if name == "AdaptiveMoE":  # imported on first use: the package itself stays light
+        from .adaptive import AdaptiveMoE
+
+        return AdaptiveMoE
+    raise AttributeError(f"module 'moeprune' has no attribute {name!r}")
