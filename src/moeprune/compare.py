@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .plan import plan_from_profile
 
 __all__ = [
     "DEFAULT_KEEPS",
@@ -31,7 +32,6 @@ __all__ = [
     "compare",
     "default_methods",
     "main_metric",
-    "plan_for",
     "task_metrics",
 ]
 
@@ -87,41 +87,12 @@ def check_keeps(keeps: Sequence[int | float], num_experts: int | None) -> list[i
     return out
 
 
-def _routing(meta: dict[str, Any]) -> dict[str, Any]:
-    routing = meta.get("routing") or {}
-    top_k = int(meta.get("top_k") or routing.get("top_k") or 0)
-    if top_k < 1:
-        raise UserError("the profile does not record the model's top-k", "re-run `moeprune profile`")
-    return {
-        "top_k": top_k,
-        "n_group": int(routing.get("n_group", 1) or 1),
-        "topk_group": int(routing.get("topk_group", 1) or 1),
-        "group_score": str(routing.get("group_score", "max")),
-    }
-
-
-def plan_for(scores: torch.Tensor, meta: dict[str, Any], keep: int | float, method: str) -> Any:
-    """The layer-budget plan of ``scores`` [L, E] at ``keep``, with the profile's routing groups."""
-    from .plan import make_plan
-
-    return make_plan(
-        scores,
-        keep=keep,
-        scope="layer",
-        layers=[int(x) for x in meta.get("layers") or range(scores.shape[0])],
-        model_fingerprint=str(meta.get("model_fingerprint", "")),
-        model_type=str(meta.get("model_type", "")),
-        method=method,
-        **_routing(meta),
-    )
-
-
 def _keep_problem(meta: dict[str, Any], keep: int | float) -> str | None:
     """Why ``keep`` cannot be planned for this model (below top-k, invalid for the groups), or None."""
     n_experts = int(meta["num_experts"])
     n_layers = len(meta["layers"])
     try:
-        plan_for(torch.zeros(n_layers, n_experts, dtype=torch.float64), meta, keep, "check")
+        plan_from_profile(torch.zeros(n_layers, n_experts, dtype=torch.float64), meta, keep=keep, method="check")
     except UserError as exc:
         return exc.problem
     return None
@@ -277,7 +248,7 @@ def compare(
                 )
                 continue
             for method in methods:
-                plan = plan_for(scores[method], meta, keep, method)
+                plan = plan_from_profile(scores[method], meta, keep=keep, method=method)
                 k = plan.settings["experts_per_layer"]
                 base = {
                     "domain": domain,

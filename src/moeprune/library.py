@@ -392,7 +392,7 @@ def build_library(
     infos: dict[str, dict[str, Any]] | None = None,
 ) -> Library:
     """A library from one profile per task (all of the same model)."""
-    from .plan import experts_to_keep, make_plan
+    from .plan import experts_to_keep, plan_from_profile, profile_routing
     from .score import check_method, score
 
     if not profiles:
@@ -409,8 +409,7 @@ def build_library(
             )
     stored_ka = int(first.premoe_ka)
     ka = stored_ka if ka is None else int(ka)
-    routing = meta.get("routing") or {}
-    n_group = int(routing.get("n_group", 1) or 1)
+    n_group = profile_routing(meta)["n_group"]
     num_experts = int(first.num_experts)
     keep_n = experts_to_keep(keep, num_experts, n_group=n_group, per_group="equal")
     layers = [int(x) for x in meta.get("layers") or range(first.num_layers)]
@@ -422,20 +421,8 @@ def build_library(
                 f"pass --premoe-ka {p.premoe_ka} or re-profile",
             )
         scores = score(p, method, **(options or {}))
-        plan = make_plan(
-            scores,
-            keep=keep_n,
-            scope="layer",
-            top_k=int(meta.get("top_k") or routing.get("top_k")),
-            n_group=n_group,
-            topk_group=int(routing.get("topk_group", 1) or 1),
-            group_score=str(routing.get("group_score", "max")),
-            layers=layers,
-            model_fingerprint=str(meta.get("model_fingerprint", "")),
-            model_type=str(meta.get("model_type", "")),
-            method=method,
-            settings={"task": name, "options": options or {}, "library": True},
-        )
+        settings = {"task": name, "options": options or {}, "library": True}
+        plan = plan_from_profile(scores, meta, keep=keep_n, method=method, settings=settings)
         info = {"tokens": p.meta.get("tokens"), "samples": p.meta.get("samples"), "data": p.meta.get("data")}
         info.update((infos or {}).get(name, {}))
         tasks[name] = TaskPattern(name, plan, scores.double(), task_keys(p, ka), info)

@@ -444,6 +444,43 @@ def make_plan(
     )
 
 
+def profile_routing(meta: dict[str, Any], source: str = "the profile") -> dict[str, Any]:
+    """The routing facts a plan needs (top-k, routing groups) from a profile's metadata."""
+    routing = meta.get("routing") or {}
+    top_k = int(meta.get("top_k") or routing.get("top_k") or 0)
+    if top_k < 1:
+        raise UserError(f"{source} does not record the model's top-k", "re-run `moeprune profile`")
+    return {
+        "top_k": top_k,
+        "n_group": int(routing.get("n_group", 1) or 1),
+        "topk_group": int(routing.get("topk_group", 1) or 1),
+        "group_score": str(routing.get("group_score", "max")),
+    }
+
+
+def plan_from_profile(
+    scores: torch.Tensor,
+    meta: dict[str, Any],
+    *,
+    keep: int | float,
+    method: str,
+    source: str = "the profile",
+    **options: Any,
+) -> Plan:
+    """:func:`make_plan` of ``scores`` [L, E] with the routing groups, MoE layers and model identity
+    a profile's metadata records; ``options``: scope, new_top_k, per_group, settings."""
+    return make_plan(
+        scores,
+        keep=keep,
+        layers=[int(x) for x in meta.get("layers") or range(scores.shape[0])],
+        model_fingerprint=str(meta.get("model_fingerprint", "")),
+        model_type=str(meta.get("model_type", "")),
+        method=method,
+        **profile_routing(meta, source),
+        **options,
+    )
+
+
 def _group_need(group_score: str, topk_group: int, n_group: int, active: int) -> str:
     if group_score == "top2_sum":
         return "the router scores each group by its top two experts (at least 2 per group)"

@@ -56,7 +56,7 @@ def plan_command(
     ),
 ) -> None:
     """Choose the experts every MoE layer keeps, from one or more profiles, and write a plan."""
-    from moeprune.plan import experts_to_keep, make_plan, parse_keep, plan_summary
+    from moeprune.plan import experts_to_keep, parse_keep, plan_from_profile, plan_summary, profile_routing
     from moeprune.score import OPTIONS, check_method, combined_score, score
 
     # --- check the arguments before reading anything ----------------------------------------------
@@ -85,14 +85,9 @@ def plan_command(
     else:
         scores = combined_score(profiles, method, **options)
 
-    routing = meta.get("routing") or {}
-    n_group = int(routing.get("n_group", 1) or 1)
-    topk_group = int(routing.get("topk_group", 1) or 1)
-    group_score = str(routing.get("group_score", "max"))
-    model_top_k = int(meta.get("top_k") or routing.get("top_k") or 0)
-    if model_top_k < 1:
-        raise UserError(f"profile '{profile}' does not record the model's top-k", "re-run `moeprune profile`")
+    source = f"profile '{profile}'"
     num_experts = int(scores.shape[1])
+    n_group = profile_routing(meta, source)["n_group"]
     experts_to_keep(keep_value, num_experts, n_group=n_group, per_group=per_group)  # early, clear error
 
     settings: dict[str, Any] = {
@@ -103,20 +98,15 @@ def plan_command(
         "options": options,
         "mixed_domain": len(profiles) > 1,
     }
-    plan = make_plan(
+    plan = plan_from_profile(
         scores,
+        meta,
         keep=keep_value,
-        scope=scope,  # type: ignore[arg-type]
-        top_k=model_top_k,
-        n_group=n_group,
-        topk_group=topk_group,
-        group_score=group_score,
-        new_top_k=top_k,
-        per_group=per_group,  # type: ignore[arg-type]
-        layers=[int(x) for x in meta.get("layers") or range(scores.shape[0])],
-        model_fingerprint=str(meta.get("model_fingerprint", "")),
-        model_type=str(meta.get("model_type", "")),
         method=method,
+        source=source,
+        scope=scope,
+        new_top_k=top_k,
+        per_group=per_group,
         settings=settings,
     )
 
