@@ -101,14 +101,12 @@ class AdaptiveMoE:
 
     def _build(self, model: str, library: str | Path | Library, dtype: Any, device: torch.device) -> None:
         from transformers import AutoTokenizer
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.modeling_utils import LoadStateDictConfig
 
         from .arch import find_moe_blocks
         from .arch.keys import map_expert_keys
         from .checkpoint import Checkpoint
-        from .modelio import build_on_meta, load_config, parse_dtype, resolve_model_dir
-        from .offload import ShardReader, _materialize_buffers
+        from .modelio import build_on_meta, load_config, parse_dtype, quantization_method, resolve_model_dir
+        from .offload import ShardReader, _materialize_buffers, loader_config
         from .surgery import pruned_config
 
         t0 = time.perf_counter()
@@ -116,10 +114,10 @@ class AdaptiveMoE:
         lib = self.library
         path = resolve_model_dir(model)
         config = load_config(str(path))
-        quant = getattr(config, "quantization_config", None)
-        if quant:
+        method = quantization_method(config)
+        if method is not None:
             raise UserError(
-                "the adaptive model does not support quantized checkpoints", "dequantize it first"
+                f"the adaptive model does not support quantized checkpoints ({method})", "dequantize it first"
             )
         if dtype == "auto":
             stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -147,18 +145,8 @@ class AdaptiveMoE:
         if [b.layer for b in blocks] != [b.layer for b in full_blocks]:
             raise RuntimeError("the pruned model has other MoE layers than the original")
 
-        def load_config_for(m: nn.Module) -> Any:
-            mapping = get_model_conversion_mapping(m)
-            return LoadStateDictConfig(
-                pretrained_model_name_or_path=str(path),
-                device_map={"": device},
-                dtype=torch_dtype,
-                dtype_plan=m._get_dtype_plan(torch_dtype),
-                weight_mapping=mapping,
-            )
-
-        self._lc_full = load_config_for(full)
-        lc_model = load_config_for(lm)
+        self._lc_full = loader_config(full, path, device, torch_dtype)
+        lc_model = loader_config(lm, path, device, torch_dtype)
         expert_keys = [k for k, ek in self.keymap.keys.items() if ek.kind != "router"]
         router_keys = [k for k, ek in self.keymap.keys.items() if ek.kind == "router"]
         skip = set(expert_keys) | set(router_keys)
@@ -168,29 +156,20 @@ class AdaptiveMoE:
         # 1. every non-expert tensor, once
         self._load(lm, rest, lc_model)
         stats.non_expert_bytes += sum(self.checkpoint.info(k).nbytes for k in rest)
-        if getattr(kconfig.get_text_config(), "tie_word_embeddings", False) or getattr(
-            kconfig, "tie_word_embeddings", False
-        ):
-            lm.tie_weights()
+        lm.tie_weights()  # a tied LM head is not in the checkpoint (a no-op for untied models)
         _materialize_buffers(lm, lm, "", device)
         # 2. the full routers, kept aside (loaded into the E-sized skeleton, then taken out)
         self._load(full, router_keys, self._lc_full)
         stats.non_expert_bytes += sum(self.checkpoint.info(k).nbytes for k in router_keys)
-        self._router_full: dict[str, tuple[torch.Tensor, int]] = {}
+        # decoder layer -> {model tensor path: (its full [E, ...] tensor, expert axis)}
+        self._router_full: dict[int, dict[str, tuple[torch.Tensor, int]]] = {b.layer: {} for b in blocks}
         for ek in self.keymap.keys.values():
             if ek.kind == "router" and ek.target is not None:
-                self._router_full[ek.target] = (
-                    full.get_parameter_or_buffer(ek.target).detach(),
-                    ek.axis or 0,
-                )
+                full_tensor = full.get_parameter_or_buffer(ek.target).detach()
+                self._router_full[ek.layer][ek.target] = (full_tensor, ek.axis or 0)
         # the first MoE layer's full router module stays loaded: it scores queries
         self._probe = full_blocks[0].router(full)
         _complete_from(self._probe, blocks[0].router(lm))
-        self._probe_spec = full_blocks[0].spec
-        self._probe_bias_path = full_blocks[0].selection_bias_path
-        for b in full_blocks:  # free the other router tensors of the skeleton
-            if b.index > 0:
-                b.router(full).to_empty(device="meta")
 
         self.model = lm
         self.config = kconfig
@@ -241,10 +220,10 @@ class AdaptiveMoE:
             raise RuntimeError("the forward did not reach the first MoE router")
         # the router's other inputs (e.g. AfMoE's expert bias, passed by the block) are the K-sized
         # tensors of the adaptive model: the probe gets their full versions
-        full = {}
-        for target, (tensor, _axis) in self._router_full.items():
-            if target.startswith(self.blocks[0].path + ".") or target == self.blocks[0].selection_bias_path:
-                full[id(self.model.get_parameter_or_buffer(target))] = tensor
+        full = {
+            id(self.model.get_parameter_or_buffer(target)): tensor
+            for target, (tensor, _axis) in self._router_full[self.blocks[0].layer].items()
+        }
         args = tuple(full.get(id(a), a) for a in captured["args"])
         kwargs = {k: full.get(id(v), v) for k, v in captured["kwargs"].items()}
         out = self._probe(*args, **kwargs)
@@ -265,12 +244,10 @@ class AdaptiveMoE:
         logits = self.first_router_logits(query_ids(self.tokenizer, text))
         q, f, idx = premoe_token_entries(logits, self.library.ka)
         key = query_keys((q[None], f[None], idx[None]), self.library.num_experts)["first"]
-        bias = None
-        if self._probe_bias_path is not None:
-            bias = self._router_full.get(self._probe_bias_path, (None, 0))[0]
-            if bias is None:
-                bias = self._full.get_parameter_or_buffer(self._probe_bias_path)
-        r = route(self._probe_spec, logits.float(), bias)
+        first = self._full_blocks[0]
+        bias_path = first.selection_bias_path
+        bias = None if bias_path is None else self._router_full[first.layer][bias_path][0]
+        r = route(first.spec, logits.float(), bias)
         return key, r.top_k_index, r.top_k_weights
 
     def route(self, text: str) -> Match:
@@ -284,7 +261,7 @@ class AdaptiveMoE:
     @torch.no_grad()
     def activate(self, task: str) -> Switch:
         """Fill every MoE layer with ``task``'s kept experts (only the missing ones are read)."""
-        from .offload import _trim_heap
+        from .offload import _check_loaded, _trim_heap
 
         pattern = self.library.task(task)
         t0 = time.perf_counter()
@@ -294,8 +271,8 @@ class AdaptiveMoE:
             old = self._slots.get(b.layer, [])
             where = {e: s for s, e in enumerate(old)}
             new_ids = [e for e in kept if e not in where]
-            fresh = self._read_experts(fb, new_ids) if new_ids else {}
-            nbytes += fresh.pop("__bytes__", 0) if fresh else 0
+            fresh, read_bytes = self._read_experts(fb, new_ids) if new_ids else ({}, 0)
+            nbytes += read_bytes
             self._fill_experts(b, kept, where, new_ids, fresh)
             self._fill_router(b, kept)
             self._slots[b.layer] = kept
@@ -306,16 +283,20 @@ class AdaptiveMoE:
                 del fresh
                 _trim_heap()  # the layer's transient buffers go back to the OS (glibc keeps them otherwise)
         if self.current is None:
-            self._check_loaded()
+            _check_loaded(self.model, "", "the adaptive model")
         sw = Switch(task, self.current, read, reused, nbytes, time.perf_counter() - t0)
         self.current = task
         self.switches.append(sw)
         return sw
 
-    def _read_experts(self, fb: Any, new_ids: list[int]) -> dict[str, Any]:
-        """The ``new_ids`` experts of one block, converted to the model's layout: {param: [n, ...]}."""
+    def _read_experts(self, fb: Any, new_ids: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        """The ``new_ids`` experts of one block, converted to the model's layout ({param: [n, ...]}),
+        and the checkpoint bytes read."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
         from .arch.pruned import _resize
         from .checkpoint import contiguous_runs
+        from .offload import _quiet_sync_loading
 
         ex = fb.experts(self._full)
         n = len(new_ids)
@@ -327,10 +308,6 @@ class AdaptiveMoE:
         fused = [ek for ek in wanted if ek.kind == "fused"]
         state: dict[str, Any] = {}
         nbytes = 0
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-
-        from .offload import _quiet_sync_loading
-
         with self.reader.open([ek.key for ek in per_expert + fused]) as slices:
             for ek in per_expert:  # lazy: read by the loader when it stacks them
                 state[ek.renumbered(pos[ek.expert])] = slices[ek.key]
@@ -351,7 +328,7 @@ class AdaptiveMoE:
                 f"({sorted(info.mismatched_keys, key=str)[:1] or list(info.conversion_errors)[:1]})",
                 "the checkpoint does not match its config.json",
             )
-        out: dict[str, Any] = {}
+        out: dict[str, torch.Tensor] = {}
         for name in fb.layout.tensors:
             t = getattr(ex, name)
             if t.is_meta:
@@ -360,8 +337,7 @@ class AdaptiveMoE:
                     "the checkpoint does not match its config.json",
                 )
             out[name] = t.detach()
-        out["__bytes__"] = nbytes
-        return out
+        return out, nbytes
 
     def _fill_experts(
         self, b: Any, kept: list[int], where: dict[int, int], new_ids: list[int], fresh: dict[str, Any]
@@ -388,22 +364,11 @@ class AdaptiveMoE:
 
     def _fill_router(self, b: Any, kept: list[int]) -> None:
         ids = torch.tensor(kept, dtype=torch.long)
-        for target, (full, axis) in self._router_full.items():
-            if not (target.startswith(b.path + ".") or target == b.selection_bias_path):
-                continue
+        for target, (full, axis) in self._router_full[b.layer].items():
             owner_path, _, name = target.rpartition(".")
             owner = self.model.get_submodule(owner_path)
             value = full.index_select(axis, ids.to(full.device)).to(self.device).contiguous()
             _set_tensor(owner, name, value)
-
-    def _check_loaded(self) -> None:
-        missing = [n for n, p in self.model.named_parameters() if p.is_meta]
-        missing += [n for n, t in self.model.named_buffers() if t.is_meta]
-        if missing:
-            raise UserError(
-                f"the checkpoint has no tensor for '{missing[0]}' ({len(missing)} missing)",
-                "the checkpoint does not match its config.json",
-            )
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -76,6 +76,15 @@ def load_config(model: str) -> Any:
         ) from None
 
 
+def quantization_method(config: Any) -> str | None:
+    """The checkpoint's quantization method (``fp8``, ``mxfp4``, ...), None when not quantized."""
+    quant = getattr(config, "quantization_config", None)
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method or "?")
+
+
 def build_on_meta(config: Any):
     """Instantiate the causal LM on the meta device: structure and shapes, no memory, no weights."""
     import torch

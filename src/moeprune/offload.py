@@ -212,12 +212,28 @@ def _materialize_buffers(model: nn.Module, root: nn.Module, root_path: str, devi
                 )
 
 
+def loader_config(model: nn.Module, path: str | Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """What transformers' ``convert_and_load_state_dict_in_model`` needs to load checkpoint tensors
+    into ``model`` as ``from_pretrained`` would (its key renamings and conversions, dtype plan)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    return LoadStateDictConfig(
+        pretrained_model_name_or_path=str(path),
+        device_map={"": device},
+        dtype=dtype,
+        dtype_plan=model._get_dtype_plan(dtype),
+        weight_mapping=get_model_conversion_mapping(model),
+    )
+
+
 def _check_loaded(module: nn.Module, path: str, what: str) -> None:
     missing = [n for n, p in module.named_parameters() if p.is_meta]
     missing += [n for n, b in module.named_buffers() if b.is_meta]
     if missing:
+        where = f"{path}.{missing[0]}" if path else missing[0]
         raise UserError(
-            f"the checkpoint has no tensor for '{path}.{missing[0]}' ({len(missing)} missing in {what})",
+            f"the checkpoint has no tensor for '{where}' ({len(missing)} missing in {what})",
             "the checkpoint does not match its config.json",
         )
 
@@ -325,24 +341,18 @@ def calibrate_sequential(
     (a local directory or cached hub id with safetensors weights), computed one decoder layer at
     a time (see the module docstring). Under torch.distributed, each rank takes records rank,
     rank+world, ... and all ranks return the combined tensors."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.modeling_utils import LoadStateDictConfig
-
     from .arch import decoder_layers, find_moe_blocks, patch_moe
     from .arch.blocks import layers_path as find_layers_path
     from .calibrate import Accumulator, _Progress, dist_info
     from .data import batches
-    from .modelio import build_on_meta, load_config, resolve_model_dir
+    from .modelio import build_on_meta, load_config, quantization_method, resolve_model_dir
 
     device = torch.device(device)
     path = resolve_model_dir(str(model_dir))
     reader = ShardReader(path)
     config = load_config(str(path))
-    quant = getattr(config, "quantization_config", None)
-    if quant:
-        method = (
-            quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        )
+    method = quantization_method(config)
+    if method is not None:
         raise UserError(
             f"--offload sequential does not support quantized checkpoints ({method})",
             "dequantize the checkpoint first, or profile without offload",
@@ -356,15 +366,8 @@ def calibrate_sequential(
     text_model = model.get_submodule(text_path) if text_path else model
     last = max(b.layer for b in blocks)
 
-    weight_mapping = get_model_conversion_mapping(model)
-    load_config_ = LoadStateDictConfig(
-        pretrained_model_name_or_path=str(path),
-        device_map={"": device},
-        dtype=dtype,
-        dtype_plan=model._get_dtype_plan(dtype),
-        weight_mapping=weight_mapping,
-    )
-    plan = plan_keys(model, reader.keys(), weight_mapping, lpath)
+    load_config_ = loader_config(model, path, device, dtype)
+    plan = plan_keys(model, reader.keys(), load_config_.weight_mapping, lpath)
     absent = [i for i in range(last + 1) if i not in plan.layers]
     if absent:
         raise UserError(f"the checkpoint has no tensor of decoder layer {absent[0]}", "check the model")
