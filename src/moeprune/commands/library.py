@@ -284,14 +284,12 @@ def make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
         from ..adaptive import AdaptiveMoE
 
         return FirstLayerProbe(AdaptiveMoE.from_library(model, lib, dtype=dtype, device=device))
-    from ..arch import find_moe_blocks
     from ..modelio import load_config, load_model
 
-    lib.check_model(load_config(model), model)
+    lib.check_model(load_config(model), model)  # before loading any weight
     lm, tok = load_model(model, dtype=dtype, device=device)
     if tok is None:
         raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
-    lib.check_model(lm.config, model, find_moe_blocks(lm))
     return FullModelProbe(lm, tok, lib.ka)
 
 
