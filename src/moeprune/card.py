@@ -1,12 +1,19 @@
 """The model card (``README.md``) of a pruned checkpoint: what was pruned, how, and how to load it.
 
 Written by :func:`moeprune.surgery.rewrite_checkpoint` from the rewrite's result, the plan and the
-profile's metadata.
+profile's metadata. The metadata block the Hub reads (YAML between ``---`` lines) is written with
+``yaml.safe_dump``: ``base_model`` (a hub id only, never a local path), the source's license,
+``library_name``, tags and the moeprune version. Every string that comes from a file (model and
+folder names, the plan's method, data paths, task names, ``auto_map`` entries) goes through
+:func:`text`, which makes it one line of inert Markdown: no HTML, no table break, no heading, no
+front-matter fence.
 """
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +21,25 @@ from .arch.pruned import PrunedLayout
 
 if TYPE_CHECKING:
     from .surgery import RewriteResult
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_SPDX_LIKE = re.compile(r"[A-Za-z0-9][\w.+-]{0,63}")
+_MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+!|~=-])")
+INSTALL = (
+    "moeprune is not on PyPI: install it from its source (`pip install -e .` in a checkout of its repository)"
+)
+
+
+def text(value: Any, limit: int = 200) -> str:
+    """``value`` (from a file) as one line of inert Markdown: control characters and line breaks
+    become spaces, HTML is escaped, Markdown punctuation is backslash-escaped (so it opens no
+    code span, link, emphasis or table cell), and it is cut to ``limit`` characters."""
+    s = "".join(" " if unicodedata.category(c).startswith(("C", "Z")) else c for c in str(value))
+    s = " ".join(s.split())
+    if len(s) > limit:
+        s = s[: limit - 3] + "..."
+    return _MD_PUNCT.sub(r"\\\1", html.escape(s, quote=False))
 
 
 def human_bytes(n: float) -> str:
@@ -31,7 +57,9 @@ def _hub_id(src: Path, raw_config: dict[str, Any]) -> str | None:
         if part.startswith("models--"):
             return part[len("models--") :].replace("--", "/")
     name = raw_config.get("_name_or_path")
-    return name if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name or "") else None
+    if not isinstance(name, str) or not HUB_ID.fullmatch(name) or Path(name).exists():
+        return None  # a local path, not a hub id
+    return name
 
 
 def _counts_text(counts: list[int]) -> str:
@@ -40,12 +68,13 @@ def _counts_text(counts: list[int]) -> str:
 
 
 def _mode_paragraph(result: RewriteResult, base: str, layout: PrunedLayout) -> str:
+    """``base``: the source's name, already Markdown."""
     e = result.num_experts
     counts = list(result.kept_counts.values()) or [result.kept_per_layer]
     share = 100 * sum(counts) / (e * len(counts))
     if result.mode == "novice":
         text = (
-            f"This checkpoint was written by moeprune from `{base}` in **novice mode** (MoNE): the router "
+            f"This checkpoint was written by moeprune from {base} in **novice mode** (MoNE): the router "
             f"is unchanged, so all {e} routed experts stay routable; each MoE layer keeps "
             f"{_counts_text(counts)} experts as computed experts ({share:.1f}% overall) and every other "
             "expert is a *novice*: a constant vector (its mean output on the calibration data) times its "
@@ -64,7 +93,7 @@ def _mode_paragraph(result: RewriteResult, base: str, layout: PrunedLayout) -> s
             )
         return text
     text = (
-        f"This checkpoint was written by moeprune from `{base}` by **removing routed experts** (the "
+        f"This checkpoint was written by moeprune from {base} by **removing routed experts** (the "
         f"Remove mode of EASY-EP and PreMoe's PEP): each MoE layer keeps {_counts_text(counts)} of its {e} "
         f"routed experts ({share:.1f}% overall), with their router rows and selection-bias entries; the "
         "kept experts stay in their original order and are renumbered from 0. Routing picks the top-k "
@@ -96,22 +125,20 @@ def model_card(
     layout: PrunedLayout | None = None,
 ) -> str:
     base = _hub_id(src, raw_config)
+    name = f"`{base}`" if base else text(src.name)
     e = result.num_experts
     counts = [len(kept[layer]) for layer in result.layers]
     if layout is None:
         layout = PrunedLayout(mode="remove", experts_per_layer=dict(zip(result.layers, counts, strict=True)))
     if not result.kept_counts:
         result.kept_counts = dict(zip(result.layers, counts, strict=True))
-    lines: list[str] = ["---"]
-    if base:
-        lines.append(f"base_model: {base}")
-    lines += ["tags:", "- moeprune", "- mixture-of-experts", "- expert-pruning", "---", ""]
-    title = base or src.name
+    license_lines, license_meta = _license(src, result)
+    lines = [front_matter(base, license_meta, result.mode), ""]
     what = "computed experts" if result.mode == "novice" else "routed experts"
     per = "per MoE layer" if len(set(counts)) == 1 else "per MoE layer (differs by layer)"
-    lines.append(f"# {title}, {_counts_text(counts)}/{e} {what} {per}")
+    lines.append(f"# {base or text(src.name)}, {_counts_text(counts)}/{e} {what} {per}")
     lines.append("")
-    lines.append(_mode_paragraph(result, base or src.name, layout))
+    lines.append(_mode_paragraph(result, name, layout))
     lines.append("")
     top = str(result.top_k)
     if result.top_k != result.original_top_k:
@@ -122,7 +149,7 @@ def model_card(
         mode += ", padded to a uniform count" if result.mode == "remove" else ", novices in expert biases"
     rows = [
         ("mode", mode),
-        ("model type", str(raw_config.get("model_type", "?"))),
+        ("model type", text(raw_config.get("model_type", "?"))),
         ("MoE layers", str(len(result.layers))),
         (f"{what} per MoE layer", f"{e} -> {_counts_text(counts)}"),
         ("active experts per token (top-k)", top),
@@ -131,15 +158,15 @@ def model_card(
         ("loads with", "stock transformers" if result.stock else "`moeprune.load`"),
     ]
     if plan:
-        rows.append(("scoring method", str(plan.get("method", "?"))))
+        rows.append(("scoring method", text(plan.get("method", "?"))))
         settings = plan.get("settings") or {}
-        if settings.get("scope"):
-            rows.append(("budget", f"{settings.get('scope')} scope"))
+        if isinstance(settings, dict) and settings.get("scope"):
+            rows.append(("budget", f"{text(settings.get('scope'))} scope"))
     data = _data_sources(plan, profile_meta)
     if data:
         rows.append(("calibration data", data))
     if profile_meta and profile_meta.get("tokens"):
-        rows.append(("calibration tokens", str(profile_meta["tokens"])))
+        rows.append(("calibration tokens", text(profile_meta["tokens"])))
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     replaced_name = "novice" if result.mode == "novice" else "removed"
     lines += ["", "## Experts kept per layer", ""]
@@ -169,12 +196,90 @@ def model_card(
             else "its layers do not match one config count"
         )
         lines.append(
-            "Load it with `moeprune.load(path)` (`pip install moeprune`; keyword arguments go to "
-            f"`from_pretrained`). Stock `from_pretrained` refuses it: {why}."
+            f"Load it with `moeprune.load(path)` (keyword arguments go to `from_pretrained`; {INSTALL}). "
+            f"Stock `from_pretrained` refuses it: {why}."
+        )
+    lines += _remote_code_section(result)
+    lines += ["", "## License", "", *license_lines]
+    return "\n".join(lines) + "\n"
+
+
+def front_matter(base: str | None, license_meta: dict[str, str], mode: str) -> str:
+    """The YAML metadata block the Hub reads (``---`` fenced)."""
+    import yaml
+
+    from . import __version__
+
+    meta: dict[str, Any] = {}
+    if base:
+        meta["base_model"] = base
+    meta.update(license_meta)
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["moeprune", "mixture-of-experts", "expert-pruning", f"moeprune-{mode}"]
+    meta["moeprune"] = {"version": __version__, "mode": mode}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=False) + "---"
+
+
+def _license(src: Path, result: RewriteResult) -> tuple[list[str], dict[str, str]]:
+    """The card's license paragraph and the license fields of its metadata, from the source's card
+    metadata (``license``, ``license_name``, ``license_link``) or its license files."""
+    from .model_files import source_card_metadata
+
+    source = source_card_metadata(src)
+    files = list(result.source.license_files)
+    meta: dict[str, str] = {}
+    lic = source.get("license")
+    if isinstance(lic, str) and _SPDX_LIKE.fullmatch(lic):
+        meta["license"] = lic
+        name = source.get("license_name")
+        if isinstance(name, str) and _SPDX_LIKE.fullmatch(name):
+            meta["license_name"] = name
+        link = source.get("license_link")
+        if isinstance(link, str) and (re.fullmatch(r"https://[\w./%#?=&~:+-]{1,300}", link) or link in files):
+            meta["license_link"] = link
+    elif files:
+        meta = {"license": "other", "license_link": files[0]}
+    lines: list[str] = []
+    if "license" in meta and lic == meta["license"]:
+        lines.append(
+            f"The source model's card declares the license `{meta['license']}`; it applies to these weights."
+        )
+    if files:
+        lines.append(f"The source's license file(s) are copied: {', '.join(text(f) for f in files)}.")
+    if not lines:
+        lines.append(
+            "The source model states no license moeprune could read: check its terms before sharing."
         )
     if (src / "README.md").is_file():
-        lines.append("The original model card is kept as `README.original.md` (its license applies).")
-    return "\n".join(lines) + "\n"
+        lines.append("The original model card is kept as `README.original.md`.")
+    return lines, meta
+
+
+def _remote_code_section(result: RewriteResult) -> list[str]:
+    """A warning when the source needs its own Python code (``auto_map``)."""
+    files = result.source
+    if not files.remote_code:
+        return []
+    entries = ", ".join(text(x) for x in files.remote_code[:8])
+    copied = ", ".join(text(f) for f in files.code_files)
+    lines = [
+        "",
+        "## Remote code",
+        "",
+        f"**Warning:** the source model's config maps classes to its own Python code (`auto_map`: {entries}).",
+    ]
+    if copied:
+        lines.append(
+            f"The file(s) it names were copied unchanged ({copied}) and `auto_map` is kept, so "
+            "`from_pretrained(path, trust_remote_code=True)` runs that code on your machine, as with the "
+            "source: read it first. It was written for the unpruned model; moeprune lowered only the "
+            "expert counts in `config.json` and did not check that the code honours them. moeprune itself "
+            "never runs it (it builds the model from transformers' own class for the model type)."
+        )
+    else:
+        lines.append("moeprune copied no Python file (none named by `auto_map` is in the model folder).")
+    return lines
 
 
 def _data_sources(plan: dict[str, Any] | None, profile_meta: dict[str, Any] | None) -> str:
@@ -182,12 +287,13 @@ def _data_sources(plan: dict[str, Any] | None, profile_meta: dict[str, Any] | No
     metas: list[Any] = []
     if profile_meta:
         metas.append(profile_meta.get("data"))
-    for p in ((plan or {}).get("settings") or {}).get("profiles") or []:
+    settings = (plan or {}).get("settings") or {}
+    for p in (settings.get("profiles") if isinstance(settings, dict) else None) or []:
         if isinstance(p, dict):
             metas.append(p.get("data"))
     for data in metas:
-        for d in data or []:
+        for d in data if isinstance(data, list) else []:
             path = d.get("path") if isinstance(d, dict) else d
             if path and str(path) not in paths:
                 paths.append(str(path))
-    return ", ".join(f"`{Path(p).name}`" for p in paths)
+    return ", ".join(text(Path(p).name) for p in paths)

@@ -278,7 +278,9 @@ def eval_section(report: dict[str, Any]) -> str:
         "| task | metric | full | pruned |",
         "|---|---|---:|---:|",
     ]
-    lines += [f"| {t} | {m} | {_fmt(f)} | {_fmt(p)} |" for t, m, f, p in eval_rows(report)]
+    from .card import text  # task names come from files: inert Markdown
+
+    lines += [f"| {text(t)} | {text(m)} | {_fmt(f)} | {_fmt(p)} |" for t, m, f, p in eval_rows(report)]
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -70,15 +69,10 @@ from .checkpoint import (
     write_safetensors,
 )
 from .errors import UserError
+from .model_files import SourceFiles, copy_source_files, inside, model_root
 
 MODES = ("remove", "novice")
 
-# Weight files of any format: never copied into the output (they would be stale, unpruned copies).
-_WEIGHT_FILE = re.compile(
-    r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.npz|\.onnx)$"
-    r"|(\.safetensors|\.bin)\.index\.json$",
-    flags=re.IGNORECASE,
-)
 # Besides the names every config declares, these types have readers that use an alias: hub Qwen3-MoE
 # configs and transformers < 5 read `num_experts`, transformers 5 writes `num_local_experts`.
 _ALSO_WRITE: dict[str, tuple[str, ...]] = {"qwen3_moe": ("num_experts", "num_local_experts")}
@@ -97,7 +91,8 @@ class RewriteResult:
     bytes_out: int
     layout: str
     copied_files: list[str] = field(default_factory=list)
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # "name (why)"
+    source: SourceFiles = field(default_factory=SourceFiles)  # files taken from the source, remote code
     mode: str = "remove"
     kept_counts: dict[int, int] = field(default_factory=dict)  # layer -> experts kept
     padded: bool = False  # pad_uniform: short layers padded with dead experts / novices in biases
@@ -484,29 +479,6 @@ def _aligned(shard: list[OutTensor]) -> list[OutTensor]:
     return sorted(shard, key=lambda t: -DTYPE_SIZES.get(t.dtype, 1))
 
 
-def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> tuple[list[str], list[str]]:
-    """Copy tokenizer, generation config, chat template, ...: every file that is not weights."""
-    copied: list[str] = []
-    skipped: list[str] = []
-    for path in sorted(src.iterdir()):
-        name = path.name
-        if name in skip or name.startswith("."):
-            continue
-        if path.is_dir():
-            files = [p for p in path.rglob("*") if p.is_file()]
-            if any(_WEIGHT_FILE.search(p.name) for p in files):
-                skipped.append(name + "/")
-                continue
-            shutil.copytree(path, dst / name, symlinks=False)
-            copied.append(name + "/")
-        elif _WEIGHT_FILE.search(name):
-            skipped.append(name)
-        elif path.is_file():
-            shutil.copy2(path, dst / name)
-            copied.append(name)
-    return copied, skipped
-
-
 def rewrite_checkpoint(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -612,11 +584,12 @@ def rewrite_checkpoint(
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
         _self_check(tmp, layout, result.top_k)
 
-        skip = {"config.json", INDEX_NAME, "README.md", "plan.json", "profile-meta.json"}
-        skip |= {f.name for f in ckpt.shard_files}
-        result.copied_files, result.skipped_files = _copy_other_files(src, tmp, skip)
-        if (src / "README.md").is_file():
-            shutil.copy2(src / "README.md", tmp / "README.original.md")
+        handled = {"config.json", INDEX_NAME, "README.md"} | {f.name for f in ckpt.shard_files}
+        result.source = copy_source_files(src, tmp, handled)
+        result.copied_files, result.skipped_files = result.source.copied, result.source.skipped
+        original_card = inside(src / "README.md", model_root(src))
+        if original_card is not None:
+            shutil.copyfile(original_card, tmp / "README.original.md")
             result.copied_files.append("README.original.md")
         if plan is not None:
             (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")

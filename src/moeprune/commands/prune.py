@@ -223,7 +223,7 @@ def prune_with_plan(
     if not result.stock:
         console.print("load it with moeprune.load(path) (stock from_pretrained cannot: see docs/surgery.md)")
     if result.skipped_files:
-        console.print(f"not copied (other weight formats): {', '.join(result.skipped_files)}")
+        console.print(f"not copied from the source: {', '.join(result.skipped_files)}")
 
 
 def _novice_vectors(profile_path: Path, plan: Any, config: Any, model: str) -> dict[int, Any]:
