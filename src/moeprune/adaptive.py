@@ -132,6 +132,10 @@ class AdaptiveMoE:
         lib.check_model(config, model, full_blocks)
         self.checkpoint = Checkpoint.open(path)
         self.keymap = map_expert_keys(full, full_blocks, self.checkpoint.shapes())
+        if lib.router_sha256:  # the library was built on this very checkpoint (router weights)
+            from .identity import keymap_router_digest
+
+            lib.check_model(config, model, full_blocks, keymap_router_digest(self.checkpoint, self.keymap))
         self.reader = ShardReader(path, backend="pread")
 
         # the adaptive model: shaped like a checkpoint pruned to K experts per MoE layer

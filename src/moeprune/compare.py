@@ -120,13 +120,16 @@ def _novice_means(profiles: Sequence[Any]) -> torch.Tensor:
 
 def check_profiles(model: Any, profiles: Sequence[Any], blocks: Sequence[Any], names: Sequence[str]) -> None:
     """Error unless every profile was made on this model (same expert layout)."""
+    from .identity import model_router_digest
     from .profile import fingerprint_fields, model_fingerprint
 
     mine = model_fingerprint(fingerprint_fields(model.config, blocks))
+    router = model_router_digest(model, blocks)
     for prof, name in zip(profiles, names, strict=True):
         if prof.meta.get("model_fingerprint") != mine:
             prof.check_model(model.config, getattr(model, "name_or_path", None), blocks)  # names both
             raise UserError(f"profile '{name}' was made on another model", "profile this model first")
+        prof.check_model(model.config, getattr(model, "name_or_path", None), blocks, router)
 
 
 def task_metrics(result: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -132,6 +132,7 @@ class Library:
     tasks: dict[str, TaskPattern]
     settings: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    router_sha256: str = ""  # the model's router digest (moeprune.identity); "" in older libraries
 
     # --- queries -------------------------------------------------------------------------------
 
@@ -178,8 +179,12 @@ class Library:
             best[name] = min(d, best.get(name, float("inf")))
         return Match(min(best, key=best.__getitem__), best, kind)
 
-    def check_model(self, config: Any, name: str, blocks: list[Any] | None = None) -> None:
-        """Refuse a model whose expert layout is not the one this library was built on."""
+    def check_model(
+        self, config: Any, name: str, blocks: list[Any] | None = None, router_sha256: str | None = None
+    ) -> None:
+        """Refuse a model whose expert layout is not the one this library was built on, or, when
+        both are known, whose router weights differ (``router_sha256``)."""
+        from .identity import check_router
         from .profile import _describe, fingerprint_fields, model_fingerprint
 
         fields = fingerprint_fields(config, blocks)
@@ -189,6 +194,8 @@ class Library:
                 f"not for '{name}' ({_describe(fields)})",
                 "build a library for this model with `moeprune library build`",
             )
+        fix = "build a library for this model with `moeprune library build`"
+        check_router(self.router_sha256, router_sha256, f"library '{self.path or '?'}'", fix)
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -213,6 +220,7 @@ class Library:
                 "format": LIBRARY_FORMAT,
                 "model": self.model,
                 "model_fingerprint": self.model_fingerprint,
+                **({"router_sha256": self.router_sha256} if self.router_sha256 else {}),
                 "model_fields": self.fields,
                 "method": self.method,
                 "keep": self.keep,
@@ -320,6 +328,7 @@ class Library:
             tasks=tasks,
             settings=dict(index.get("settings") or {}),
             path=path,
+            router_sha256=str(index.get("router_sha256") or ""),
         )
 
     def overlap(self, a: str, b: str) -> float:
@@ -392,6 +401,7 @@ def build_library(
     infos: dict[str, dict[str, Any]] | None = None,
 ) -> Library:
     """A library from one profile per task (all of the same model)."""
+    from .identity import KEY, check_router
     from .plan import experts_to_keep, plan_from_profile, profile_routing
     from .score import check_method, score
 
@@ -407,6 +417,12 @@ def build_library(
                 f"the profile of task '{name}' was made on another model ({p.meta.get('model')})",
                 "profile every task on the same model",
             )
+        check_router(
+            meta.get(KEY),
+            p.meta.get(KEY),
+            f"the profile of task '{name}'",
+            "profile every task on the same model",
+        )
     stored_ka = int(first.premoe_ka)
     ka = stored_ka if ka is None else int(ka)
     n_group = profile_routing(meta)["n_group"]
@@ -437,4 +453,5 @@ def build_library(
         num_experts=num_experts,
         tasks=tasks,
         settings={"options": options or {}, "scope": "layer"},
+        router_sha256=str(meta.get(KEY) or ""),
     )

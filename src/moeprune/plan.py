@@ -55,6 +55,7 @@ class Plan:
     kept: dict[int, list[int]]
     original_top_k: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    router_sha256: str = ""  # the model's router digest (moeprune.identity); "" in older plans
 
     def __post_init__(self) -> None:
         if self.original_top_k is None:
@@ -82,6 +83,7 @@ class Plan:
         return {
             "format": PLAN_FORMAT,
             "model_fingerprint": self.model_fingerprint,
+            **({"router_sha256": self.router_sha256} if self.router_sha256 else {}),
             "model_type": self.model_type,
             "method": self.method,
             "num_experts": self.num_experts,
@@ -169,6 +171,9 @@ class Plan:
         for key in ("model_fingerprint", "model_type", "method"):
             if not isinstance(data[key], str):
                 raise bad(f"{key} must be a string")
+        router = data.get("router_sha256", "")
+        if not isinstance(router, str) or len(router) > 64:
+            raise bad("router_sha256 must be a sha256 hex string")
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise bad("settings must be an object")
@@ -221,6 +226,7 @@ class Plan:
             kept=kept,
             original_top_k=original,
             settings=settings,
+            router_sha256=router,
         )
         plan._check_groups(bad)
         return plan
@@ -239,14 +245,51 @@ class Plan:
             if len(set(per)) != 1:
                 raise bad(f"layer {layer} keeps {per} experts per group; the plan requires equal groups")
 
-    def check_model(self, fingerprint: str | None) -> None:
-        """Error unless the plan was made for the model with this fingerprint."""
+    def check_model(self, fingerprint: str | None, router_sha256: str | None = None) -> None:
+        """Error unless the plan was made for the model with this fingerprint and, when both are
+        known, these router weights (``router_sha256``, :mod:`moeprune.identity`)."""
+        from .identity import check_router
+
         if fingerprint != self.model_fingerprint:
             raise UserError(
                 f"this plan was made for another model (fingerprint {str(self.model_fingerprint)[:12]}, "
                 f"this model {str(fingerprint)[:12]})",
                 "make a plan from a profile of this model",
             )
+        check_router(
+            self.router_sha256, router_sha256, "this plan", "make a plan from a profile of this model"
+        )
+
+
+def _data_hashes(data: Any) -> frozenset[str]:
+    """The sha256 of every data file a profile's metadata lists."""
+    if not isinstance(data, list):
+        return frozenset()
+    return frozenset(
+        str(d["sha256"]) for d in data if isinstance(d, dict) and isinstance(d.get("sha256"), str)
+    )
+
+
+def check_profile_data(plan_settings: Any, meta: dict[str, Any], source: str) -> None:
+    """Error unless the profile with metadata ``meta`` was calibrated on the data of one of the
+    plan's profiles (``plan_settings["profiles"]``), or of all of them together: the sha256 of
+    every data file. A plan or profile that records no data hashes is accepted."""
+    mine = _data_hashes(meta.get("data"))
+    entries = plan_settings.get("profiles") if isinstance(plan_settings, dict) else None
+    sets = (
+        [_data_hashes(p.get("data")) for p in entries if isinstance(p, dict)]
+        if isinstance(entries, list)
+        else []
+    )
+    sets = [x for x in sets if x]
+    if not mine or not sets or mine in sets or mine == frozenset().union(*sets):
+        return
+    theirs = sorted({h[:12] for x in sets for h in x})
+    raise UserError(
+        f"{source} was calibrated on other data than the plan's profile(s) (data sha256 "
+        f"{', '.join(sorted(h[:12] for h in mine))}; the plan's: {', '.join(theirs)})",
+        "pass the profile the plan was made from, or --allow-other-profile to use this one anyway",
+    )
 
 
 def _group_counts(ids: list[int], n_group: int, size: int) -> list[int]:
@@ -328,6 +371,7 @@ def make_plan(
     model_type: str = "",
     method: str = "",
     settings: dict[str, Any] | None = None,
+    router_sha256: str = "",
 ) -> Plan:
     """Choose the kept experts of every layer from ``scores`` [L, E] (higher = keep)."""
     if scores.dim() != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
@@ -441,6 +485,7 @@ def make_plan(
         kept=kept,
         original_top_k=top_k,
         settings=info,
+        router_sha256=router_sha256,
     )
 
 
@@ -474,6 +519,7 @@ def plan_from_profile(
         keep=keep,
         layers=[int(x) for x in meta.get("layers") or range(scores.shape[0])],
         model_fingerprint=str(meta.get("model_fingerprint", "")),
+        router_sha256=str(meta.get("router_sha256") or ""),
         model_type=str(meta.get("model_type", "")),
         method=method,
         **profile_routing(meta, source),

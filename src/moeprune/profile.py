@@ -172,8 +172,11 @@ class Profile:
         samples: int,
         data: list[dict[str, Any]],
         settings: dict[str, Any],
+        router_sha256: str | None = None,
     ) -> Profile:
+        """``router_sha256``: the model's router digest (:mod:`moeprune.identity`), if known."""
         from . import __version__
+        from .identity import KEY
 
         fields = fingerprint_fields(config, blocks)
         archs = getattr(config, "architectures", None) or []
@@ -196,6 +199,8 @@ class Profile:
             # routing semantics of the MoE layers (group-limited routing constrains plans)
             "routing": blocks[0].spec.describe() if blocks else {},
         }
+        if router_sha256:
+            meta[KEY] = router_sha256  # the weights, beyond the config's shape
         prof = cls(meta=meta, tensors=tensors)
         prof.validate()
         return prof
@@ -262,7 +267,9 @@ class Profile:
         if "sample_tokens" in t:  # absent in profiles written before it was added
             lengths = need("sample_tokens", (S,), torch.int64)
             if int(lengths.sum()) != T or bool((lengths < 0).any()):
-                raise _Corrupt(f"tensor 'sample_tokens' sums to {int(lengths.sum())}, metadata says {T} tokens")
+                raise _Corrupt(
+                    f"tensor 'sample_tokens' sums to {int(lengths.sum())}, metadata says {T} tokens"
+                )
         unknown = set(t) - {
             "tokens", "mone_mean", "mone_m2", "sample_gate", "sample_tokens", *SUM_TENSORS, *PREMOE_TENSORS
         }  # fmt: skip
@@ -322,11 +329,24 @@ class Profile:
     # --- model identity ---------------------------------------------------------------------
 
     def check_model(
-        self, config: Any, model_name: str | None = None, blocks: Sequence[Any] | None = None
+        self,
+        config: Any,
+        model_name: str | None = None,
+        blocks: Sequence[Any] | None = None,
+        router_sha256: str | None = None,
     ) -> None:
-        """Refuse a model whose expert layout differs from the one this profile was made on."""
+        """Refuse a model whose expert layout differs from the one this profile was made on, or,
+        when both are known, whose router weights differ (``router_sha256``)."""
+        from .identity import KEY, check_router
+
         fields = fingerprint_fields(config, blocks)
         if model_fingerprint(fields) == self.meta["model_fingerprint"]:
+            check_router(
+                self.meta.get(KEY),
+                router_sha256,
+                f"profile '{self.name}'",
+                "profile this model first with `moeprune profile`",
+            )
             return
         mine = self._fields()
         raise UserError(
@@ -341,6 +361,7 @@ class Profile:
     def merge(cls, profiles: Sequence[Profile]) -> Profile:
         """The profile of the union of the profiles' data (same model; order kept)."""
         from .calibrate import chan_merge
+        from .identity import KEY, check_router
 
         if len(profiles) < 2:
             raise UserError("merging needs at least two profiles", "pass two or more profile files")
@@ -352,6 +373,12 @@ class Profile:
                     f"'{p.name}' (model '{p.meta['model']}', {_describe(p._fields())}) are of different models",
                     "merge only profiles of the same model",
                 )
+            check_router(
+                first.meta.get(KEY),
+                p.meta.get(KEY),
+                f"profile '{p.name}'",
+                "merge only profiles of the same model",
+            )
             if p.premoe_ka != first.premoe_ka:
                 raise UserError(
                     f"profiles '{first.name}' and '{p.name}' kept different PreMoe candidate counts "

@@ -49,10 +49,13 @@ FEW_SHOT_DRAWS = 5
 
 
 def check_same_model(profiles: Sequence[Any], names: Sequence[str]) -> None:
-    """Refuse profiles of different models (fingerprint or expert layout)."""
+    """Refuse profiles of different models (fingerprint, router weights or expert layout)."""
+    from .identity import KEY, differs
+
     first = profiles[0]
     for prof, name in zip(profiles[1:], names[1:], strict=True):
         same_print = prof.meta.get("model_fingerprint") == first.meta.get("model_fingerprint")
+        same_print = same_print and not differs(prof.meta.get(KEY), first.meta.get(KEY))  # router weights
         same_shape = tuple(prof.tensors["gate"].shape) == tuple(first.tensors["gate"].shape)
         if not (same_print and same_shape):
             raise UserError(

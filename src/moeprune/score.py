@@ -317,6 +317,15 @@ def combined_score(profiles: Sequence[ProfileLike], method: str, **options: Any)
             + ")",
             "combine only profiles of the same model",
         )
+    from .identity import KEY, check_router
+
+    for p in profiles[1:]:
+        check_router(
+            profiles[0].meta.get(KEY),
+            p.meta.get(KEY),
+            "one of the profiles",
+            "combine only profiles of the same model",
+        )
     shapes = {_shape(p) for p in profiles}
     if len(shapes) > 1:
         raise UserError(

@@ -493,6 +493,7 @@ def rewrite_checkpoint(
     mode: str = "remove",
     pad_uniform: bool = False,
     novices: dict[int, torch.Tensor] | None = None,
+    allow_other_profile: bool = False,
 ) -> RewriteResult:
     """Write ``out_dir``: the checkpoint in ``src_dir`` keeping, in every MoE layer (decoder index ->
     sorted expert ids), only the experts ``kept``; ``top_k`` lowers the active experts per token.
@@ -503,7 +504,9 @@ def rewrite_checkpoint(
     stored as zeroed experts with a down bias (novice, experts with biases only).
 
     ``plan`` (the plan's JSON) is kept as ``plan.json`` and ``metadata`` (the profile's ``meta``) as
-    ``profile-meta.json``; both feed the model card. ``progress(done_bytes, total_bytes)`` is called
+    ``profile-meta.json``; both feed the model card. Both are refused when they were made on a
+    checkpoint with other router weights (:mod:`moeprune.identity`), and the profile when it was
+    calibrated on other data than the plan's profile (unless ``allow_other_profile``). ``progress(done_bytes, total_bytes)`` is called
     while the weights are copied.
     """
     from .arch import find_moe_blocks
@@ -530,6 +533,7 @@ def rewrite_checkpoint(
     ckpt = Checkpoint.open(src)
     keymap = map_expert_keys(meta_model, blocks, ckpt.shapes())
     del meta_model
+    _check_provenance(ckpt, keymap, plan, metadata, allow_other_profile)
     rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
 
     tensors = plan_tensors(ckpt, keymap, rewrites)
@@ -603,6 +607,30 @@ def rewrite_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _check_provenance(
+    ckpt: Checkpoint,
+    keymap: ExpertKeyMap,
+    plan: dict[str, Any] | None,
+    profile_meta: dict[str, Any] | None,
+    allow_other_profile: bool,
+) -> None:
+    """The plan and the profile were made on this checkpoint (router weights, when they record
+    them), and the profile on the plan's data."""
+    from .identity import KEY, check_router, keymap_router_digest
+    from .plan import check_profile_data
+
+    recorded = [x.get(KEY) for x in (plan, profile_meta) if isinstance(x, dict)]
+    if any(recorded):
+        mine = keymap_router_digest(ckpt, keymap)
+        fix = "make the profile and plan on this model"
+        if plan is not None:
+            check_router(plan.get(KEY), mine, "the plan", fix)
+        if profile_meta is not None:
+            check_router(profile_meta.get(KEY), mine, "the profile", fix)
+    if plan is not None and profile_meta is not None and not allow_other_profile:
+        check_profile_data(plan.get("settings"), profile_meta, "the profile")
 
 
 def _check_not_reshaped(config: Any, src: Path) -> None:

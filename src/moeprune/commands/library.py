@@ -122,7 +122,7 @@ def build(
         for name, src in specs.items():
             if is_profile(src):
                 prof = Profile.load(src)
-                prof.check_model(config, model)
+                prof.check_model(config, model, router_sha256=_router_digest(path, config))
                 infos[name] = {"source": "profile", "profile": str(src.resolve())}
             else:
                 if loaded is None:
@@ -334,3 +334,9 @@ def _print_routes(lib: Any, results: list[Any]) -> None:
         console.print(
             f"routing accuracy: {acc:.1%} ({sum(bool(r.correct) for r in labelled)}/{len(labelled)})"
         )
+
+
+def _router_digest(path: Path, config: Any) -> str | None:
+    from ..identity import checkpoint_router_digest
+
+    return checkpoint_router_digest(path, config)

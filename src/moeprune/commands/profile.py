@@ -297,8 +297,15 @@ def run_profile(
             "world_size": info.world,
             "offload": offload,
         }
+        from ..identity import checkpoint_router_digest, model_router_digest
+
+        if lm is not None:
+            router = model_router_digest(lm, blocks)
+        else:
+            router = checkpoint_router_digest(resolve_model_dir(model), config)
         prof = Profile.build(
             tensors,
+            router_sha256=router,
             model=model,
             config=config,
             blocks=blocks,

@@ -50,6 +50,9 @@ def prune_command(
         help="The profile the plan came from: its metadata is kept as profile-meta.json; "
         "--mode novice takes the novices' mean outputs from it (required there).",
     ),
+    allow_other_profile: bool = typer.Option(
+        False, "--allow-other-profile", help="Accept a --profile calibrated on other data than the plan's."
+    ),
     data: list[str] | None = typer.Option(
         None,
         "--data",
@@ -119,6 +122,7 @@ def prune_command(
             force=force,
             max_shard_size=max_shard_size,
             profile=profile,
+            allow_other_profile=allow_other_profile,
         )
         return
     missing = [flag for flag in ("--method", "--keep") if oneshot[flag] is None]
@@ -165,6 +169,7 @@ def prune_with_plan(
     force: bool = False,
     max_shard_size: str | None = None,
     profile: Path | None = None,
+    allow_other_profile: bool = False,
 ) -> None:
     """What `moeprune prune MODEL --plan PLAN ...` does (usable from Python)."""
     from moeprune.checkpoint import parse_size
@@ -207,6 +212,7 @@ def prune_with_plan(
             mode=mode,
             pad_uniform=pad_uniform,
             novices=novices,
+            allow_other_profile=allow_other_profile,
         )
     seconds = time.perf_counter() - start
     top = f"top-k {result.top_k}" + (
