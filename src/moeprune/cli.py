@@ -14,6 +14,7 @@ try:
     import typer
 
     from .errors import UserError
+    from .outputs import received_signal
 except KeyboardInterrupt:  # Ctrl-C while Python imports the CLI: one line, no traceback
     print("moeprune: error: interrupted", file=sys.stderr)
     raise SystemExit(130) from None
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         _register_commands()  # imports: a Ctrl-C here is an interrupt like any other
         result = app(args=argv, standalone_mode=False)
         if isinstance(result, int) and result == 130:  # typer turns Ctrl-C into a return value
-            error_line("interrupted; nothing was written")
-            return 130
+            return _interrupted(None)
     except UserError as exc:
         error_line(exc.line())
         return exc.exit_code
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted(exc: BaseException) -> int:
-    signum = getattr(exc, "signum", None)
+def _interrupted(exc: BaseException | None) -> int:
+    signum = getattr(exc, "signum", None) or received_signal()
     error_line(f"{'terminated' if signum else 'interrupted'}; nothing was written")
     return 128 + signum if signum else 130
 

@@ -211,7 +211,16 @@ def _read_pid(fd: int) -> int | None:
 # --- signals -------------------------------------------------------------------------------------------
 
 
+_received: list[int] = []
+
+
+def received_signal() -> int | None:
+    """The last SIGTERM/SIGHUP turned into :class:`Interrupted` (click re-raises it as an Abort)."""
+    return _received[-1] if _received else None
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -270,21 +279,24 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Put the finished folder ``tmp`` at ``final`` (replacing an old ``final``): at every instant
     ``final`` is the old output or the new one, whatever signal arrives."""
     leftover: Path | None = None
-    with _signals_held():
-        if not os.path.lexists(final):
-            os.rename(tmp, final)
-        elif _exchange(tmp, final):
-            leftover = tmp  # now holds the old output
-        else:
-            leftover = final.parent / temp_name(final.name, "old")
-            os.rename(final, leftover)
-            try:
+    try:
+        with _signals_held():
+            if not os.path.lexists(final):
                 os.rename(tmp, final)
-            except BaseException:
-                os.rename(leftover, final)
-                raise
-    if leftover is not None:  # cut short, it is a stale temporary for the next run
-        _remove(leftover)
+            elif _exchange(tmp, final):
+                leftover = tmp  # now holds the old output
+            else:
+                leftover = final.parent / temp_name(final.name, "old")
+                os.rename(final, leftover)
+                try:
+                    os.rename(tmp, final)
+                except BaseException:
+                    os.rename(leftover, final)
+                    leftover = None
+                    raise
+    finally:  # a held signal is raised as the block ends: the old output still goes
+        if leftover is not None:  # (cut short, it is a stale temporary for the next run)
+            _remove(leftover)
 
 
 def write_marker(folder: Path, kind: str) -> None:
