@@ -91,7 +91,7 @@ def test_cli_compare_matches_pruned_checkpoints(model_dir, data, profile, tmp_pa
     assert "moeprune compare" in printed.out and "skipped" in printed.out
 
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["plot_em.png", "plot_ppl.png", "results.csv", "results.json", "results.md"]
+    assert names == [".moeprune-output", "plot_em.png", "plot_ppl.png", "results.csv", "results.json", "results.md"]
     for png in ("plot_em.png", "plot_ppl.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -15,6 +15,7 @@ from _cli import assert_user_error, run_cli
 from moeprune.arch import ARCH_TABLE, find_moe_blocks, kept_controls, patch_moe
 from moeprune.checkpoint import Checkpoint, TensorInfo, read_header
 from moeprune.errors import UserError
+from moeprune.outputs import write_marker
 from moeprune.plan import Plan
 from moeprune.surgery import rewrite_checkpoint
 from moeprune.testing.tiny import buildable_types, tiny_model
@@ -228,6 +229,7 @@ def test_interrupt_leaves_nothing_behind(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text('{"old": true}')
+    write_marker(out, "model")  # --force replaces only moeprune's own outputs
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

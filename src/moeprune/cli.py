@@ -10,9 +10,14 @@ import importlib
 import os
 import sys
 
-import typer
+try:
+    import typer
 
-from .errors import UserError
+    from .errors import UserError
+    from .outputs import received_signal
+except KeyboardInterrupt:  # Ctrl-C while Python imports the CLI: one line, no traceback
+    print("moeprune: error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     name="moeprune",
@@ -62,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _register_commands()
     try:
+        _register_commands()  # imports: a Ctrl-C here is an interrupt like any other
         result = app(args=argv, standalone_mode=False)
         if isinstance(result, int) and result == 130:  # typer turns Ctrl-C into a return value
-            error_line("interrupted; nothing was written")
-            return 130
+            return _interrupted(None)
     except UserError as exc:
         error_line(exc.line())
         return exc.exit_code
@@ -76,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         error_line("aborted")
         return 130
-    except KeyboardInterrupt:
-        error_line("interrupted; nothing was written")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP while an output is written
+        return _interrupted(exc)
     except typer.TyperException as exc:  # usage errors: click's own message, exit code 2
         show = getattr(exc, "show", None)
         if show is None:
@@ -88,8 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupted(exc: BaseException | None) -> int:
+    signum = getattr(exc, "signum", None) or received_signal()
+    error_line(f"{'terminated' if signum else 'interrupted'}; nothing was written")
+    return 128 + signum if signum else 130
+
+
 def run() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt as exc:  # between the imports and main's own handler
+        code = _interrupted(exc)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

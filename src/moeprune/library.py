@@ -203,9 +203,10 @@ class Library:
         """Write the library folder atomically (nothing is left half-written)."""
         from safetensors.torch import save_file
 
-        from .outputs import write_dir_atomically
+        from .outputs import prepare_output
 
-        out = check_out(out, force)
+        target = prepare_output(out, force=force, kind="library")
+        out = Path(out).expanduser()
 
         def write(tmp: Path) -> None:
             (tmp / "plans").mkdir()
@@ -242,7 +243,8 @@ class Library:
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
-        write_dir_atomically(out, write)
+        with target as tmp:
+            write(tmp)
         self.path = out
         return out
 
@@ -339,13 +341,12 @@ class Library:
 
 
 def check_out(out: str | Path, force: bool) -> Path:
-    """The library folder to write: new, empty, or replaced with ``force``; its parent must exist."""
-    out = Path(out).expanduser()
-    if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
-        raise UserError(f"'{out}' already exists", "choose another --out or pass --force")
-    if not out.resolve().parent.is_dir():
-        raise UserError(f"the folder of --out '{out}' does not exist", f"create {out.resolve().parent} first")
-    return out
+    """The library folder to write: new, empty, or (with ``force``) a folder moeprune wrote; its
+    parent must exist and be writable (:func:`moeprune.outputs.check_output`)."""
+    from .outputs import check_output
+
+    check_output(out, force=force)
+    return Path(out).expanduser()
 
 
 def check_key_kind(kind: str) -> str:

@@ -20,11 +20,9 @@ whose group score is the sum of the group's top two needs at least two experts p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,19 +112,11 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan atomically (a temporary file in the same folder, then ``os.replace``)."""
+        from .outputs import atomic_write
+
         path = Path(path)
         text = self.dumps()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return path
 
     @classmethod

@@ -10,10 +10,8 @@ entries and per-sample rows concatenate in order).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,17 +90,10 @@ def _describe(fields: dict[str, Any]) -> str:
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a temporary file beside it, then rename: a reader (or an interrupt)
-    never sees a partial file. On any exception or KeyboardInterrupt the temporary file is removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    never sees a partial file; see :func:`moeprune.outputs.atomic_write`."""
+    from .outputs import atomic_write as write_file
+
+    write_file(path, write)
 
 
 # --- the profile -----------------------------------------------------------------------------

@@ -28,12 +28,10 @@ left behind.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,30 +104,12 @@ class RewriteResult:
 # --- checks -------------------------------------------------------------------------------------
 
 
-def check_output_dir(src_dir: Path, out_dir: Path, force: bool) -> None:
-    """Refuse to write into the input, around it, or over a non-empty folder without ``force``."""
-    src = src_dir.resolve()
-    out = out_dir.expanduser().resolve()
-    if out == src or src in out.parents:
-        raise UserError(
-            f"--out '{out_dir}' is the input model's folder or inside it", "write the pruned model elsewhere"
-        )
-    if out in src.parents:
-        raise UserError(f"--out '{out_dir}' contains the input model", "write the pruned model elsewhere")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out_dir}' exists and is not a folder", "pass a new folder name")
-    if not out.parent.is_dir():
-        raise UserError(
-            f"the parent folder of --out '{out_dir}' does not exist", f"create {out.parent} first"
-        )
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"--out '{out_dir}' is not empty", "pass --force to replace it, or a new folder")
-        if not (out / "config.json").is_file():
-            raise UserError(
-                f"--out '{out_dir}' is not empty and holds no model (no config.json)",
-                "--force only replaces a model folder; pass a new folder",
-            )
+def check_output_dir(src_dir: Path, out_dir: Path, force: bool) -> Path:
+    """Refuse to write into the input, around it, or over a non-empty folder without ``force`` (and
+    with it, over a folder moeprune did not write): :func:`moeprune.outputs.check_output`."""
+    from .outputs import check_output
+
+    return check_output(out_dir, inputs=[("input model", src_dir)], force=force)
 
 
 def check_kept(
@@ -511,6 +491,7 @@ def rewrite_checkpoint(
     """
     from .arch import find_moe_blocks
     from .modelio import build_on_meta, load_config
+    from .outputs import prepare_output
 
     src = Path(src_dir)
     out = Path(out_dir).expanduser()
@@ -518,7 +499,7 @@ def rewrite_checkpoint(
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
     if not (src / "config.json").is_file():
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
-    check_output_dir(src, out, force)
+    target = prepare_output(out, inputs=[("input model", src)], force=force, kind="model")
     config = load_config(str(src))
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     _check_not_reshaped(config, src)
@@ -564,8 +545,8 @@ def rewrite_checkpoint(
         stock=stock,
     )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
-    try:
+    target.need(total)
+    with target as tmp:
         done = 0
 
         def step(nbytes: int) -> None:
@@ -602,10 +583,6 @@ def rewrite_checkpoint(
         (tmp / "README.md").write_text(
             model_card(src, result, kept, raw_config, plan, metadata, layout), encoding="utf-8"
         )
-        _replace_dir(tmp, out.resolve())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
@@ -670,18 +647,8 @@ def _self_check(tmp: Path, layout: PrunedLayout, top_k: int) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temporary folder to ``out`` (replacing an old ``out`` only at the end)."""
-    old: Path | None = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-old-", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished temporary folder to ``out``, atomically: :func:`moeprune.outputs.replace_dir`."""
+    from .outputs import replace_dir
+
+    replace_dir(tmp, out)
+
