@@ -484,3 +484,70 @@ def test_lm_eval_unknown_task_is_a_user_error(monkeypatch):
         prepare_lm_eval(["arc_easy", "no_such_task"], LMEVAL_TASK_DIR)
     with pytest.raises(UserError, match="--lm-eval-include path .* does not exist"):
         prepare_lm_eval(["arc_easy"], LMEVAL_TASK_DIR / "nope")
+
+
+def _no_network(monkeypatch) -> list[str]:
+    """Every socket connection or name lookup is recorded and refused."""
+    import socket
+
+    attempts: list[str] = []
+
+    def refuse(*args, **_kwargs):
+        attempts.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args)[:80])
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm-eval not installed (pip install 'moeprune[lmeval]')",
+)
+def test_lm_eval_runs_offline_and_keeps_finished_results(tiny, tmp_path, capsys, monkeypatch):
+    """No connection is attempted (the user did not opt in to downloads); a task whose dataset is
+    not cached ends in one line naming it, exit 2, and the other results are still written."""
+    import shutil
+
+    import datasets
+    import huggingface_hub.constants
+
+    path, _, _ = tiny
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "MOEPRUNE_ALLOW_DOWNLOAD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    include = tmp_path / "tasks"
+    shutil.copytree(LMEVAL_TASK_DIR, include)
+    missing_yaml = (LMEVAL_TASK_DIR / "moeprune_tiny_mc.yaml").read_text()
+    missing_yaml = missing_yaml.replace("task: moeprune_tiny_mc", "task: moeprune_hub_mc")
+    missing_yaml = missing_yaml.replace("dataset_path: json", "dataset_path: moeprune-tests/never-cached")
+    missing_yaml = missing_yaml.replace("dataset_kwargs:\n  data_files:\n    test: tiny_mc.jsonl\n", "")
+    (include / "moeprune_hub_mc.yaml").write_text(missing_yaml)
+    attempts = _no_network(monkeypatch)
+    out = tmp_path / "lm.json"
+    code = main(
+        [
+            "eval", str(path), "--lm-eval", "moeprune_hub_mc,moeprune_tiny_mc", "--lm-eval-include", str(include),
+            "--task", f"mc={LMEVAL_TASK_DIR / 'tiny_mc.jsonl'}", "--device", "cpu", "--output", str(out),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("moeprune: error:")]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "moeprune_hub_mc" in lines[0] and "moeprune-tests/never-cached" in lines[0]
+    assert "--allow-download" in lines[0]
+    assert not attempts, attempts
+    tasks = json.loads(out.read_text())["tasks"]
+    assert set(tasks) == {"mc", "lm_eval:moeprune_tiny_mc"}
+    assert tasks["lm_eval:moeprune_tiny_mc"]["metrics"]["acc"] == pytest.approx(tasks["mc"]["metrics"]["acc"])
+    # the offline switches are restored after the run
+    assert "HF_HUB_OFFLINE" not in __import__("os").environ
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -9,10 +11,12 @@ import transformers
 from moeprune.testing.tiny import (
     MOE_CAUSAL_LM_TYPES,
     NEEDS_NO_CACHE,
+    TYPES_FROM_TRANSFORMERS,
     UNBUILDABLE,
     VOCAB,
     buildable_types,
     find_moe_causal_lm_types,
+    tiny_config,
     tiny_model,
 )
 
@@ -72,8 +76,35 @@ def test_lists_are_consistent() -> None:
     assert set(buildable_types()) == set(MOE_CAUSAL_LM_TYPES) - set(UNBUILDABLE)
 
 
+def _pinned(package: str) -> str:
+    path = Path(__file__).resolve().parents[1] / "constraints.txt"
+    pins = dict(
+        line.split("==", 1) for line in path.read_text().splitlines() if "==" in line and not line.startswith("#")
+    )
+    return pins[package]
+
+
+def test_type_list_is_made_from_the_pinned_transformers() -> None:
+    assert _pinned("transformers") == TYPES_FROM_TRANSFORMERS
+
+
+def test_size_fields_fit_the_tiny_model() -> None:
+    # a new config default (transformers 5.25: inkling2's unpadded_vocab_size 200058) must be
+    # capped by the generic rule, not left at full size
+    for model_type in buildable_types():
+        cfg = tiny_config(model_type).get_text_config()
+        for name, value in cfg.to_dict().items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                if "vocab" in name and "divisible" not in name:
+                    assert value <= VOCAB, (model_type, name, value)
+                if "intermediate_size" in name:
+                    assert value <= 128, (model_type, name, value)
+
+
 @pytest.mark.skipif(
-    transformers.__version__ != "5.23.0", reason="MOE_CAUSAL_LM_TYPES was made from transformers 5.23.0"
+    transformers.__version__ != TYPES_FROM_TRANSFORMERS,
+    reason=f"MOE_CAUSAL_LM_TYPES was made from transformers {TYPES_FROM_TRANSFORMERS} (the pinned one); "
+    "this run uses another (MOEPRUNE_NEWEST)",
 )
 def test_type_list_matches_installed_transformers() -> None:
     found, failures = find_moe_causal_lm_types()

@@ -105,6 +105,7 @@ class AdaptiveMoE:
         from .arch import find_moe_blocks
         from .arch.keys import map_expert_keys
         from .checkpoint import Checkpoint
+        from .load import disable_aux_loss
         from .modelio import build_on_meta, load_config, parse_dtype, quantization_method, resolve_model_dir
         from .offload import ShardReader, _materialize_buffers, loader_config
         from .surgery import pruned_config
@@ -175,7 +176,7 @@ class AdaptiveMoE:
         self._probe = full_blocks[0].router(full)
         _complete_from(self._probe, blocks[0].router(lm))
 
-        self.model = lm
+        self.model = disable_aux_loss(lm)  # inference only: no router auxiliary loss
         self.config = kconfig
         self.blocks = blocks
         self._full = full

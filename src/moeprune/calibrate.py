@@ -432,6 +432,7 @@ def calibrate(
     ranks return the combined tensors."""
     from .arch import find_moe_blocks, patch_moe
     from .data import batches
+    from .load import aux_loss_off
 
     blocks = list(blocks) if blocks is not None else find_moe_blocks(model)
     device = _model_device(model)
@@ -442,7 +443,7 @@ def calibrate(
     kwargs = _forward_kwargs(model)
     bar = _Progress(progress and info.rank == 0, "calibrating", sum(len(seqs[i]) for i in mine))
     try:
-        with patch_moe(model, blocks, observer=acc.observe) as session:
+        with aux_loss_off(model), patch_moe(model, blocks, observer=acc.observe) as session:
             for batch in batches(seqs, batch_size, pad_id, order=mine):
                 ids = batch.input_ids.to(device)
                 mask = batch.attention_mask.to(device)
@@ -489,6 +490,7 @@ def self_generate(
     from transformers import GenerationConfig
 
     from .data import batches
+    from .load import aux_loss_off
 
     info = dist_info()
     mine = list(range(info.rank, len(prompts), info.world))
@@ -507,7 +509,8 @@ def self_generate(
         for batch in batches(prompts, batch_size, pad_id, order=mine, left=True):
             ids = batch.input_ids.to(device)
             mask = batch.attention_mask.to(device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            with aux_loss_off(model):
+                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
             new = gen[:, ids.shape[1] :].tolist()
             for row, i in enumerate(batch.indices):
                 toks = new[row]

@@ -18,11 +18,76 @@ Every load is strict: a missing, unexpected or mis-sized tensor is an error.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import UserError
 
-__all__ = ["from_pretrained", "load", "needs_moeprune_load", "pruned_model_class"]
+__all__ = [
+    "aux_loss_off",
+    "disable_aux_loss",
+    "from_pretrained",
+    "load",
+    "needs_moeprune_load",
+    "pruned_model_class",
+]
+
+# from_pretrained's own keyword arguments (transformers 5.x pops them before the rest goes to the
+# config); any other keyword that names a config attribute updates the config, as with stock
+# from_pretrained(path, output_router_logits=False).
+_LOADING_KWARGS = frozenset(
+    {
+        "adapter_kwargs", "adapter_name", "allow_all_kernels", "attn_implementation", "cache_dir",
+        "device_map", "device_mesh", "distributed_config", "dtype", "experts_implementation",
+        "force_download", "generation_config", "gguf_file", "kernel_config", "kernels_mode",
+        "key_mapping", "local_files_only", "max_memory", "offload_buffers", "offload_folder",
+        "output_loading_info", "proxies", "quantization_config", "revision", "state_dict",
+        "subfolder", "token", "torch_dtype", "tp_plan", "tp_size", "tqdm_class", "trust_remote_code",
+        "use_kernels", "use_safetensors", "variant", "weights_only",
+    }
+)  # fmt: skip
+
+
+def _configs(config: Any) -> list[Any]:
+    """``config`` and its nested sub-configs (the text config of a multimodal model)."""
+    found = [config]
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            found += _configs(sub)
+    return found
+
+
+def disable_aux_loss(model: Any) -> Any:
+    """Set ``output_router_logits`` False on every (sub-)config of ``model``; returns ``model``.
+
+    Checkpoints saved after training with the router's auxiliary loss say
+    ``output_router_logits: true``; transformers then computes the load-balancing loss in every
+    forward, which moeprune never needs: it fails when a decoding step's attention mask is longer
+    than its one new token, and on ragged checkpoints (router widths differ per layer) always."""
+    for cfg in _configs(model.config):
+        if getattr(cfg, "output_router_logits", False):
+            cfg.output_router_logits = False
+    return model
+
+
+@contextmanager
+def aux_loss_off(model: Any) -> Iterator[Any]:
+    """:func:`disable_aux_loss` for the duration of a ``with`` block (for a model moeprune was
+    given rather than loaded itself: its config is restored afterwards)."""
+    before = [
+        (cfg, cfg.output_router_logits)
+        for cfg in _configs(model.config)
+        if hasattr(cfg, "output_router_logits")
+    ]
+    disable_aux_loss(model)
+    try:
+        yield model
+    finally:
+        for cfg, value in before:
+            cfg.output_router_logits = value
+
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -79,6 +144,14 @@ def load(path: str | os.PathLike, **kwargs: Any):
     cls = _causal_lm_class(config)
     if layout is not None:
         cls = pruned_model_class(cls)
+        if len(set(layout.experts_per_layer.values())) > 1:
+            # transformers' load-balancing loss concatenates every layer's router logits, which
+            # ragged widths cannot: a ragged model only runs without it (docs/surgery.md)
+            for cfg in _configs(config):
+                if getattr(cfg, "output_router_logits", False):
+                    cfg.output_router_logits = False
+    for key in [k for k in kwargs if k not in _LOADING_KWARGS and hasattr(config, k)]:
+        setattr(config, key, kwargs.pop(key))  # config overrides, as stock from_pretrained takes them
     kwargs.setdefault("local_files_only", True)
     kwargs.pop("output_loading_info", None)
     try:
@@ -118,10 +191,11 @@ def needs_moeprune_load(config: Any) -> bool:
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained``, or :func:`load` for checkpoints that need it (what
-    moeprune's own commands use, so that ``moeprune eval`` works on ragged and novice checkpoints)."""
+    moeprune's own commands use, so that ``moeprune eval`` works on ragged and novice checkpoints),
+    with the router's auxiliary loss off (:func:`disable_aux_loss`): moeprune only runs inference."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, local_files_only=kwargs.get("local_files_only", True))
     if needs_moeprune_load(config):
-        return load(path, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return disable_aux_loss(load(path, **kwargs))
+    return disable_aux_loss(AutoModelForCausalLM.from_pretrained(path, **kwargs))

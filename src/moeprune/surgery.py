@@ -258,6 +258,12 @@ def pruned_config(
     out.pop(CONFIG_KEY, None)
     if layout is not None:
         out[CONFIG_KEY] = layout.to_json()
+        if len(set(layout.experts_per_layer.values())) > 1:
+            # the load-balancing loss concatenates every layer's router logits, which ragged
+            # widths cannot: written off so the checkpoint runs as written (docs/surgery.md)
+            for d in [out] + [d for d, _ in targets]:
+                if d.get("output_router_logits"):
+                    d["output_router_logits"] = False
     return out
 
 

@@ -231,6 +231,7 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "olmoe": _A,
     "flex_olmo": replace(_A, prenorm_name=None),  # post-norm: no norm before the MoE
     "mellum": _A,
+    "lara_mini": _A,
     # A'. always renormalised
     "mixtral": _A_RENORM,
     "minimax": replace(_A_RENORM, prenorm_name=None),  # post-norm: the residual is the normed state
@@ -268,6 +269,7 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "mimo_v2_flash": _C,
     "nemotron_h": replace(_C, prenorm_name="norm"),
     "solar_open": _C,
+    "minicpm5_moe": _C,
     "axk2": replace(_C, spec=sigmoid_biased(group_fill=0.0)),
     "beam": replace(_C, spec=sigmoid_biased(scaling_site="block")),
     # E. sigmoid + bias, no groups, always renormalised
@@ -315,6 +317,11 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         _ROUTER_BIAS,
         family="top-k on logits + bias, sigmoid weights",
     ),
+    "kolibri1_1": ArchFacts(
+        sigmoid_biased(groups=False, renorm=None, scaling_attrs=(), on_logits=True),
+        _ROUTER_BIAS,
+        family="top-k on logits + bias, sigmoid weights",
+    ),
     "flint": ArchFacts(sigmoid_topk(), family="sigmoid -> top-k"),
     # D. DeepSeek-V2
     "deepseek_v2": ArchFacts(
@@ -341,6 +348,10 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "its router scores scale the experts' input and every expert runs densely",
     "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
+    "ergo": "its experts module holds a per-expert post-norm ([E, H]) and the block a residual gate, "
+    "which moeprune does not slice yet (new in transformers 5.25)",
+    "inkling2_loop_text": "its published checkpoints store NVFP4/MXFP8 experts that transformers "
+    "dequantizes on load, a conversion moeprune cannot slice (new in transformers 5.25)",
     "gemma4_text": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
 }
 

@@ -40,6 +40,12 @@ def eval_command(
         "--lm-eval-include",
         help="Directory of local lm-eval task YAMLs (relative data_files resolve against it).",
     ),
+    allow_download: bool = typer.Option(
+        False,
+        "--allow-download",
+        help="Let lm-eval download datasets it needs (default: offline, local cache only; "
+        "or MOEPRUNE_ALLOW_DOWNLOAD=1).",
+    ),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N records of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -99,20 +105,26 @@ def eval_command(
         max_length=max_length,
         progress=True,
     )
+    missing = None
     if lm_eval_tasks:
-        from moeprune.evaluate.lm_eval_bridge import run_lm_eval
+        from moeprune.evaluate.lm_eval_bridge import LmEvalDataMissing, run_lm_eval
 
-        results["tasks"].update(
-            run_lm_eval(
-                lm,
-                tokenizer,
-                lm_eval_tasks,
-                include_path=lm_eval_include,
-                limit=limit,
-                batch_size=batch_size,
-                task_manager=lm_eval_manager,
+        try:
+            results["tasks"].update(
+                run_lm_eval(
+                    lm,
+                    tokenizer,
+                    lm_eval_tasks,
+                    include_path=lm_eval_include,
+                    limit=limit,
+                    batch_size=batch_size,
+                    task_manager=lm_eval_manager,
+                    allow_download=allow_download or None,
+                )
             )
-        )
+        except LmEvalDataMissing as exc:  # report what ran, then the one-line error
+            results["tasks"].update(exc.results)
+            missing = exc
 
     report: dict[str, Any] = {
         "model": model,
@@ -134,6 +146,8 @@ def eval_command(
         from rich.console import Console
 
         Console(stderr=True).print(f"wrote {output}", highlight=False)
+    if missing is not None:
+        raise missing
 
 
 def _check_output(output: Path) -> None:

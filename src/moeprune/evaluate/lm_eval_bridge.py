@@ -6,7 +6,11 @@ in lm-eval's ``HFLM`` and calls ``lm_eval.simple_evaluate``. Local task YAMLs ar
 ``datasets.load_dataset``, which resolves relative paths against the *current directory*; so that
 a local task directory is self-contained, the run happens with the include directory as the
 current directory (relative ``data_files`` are relative to it, absolute ones work anywhere).
-Nothing here downloads when the data is local; set ``HF_DATASETS_OFFLINE=1`` to make sure.
+lm-eval runs offline (the Hub and datasets offline modes are on for the run, and restored after):
+moeprune never downloads unless asked (``allow_download=True``, ``eval --allow-download`` or
+``MOEPRUNE_ALLOW_DOWNLOAD=1``). Tasks run one at a time, so that a task whose dataset is not in
+the local cache is named in one :class:`LmEvalDataMissing` error that carries the results of the
+tasks that did run.
 """
 
 from __future__ import annotations
@@ -15,13 +19,41 @@ import contextlib
 import logging
 import math
 import os
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from moeprune.errors import UserError
 
-__all__ = ["check_lm_eval", "parse_task_names", "prepare_lm_eval", "run_lm_eval"]
+__all__ = [
+    "ALLOW_DOWNLOAD_ENV",
+    "LmEvalDataMissing",
+    "check_lm_eval",
+    "offline",
+    "parse_task_names",
+    "prepare_lm_eval",
+    "run_lm_eval",
+]
+
+ALLOW_DOWNLOAD_ENV = "MOEPRUNE_ALLOW_DOWNLOAD"
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+# module constants read at import time: patched too when the module is already imported
+_OFFLINE_CONSTANTS = (
+    ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_DATASETS_OFFLINE"),
+)
+
+
+class LmEvalDataMissing(UserError):
+    """An lm-eval task's dataset is not in the local cache; ``results`` holds the finished tasks."""
+
+    def __init__(self, problem: str, fix: str, results: dict[str, Any]) -> None:
+        super().__init__(problem, fix)
+        self.results = results
+
 
 INSTALL_FIX = "install it with `pip install 'moeprune[lmeval]'`"
 
@@ -69,6 +101,69 @@ def _working_dir(path: Path | None) -> Iterator[None]:
         yield
     finally:
         os.chdir(old)
+
+
+def download_allowed(allow_download: bool | None = None) -> bool:
+    """``allow_download``, or when None the ``MOEPRUNE_ALLOW_DOWNLOAD`` environment variable."""
+    if allow_download is not None:
+        return allow_download
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def offline(enabled: bool = True) -> Iterator[None]:
+    """The Hugging Face Hub and datasets offline modes for the duration of the block: the
+    environment variables (read when the modules are imported) and the module constants (read at
+    call time, for modules imported before); everything is restored afterwards."""
+    if not enabled:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
+    saved: list[tuple[Any, str, Any]] = []
+    os.environ.update(dict.fromkeys(_OFFLINE_ENV, "1"))
+    for module_name, attr in _OFFLINE_CONSTANTS:
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, attr):
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _is_missing_data(exc: BaseException) -> bool:
+    """An error of a dataset that is neither local nor in the cache (offline) or unreachable."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"OfflineModeIsEnabled", "DatasetNotFoundError", "LocalEntryNotFoundError"}:
+        return True
+    text = str(exc)
+    return isinstance(exc, (ConnectionError, OSError)) and (
+        "OfflineModeIsEnabled" in text or "Couldn't reach" in text or "offline mode" in text
+    )
+
+
+def _dataset_of(task: str, manager: Any, exc: BaseException) -> str:
+    """The dataset the failed task needs: its YAML's dataset_path, else the name in the error."""
+    try:
+        import yaml
+
+        entry = manager.task_index[task]
+        yaml_path = entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path
+        with open(yaml_path, encoding="utf-8") as fh:
+            path = (yaml.safe_load(fh) or {}).get("dataset_path")
+        if isinstance(path, str) and path:
+            return path
+    except Exception:  # noqa: BLE001 - best effort: fall back to the error text
+        pass
+    quoted = re.search(r"reach '([^']+)'", str(exc)) or re.search(r"'([^'\s]+/[^'\s]+)'", str(exc))
+    return quoted.group(1) if quoted else task
 
 
 def _task_manager(task_manager_cls: Any, folder: Path | None, tasks: list[str]) -> Any:
@@ -130,7 +225,8 @@ def prepare_lm_eval(tasks: list[str], include_path: str | Path | None = None) ->
         logging.getLogger(name).setLevel(logging.WARNING)
     # HFLM warns that a model object (not a name) was passed: that is how the bridge works.
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-    manager = _task_manager(TaskManager, folder, tasks)
+    with offline(not download_allowed()):
+        manager = _task_manager(TaskManager, folder, tasks)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -153,10 +249,13 @@ def run_lm_eval(
     num_fewshot: int | None = None,
     max_length: int | None = None,
     task_manager: Any = None,
+    allow_download: bool | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval tasks on a loaded model; returns ``{"lm_eval:<task>": {"kind", "source", "n", "metrics"}}``.
 
     ``task_manager`` is the one :func:`prepare_lm_eval` returned (built here when not given).
+    Offline unless ``allow_download`` (None: the ``MOEPRUNE_ALLOW_DOWNLOAD`` environment variable);
+    a task whose dataset is not cached raises :class:`LmEvalDataMissing` after the others ran.
     """
     if limit is not None and limit <= 0:
         raise UserError(
@@ -171,22 +270,43 @@ def run_lm_eval(
     if max_length is not None:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)
-    with _working_dir(folder):
-        try:
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(tasks),
-                task_manager=manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                log_samples=False,
-                bootstrap_iters=1000,
-            )
-        except FileNotFoundError as exc:
-            raise UserError(
-                f"lm-eval could not find a data file: {str(exc).splitlines()[0][:200]}",
-                "relative data_files in a task YAML are resolved against the --lm-eval-include directory",
-            ) from None
-    if results is None:  # not rank 0
-        return {}
-    return _convert(results)
+    out: dict[str, Any] = {}
+    missing: list[str] = []
+    online = download_allowed(allow_download)
+    for task in tasks:
+        with offline(not online), _working_dir(folder):
+            try:
+                results = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[task],
+                    task_manager=manager,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    log_samples=False,
+                    bootstrap_iters=1000,
+                )
+            except FileNotFoundError as exc:
+                raise UserError(
+                    f"lm-eval could not find a data file: {str(exc).splitlines()[0][:200]}",
+                    "relative data_files in a task YAML are resolved against the --lm-eval-include directory",
+                ) from None
+            except Exception as exc:
+                if not _is_missing_data(exc):
+                    raise
+                missing.append(f"{task} ({_dataset_of(task, manager, exc)})")
+                continue
+        if results is not None:  # None: not rank 0
+            out.update(_convert(results))
+    if missing:
+        how = (
+            "check the network connection"
+            if online
+            else f"run once with --allow-download (or {ALLOW_DOWNLOAD_ENV}=1) to cache it, then it works offline"
+        )
+        raise LmEvalDataMissing(
+            f"the dataset of lm-eval task {', '.join(missing)} is not in the local cache"
+            + (" and could not be downloaded" if online else " (moeprune runs lm-eval offline)"),
+            how,
+            out,
+        )
+    return out

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from moeprune.errors import UserError
 from moeprune.evaluate.options import check_run_options
 from moeprune.evaluate.tasks import EXACT_MATCH, MULTIPLE_CHOICE, PERPLEXITY, Task, parse_task_spec
+from moeprune.load import aux_loss_off
 
 __all__ = [
     "evaluate",
@@ -96,6 +97,16 @@ def _accepts_position_ids(model: Any) -> bool:
         return False
 
 
+def _cache_kwarg(model: Any) -> str:
+    """The forward's name for the KV cache: ``cache`` since transformers 5.25 (which warns on, and
+    will drop, the older ``past_key_values``), ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _longest_first(lengths: Sequence[int], batch_size: int, advance: Advance) -> Iterator[list[int]]:
     """Indices ``0..len(lengths)-1`` in batches of ``batch_size``, longest first, so that a batch
     holds similar lengths (little padding) and the widest batch runs first (running out of memory
@@ -122,7 +133,8 @@ def _padded_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, logits) of one right-padded batch; no KV cache, as nothing is generated."""
     ids, mask = _right_padded(rows, pad, device)
-    return ids, model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    with aux_loss_off(model):
+        return ids, model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
 def _stderr(p: float, n: int) -> float | None:
@@ -214,7 +226,24 @@ def greedy_generate(
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     use_pos = _accepts_position_ids(model)
+    cache_kwarg = _cache_kwarg(model)
+    with aux_loss_off(model):
+        return _decode(model, tokenizer, ids, mask, position, use_pos, cache_kwarg, max_new_tokens, stop)
 
+
+def _decode(
+    model: Any,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    position: torch.Tensor,
+    use_pos: bool,
+    cache_kwarg: str,
+    max_new_tokens: int,
+    stop: set[int],
+) -> list[list[int]]:
+    """greedy_generate's loop: one forward per new token, reusing the KV cache when the model keeps one."""
+    n = ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     past = None
@@ -222,11 +251,11 @@ def greedy_generate(
     for _step in range(max_new_tokens):
         kwargs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": mask, "use_cache": True}
         if past is not None:
-            kwargs["past_key_values"] = past
+            kwargs[cache_kwarg] = past
         if use_pos:
             kwargs["position_ids"] = step_pos
         out = model(**kwargs)
-        past = out.past_key_values
+        past = out.get(cache_kwarg)
         nxt = out.logits[:, -1, :].argmax(-1)
         for j, tok in enumerate(nxt.tolist()):
             if done[j]:

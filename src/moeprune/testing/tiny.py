@@ -23,6 +23,7 @@ __all__ = [
     "UNBUILDABLE",
     "NEEDS_NO_CACHE",
     "TEXT_ALIASES",
+    "TYPES_FROM_TRANSFORMERS",
     "buildable_types",
     "byte_tokenizer",
     "find_moe_causal_lm_types",
@@ -204,6 +205,19 @@ TINY_FIXES: dict[str, dict[str, Any]] = {
         "expert_layer_period": 2,
         "expert_layer_offset": 1,
     },
+    # Kolibri-1.1: sliding-window layers plus indexed-attention layers whose first one is an
+    # indexer (index_layers); the indexer scores with at most heads/kv_heads query heads and pools
+    # index_pool_size keys compressed by index_compression (defaults sized for 50 layers, 48 heads).
+    "kolibri1_1": {
+        "index_layers": [1],
+        "index_num_heads": 2,
+        "index_pool_size": 16,
+        "index_compression": 2,
+        "index_num_local_tokens": 4,
+        "index_num_sink_tokens": 1,
+        "sliding_window": 8,
+        "mlp_only_layers": [0],
+    },
     # Llama-4: MoE every interleave_moe_layer_step layers (Maverick: 2); step 2 gives layer 0 a
     # dense Llama4TextMLP and layer 1 the MoE (the default step 1 = Scout makes every layer MoE).
     "llama4": {"interleave_moe_layer_step": 2},
@@ -240,13 +254,13 @@ TINY_FIXES: dict[str, dict[str, Any]] = {
     "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 32},
 }
 
-# Types whose forward must be run with use_cache=False. Empty in transformers 5.23: the hybrids
+# Types whose forward must be run with use_cache=False. Empty since transformers 5.23: the hybrids
 # that failed with a cache (Jamba, Granite-MoE-Hybrid: "get_seq_length can only be called on
 # Attention layers") only did so because their tiny layer pattern had no attention layer, which
 # TINY_FIXES now gives them.
 NEEDS_NO_CACHE: set[str] = set()
 
-# Types that cannot be built or run from a config in transformers 5.23, with the reason. Empty:
+# Types that cannot be built or run from a config in TYPES_FROM_TRANSFORMERS, with the reason. Empty:
 # every type in MOE_CAUSAL_LM_TYPES builds and runs with TINY_FIXES.
 UNBUILDABLE: dict[str, str] = {}
 
@@ -314,6 +328,7 @@ def _text_kwargs(cfg_cls: type, fix: dict[str, Any]) -> dict[str, Any]:
         and (mlp_types is None or set(mlp_types) <= {"dense", "sparse"})
     ):
         kw["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
+    _shrink_new_sizes(default, kw, fix)
     for tok in ("pad_token_id", "bos_token_id", "eos_token_id"):
         v = getattr(default, tok, None)
         if isinstance(v, int) and v >= VOCAB:
@@ -322,6 +337,29 @@ def _text_kwargs(cfg_cls: type, fix: dict[str, Any]) -> dict[str, Any]:
             kw[tok] = VOCAB - 1
     kw.update(fix)
     return kw
+
+
+# Size-like fields a new transformers release may add to a config with a full-size default
+# (transformers 5.25: Inkling-2's unpadded_vocab_size 200058 > the tiny vocab gave a negative
+# dimension; Ergo's first_dense_intermediate_size 32768 made a 4M-parameter model). Any int field
+# whose name matches one of these patterns and that _COMMON / TINY_FIXES leave unset is capped.
+_SIZE_CAPS: tuple[tuple[str, int], ...] = (
+    ("vocab", VOCAB),
+    ("intermediate_size", _COMMON["intermediate_size"]),
+    ("ffn_hidden_size", _COMMON["ffn_hidden_size"]),
+    ("lora_rank", _COMMON["q_lora_rank"]),
+)
+
+
+def _shrink_new_sizes(default: Any, kw: dict[str, Any], fix: dict[str, Any]) -> None:
+    """Cap every size-like int field of ``default`` not set explicitly (see _SIZE_CAPS)."""
+    for name, value in default.to_dict().items():
+        if name in kw or name in fix or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        for pattern, cap in _SIZE_CAPS:
+            if pattern in name and value > cap:
+                kw[name] = cap
+                break
 
 
 def _tower_kwargs(cfg_cls: type) -> dict[str, Any]:
@@ -514,9 +552,14 @@ TEXT_ALIASES: dict[str, str] = {
     "qwen4_exp_text": "qwen4_exp",
 }
 
-# Every MoE causal-LM type of transformers 5.23 (output of find_moe_causal_lm_types(); 57
-# architectures + the 5 TEXT_ALIASES). Not MoE although their code mentions experts: bamba,
-# gemma3n(_text), gemma4_unified(_text), gemma4_assistant.
+# The transformers version MOE_CAUSAL_LM_TYPES was made from: the one constraints.txt pins
+# (tests/test_tiny_models.py checks both).
+TYPES_FROM_TRANSFORMERS = "5.25.0"
+
+# Every MoE causal-LM type of transformers 5.25 (output of find_moe_causal_lm_types(); 62
+# architectures + the 5 TEXT_ALIASES; 5.25 added ergo, inkling2_loop_text, kolibri1_1, lara_mini,
+# minicpm5_moe). Not MoE although their code mentions experts: bamba, gemma3n(_text),
+# gemma4_unified(_text), gemma4_assistant.
 MOE_CAUSAL_LM_TYPES: list[str] = [
     "afmoe",
     "aria_text",
@@ -534,6 +577,7 @@ MOE_CAUSAL_LM_TYPES: list[str] = [
     "dots1",
     "dots3_note",
     "dots3_note_text",
+    "ergo",
     "ernie4_5_moe",
     "exaone_moe",
     "flex_olmo",
@@ -551,19 +595,23 @@ MOE_CAUSAL_LM_TYPES: list[str] = [
     "hunyuan_v1_moe",
     "hy_v3",
     "hy_v4",
+    "inkling2_loop_text",
     "inkling2_text",
     "inkling_text",
     "jamba",
     "jetmoe",
     "kimi_linear",
     "kolibri1",
+    "kolibri1_1",
     "laguna",
+    "lara_mini",
     "lfm2_moe",
     "llama4",
     "llama4_text",
     "longcat_flash",
     "mellum",
     "mimo_v2_flash",
+    "minicpm5_moe",
     "minimax",
     "minimax_m2",
     "minimax_m3_vl_text",
