@@ -170,7 +170,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _load_profiles(paths: list[Path]) -> tuple[list[Any], list[str]]:
-    from moeprune.commands.plan import _load_profile
+    from moeprune.api import load_profile as _load_profile
 
     profiles = [_load_profile(p) for p in paths]
     stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]

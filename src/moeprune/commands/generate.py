@@ -16,7 +16,7 @@ from ..errors import UserError
 
 def _load(model: str, library: Path, dtype: str, device: str, task: str | None) -> Any:
     from ..adaptive import AdaptiveMoE
-    from ..commands.profile import _resolve_device
+    from ..api import resolve_device as _resolve_device
     from ..library import Library
 
     lib = Library.load(library)

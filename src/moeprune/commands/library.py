@@ -91,8 +91,9 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Profile each task (or take its profile), plan its kept experts and store its retrieval keys."""
+    from ..api import resolve_device as _resolve_device
+    from ..api import run_profile
     from ..arch import find_moe_blocks
-    from ..commands.profile import _resolve_device, run_profile
     from ..data import check_max_length
     from ..library import build_library, check_out
     from ..modelio import build_on_meta, load_config, load_model, resolve_model_dir
@@ -249,7 +250,7 @@ def route(
 ) -> None:
     """Find the nearest task of each query, the distances to all tasks, and how much of the
     query's own expert usage the chosen pattern keeps."""
-    from ..commands.profile import _resolve_device
+    from ..api import resolve_device as _resolve_device
     from ..library import Library, check_key_kind
     from ..retrieval import route_query
 

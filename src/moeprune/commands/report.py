@@ -39,7 +39,7 @@ def report_command(
     if len(set(resolved)) != len(resolved):
         raise UserError("the same profile is given twice", "pass each profile once")
 
-    from moeprune.commands.plan import _load_profile
+    from moeprune.api import load_profile as _load_profile
     from moeprune.report import compute_report
 
     loaded = [_load_profile(p) for p in profiles]
