@@ -470,8 +470,8 @@ def test_cli_user_errors_write_nothing(model_dir, data_files, tmp_path, capsys):
 def test_interrupt_leaves_no_partial_profile(model_dir, data_files, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from moeprune.api import run_profile
     from moeprune.calibrate import Accumulator as Acc
+    from moeprune.profiling import run_profile
 
     out = tmp_path / "x.profile.safetensors"
     kwargs = {

@@ -19,27 +19,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 
 if TYPE_CHECKING:
+    from .oneshot import OneShotResult
     from .plan import Plan
     from .profile import Profile
     from .surgery import RewriteResult
 
 PathLike = str | os.PathLike
 MODES = ("remove", "novice")
-# One-shot provenance (profile, recipe, demonstrations, evaluation) goes into this subfolder of the
-# output: vLLM loads every *.safetensors of the top folder (a profile there breaks it); loaders never
-# look into subfolders (docs/api.md).
-PROVENANCE = "moeprune"
 
 
 # --- models: a path or a loaded transformers model ------------------------------------------------
@@ -76,70 +69,7 @@ def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
         ) from None
 
 
-def resolve_device(device: str) -> str:
-    """cpu, cuda, cuda:N or auto -> a device (``cuda`` under torchrun -> this rank's GPU)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"device '{device}' requested but CUDA is not available", "use --device cpu or auto"
-            )
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    elif device != "cpu":
-        raise UserError(f"unknown device '{device}'", "use cpu, cuda, cuda:N or auto")
-    return device
-
-
 # --- profile --------------------------------------------------------------------------------------
-
-
-def demos_path(out: Path) -> Path:
-    """``<out stem>.demos.jsonl`` beside the profile (``x.profile.safetensors`` -> ``x.demos.jsonl``)."""
-    name = out.name
-    for suffix in (".safetensors", ".profile"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-    return out.with_name(name + ".demos.jsonl")
-
-
-def check_profile_args(
-    *,
-    data: Sequence[PathLike],
-    out: Path | None,
-    max_length: int,
-    batch_size: int,
-    max_samples: int | None,
-    self_generate: int,
-    premoe_ka: int | None,
-    offload: str,
-) -> None:
-    """Every check of :func:`profile`'s arguments that needs no model."""
-    from .data import check_max_length
-
-    if offload not in ("none", "sequential"):
-        raise UserError(f"unknown --offload '{offload}'", "use none or sequential")
-    if offload == "sequential" and self_generate > 0:
-        raise UserError("--self-generate needs the whole model in memory", "drop --offload sequential")
-    check_max_length(max_length)
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}", "pass a number >= 1")
-    if self_generate < 0:
-        raise UserError(f"--self-generate must be >= 0, got {self_generate}", "pass a number of new tokens")
-    if premoe_ka is not None and premoe_ka <= 0:
-        raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
-    if max_samples is not None and max_samples <= 0:
-        raise UserError(f"--max-samples must be positive, got {max_samples}", "pass a number >= 1")
-    if out is None:
-        return
-    if out.is_dir():
-        raise UserError(f"--out '{out}' is a directory", "pass a file name, e.g. run.profile.safetensors")
-    for d in data:
-        if Path(d).expanduser().resolve() == out.expanduser().resolve():
-            raise UserError(f"--out '{out}' is one of the data files", "pass another output path")
 
 
 def profile(
@@ -169,6 +99,8 @@ def profile(
     given."""
     data = [os.fspath(d) for d in data]
     out_path = Path(out) if out is not None else None
+    from .profiling import check_profile_args
+
     check_profile_args(
         data=data,
         out=out_path,
@@ -184,6 +116,8 @@ def profile(
         if offload != "none":
             raise UserError("offload applies to a model path, not a loaded model", "pass the path")
         loaded = (model, _tokenizer_of(model, tokenizer))
+    from .profiling import run_profile
+
     return run_profile(
         model=model_source(model),
         data=data,
@@ -202,171 +136,6 @@ def profile(
         quiet=quiet,
         loaded=loaded,
     )
-
-
-def run_profile(
-    *,
-    model: str,
-    data: list[str],
-    out: Path | None,
-    text_field: str | None = None,
-    max_length: int = 2048,
-    batch_size: int = 8,
-    max_samples: int | None = None,
-    seed: int = 0,
-    self_generate: int = 0,
-    premoe_ka: int | None = None,
-    per_sample: bool = False,
-    dtype: str = "auto",
-    device: str = "auto",
-    offload: str = "none",
-    quiet: bool = False,
-    loaded: tuple[Any, Any] | None = None,
-) -> Profile:
-    """:func:`profile` on checked arguments; ``loaded`` = (model, tokenizer) already in memory
-    (several profiles of one model without reloading it; ``model`` names it)."""
-    import torch
-
-    from .arch import find_moe_blocks
-    from .calibrate import calibrate, dist_info, init_distributed, wants_distributed
-    from .data import encode_prompt, load_records, pad_token_id, select_records, tokenize_records
-    from .modelio import load_config, load_model, resolve_model_dir
-    from .profile import Profile, atomic_write
-
-    records, files = load_records(data, text_field)
-    records = select_records(records, max_samples, seed)
-    dev = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.startswith("cuda") else "float32"
-    started_dist = False
-    if wants_distributed():
-        started_dist = not torch.distributed.is_initialized()
-        init_distributed(dev)
-    info = dist_info()
-    try:
-        if quiet:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        config = loaded[0].config if loaded is not None else load_config(model)
-        if offload == "sequential":
-            # Only the tokenizer and a meta-device skeleton now; layers are read one at a time later.
-            from transformers import AutoTokenizer
-
-            from .modelio import build_on_meta
-
-            lm = None
-            try:
-                tok = AutoTokenizer.from_pretrained(resolve_model_dir(model), local_files_only=True)
-            except (OSError, ValueError):
-                tok = None
-            blocks = find_moe_blocks(build_on_meta(config))
-        else:
-            if loaded is not None:
-                lm, tok = loaded
-            else:
-                lm, tok = load_model(str(resolve_model_dir(model)), dtype=dtype, device=dev)
-            blocks = find_moe_blocks(lm)
-        if tok is None:
-            raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
-        n_experts = blocks[0].num_experts
-        if premoe_ka is not None and premoe_ka > n_experts:
-            raise UserError(
-                f"--premoe-ka {premoe_ka} exceeds the {n_experts} experts per layer",
-                f"pass at most {n_experts}",
-            )
-        pad = pad_token_id(tok)
-        progress = not quiet
-        demos: list[dict[str, Any]] | None = None
-        if self_generate > 0:
-            from .calibrate import self_generate as generate
-
-            prompts = [encode_prompt(tok, r) for r in records]
-            for r, p in zip(records, prompts, strict=True):
-                if not p:
-                    raise UserError(f"{r.where}: the prompt is empty", "drop the record or give it a prompt")
-            answers = generate(
-                lm, tok, prompts, self_generate, batch_size=batch_size, pad_id=pad, progress=progress
-            )
-            seqs = [(p + a)[:max_length] for p, a in zip(prompts, answers, strict=True)]
-            demos = []
-            for r, a in zip(records, answers, strict=True):
-                text = tok.decode(a, skip_special_tokens=True)
-                if r.messages is not None:
-                    msgs = list(r.messages)
-                    while msgs and msgs[-1].get("role") == "assistant":
-                        msgs.pop()
-                    demos.append({"messages": [*msgs, {"role": "assistant", "content": text}]})
-                else:
-                    demos.append({"prompt": r.prompt, "response": text})
-        else:
-            seqs, _kept = tokenize_records(tok, records, max_length)
-        if lm is None:
-            from .modelio import parse_dtype
-            from .offload import calibrate_sequential
-
-            tensors = calibrate_sequential(
-                resolve_model_dir(model),
-                seqs,
-                batch_size=batch_size,
-                pad_id=pad,
-                premoe_ka=premoe_ka,
-                per_sample=per_sample,
-                progress=progress,
-                dtype=parse_dtype(dtype),
-                device=dev,
-            )
-        else:
-            tensors = calibrate(
-                lm,
-                seqs,
-                blocks=blocks,
-                batch_size=batch_size,
-                pad_id=pad,
-                premoe_ka=premoe_ka,
-                per_sample=per_sample,
-                progress=progress,
-            )
-        settings = {
-            "max_length": max_length,
-            "max_samples": max_samples,
-            "seed": seed,
-            "self_generate": self_generate,
-            "premoe_ka": int(tensors["premoe_idx"].shape[-1]),
-            "text_field": text_field,
-            "per_sample": per_sample,
-            "batch_size": batch_size,
-            "dtype": dtype,
-            "world_size": info.world,
-            "offload": offload,
-        }
-        prof = Profile.build(
-            tensors,
-            model=model,
-            config=config,
-            blocks=blocks,
-            samples=len(seqs),
-            data=[f.to_meta() for f in files],
-            settings=settings,
-        )
-        if out is None or info.rank != 0:  # under torchrun, rank 0 writes
-            return prof
-        if demos is not None:
-            lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in demos)
-            atomic_write(demos_path(out), lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-        try:
-            prof.save(out)
-        except BaseException:
-            if demos is not None:
-                demos_path(out).unlink(missing_ok=True)
-            raise
-        if not quiet:
-            extra = f"; demonstrations in {demos_path(out)}" if demos is not None else ""
-            print(f"wrote {out}: {prof.summary()}{extra}", file=sys.stderr)
-        return prof
-    finally:
-        if started_dist and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def load_profile(path: PathLike) -> Profile:
@@ -751,33 +520,6 @@ def _versions() -> dict[str, str]:
     return {"moeprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def evaluate_pair(model: Any, pruned: Path, tasks: list[Any], limit: int | None) -> dict[str, Any]:
-    """Evaluate the full model, then the pruned one, on the same tasks (one model in memory at a time;
-    a loaded full model is used as it is)."""
-    import gc
-
-    from .evaluate.loading import load_model_and_tokenizer, resolve_device
-    from .evaluate.runners import evaluate as run_tasks
-
-    device = str(next(model.parameters()).device) if _is_loaded(model) else resolve_device("auto")
-    results: dict[str, Any] = {}
-    for which, path in (("full", model), ("pruned", str(pruned))):
-        if _is_loaded(path):
-            lm, tok = path, _tokenizer_of(path, None)
-        else:
-            lm, tok = load_model_and_tokenizer(path, device=device, dtype="float32")
-        results[which] = run_tasks(lm, tok, tasks, limit=limit, progress=False)["tasks"]
-        del lm, tok
-        gc.collect()
-    return {
-        "model": model_source(model),
-        "limit": limit,
-        "device": device,
-        "full": results["full"],
-        "pruned": results["pruned"],
-    }
-
-
 # --- one-shot -------------------------------------------------------------------------------------
 
 
@@ -797,7 +539,7 @@ def oneshot(
 
     ``out`` holds the pruned checkpoint, its ``plan.json`` and a ``moeprune/`` folder with the
     profile, the recipe and (with ``eval``) ``eval.json``; nothing is left behind on failure."""
-    from .oneshot import OneShot
+    from .oneshot import OneShot, run_oneshot
 
     s = OneShot(
         model=model_source(model),
@@ -810,100 +552,3 @@ def oneshot(
     return run_oneshot(s, quiet=quiet, loaded=model if _is_loaded(model) else None)
 
 
-@dataclass
-class OneShotResult:
-    """What :func:`oneshot` made: the output folder, the profile, the plan, the rewrite's summary and,
-    with ``eval``, the full-vs-pruned report (``eval.json``)."""
-
-    out: Path
-    profile: Profile
-    plan: Plan
-    rewrite: RewriteResult
-    eval: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-
-def run_oneshot(s: Any, *, quiet: bool = False, loaded: Any = None) -> OneShotResult:
-    """:func:`oneshot` from a :class:`~moeprune.oneshot.OneShot` (a recipe); ``loaded``: the model
-    ``s.model`` names, already in memory."""
-    import time
-
-    import yaml
-
-    from .evaluate.tasks import resolve_tasks
-    from .modelio import resolve_model_dir
-    from .oneshot import check_settings, eval_section, recipe_dict
-    from .outputs import json_safe
-    from .score import OPTIONS
-    from .surgery import _replace_dir, check_output_dir
-
-    start = time.perf_counter()
-    check_settings(s)
-    src = resolve_model_dir(s.model)
-    out = Path(s.out).expanduser()
-    check_output_dir(src, out, s.force)
-    tasks = resolve_tasks(list(s.eval)) if s.eval else []
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
-    try:
-        work = tmp / "work"
-        work.mkdir()
-        profile_path = work / "profile.safetensors"
-        plan_path = work / "plan.json"
-        model_dir = tmp / "model"
-        _say(quiet, "== profile")
-        prof = run_profile(
-            model=s.model,
-            data=list(s.data),
-            out=profile_path,
-            max_length=s.max_length,
-            seed=s.seed,
-            self_generate=s.self_generate,
-            quiet=quiet,
-            loaded=None if loaded is None else (loaded, _tokenizer_of(loaded, None)),
-        )
-        _say(quiet, "== plan")
-        the_plan = plan(
-            profile_path,
-            s.method,
-            s.keep,
-            scope=s.scope,
-            top_k=s.top_k,
-            seed=s.seed if "seed" in OPTIONS.get(s.method, ()) else None,
-        )
-        # name the profile by where it ends up, not the temporary folder
-        for entry in (the_plan.settings or {}).get("profiles") or []:
-            entry["path"] = str(out.resolve() / PROVENANCE / "profile.safetensors")
-        the_plan.save(plan_path)
-        _say(quiet, "== prune")
-        rewrite = prune(
-            s.model, plan_path, model_dir, mode=s.mode, pad_uniform=s.pad_uniform, profile=profile_path
-        )
-        keep_dir = model_dir / PROVENANCE
-        keep_dir.mkdir()
-        shutil.copy2(profile_path, keep_dir / "profile.safetensors")
-        shutil.copy2(plan_path, model_dir / "plan.json")
-        report = None
-        demos = demos_path(profile_path)
-        if demos.is_file():
-            shutil.copy2(demos, keep_dir / "demos.jsonl")
-        if tasks:
-            _say(quiet, "== evaluate full and pruned")
-            report = evaluate_pair(loaded if loaded is not None else s.model, model_dir, tasks, s.eval_limit)
-            (keep_dir / "eval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8")
-            card = model_dir / "README.md"
-            card.write_text(card.read_text(encoding="utf-8") + "\n" + eval_section(report), encoding="utf-8")
-        (keep_dir / "recipe.yaml").write_text(
-            "# moeprune recipe of this run: `moeprune run recipe.yaml` makes it again\n"
-            + yaml.safe_dump(recipe_dict(s), sort_keys=False),
-            encoding="utf-8",
-        )
-        _replace_dir(model_dir, out.resolve())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return OneShotResult(out, prof, the_plan, rewrite, report, time.perf_counter() - start)
-
-
-def _say(quiet: bool, text: str) -> None:
-    if not quiet:
-        print(text, file=sys.stderr)

@@ -91,14 +91,14 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Profile each task (or take its profile), plan its kept experts and store its retrieval keys."""
-    from ..api import resolve_device as _resolve_device
-    from ..api import run_profile
     from ..arch import find_moe_blocks
     from ..data import check_max_length
     from ..library import build_library, check_out
     from ..modelio import build_on_meta, load_config, load_model, resolve_model_dir
     from ..plan import experts_to_keep, parse_keep
     from ..profile import Profile
+    from ..profiling import resolve_device as _resolve_device
+    from ..profiling import run_profile
     from ..score import check_method
 
     # --- everything the user gave, checked before any work ----------------------------------------
@@ -250,8 +250,8 @@ def route(
 ) -> None:
     """Find the nearest task of each query, the distances to all tasks, and how much of the
     query's own expert usage the chosen pattern keeps."""
-    from ..api import resolve_device as _resolve_device
     from ..library import Library, check_key_kind
+    from ..profiling import resolve_device as _resolve_device
     from ..retrieval import route_query
 
     if key is not None:

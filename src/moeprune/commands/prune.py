@@ -129,8 +129,7 @@ def prune_command(
         )
     if max_shard_size is not None:
         raise UserError("--max-shard-size does not apply with --data", "leave it out")
-    from moeprune.api import run_oneshot
-    from moeprune.oneshot import OneShot
+    from moeprune.oneshot import OneShot, run_oneshot
 
     result = run_oneshot(
         OneShot(
@@ -209,8 +208,8 @@ def print_result(result: Any, out: Path, mode: str, seconds: float, console: Any
 
 def print_oneshot(result: Any) -> None:
     """What one-shot pruning made: the plan, the rewrite, the full-vs-pruned table (with --eval)."""
-    from moeprune.api import PROVENANCE
     from moeprune.commands.plan import _GateSum, print_summary
+    from moeprune.oneshot import PROVENANCE
     from moeprune.plan import plan_summary
 
     print_summary(result.plan, plan_summary(result.plan, _GateSum([result.profile])), result.out / "plan.json")

@@ -19,8 +19,8 @@ def run_command(
 
     Relative paths in the recipe are relative to its folder; the output folder keeps the recipe
     (recipe.yaml), the profile and the plan."""
-    from moeprune.api import run_oneshot
     from moeprune.commands.prune import print_oneshot
+    from moeprune.oneshot import run_oneshot
     from moeprune.recipe import load_recipe
 
     settings = load_recipe(recipe)
