@@ -552,3 +552,198 @@ def oneshot(
     return run_oneshot(s, quiet=quiet, loaded=model if _is_loaded(model) else None)
 
 
+
+
+# --- compare --------------------------------------------------------------------------------------
+
+
+def compare(
+    model: Any,
+    profiles: Sequence[Profile | PathLike],
+    tasks: Sequence[str],
+    *,
+    methods: Sequence[str] | None = None,
+    keeps: Sequence[int | float | str] | None = None,
+    novice: bool = True,
+    tokenizer: Any = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 24,
+    max_length: int = 1024,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    out: PathLike | None = None,
+    force: bool = False,
+    progress: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every method x keep ratio (x novice) on ``model``, loaded once, with routing masks (nothing
+    pruned on disk), as `moeprune compare`: one plan per profile, plus the mixed-domain plan.
+
+    Returns (rows, report) (:func:`moeprune.compare.compare`'s rows and the run's settings); ``out``
+    also writes results.md/.csv/.json and the plots into that folder. ``on_row`` is called with each
+    row as soon as it is done."""
+    import time
+
+    from .compare import DEFAULT_KEEPS, check_keeps, default_methods
+    from .evaluate.options import check_device_and_dtype, check_run_options
+    from .plan import parse_keep
+    from .profile import Profile
+    from .score import check_method
+
+    # --- check everything before loading anything heavy ---------------------------------------------
+    check_run_options(
+        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
+    )
+    check_device_and_dtype(device, dtype)
+    methods = list(methods) if methods else default_methods()
+    for m in methods:
+        check_method(m)
+    if len(set(methods)) != len(methods):
+        raise UserError("a --method is given twice", "pass each method once")
+    keep_values: list[int | float] = [parse_keep(str(k)) for k in keeps] if keeps else list(DEFAULT_KEEPS)
+    check_keeps(keep_values, None)  # fractions' range and duplicates now; counts again once E is known
+    if out is not None:
+        _check_dir_out(Path(out), force)
+
+    from .evaluate.loading import resolve_device
+    from .evaluate.tasks import resolve_tasks
+
+    task_list = resolve_tasks(list(tasks))
+    loaded = _is_loaded(model)
+    name = model_source(model)
+    resolved_device = str(next(model.parameters()).device) if loaded else resolve_device(device)
+    paths = [p.path if isinstance(p, Profile) else os.fspath(p) for p in profiles]
+    profs = [p if isinstance(p, Profile) else load_profile(p) for p in profiles]
+    names = _profile_names([Path(p or f"profile{i}") for i, p in enumerate(paths)])
+    blocks = _check_profiles_model(name, profs)
+    check_keeps(keep_values, int(blocks[0].num_experts))
+
+    # --- load once, evaluate every variant -----------------------------------------------------------
+    from .compare import compare as run_compare
+    from .evaluate.loading import load_model_and_tokenizer
+
+    started = time.time()
+    if loaded:
+        lm, tok = model, _tokenizer_of(model, tokenizer)
+    else:
+        lm, tok = load_model_and_tokenizer(name, device=resolved_device, dtype=dtype)
+    rows = run_compare(
+        lm,
+        tok,
+        profs,
+        task_list,
+        methods,
+        keep_values,
+        novice,
+        profile_names=names,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        seed=seed,
+        progress=progress,
+        on_row=on_row,
+    )
+    report = {
+        "model": name,
+        "profiles": [{"name": n, "path": str(p)} for n, p in zip(names, paths, strict=True)],
+        "tasks": {t.name: t.kind for t in task_list},
+        "num_experts": int(blocks[0].num_experts),
+        "top_k": int(blocks[0].top_k),
+        "settings": {
+            "methods": methods,
+            "keeps": keep_values,
+            "novice": novice,
+            "limit": limit,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "max_length": max_length,
+            "seed": seed,
+            "device": resolved_device,
+            "dtype": dtype,
+        },
+        "seconds": round(time.time() - started, 3),
+    }
+    if out is not None:
+        from .compare import write_results
+        from .outputs import write_dir_atomically
+
+        write_dir_atomically(Path(out).expanduser(), lambda tmp: write_results(tmp, rows, report))
+    return rows, report
+
+
+def _check_dir_out(out: Path, force: bool) -> None:
+    """An output folder: absent or empty (or ``force``), in a folder that exists."""
+    out = out.expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out '{out}' is a file", "pass a folder name")
+        if any(out.iterdir()) and not force:
+            raise UserError(
+                f"--out '{out}' already exists and is not empty", "pass another folder, or --force"
+            )
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"the folder of --out '{out}' does not exist", f"create {parent} first")
+
+
+def _profile_names(paths: list[Path]) -> list[str]:
+    """Each profile's name: its file stem, or its path where stems repeat (or say "mixed")."""
+    stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]
+    distinct = len(set(stems)) == len(stems) and "mixed" not in stems
+    names = stems if distinct else [str(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise UserError("the same profile is given twice", "pass each --profile once")
+    return names
+
+
+def _check_profiles_model(model: str, profiles: list[Profile]) -> list[Any]:
+    """Every profile must come from this model (checked on the meta device, before loading weights);
+    returns its MoE blocks."""
+    from .arch import find_moe_blocks
+    from .modelio import build_on_meta, load_config
+
+    config = load_config(model)
+    blocks = find_moe_blocks(build_on_meta(config))
+    for prof in profiles:
+        prof.check_model(config, model, blocks)
+    return blocks
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def report(
+    profiles: Sequence[Profile | PathLike],
+    out: PathLike | None = None,
+    *,
+    method: str = "easyep",
+    top: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Every number of the HTML report on how the domains of ``profiles`` (one per domain, same model)
+    use the experts, as `moeprune report`; ``out`` also writes index.html and its plots there."""
+    from .profile import Profile
+    from .report import compute_report, write_report
+    from .score import check_method
+
+    check_method(method)
+    if top is not None and top < 1:
+        raise UserError(f"--top must be a positive number of experts, got {top}", "pass --top 1 or more")
+    if out is not None:
+        _check_dir_out(Path(out), force)
+    paths = [Path(p.path or f"profile{i}") if isinstance(p, Profile) else Path(p) for i, p in enumerate(profiles)]
+    resolved = [p.expanduser().resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise UserError("the same profile is given twice", "pass each profile once")
+    loaded = [p if isinstance(p, Profile) else load_profile(p) for p in profiles]
+    stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]
+    names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+    rep = compute_report(loaded, names, method, top)
+    if out is not None:
+        from .outputs import write_dir_atomically
+
+        write_dir_atomically(Path(out).expanduser(), lambda tmp: write_report(tmp, rep))
+    return rep
