@@ -179,3 +179,27 @@ def test_recipe_eval_path_is_absolute(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(elsewhere)
     rc, _, err = run_cli(capsys, "run", recipe, "--force", "-q")
     assert rc == 0, err
+
+
+def test_compare_report_library_take_a_loaded_model(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = tiny_dir / "calib.jsonl"
+    prof_path = tmp_path / "calib.profile.safetensors"
+    api.profile(tiny_dir, [data], out=prof_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    task = [f"text={data}"]
+    kw = {"methods": ["frequency"], "keeps": [4], "novice": False, "limit": 2}
+    rows, report = api.compare(model, [prof_path], task, out=tmp_path / "cmp", **kw)
+    rows_path, _ = api.compare(tiny_dir, [prof_path], task, **kw)
+    assert [r["tasks"] for r in rows] == [r["tasks"] for r in rows_path]
+    assert report["profiles"] == [{"name": "calib", "path": str(prof_path)}]
+    assert (tmp_path / "cmp" / "results.json").is_file()
+
+    rep = api.report([prof_path], tmp_path / "rep")
+    assert (tmp_path / "rep" / "index.html").is_file() and rep
+
+    lib = api.build_library(model, {"a": data, "b": prof_path}, 4, tmp_path / "lib")
+    assert lib.names == ["a", "b"]
+    lib, routes = api.route(tmp_path / "lib", ["sample 1 sample 1"], model=model)
+    assert len(routes) == 1 and routes[0].match.task in ("a", "b")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -747,3 +748,145 @@ def report(
 
         write_dir_atomically(Path(out).expanduser(), lambda tmp: write_report(tmp, rep))
     return rep
+
+
+# --- pattern libraries (PreMoe TAER) --------------------------------------------------------------
+
+
+def build_library(
+    model: Any,
+    tasks: dict[str, PathLike],
+    keep: int | float | str,
+    out: PathLike,
+    *,
+    method: str = "premoe",
+    self_generate: int = 0,
+    max_length: int = 2048,
+    max_samples: int | None = None,
+    seed: int = 0,
+    premoe_ka: int | None = None,
+    profiles_dir: PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    force: bool = False,
+    quiet: bool = True,
+) -> Any:
+    """Write a pattern library to the folder ``out``, as `moeprune library build`: each task's data
+    is profiled (or its ``*.profile.safetensors`` taken), its kept experts planned and its retrieval
+    keys stored; ``profiles_dir`` keeps the profiles made from data. Returns the
+    :class:`~moeprune.library.Library`. A loaded model is profiled as it is."""
+    import tempfile
+
+    from .arch import find_moe_blocks
+    from .data import check_max_length
+    from .library import build_library as make_library
+    from .library import check_out
+    from .modelio import build_on_meta, load_config, load_model, resolve_model_dir
+    from .plan import experts_to_keep, parse_keep
+    from .profile import Profile
+    from .profiling import resolve_device, run_profile
+    from .score import check_method
+
+    # --- everything the user gave, checked before any work ----------------------------------------
+    specs = {name: Path(src) for name, src in tasks.items()}
+    check_method(method)
+    keep_value = parse_keep(str(keep))
+    check_max_length(max_length)
+    if premoe_ka is not None and premoe_ka <= 0:
+        raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
+    out = check_out(Path(out), force)
+    keep_dir = Path(profiles_dir) if profiles_dir is not None else None
+    if keep_dir is not None and not keep_dir.is_dir():
+        raise UserError(f"--profiles-dir '{keep_dir}' is not a folder", "create it first")
+    name = model_source(model)
+    path = resolve_model_dir(name)
+    config = load_config(str(path))
+    blocks = find_moe_blocks(build_on_meta(config))
+    experts_to_keep(keep_value, blocks[0].num_experts, n_group=max(1, blocks[0].spec.n_group))
+
+    profiles: dict[str, Profile] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    loaded = (model, _tokenizer_of(model, None)) if _is_loaded(model) else None
+    with tempfile.TemporaryDirectory(prefix=".moeprune-library-", dir=out.resolve().parent) as tmp:
+        for task, src in specs.items():
+            if src.name.endswith(".safetensors"):  # the task's profile
+                prof = Profile.load(src)
+                prof.check_model(config, name)
+                infos[task] = {"source": "profile", "profile": str(src.resolve())}
+            else:
+                if loaded is None:
+                    if quiet:
+                        from transformers.utils import logging as hf_logging
+
+                        hf_logging.disable_progress_bar()
+                    dev = resolve_device(device)
+                    dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
+                    loaded = load_model(str(path), dtype=dt, device=dev)
+                target = (keep_dir or Path(tmp)) / f"{task}.profile.safetensors"
+                if not quiet:
+                    print(f"== task {task}: profiling {src}", file=sys.stderr)
+                run_profile(
+                    model=name,
+                    data=[str(src)],
+                    out=target,
+                    max_length=max_length,
+                    max_samples=max_samples,
+                    seed=seed,
+                    self_generate=self_generate,
+                    premoe_ka=premoe_ka,
+                    quiet=quiet,
+                    loaded=loaded,
+                )
+                prof = Profile.load(target)
+                infos[task] = {"source": "data", "data_path": str(src.resolve())}
+                if keep_dir is not None:
+                    infos[task]["profile"] = str(target.resolve())
+            profiles[task] = prof
+        lib = make_library(
+            profiles, model=str(path.resolve()), method=method, keep=keep_value, ka=premoe_ka, infos=infos
+        )
+        lib.save(out, force=force)
+    return lib
+
+
+def route(
+    library: Any,
+    queries: Sequence[str | tuple[str, str | None]],
+    *,
+    model: Any = None,
+    key: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[Any, list[Any]]:
+    """Route each query to the nearest task of a pattern library (a folder or a loaded
+    :class:`~moeprune.library.Library`), as `moeprune library route`. A query is a text or
+    (text, expected task). ``model`` defaults to the library's own; ``key``: records, first or all
+    (the library's default when None). Returns (library, one :class:`~moeprune.retrieval.Routed` per
+    query)."""
+    from .library import Library, check_key_kind
+    from .profiling import resolve_device
+    from .retrieval import route_query
+
+    if key is not None:
+        check_key_kind(key)
+    lib = library if isinstance(library, Library) else Library.load(library)
+    pairs = [(q, None) if isinstance(q, str) else (q[0], q[1]) for q in queries]
+    key = key or lib.default_key
+    probe = _make_probe(lib, model_source(model) if model is not None else lib.model, key, dtype, resolve_device(device))
+    return lib, [route_query(lib, probe, text, key, label) for text, label in pairs]
+
+
+def _make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
+    from .retrieval import FirstLayerProbe, FullModelProbe
+
+    if key != "all":
+        from .adaptive import AdaptiveMoE
+
+        return FirstLayerProbe(AdaptiveMoE.from_library(model, lib, dtype=dtype, device=device))
+    from .modelio import load_config, load_model
+
+    lib.check_model(load_config(model), model)  # before loading any weight
+    lm, tok = load_model(model, dtype=dtype, device=device)
+    if tok is None:
+        raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
+    return FullModelProbe(lm, tok, lib.ka)
