@@ -51,7 +51,7 @@ def prune_command(
         None,
         "--data",
         help="One-shot: calibration data (repeatable); profile, plan and prune in one go, the profile and "
-        "plan kept in --out. Needs --method and --keep.",
+        "plan kept in --out (the profile and recipe in --out/moeprune/). Needs --method and --keep.",
     ),
     method: str | None = typer.Option(
         None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
@@ -72,7 +72,7 @@ def prune_command(
         None,
         "--eval",
         help="One-shot: evaluate full and pruned on this task (as `moeprune eval --task`, e.g. "
-        "testbed:dates; repeatable): a table in the model card and eval.json.",
+        "testbed:dates; repeatable): a table in the model card and moeprune/eval.json.",
     ),
     eval_limit: int | None = typer.Option(
         None, "--eval-limit", help="One-shot: evaluate only the first N records of each task."
@@ -125,7 +125,7 @@ def prune_command(
         )
     if profile is not None:
         raise UserError(
-            "--profile does not apply with --data", "leave it out: the profile is made and kept in --out"
+            "--profile does not apply with --data", "leave it out: the profile is made and kept in --out/moeprune/"
         )
     if max_shard_size is not None:
         raise UserError("--max-shard-size does not apply with --data", "leave it out")
@@ -229,12 +229,14 @@ def print_pair_table(report: dict[str, Any]) -> None:
     from moeprune.oneshot import _fmt, eval_rows
 
     limit = report.get("limit")
-    table = Table(title="full vs pruned" + (f" (first {limit} records of each task)" if limit else ""))
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print("full vs pruned" + (f" (first {limit} records of each task)" if limit else ""), highlight=False)
+    table = Table()
     for col, justify in (("task", "left"), ("metric", "left"), ("full", "right"), ("pruned", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for task, metric, full, pruned in eval_rows(report):
         table.add_row(task, metric, _fmt(full), _fmt(pruned))
-    (Console() if sys.stdout.isatty() else Console(width=200)).print(table)
+    console.print(table)
 
 
 def _console():
