@@ -104,6 +104,7 @@ def test_loaded_model_equals_path(tiny_dir, tmp_path):
         assert torch.equal(v, loaded.tensors[k]), k
     assert loaded.meta["model_fingerprint"] == by_path.meta["model_fingerprint"]
 
+    assert api.inspect(model).to_json() == api.inspect(tiny_dir).to_json()
     plan = loaded.plan("frequency", keep=4)
     assert plan.to_json() == api.plan(by_path, "frequency", 4).to_json()
     result = api.prune(model, plan, tmp_path / "pruned")  # the checkpoint model.name_or_path names
@@ -203,3 +204,18 @@ def test_compare_report_library_take_a_loaded_model(tiny_dir, tmp_path):
     assert lib.names == ["a", "b"]
     lib, routes = api.route(tmp_path / "lib", ["sample 1 sample 1"], model=model)
     assert len(routes) == 1 and routes[0].match.task in ("a", "b")
+
+
+def test_oneshot_with_a_loaded_model_equals_the_path(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    data = [tiny_dir / "calib.jsonl"]
+    task = [f"text={data[0]}"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    a = api.oneshot(model, data, "easyep", 4, tmp_path / "a", eval=task, eval_limit=2)
+    b = api.oneshot(tiny_dir, data, "easyep", 4, tmp_path / "b", eval=task, eval_limit=2)
+    assert a.plan.kept == b.plan.kept and a.eval["pruned"] == b.eval["pruned"]
+    assert a.eval["full"] == b.eval["full"]
+    wa, wb = (load_file(r.out / "model.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

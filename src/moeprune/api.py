@@ -1,4 +1,5 @@
-"""The Python API: profile -> plan -> prune (-> evaluate), or all of it with :func:`oneshot`.
+"""The Python API: profile -> plan -> prune (-> evaluate), or all of it with :func:`oneshot`;
+also :func:`inspect`, :func:`compare`, :func:`report`, :func:`build_library` and :func:`route`.
 
 ::
 
@@ -68,6 +69,15 @@ def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
         raise UserError(
             f"cannot load the tokenizer of '{model_source(model)}'", "pass tokenizer=... as well"
         ) from None
+
+
+def inspect(model: Any) -> Any:
+    """The MoE structure of ``model`` (a path, cached hub id or loaded model) and its size after
+    keeping a share of the routed experts, from its config alone, as `moeprune inspect`."""
+    from .modelio import load_config
+    from .summary import summarize
+
+    return summarize(model.config if _is_loaded(model) else load_config(model_source(model)))
 
 
 # --- profile --------------------------------------------------------------------------------------
