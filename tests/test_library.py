@@ -23,7 +23,7 @@ KEEP = 16
 
 @pytest.fixture(scope="module")
 def profiles(tmp_path_factory) -> dict[str, Path]:
-    from moeprune.commands.profile import run_profile
+    from moeprune.profiling import run_profile
 
     out = {}
     folder = tmp_path_factory.mktemp("profiles")
@@ -242,8 +242,8 @@ def test_nearest_neighbour_numpy_and_faiss_agree():
 def test_record_keys_are_each_demonstration_alone(profiles, tmp_path):
     """Row i of a task's `records` key is the `first` key of a profile of record i alone; a query
     goes to the task of its nearest record, and a library without them falls back to `first`."""
-    from moeprune.commands.profile import run_profile
     from moeprune.library import task_keys
+    from moeprune.profiling import run_profile
 
     lines = data_file(DATES, "calib").read_text().splitlines()[:2]
     made = {}

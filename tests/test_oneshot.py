@@ -55,8 +55,7 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for f in sorted(d.glob("*.safetensors")):
-        if f.name != "profile.safetensors":
-            out.update(load_file(f))
+        out.update(load_file(f))
     return out
 
 
@@ -82,11 +81,11 @@ def test_oneshot_equals_three_steps(model_dir, data_file, tmp_path):
         == 0
     )
     _same_model(steps / "pruned", one)
-    for name in ("profile.safetensors", "plan.json", "recipe.yaml", "README.md", "config.json"):
+    for name in ("moeprune/profile.safetensors", "plan.json", "moeprune/recipe.yaml", "README.md", "config.json"):
         assert (one / name).is_file(), name
-    assert not (one / "eval.json").exists()
+    assert not (one / "moeprune" / "eval.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "steps"]  # no temporary folder left
-    recipe = yaml.safe_load((one / "recipe.yaml").read_text())
+    recipe = yaml.safe_load((one / "moeprune" / "recipe.yaml").read_text())
     assert recipe["method"] == "easyep" and recipe["keep"] == "0.5"
     assert recipe["data"] == [str(data_file.resolve())] and recipe["out"] == str(one.resolve())
 
@@ -99,7 +98,7 @@ def test_oneshot_eval_writes_table(model_dir, data_file, tmp_path):
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "| task | metric | full | pruned |" in card
     assert "| text | perplexity |" in card
-    report = json.loads((out / "eval.json").read_text())
+    report = json.loads((out / "moeprune" / "eval.json").read_text())
     assert report["full"]["text"]["n"] == 2 and "perplexity" in report["pruned"]["text"]["metrics"]
     assert report["limit"] == 2
 
@@ -127,12 +126,13 @@ def test_recipe_equals_cli(model_dir, data_file, tmp_path):
     ]
     assert _run("prune", model_dir, "--data", rdir / "demos.jsonl", *flags, "--out", cli) == 0
     _same_model(rdir / "out", cli)
-    assert (rdir / "out" / "demos.jsonl").read_text() == (cli / "demos.jsonl").read_text()
-    a, b = (yaml.safe_load((d / "recipe.yaml").read_text()) for d in (rdir / "out", cli))
+    demos = [(d / "moeprune" / "demos.jsonl").read_text() for d in (rdir / "out", cli)]
+    assert demos[0] == demos[1]
+    a, b = (yaml.safe_load((d / "moeprune" / "recipe.yaml").read_text()) for d in (rdir / "out", cli))
     assert a.pop("out") == str((rdir / "out").resolve()) and b.pop("out") == str(cli.resolve())
     assert a == b
     # the saved recipe makes the run again
-    assert _run("run", cli / "recipe.yaml", "--force", "-q") == 0
+    assert _run("run", cli / "moeprune" / "recipe.yaml", "--force", "-q") == 0
     _same_model(rdir / "out", cli)
 
 

@@ -471,7 +471,7 @@ def test_interrupt_leaves_no_partial_profile(model_dir, data_files, tmp_path, mo
     import safetensors.torch
 
     from moeprune.calibrate import Accumulator as Acc
-    from moeprune.commands.profile import run_profile
+    from moeprune.profiling import run_profile
 
     out = tmp_path / "x.profile.safetensors"
     kwargs = {

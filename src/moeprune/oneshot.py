@@ -1,10 +1,11 @@
-"""One-shot pruning: profile -> plan -> rewrite (-> evaluate) in one go, into one output folder.
+"""One-shot settings (the keys of a recipe), their checks, and the evaluation section of the card.
 
-Used by ``moeprune prune MODEL --data ...`` and ``moeprune run recipe.yaml``. Everything is
-written in a temporary folder beside ``out`` and renamed at the end: a failure anywhere (profile,
-plan, rewrite, evaluation) leaves nothing behind. The output folder holds the pruned checkpoint
-plus ``profile.safetensors``, ``plan.json``, ``recipe.yaml`` and, with evaluation, ``eval.json``
-and an "Evaluation" section in its model card (``README.md``).
+The run itself is :func:`moeprune.api.oneshot` (``moeprune prune MODEL --data ...`` and
+``moeprune run recipe.yaml``): everything is written in a temporary folder beside ``out`` and
+renamed at the end, so a failure anywhere leaves nothing behind. The output folder holds the pruned
+checkpoint, its ``plan.json``, an "Evaluation" section in its model card (``README.md``) with
+evaluation, and the provenance in ``moeprune/``: ``profile.safetensors``, ``recipe.yaml``,
+``demos.jsonl`` (with self-generation) and ``eval.json`` (with evaluation).
 """
 
 from __future__ import annotations
@@ -12,13 +13,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .outputs import json_safe
+
+if TYPE_CHECKING:
+    from .plan import Plan
+    from .profile import Profile
+    from .surgery import RewriteResult
+
+# The provenance of a one-shot run (profile, recipe, demonstrations, evaluation) goes into this
+# subfolder of the output: vLLM loads every *.safetensors of the top folder (a profile there breaks
+# it); no loader looks into subfolders (docs/api.md).
+PROVENANCE = "moeprune"
 
 MODES = ("remove", "novice")
 SCOPES = ("layer", "global")
@@ -106,151 +117,11 @@ def recipe_dict(s: OneShot) -> dict[str, Any]:
 
 
 def _abs_task(spec: str) -> str:
+    """A task spec with its file absolute (PATH, NAME=PATH, kind:PATH); 'testbed...' stays."""
+    from .recipe import _task
+
     p = Path(spec).expanduser()
-    return str(p.resolve()) if p.exists() else spec
-
-
-def run_oneshot(s: OneShot, *, quiet: bool = False) -> Path:
-    """Profile, plan and prune (and evaluate) as ``s`` says; returns the output folder."""
-    import yaml
-
-    from .commands.plan import plan_command
-    from .commands.prune import prune_with_plan
-    from .evaluate.tasks import resolve_tasks
-    from .modelio import resolve_model_dir
-    from .score import OPTIONS
-    from .surgery import _replace_dir, check_output_dir
-
-    check_settings(s)
-    src = resolve_model_dir(s.model)
-    out = Path(s.out).expanduser()
-    check_output_dir(src, out, s.force)
-    tasks = resolve_tasks(list(s.eval)) if s.eval else []
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
-    try:
-        work = tmp / "work"
-        work.mkdir()
-        profile = work / "profile.safetensors"
-        plan_path = work / "plan.json"
-        model_dir = tmp / "model"
-        _say(quiet, "== profile")
-        from .commands.profile import demos_path, run_profile
-
-        run_profile(
-            model=s.model,
-            data=list(s.data),
-            out=profile,
-            max_length=s.max_length,
-            seed=s.seed,
-            self_generate=s.self_generate,
-            quiet=quiet,
-        )
-        _say(quiet, "== plan")
-        with _silenced(quiet):
-            plan_command(
-                profile=profile,
-                more=None,
-                method=s.method,
-                keep=str(s.keep),
-                out=plan_path,
-                scope=s.scope,
-                top_k=s.top_k,
-                seed=s.seed if "seed" in OPTIONS.get(s.method, ()) else None,
-                per_group="equal",
-                premoe_r=None,
-                premoe_ka=None,
-                model=None,
-            )
-        _final_profile_path(plan_path, out.resolve() / "profile.safetensors")
-        _say(quiet, "== prune")
-        with _silenced(quiet):
-            prune_with_plan(
-                model=s.model,
-                plan_path=plan_path,
-                out=model_dir,
-                mode=s.mode,
-                pad_uniform=s.pad_uniform,
-                force=False,
-                max_shard_size=None,
-                profile=profile,
-            )
-        shutil.copy2(profile, model_dir / "profile.safetensors")
-        shutil.copy2(plan_path, model_dir / "plan.json")
-        demos = demos_path(profile)
-        if demos.is_file():
-            shutil.copy2(demos, model_dir / "demos.jsonl")
-        if tasks:
-            _say(quiet, "== evaluate full and pruned")
-            report = evaluate_pair(s.model, model_dir, tasks, s.eval_limit)
-            (model_dir / "eval.json").write_text(
-                json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8"
-            )
-            card = model_dir / "README.md"
-            card.write_text(card.read_text(encoding="utf-8") + "\n" + eval_section(report), encoding="utf-8")
-        (model_dir / "recipe.yaml").write_text(
-            "# moeprune recipe of this run: `moeprune run recipe.yaml` makes it again\n"
-            + yaml.safe_dump(recipe_dict(s), sort_keys=False),
-            encoding="utf-8",
-        )
-        _replace_dir(model_dir, out.resolve())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _say(quiet, f"wrote {out} (with profile.safetensors, plan.json, recipe.yaml)")
-    return out
-
-
-def _final_profile_path(plan_path: Path, final: Path) -> None:
-    """Name the profile by where it ends up (``DIR/profile.safetensors``), not the temporary folder."""
-    from .plan import Plan
-
-    plan = Plan.load(plan_path)
-    for entry in (plan.settings or {}).get("profiles") or []:
-        entry["path"] = str(final)
-    plan.save(plan_path)
-
-
-def _silenced(quiet: bool) -> Any:
-    """Drop the steps' own console output when quiet (errors are exceptions, never printed)."""
-    import contextlib
-    import io
-
-    if not quiet:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    return stack
-
-
-def _say(quiet: bool, text: str) -> None:
-    if not quiet:
-        import sys
-
-        print(text, file=sys.stderr)
-
-
-def evaluate_pair(model: str, pruned: Path, tasks: list[Any], limit: int | None) -> dict[str, Any]:
-    """Evaluate the full model, then the pruned one, on the same tasks (one model in memory at a time)."""
-    import gc
-
-    from .evaluate.loading import load_model_and_tokenizer, resolve_device
-    from .evaluate.runners import evaluate
-
-    device = resolve_device("auto")
-    results: dict[str, Any] = {}
-    for which, path in (("full", model), ("pruned", str(pruned))):
-        lm, tok = load_model_and_tokenizer(path, device=device, dtype="float32")
-        results[which] = evaluate(lm, tok, tasks, limit=limit, progress=False)["tasks"]
-        del lm, tok
-        gc.collect()
-    return {
-        "model": model,
-        "limit": limit,
-        "device": device,
-        "full": results["full"],
-        "pruned": results["pruned"],
-    }
+    return str(p.resolve()) if p.exists() else _task(Path.cwd(), spec)
 
 
 def eval_rows(report: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
@@ -273,7 +144,7 @@ def eval_section(report: dict[str, Any]) -> str:
         "",
         "Full vs pruned model, the same tasks and settings"
         + (f" (first {limit} records of each task)" if limit else "")
-        + "; details in `eval.json`.",
+        + "; details in `moeprune/eval.json`.",
         "",
         "| task | metric | full | pruned |",
         "|---|---|---:|---:|",
@@ -292,3 +163,129 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+@dataclass
+class OneShotResult:
+    """What :func:`oneshot` made: the output folder, the profile, the plan, the rewrite's summary and,
+    with ``eval``, the full-vs-pruned report (``eval.json``)."""
+
+    out: Path
+    profile: Profile
+    plan: Plan
+    rewrite: RewriteResult
+    eval: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def run_oneshot(s: OneShot, *, quiet: bool = False, loaded: Any = None) -> OneShotResult:
+    """Profile, plan and prune (and evaluate) as ``s`` says (:func:`moeprune.api.oneshot`);
+    ``loaded``: the model ``s.model`` names, already in memory."""
+    import time
+
+    import yaml
+
+    from .api import _tokenizer_of, plan, prune
+    from .evaluate.tasks import resolve_tasks
+    from .modelio import resolve_model_dir
+    from .outputs import json_safe
+    from .profiling import demos_path, run_profile
+    from .score import OPTIONS
+    from .surgery import _replace_dir, check_output_dir
+
+    start = time.perf_counter()
+    check_settings(s)
+    src = resolve_model_dir(s.model)
+    out = Path(s.out).expanduser()
+    check_output_dir(src, out, s.force)
+    tasks = resolve_tasks(list(s.eval)) if s.eval else []
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
+    try:
+        work = tmp / "work"
+        work.mkdir()
+        profile_path = work / "profile.safetensors"
+        plan_path = work / "plan.json"
+        model_dir = tmp / "model"
+        _say(quiet, "== profile")
+        prof = run_profile(
+            model=s.model,
+            data=list(s.data),
+            out=profile_path,
+            max_length=s.max_length,
+            seed=s.seed,
+            self_generate=s.self_generate,
+            quiet=quiet,
+            loaded=None if loaded is None else (loaded, _tokenizer_of(loaded, None)),
+        )
+        _say(quiet, "== plan")
+        the_plan = plan(
+            profile_path,
+            s.method,
+            s.keep,
+            scope=s.scope,
+            top_k=s.top_k,
+            seed=s.seed if "seed" in OPTIONS.get(s.method, ()) else None,
+        )
+        # name the profile by where it ends up, not the temporary folder
+        for entry in (the_plan.settings or {}).get("profiles") or []:
+            entry["path"] = str(out.resolve() / PROVENANCE / "profile.safetensors")
+        the_plan.save(plan_path)
+        _say(quiet, "== prune")
+        rewrite = prune(
+            s.model, plan_path, model_dir, mode=s.mode, pad_uniform=s.pad_uniform, profile=profile_path
+        )
+        keep_dir = model_dir / PROVENANCE
+        keep_dir.mkdir()
+        shutil.copy2(profile_path, keep_dir / "profile.safetensors")
+        shutil.copy2(plan_path, model_dir / "plan.json")
+        report = None
+        demos = demos_path(profile_path)
+        if demos.is_file():
+            shutil.copy2(demos, keep_dir / "demos.jsonl")
+        if tasks:
+            _say(quiet, "== evaluate full and pruned")
+            report = evaluate_pair(loaded if loaded is not None else s.model, model_dir, tasks, s.eval_limit)
+            (keep_dir / "eval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8")
+            card = model_dir / "README.md"
+            card.write_text(card.read_text(encoding="utf-8") + "\n" + eval_section(report), encoding="utf-8")
+        (keep_dir / "recipe.yaml").write_text(
+            "# moeprune recipe of this run: `moeprune run recipe.yaml` makes it again\n"
+            + yaml.safe_dump(recipe_dict(s), sort_keys=False),
+            encoding="utf-8",
+        )
+        _replace_dir(model_dir, out.resolve())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return OneShotResult(out, prof, the_plan, rewrite, report, time.perf_counter() - start)
+
+
+def evaluate_pair(model: Any, pruned: Path, tasks: list[Any], limit: int | None) -> dict[str, Any]:
+    """Evaluate the full model, then the pruned one, on the same tasks (one model in memory at a time;
+    a loaded full model is used as it is)."""
+    import gc
+
+    from .api import _is_loaded, _tokenizer_of, model_source
+    from .evaluate.loading import load_model_and_tokenizer, resolve_device
+    from .evaluate.runners import evaluate as run_tasks
+
+    device = str(next(model.parameters()).device) if _is_loaded(model) else resolve_device("auto")
+    results: dict[str, Any] = {}
+    for which, path in (("full", model), ("pruned", str(pruned))):
+        if _is_loaded(path):
+            lm, tok = path, _tokenizer_of(path, None)
+        else:
+            lm, tok = load_model_and_tokenizer(path, device=device, dtype="float32")
+        results[which] = run_tasks(lm, tok, tasks, limit=limit, progress=False)["tasks"]
+        del lm, tok
+        gc.collect()
+    return {
+        "model": model_source(model),
+        "limit": limit,
+        "device": device,
+        "full": results["full"],
+        "pruned": results["pruned"],
+    }
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr)

@@ -346,6 +346,12 @@ class Profile:
             "profile this model first with `moeprune profile`",
         )
 
+    def plan(self, method: str, keep: int | float | str, **options: Any) -> Any:
+        """The :class:`~moeprune.plan.Plan` of this profile: :func:`moeprune.api.plan` (same options)."""
+        from .api import plan
+
+        return plan(self, method, keep, **options)
+
     # --- merging ----------------------------------------------------------------------------
 
     @classmethod

@@ -14,7 +14,6 @@ from typing import Any
 import typer
 
 from moeprune.cli import app
-from moeprune.errors import UserError
 
 
 @app.command("compare")
@@ -61,40 +60,9 @@ def compare_command(
     force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
 ) -> None:
     """Compare scoring methods and keep ratios on one loaded model (routing masks; nothing pruned on disk)."""
-    from moeprune.compare import DEFAULT_KEEPS, check_keeps, default_methods
-    from moeprune.evaluate.options import check_device_and_dtype, check_run_options
-    from moeprune.plan import parse_keep
-    from moeprune.score import check_method
-
-    # --- check everything before loading anything heavy ---------------------------------------------
-    check_run_options(
-        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
-    )
-    check_device_and_dtype(device, dtype)
-    methods = list(method) if method else default_methods()
-    for m in methods:
-        check_method(m)
-    if len(set(methods)) != len(methods):
-        raise UserError("a --method is given twice", "pass each method once")
-    keeps: list[int | float] = [parse_keep(k) for k in keep] if keep else list(DEFAULT_KEEPS)
-    check_keeps(keeps, None)  # fractions' range and duplicates now; counts again once E is known
-    _check_out(out, force)
-
-    from moeprune.evaluate.loading import resolve_device
-    from moeprune.evaluate.tasks import resolve_tasks
-
-    tasks = resolve_tasks(list(task))
-    resolved_device = resolve_device(device)
-    profiles, names = _load_profiles(profile)
-    config, blocks = _check_model(model, profiles, names)
-    check_keeps(keeps, int(blocks[0].num_experts))
-
-    # --- load once, evaluate every variant -----------------------------------------------------------
-    from moeprune.compare import compare
-    from moeprune.evaluate.loading import load_model_and_tokenizer
+    from moeprune.api import compare
 
     started = time.time()
-    lm, tokenizer = load_model_and_tokenizer(model, device=resolved_device, dtype=dtype)
     err = _stderr_console()
 
     def on_row(row: dict[str, Any]) -> None:
@@ -108,45 +76,26 @@ def compare_command(
         if not row["skipped"]:
             err.print(f"[compare] {what}: done ({time.time() - started:.0f}s)", highlight=False, markup=False)
 
-    rows = compare(
-        lm,
-        tokenizer,
-        profiles,
-        tasks,
-        methods,
-        keeps,
-        novice,
-        profile_names=names,
+    rows, report = compare(
+        model,
+        profile,
+        task,
+        methods=method,
+        keeps=keep,
+        novice=novice,
         limit=limit,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_length=max_length,
         seed=seed,
+        device=device,
+        dtype=dtype,
+        out=out,
+        force=force,
         progress=sys.stderr.isatty(),
         on_row=on_row,
     )
-    report = {
-        "model": model,
-        "profiles": [{"name": n, "path": str(p)} for n, p in zip(names, profile, strict=True)],
-        "tasks": {t.name: t.kind for t in tasks},
-        "num_experts": int(blocks[0].num_experts),
-        "top_k": int(blocks[0].top_k),
-        "settings": {
-            "methods": methods,
-            "keeps": keeps,
-            "novice": novice,
-            "limit": limit,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "max_length": max_length,
-            "seed": seed,
-            "device": resolved_device,
-            "dtype": dtype,
-        },
-        "seconds": round(time.time() - started, 3),
-    }
     _print_table(rows, report)
-    _write(out, rows, report, force)
     err.print(f"wrote {out}", highlight=False)
 
 
@@ -154,43 +103,6 @@ def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out '{out}' is a file", "pass a folder name")
-        if any(out.iterdir()) and not force:
-            raise UserError(
-                f"--out '{out}' already exists and is not empty", "pass another folder, or --force"
-            )
-    parent = out.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"the folder of --out '{out}' does not exist", f"create {parent} first")
-
-
-def _load_profiles(paths: list[Path]) -> tuple[list[Any], list[str]]:
-    from moeprune.commands.plan import _load_profile
-
-    profiles = [_load_profile(p) for p in paths]
-    stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]
-    distinct = len(set(stems)) == len(stems) and "mixed" not in stems
-    names = stems if distinct else [str(p) for p in paths]
-    if len(set(names)) != len(names):
-        raise UserError("the same profile is given twice", "pass each --profile once")
-    return profiles, names
-
-
-def _check_model(model: str, profiles: list[Any], names: list[str]) -> tuple[Any, Any]:
-    """Every profile must come from this model (checked on the meta device, before loading weights)."""
-    from moeprune.arch import find_moe_blocks
-    from moeprune.modelio import build_on_meta, load_config
-
-    config = load_config(model)
-    blocks = find_moe_blocks(build_on_meta(config))
-    for prof in profiles:
-        prof.check_model(config, model, blocks)
-    return config, blocks
 
 
 def _print_table(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
@@ -207,13 +119,3 @@ def _print_table(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
         table.add_row(*line)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
-
-
-def _write(out: Path, rows: list[dict[str, Any]], report: dict[str, Any], force: bool) -> None:
-    """Write everything into a temporary folder beside ``out``, then rename it into place."""
-    from moeprune.compare import write_results
-
-    out = out.expanduser()
-    from ..outputs import write_dir_atomically
-
-    write_dir_atomically(out, lambda tmp: write_results(tmp, rows, report))

@@ -9,14 +9,12 @@ import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from moeprune.cli import app
-from moeprune.errors import UserError
 from moeprune.outputs import json_safe
 
 TASK_HELP = (
@@ -40,12 +38,6 @@ def eval_command(
         "--lm-eval-include",
         help="Directory of local lm-eval task YAMLs (relative data_files resolve against it).",
     ),
-    allow_download: bool = typer.Option(
-        False,
-        "--allow-download",
-        help="Let lm-eval download datasets it needs (default: offline, local cache only; "
-        "or MOEPRUNE_ALLOW_DOWNLOAD=1).",
-    ),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N records of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -59,87 +51,38 @@ def eval_command(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write the results as JSON to this file."
     ),
+    allow_download: bool = typer.Option(
+        False,
+        "--allow-download",
+        help="Let lm-eval download datasets it needs (default: offline, local cache only; "
+        "or MOEPRUNE_ALLOW_DOWNLOAD=1).",
+    ),
 ) -> None:
     """Evaluate a model on perplexity, exact-match and multiple-choice tasks (and lm-eval tasks)."""
-    from moeprune.evaluate.options import check_device_and_dtype, check_run_options
-    from moeprune.evaluate.tasks import resolve_tasks
+    from moeprune.api import check_file_out, evaluate
 
-    # --- check everything the user gave before loading anything heavy --------------------------
-    check_run_options(
-        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
-    )
-    check_device_and_dtype(device, dtype)
-    if not task and not lm_eval:
-        raise UserError("no task given", "pass --task PATH (repeatable) or --lm-eval TASKNAMES")
-    if lm_eval_include and not lm_eval:
-        raise UserError(
-            "--lm-eval-include given without --lm-eval", "name the lm-eval tasks to run with --lm-eval"
-        )
     if output is not None:
-        _check_output(output)
-    from moeprune.evaluate.loading import load_model_and_tokenizer, resolve_device, resolve_model_path
+        check_file_out(output, "--output", "results.json")
+    from moeprune.evaluate.lm_eval_bridge import LmEvalDataMissing
 
-    model_path = resolve_model_path(model)
-    resolved_device = resolve_device(device)
-    tasks = resolve_tasks(list(task or []))
-    lm_eval_tasks: list[str] = []
-    lm_eval_manager = None
-    if lm_eval:
-        from moeprune.evaluate.lm_eval_bridge import parse_task_names, prepare_lm_eval
-
-        lm_eval_tasks = parse_task_names(lm_eval)
-        lm_eval_manager = prepare_lm_eval(lm_eval_tasks, lm_eval_include)
-
-    # --- load and run ----------------------------------------------------------------------------
-    from moeprune.evaluate.runners import evaluate
-
-    started = time.time()
-    lm, tokenizer = load_model_and_tokenizer(model, device=resolved_device, dtype=dtype)
-    results = evaluate(
-        lm,
-        tokenizer,
-        tasks,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        progress=True,
-    )
     missing = None
-    if lm_eval_tasks:
-        from moeprune.evaluate.lm_eval_bridge import LmEvalDataMissing, run_lm_eval
-
-        try:
-            results["tasks"].update(
-                run_lm_eval(
-                    lm,
-                    tokenizer,
-                    lm_eval_tasks,
-                    include_path=lm_eval_include,
-                    limit=limit,
-                    batch_size=batch_size,
-                    task_manager=lm_eval_manager,
-                    allow_download=allow_download or None,
-                )
-            )
-        except LmEvalDataMissing as exc:  # report what ran, then the one-line error
-            results["tasks"].update(exc.results)
-            missing = exc
-
-    report: dict[str, Any] = {
-        "model": model,
-        "model_path": str(model_path.resolve()),
-        "settings": {
-            **results["settings"],
-            "device": resolved_device,
-            "dtype": dtype,
-            "lm_eval": lm_eval_tasks or None,
-            "lm_eval_include": str(Path(lm_eval_include).resolve()) if lm_eval_include else None,
-        },
-        "versions": _versions(),
-        "seconds": round(time.time() - started, 3),
-        "tasks": results["tasks"],
-    }
+    try:
+        report = evaluate(
+            model,
+            list(task or []),
+            lm_eval=lm_eval,
+            lm_eval_include=lm_eval_include,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            progress=True,
+            allow_download=allow_download or None,
+        )
+    except LmEvalDataMissing as exc:  # report what ran, then the one-line error
+        report, missing = exc.report, exc
     print_table(report)
     if output is not None:
         write_json(output, report)
@@ -148,27 +91,6 @@ def eval_command(
         Console(stderr=True).print(f"wrote {output}", highlight=False)
     if missing is not None:
         raise missing
-
-
-def _check_output(output: Path) -> None:
-    if output.exists() and output.is_dir():
-        raise UserError(f"--output '{output}' is a directory", "pass a file name such as results.json")
-    parent = output.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"the folder of --output '{output}' does not exist", f"create {parent} first")
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import moeprune
-
-    return {
-        "moeprune": moeprune.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ from ..errors import UserError
 
 def _load(model: str, library: Path, dtype: str, device: str, task: str | None) -> Any:
     from ..adaptive import AdaptiveMoE
-    from ..commands.profile import _resolve_device
     from ..library import Library
+    from ..profiling import resolve_device as _resolve_device
 
     lib = Library.load(library)
     if task is not None:

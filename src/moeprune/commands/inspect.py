@@ -31,10 +31,9 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Show the MoE structure and the size after keeping 75/50/25/12.5% of routed experts (config only)."""
-    from ..modelio import load_config
-    from ..summary import summarize
+    from ..api import inspect as inspect_model
 
-    summary = summarize(load_config(model))
+    summary = inspect_model(model)
     if as_json:
         typer.echo(json.dumps(summary.to_json(), indent=2))
         return

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +48,6 @@ def parse_task_specs(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def is_profile(path: Path) -> bool:
-    return path.name.endswith(".safetensors")
-
-
 @library_app.command("build")
 def build(
     model: str = typer.Argument(..., help="Local model directory or a hub id present in the local cache."),
@@ -91,72 +85,25 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Profile each task (or take its profile), plan its kept experts and store its retrieval keys."""
-    from ..arch import find_moe_blocks
-    from ..commands.profile import _resolve_device, run_profile
-    from ..data import check_max_length
-    from ..library import build_library, check_out
-    from ..modelio import build_on_meta, load_config, load_model, resolve_model_dir
-    from ..plan import experts_to_keep, parse_keep
-    from ..profile import Profile
-    from ..score import check_method
+    from ..api import build_library
 
-    # --- everything the user gave, checked before any work ----------------------------------------
-    specs = parse_task_specs(task)
-    check_method(method)
-    keep_value = parse_keep(keep)
-    check_max_length(max_length)
-    if premoe_ka is not None and premoe_ka <= 0:
-        raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
-    out = check_out(out, force)
-    if profiles_dir is not None and not profiles_dir.is_dir():
-        raise UserError(f"--profiles-dir '{profiles_dir}' is not a folder", "create it first")
-    path = resolve_model_dir(model)
-    config = load_config(str(path))
-    blocks = find_moe_blocks(build_on_meta(config))
-    experts_to_keep(keep_value, blocks[0].num_experts, n_group=max(1, blocks[0].spec.n_group))
-
-    profiles: dict[str, Profile] = {}
-    infos: dict[str, dict[str, Any]] = {}
-    loaded = None
-    with tempfile.TemporaryDirectory(prefix=".moeprune-library-", dir=out.resolve().parent) as tmp:
-        for name, src in specs.items():
-            if is_profile(src):
-                prof = Profile.load(src)
-                prof.check_model(config, model, router_sha256=_router_digest(path, config))
-                infos[name] = {"source": "profile", "profile": str(src.resolve())}
-            else:
-                if loaded is None:
-                    if quiet:
-                        from transformers.utils import logging as hf_logging
-
-                        hf_logging.disable_progress_bar()
-                    dev = _resolve_device(device)
-                    dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
-                    loaded = load_model(str(path), dtype=dt, device=dev)
-                target = (profiles_dir or Path(tmp)) / f"{name}.profile.safetensors"
-                if not quiet:
-                    print(f"== task {name}: profiling {src}", file=sys.stderr)
-                run_profile(
-                    model=model,
-                    data=[str(src)],
-                    out=target,
-                    max_length=max_length,
-                    max_samples=max_samples,
-                    seed=seed,
-                    self_generate=self_generate,
-                    premoe_ka=premoe_ka,
-                    quiet=quiet,
-                    loaded=loaded,
-                )
-                prof = Profile.load(target)
-                infos[name] = {"source": "data", "data_path": str(src.resolve())}
-                if profiles_dir is not None:
-                    infos[name]["profile"] = str(target.resolve())
-            profiles[name] = prof
-        lib = build_library(
-            profiles, model=str(path.resolve()), method=method, keep=keep_value, ka=premoe_ka, infos=infos
-        )
-        lib.save(out, force=force)
+    lib = build_library(
+        model,
+        parse_task_specs(task),
+        keep,
+        out,
+        method=method,
+        self_generate=self_generate,
+        max_length=max_length,
+        max_samples=max_samples,
+        seed=seed,
+        premoe_ka=premoe_ka,
+        profiles_dir=profiles_dir,
+        dtype=dtype,
+        device=device,
+        force=force,
+        quiet=quiet,
+    )
     if not quiet:
         _print_library(lib)
     print(f"wrote {out}: {len(lib.tasks)} tasks, {lib.keep} of {lib.num_experts} experts per layer")
@@ -249,9 +196,8 @@ def route(
 ) -> None:
     """Find the nearest task of each query, the distances to all tasks, and how much of the
     query's own expert usage the chosen pattern keeps."""
-    from ..commands.profile import _resolve_device
-    from ..library import Library, check_key_kind
-    from ..retrieval import route_query
+    from ..api import route
+    from ..library import check_key_kind
 
     if key is not None:
         check_key_kind(key)
@@ -259,38 +205,25 @@ def route(
         raise UserError(
             "give a query or --file, not both" if query else "no query given", 'pass "TEXT" or --file F'
         )
-    lib = Library.load(library)
-    queries = read_queries(file) if file is not None else [(query or "", None)]
     if file is None and not (query or "").strip():
         raise UserError("the query is empty", "pass some text")
-    key = key or lib.default_key
-    probe = make_probe(lib, model or lib.model, key, dtype, _resolve_device(device))
-    results = [route_query(lib, probe, text, key, label) for text, label in queries]
+    lib, results = route(
+        library,
+        read_queries(file) if file is not None else [(query or "", None)],
+        model=model,
+        key=key,
+        dtype=dtype,
+        device=device,
+    )
     _print_routes(lib, results)
     if output is not None:
-        data = {"library": str(lib.path), "key": key, "results": [r.to_json() for r in results]}
+        data = {"library": str(lib.path), "key": key or lib.default_key, "results": [r.to_json() for r in results]}
         labelled = [r for r in results if r.label is not None]
         if labelled:
             data["accuracy"] = sum(bool(r.correct) for r in labelled) / len(labelled)
         from ..outputs import json_safe
 
         output.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
-
-
-def make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
-    from ..retrieval import FirstLayerProbe, FullModelProbe
-
-    if key != "all":
-        from ..adaptive import AdaptiveMoE
-
-        return FirstLayerProbe(AdaptiveMoE.from_library(model, lib, dtype=dtype, device=device))
-    from ..modelio import load_config, load_model
-
-    lib.check_model(load_config(model), model)  # before loading any weight
-    lm, tok = load_model(model, dtype=dtype, device=device)
-    if tok is None:
-        raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
-    return FullModelProbe(lm, tok, lib.ka)
 
 
 def _print_routes(lib: Any, results: list[Any]) -> None:
@@ -334,9 +267,3 @@ def _print_routes(lib: Any, results: list[Any]) -> None:
         console.print(
             f"routing accuracy: {acc:.1%} ({sum(bool(r.correct) for r in labelled)}/{len(labelled)})"
         )
-
-
-def _router_digest(path: Path, config: Any) -> str | None:
-    from ..identity import checkpoint_router_digest
-
-    return checkpoint_router_digest(path, config)

@@ -8,7 +8,6 @@ from typing import Any
 import typer
 
 from moeprune.cli import app
-from moeprune.errors import UserError
 
 
 @app.command("plan")
@@ -56,68 +55,28 @@ def plan_command(
     ),
 ) -> None:
     """Choose the experts every MoE layer keeps, from one or more profiles, and write a plan."""
-    from moeprune.plan import experts_to_keep, parse_keep, plan_from_profile, plan_summary, profile_routing
-    from moeprune.score import OPTIONS, check_method, combined_score, score
+    from moeprune.api import check_file_out, check_plan_args, load_profile, plan
+    from moeprune.plan import plan_summary
 
-    # --- check the arguments before reading anything ----------------------------------------------
-    check_method(method)
-    if scope not in ("layer", "global"):
-        raise UserError(f"unknown scope '{scope}'", "use --scope layer or --scope global")
-    if per_group not in ("equal", "free"):
-        raise UserError(f"unknown --per-group '{per_group}'", "use --per-group equal or free")
-    keep_value = parse_keep(keep)
-    options: dict[str, Any] = {"seed": seed, "r": premoe_r, "ka": premoe_ka}
-    for name, value in options.items():
-        flag = {"seed": "--seed", "r": "--premoe-r", "ka": "--premoe-ka"}[name]
-        if value is not None and name not in OPTIONS.get(method, ()):
-            raise UserError(f"{flag} does not apply to method '{method}'", f"leave {flag} out")
-    if method == "random" and seed is None:
-        options["seed"] = 0
-    options = {k: v for k, v in options.items() if v is not None}
-    _check_out(out)
-
-    # --- load, score, plan -------------------------------------------------------------------------
-    paths = [profile, *(more or [])]
-    profiles = [_load_profile(p) for p in paths]
-    meta = profiles[0].meta
-    if len(profiles) == 1:
-        scores = score(profiles[0], method, **options)
-    else:
-        scores = combined_score(profiles, method, **options)
-
-    source = f"profile '{profile}'"
-    num_experts = int(scores.shape[1])
-    n_group = profile_routing(meta, source)["n_group"]
-    experts_to_keep(keep_value, num_experts, n_group=n_group, per_group=per_group)  # early, clear error
-
-    settings: dict[str, Any] = {
-        "profiles": [
-            {"path": str(p), "tokens": pr.meta.get("tokens"), "data": pr.meta.get("data")}
-            for p, pr in zip(paths, profiles, strict=True)
-        ],
-        "options": options,
-        "mixed_domain": len(profiles) > 1,
-    }
-    plan = plan_from_profile(
-        scores,
-        meta,
-        keep=keep_value,
-        method=method,
-        source=source,
+    check_plan_args(method, keep, scope=scope, per_group=per_group, seed=seed, premoe_r=premoe_r, premoe_ka=premoe_ka)
+    check_file_out(out, "--out", "plan.json")
+    profiles = [load_profile(p) for p in [profile, *(more or [])]]
+    the_plan = plan(
+        profiles,
+        method,
+        keep,
         scope=scope,
-        new_top_k=top_k,
+        top_k=top_k,
+        seed=seed,
         per_group=per_group,
-        settings=settings,
+        premoe_r=premoe_r,
+        premoe_ka=premoe_ka,
     )
-
-    memory: dict[str, Any] = {}
-    if model is not None:
-        memory = _memory_args(model, profiles[0])
+    memory = _memory_args(model, profiles[0]) if model is not None else {}
     # gate share: of the (first) profile; with several, of all of them summed
-    summary = plan_summary(plan, _GateSum(profiles), **memory)
-
-    plan.save(out)
-    _print_summary(plan, summary, out)
+    summary = plan_summary(the_plan, _GateSum(profiles), **memory)
+    the_plan.save(out)
+    print_summary(the_plan, summary, out)
 
 
 class _GateSum:
@@ -127,30 +86,6 @@ class _GateSum:
         gates = [p.tensors["gate"] for p in profiles if "gate" in p.tensors]
         self.tensors = {"gate": sum(g.double() for g in gates)} if len(gates) == len(profiles) else {}
         self.meta: dict[str, Any] = {}
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out '{out}' is a directory", "pass a file name such as plan.json")
-    parent = out.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"the folder of --out '{out}' does not exist", f"create {parent} first")
-
-
-def _load_profile(path: Path) -> Any:
-    from moeprune.profile import Profile
-
-    if not path.is_file():
-        raise UserError(f"profile '{path}' does not exist", "make one with `moeprune profile`")
-    try:
-        return Profile.load(path)
-    except UserError:
-        raise
-    except Exception as exc:  # any other failure to read it: a corrupted file
-        raise UserError(
-            f"cannot read profile '{path}' ({exc.__class__.__name__})",
-            "re-run `moeprune profile` to make it again",
-        ) from None
 
 
 def _memory_args(model: str, profile: Any) -> dict[str, Any]:
@@ -169,7 +104,7 @@ def _memory_args(model: str, profile: Any) -> dict[str, Any]:
     }
 
 
-def _print_summary(plan: Any, summary: dict[str, Any], out: Path) -> None:
+def print_summary(plan: Any, summary: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 

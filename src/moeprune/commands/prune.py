@@ -5,7 +5,6 @@ per-layer counts, or ``--pad-uniform``), ``novice`` (MoNE: needs ``--profile``).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,6 @@ import typer
 
 from moeprune.cli import app
 from moeprune.errors import UserError
-
-MODES = ("remove", "novice")
 
 
 @app.command("prune")
@@ -57,7 +54,7 @@ def prune_command(
         None,
         "--data",
         help="One-shot: calibration data (repeatable); profile, plan and prune in one go, the profile and "
-        "plan kept in --out. Needs --method and --keep.",
+        "plan kept in --out (the profile and recipe in --out/moeprune/). Needs --method and --keep.",
     ),
     method: str | None = typer.Option(
         None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
@@ -78,7 +75,7 @@ def prune_command(
         None,
         "--eval",
         help="One-shot: evaluate full and pruned on this task (as `moeprune eval --task`, e.g. "
-        "testbed:dates; repeatable): a table in the model card and eval.json.",
+        "testbed:dates; repeatable): a table in the model card and moeprune/eval.json.",
     ),
     eval_limit: int | None = typer.Option(
         None, "--eval-limit", help="One-shot: evaluate only the first N records of each task."
@@ -132,13 +129,13 @@ def prune_command(
         )
     if profile is not None:
         raise UserError(
-            "--profile does not apply with --data", "leave it out: the profile is made and kept in --out"
+            "--profile does not apply with --data", "leave it out: the profile is made and kept in --out/moeprune/"
         )
     if max_shard_size is not None:
         raise UserError("--max-shard-size does not apply with --data", "leave it out")
     from moeprune.oneshot import OneShot, run_oneshot
 
-    run_oneshot(
+    result = run_oneshot(
         OneShot(
             model=model,
             data=list(data or []),
@@ -157,6 +154,7 @@ def prune_command(
             pad_uniform=pad_uniform,
         )
     )
+    print_oneshot(result)
 
 
 def prune_with_plan(
@@ -171,50 +169,32 @@ def prune_with_plan(
     profile: Path | None = None,
     allow_other_profile: bool = False,
 ) -> None:
-    """What `moeprune prune MODEL --plan PLAN ...` does (usable from Python)."""
-    from moeprune.checkpoint import parse_size
-    from moeprune.modelio import load_config, resolve_model_dir
-    from moeprune.plan import Plan
-    from moeprune.surgery import check_output_dir, human_bytes, rewrite_checkpoint
+    """`moeprune prune MODEL --plan PLAN ...`: :func:`moeprune.api.prune` with a progress bar."""
+    from moeprune.api import prune
 
-    # --- check everything before writing anything --------------------------------------------------
-    if mode not in MODES:
-        raise UserError(f"unknown --mode '{mode}'", f"use --mode {' or '.join(MODES)}")
-    if mode == "novice" and profile is None:
-        raise UserError(
-            "--mode novice needs the novices' mean outputs",
-            "pass --profile with the profile the plan was made from",
-        )
-    if max_shard_size is not None:
-        parse_size(max_shard_size)
-    src = resolve_model_dir(model)
-    plan = Plan.load(plan_path)
-    profile_meta = _profile_meta(profile) if profile is not None else None
-    check_output_dir(src, out, force)
-    config = load_config(str(src))
-    check_plan_matches(plan, config)
-    novices = _novice_vectors(profile, plan, config, model) if mode == "novice" and profile else None
-
-    top_k = plan.top_k if plan.top_k != _model_top_k(config) else None
     console = _console()
     start = time.perf_counter()
     with _progress(console) as bar:
-        result = rewrite_checkpoint(
-            src,
+        result = prune(
+            model,
+            plan_path,
             out,
-            plan.kept,
-            top_k=top_k,
-            metadata=profile_meta,
+            mode=mode,
+            profile=profile,
+            allow_other_profile=allow_other_profile,
+            pad_uniform=pad_uniform,
             force=force,
-            plan=plan.to_json(),
             max_shard_size=max_shard_size,
             progress=bar,
-            mode=mode,
-            pad_uniform=pad_uniform,
-            novices=novices,
-            allow_other_profile=allow_other_profile,
         )
-    seconds = time.perf_counter() - start
+    print_result(result, out, mode, time.perf_counter() - start, console)
+
+
+def print_result(result: Any, out: Path, mode: str, seconds: float, console: Any = None) -> None:
+    """What `prune` wrote: expert counts, top-k, sizes and how to load it."""
+    from moeprune.surgery import human_bytes
+
+    console = console or _console()
     top = f"top-k {result.top_k}" + (
         f" (was {result.original_top_k})" if result.top_k != result.original_top_k else ""
     )
@@ -232,85 +212,37 @@ def prune_with_plan(
         console.print(f"not copied from the source: {', '.join(result.skipped_files)}")
 
 
-def _novice_vectors(profile_path: Path, plan: Any, config: Any, model: str) -> dict[int, Any]:
-    """Each layer's novice vectors [R, H] (mean expert outputs, ascending replaced ids) from the profile."""
-    from moeprune.profile import Profile
+def print_oneshot(result: Any) -> None:
+    """What one-shot pruning made: the plan, the rewrite, the full-vs-pruned table (with --eval)."""
+    from moeprune.commands.plan import _GateSum, print_summary
+    from moeprune.oneshot import PROVENANCE
+    from moeprune.plan import plan_summary
 
-    prof = Profile.load(profile_path)
-    prof.check_model(config, model)
-    mean = prof["mone_mean"]
-    out: dict[int, Any] = {}
-    for layer, ids in plan.replaced.items():
-        if layer not in prof.layers:
-            raise UserError(
-                f"profile '{profile_path}' has no statistics for MoE layer {layer}",
-                "pass the profile the plan was made from",
-            )
-        out[layer] = mean[prof.layers.index(layer), ids].float()
-    return out
+    print_summary(result.plan, plan_summary(result.plan, _GateSum([result.profile])), result.out / "plan.json")
+    print_result(result.rewrite, result.out, result.rewrite.mode, result.seconds)
+    if result.eval is not None:
+        print_pair_table(result.eval)
+    _console().print(f"provenance (profile, recipe, evaluation) in {result.out / PROVENANCE}", highlight=False)
 
 
-def check_plan_matches(plan: Any, config: Any) -> None:
-    """Error unless the plan was made for this model (type, fingerprint, expert count, MoE layers)."""
-    from moeprune.arch import find_moe_blocks
-    from moeprune.modelio import build_on_meta
-    from moeprune.profile import fingerprint_fields, model_fingerprint
+def print_pair_table(report: dict[str, Any]) -> None:
+    """The full-vs-pruned evaluation table (the model card's "Evaluation" section)."""
+    import sys
 
-    text = config.get_text_config()
-    types = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
-    if plan.model_type and plan.model_type not in types:
-        raise UserError(
-            f"this plan was made for a '{plan.model_type}' model, not '{config.model_type}'",
-            "make a plan from a profile of this model",
-        )
-    blocks = find_moe_blocks(build_on_meta(config))
-    if plan.model_fingerprint:
-        plan.check_model(model_fingerprint(fingerprint_fields(config, blocks)))
-    num_experts = blocks[0].num_experts
-    if plan.num_experts != num_experts:
-        raise UserError(
-            f"this plan was made for a model with {plan.num_experts} experts per layer; this one has {num_experts}",
-            "make a plan from a profile of this model",
-        )
-    layers = [b.layer for b in blocks]
-    missing = [layer for layer in layers if layer not in plan.kept]
-    if missing:
-        raise UserError(
-            f"the plan has no kept experts for MoE layer(s) {', '.join(map(str, missing[:8]))}",
-            "make a plan from a profile of this model",
-        )
-    extra = [layer for layer in plan.layers if layer not in layers]
-    if extra:
-        raise UserError(
-            f"the plan names layer(s) {', '.join(map(str, extra[:8]))}, which are not MoE layers of this "
-            f"model (MoE layers: {layers})",
-            "make a plan from a profile of this model",
-        )
+    from rich.console import Console
+    from rich.table import Table
 
+    from moeprune.oneshot import _fmt, eval_rows
 
-def _model_top_k(config: Any) -> int | None:
-    from moeprune.arch.table import TOP_K_ATTRS
-
-    text = config.get_text_config()
-    return next((int(getattr(text, n)) for n in TOP_K_ATTRS if getattr(text, n, None) is not None), None)
-
-
-def _profile_meta(path: Path) -> dict[str, Any]:
-    """The ``meta`` JSON object of a profile, read from its safetensors header only."""
-    from moeprune.checkpoint import read_header
-
-    if not path.is_file():
-        raise UserError(f"profile '{path}' does not exist", "pass the profile the plan was made from")
-    _, metadata = read_header(path)
-    try:
-        meta = json.loads(metadata.get("meta", ""))
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict):
-        raise UserError(
-            f"'{path}' is not a moeprune profile (no meta)", "pass a file from `moeprune profile`"
-        )
-    return meta
+    limit = report.get("limit")
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print("full vs pruned" + (f" (first {limit} records of each task)" if limit else ""), highlight=False)
+    table = Table()
+    for col, justify in (("task", "left"), ("metric", "left"), ("full", "right"), ("pruned", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for task, metric, full, pruned in eval_rows(report):
+        table.add_row(task, metric, _fmt(full), _fmt(pruned))
+    console.print(table)
 
 
 def _console():

@@ -17,12 +17,15 @@ def run_command(
 ) -> None:
     """Profile, plan and prune (and evaluate) as a recipe says; the same as `moeprune prune --data`.
 
-    Relative paths in the recipe are relative to its folder; the output folder keeps the recipe
-    (recipe.yaml), the profile and the plan."""
+    Relative paths in the recipe are relative to its folder; the output folder keeps the plan, and
+    the recipe and the profile in its moeprune/ subfolder."""
+    from moeprune.commands.prune import print_oneshot
     from moeprune.oneshot import run_oneshot
     from moeprune.recipe import load_recipe
 
     settings = load_recipe(recipe)
     if force:
         settings.force = True
-    run_oneshot(settings, quiet=quiet)
+    result = run_oneshot(settings, quiet=quiet)
+    if not quiet:
+        print_oneshot(result)

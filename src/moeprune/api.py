@@ -1,0 +1,920 @@
+"""The Python API: profile -> plan -> prune (-> evaluate), or all of it with :func:`oneshot`;
+also :func:`inspect`, :func:`compare`, :func:`report`, :func:`build_library` and :func:`route`.
+
+::
+
+    from moeprune import api
+
+    prof = api.profile("path/to/model", ["math.jsonl"])       # or a loaded transformers model
+    plan = prof.plan("easyep", keep=0.5)                       # = api.plan(prof, "easyep", 0.5)
+    api.prune("path/to/model", plan, "pruned/")
+    report = api.evaluate("pruned/", ["math=math.eval.jsonl"])
+
+Every ``moeprune`` command is a thin shell around these functions (parse arguments, call, print).
+A user mistake raises :class:`moeprune.errors.UserError`. The functions live here rather than at
+the top level because ``moeprune.profile``, ``moeprune.plan`` and ``moeprune.evaluate`` are modules.
+See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .oneshot import OneShotResult
+    from .plan import Plan
+    from .profile import Profile
+    from .surgery import RewriteResult
+
+PathLike = str | os.PathLike
+MODES = ("remove", "novice")
+
+
+# --- models: a path or a loaded transformers model ------------------------------------------------
+
+
+def _is_loaded(model: Any) -> bool:
+    return not isinstance(model, (str, os.PathLike))
+
+
+def model_source(model: Any) -> str:
+    """The checkpoint of ``model``: the path itself, or a loaded model's ``name_or_path``."""
+    if not _is_loaded(model):
+        return os.fspath(model)
+    name = getattr(model, "name_or_path", "") or ""
+    if not name:
+        raise UserError(
+            "the loaded model has no name_or_path", "load it with from_pretrained, or pass its path"
+        )
+    return str(name)
+
+
+def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    from .modelio import resolve_model_dir
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_dir(model_source(model)), local_files_only=True)
+    except (OSError, ValueError):
+        raise UserError(
+            f"cannot load the tokenizer of '{model_source(model)}'", "pass tokenizer=... as well"
+        ) from None
+
+
+def inspect(model: Any) -> Any:
+    """The MoE structure of ``model`` (a path, cached hub id or loaded model) and its size after
+    keeping a share of the routed experts, from its config alone, as `moeprune inspect`."""
+    from .modelio import load_config
+    from .summary import summarize
+
+    return summarize(model.config if _is_loaded(model) else load_config(model_source(model)))
+
+
+# --- profile --------------------------------------------------------------------------------------
+
+
+def profile(
+    model: Any,
+    data: Sequence[PathLike],
+    *,
+    out: PathLike | None = None,
+    tokenizer: Any = None,
+    text_field: str | None = None,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    seed: int = 0,
+    self_generate: int = 0,
+    premoe_ka: int | None = None,
+    per_sample: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
+    offload: str = "none",
+    quiet: bool = True,
+) -> Profile:
+    """One calibration pass of ``model`` (a path, cached hub id or loaded model) over ``data``.
+
+    Returns the :class:`~moeprune.profile.Profile`; with ``out`` it is also written there (and,
+    with ``self_generate``, the model's answers beside it as ``<stem>.demos.jsonl``). A loaded model
+    is used as it is (``dtype``/``device`` ignored); its tokenizer is loaded from its folder unless
+    given."""
+    data = [os.fspath(d) for d in data]
+    out_path = Path(out) if out is not None else None
+    from .profiling import check_profile_args
+
+    check_profile_args(
+        data=data,
+        out=out_path,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        self_generate=self_generate,
+        premoe_ka=premoe_ka,
+        offload=offload,
+    )
+    loaded = None
+    if _is_loaded(model):
+        if offload != "none":
+            raise UserError("offload applies to a model path, not a loaded model", "pass the path")
+        loaded = (model, _tokenizer_of(model, tokenizer))
+    from .profiling import run_profile
+
+    return run_profile(
+        model=model_source(model),
+        data=data,
+        out=out_path,
+        text_field=text_field,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        seed=seed,
+        self_generate=self_generate,
+        premoe_ka=premoe_ka,
+        per_sample=per_sample,
+        dtype=dtype,
+        device=device,
+        offload=offload,
+        quiet=quiet,
+        loaded=loaded,
+    )
+
+
+def load_profile(path: PathLike) -> Profile:
+    """A profile file; a missing or unreadable one is a UserError."""
+    from .profile import Profile
+
+    if not Path(path).is_file():
+        raise UserError(f"profile '{path}' does not exist", "make one with `moeprune profile`")
+    try:
+        return Profile.load(path)
+    except UserError:
+        raise
+    except Exception as exc:  # any other failure to read it: a corrupted file
+        raise UserError(
+            f"cannot read profile '{path}' ({exc.__class__.__name__})",
+            "re-run `moeprune profile` to make it again",
+        ) from None
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+def plan(
+    profiles: Profile | PathLike | Sequence[Profile | PathLike],
+    method: str,
+    keep: int | float | str,
+    *,
+    scope: str = "layer",
+    top_k: int | None = None,
+    seed: int | None = None,
+    per_group: str = "equal",
+    premoe_r: float | None = None,
+    premoe_ka: int | None = None,
+    out: PathLike | None = None,
+) -> Plan:
+    """Choose the experts every MoE layer keeps from one profile (or several of the same model:
+    EASY-EP mixed-domain), as `moeprune plan`; ``out`` also writes the plan (JSON)."""
+    from .plan import experts_to_keep, plan_from_profile, profile_routing
+    from .profile import Profile
+    from .score import combined_score, score
+
+    keep_value, options = check_plan_args(
+        method, keep, scope=scope, per_group=per_group, seed=seed, premoe_r=premoe_r, premoe_ka=premoe_ka
+    )
+    if out is not None:
+        check_file_out(Path(out), "--out", "plan.json")
+
+    # --- load, score, plan -------------------------------------------------------------------------
+    given = [profiles] if isinstance(profiles, (Profile, str, os.PathLike)) else list(profiles)
+    loaded = [p if isinstance(p, Profile) else load_profile(p) for p in given]
+    meta = loaded[0].meta
+    if len(loaded) == 1:
+        scores = score(loaded[0], method, **options)
+    else:
+        scores = combined_score(loaded, method, **options)
+
+    source = f"profile '{loaded[0].name}'"
+    n_group = profile_routing(meta, source)["n_group"]
+    experts_to_keep(keep_value, int(scores.shape[1]), n_group=n_group, per_group=per_group)  # clear error
+
+    settings: dict[str, Any] = {
+        "profiles": [
+            {"path": pr.path, "tokens": pr.meta.get("tokens"), "data": pr.meta.get("data")} for pr in loaded
+        ],
+        "options": options,
+        "mixed_domain": len(loaded) > 1,
+    }
+    result = plan_from_profile(
+        scores,
+        meta,
+        keep=keep_value,
+        method=method,
+        source=source,
+        scope=scope,
+        new_top_k=top_k,
+        per_group=per_group,
+        settings=settings,
+    )
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def check_plan_args(
+    method: str,
+    keep: int | float | str,
+    *,
+    scope: str = "layer",
+    per_group: str = "equal",
+    seed: int | None = None,
+    premoe_r: float | None = None,
+    premoe_ka: int | None = None,
+) -> tuple[int | float, dict[str, Any]]:
+    """Every check of :func:`plan`'s arguments that reads nothing; returns (keep, score options)."""
+    from .plan import parse_keep
+    from .score import OPTIONS, check_method
+
+    check_method(method)
+    if scope not in ("layer", "global"):
+        raise UserError(f"unknown scope '{scope}'", "use --scope layer or --scope global")
+    if per_group not in ("equal", "free"):
+        raise UserError(f"unknown --per-group '{per_group}'", "use --per-group equal or free")
+    keep_value = parse_keep(str(keep))
+    options: dict[str, Any] = {"seed": seed, "r": premoe_r, "ka": premoe_ka}
+    for name, value in options.items():
+        flag = {"seed": "--seed", "r": "--premoe-r", "ka": "--premoe-ka"}[name]
+        if value is not None and name not in OPTIONS.get(method, ()):
+            raise UserError(f"{flag} does not apply to method '{method}'", f"leave {flag} out")
+    if method == "random" and seed is None:
+        options["seed"] = 0
+    return keep_value, {k: v for k, v in options.items() if v is not None}
+
+
+def check_file_out(out: Path, flag: str, example: str) -> None:
+    """An output file's path: not a folder, in a folder that exists."""
+    if out.exists() and out.is_dir():
+        raise UserError(f"{flag} '{out}' is a directory", f"pass a file name such as {example}")
+    parent = out.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"the folder of {flag} '{out}' does not exist", f"create {parent} first")
+
+
+# --- prune ----------------------------------------------------------------------------------------
+
+
+def prune(
+    model: Any,
+    plan: Plan | PathLike,
+    out: PathLike,
+    *,
+    mode: str = "remove",
+    profile: Profile | PathLike | None = None,
+    pad_uniform: bool = False,
+    force: bool = False,
+    max_shard_size: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    allow_other_profile: bool = False,
+) -> RewriteResult:
+    """Write the pruned checkpoint of ``plan`` to the folder ``out`` (streams; never loads the model).
+
+    ``model`` is a checkpoint folder or cached hub id; a loaded model is accepted for its
+    ``name_or_path`` (the rewrite reads the checkpoint on disk, not the weights in memory).
+    ``profile``: the plan's profile (kept as profile-meta.json; ``mode="novice"`` needs it); one
+    calibrated on other data than the plan's is refused unless ``allow_other_profile``."""
+    from .checkpoint import parse_size
+    from .modelio import load_config, resolve_model_dir
+    from .plan import Plan
+    from .profile import Profile
+    from .surgery import check_output_dir, rewrite_checkpoint
+
+    # --- check everything before writing anything --------------------------------------------------
+    if mode not in MODES:
+        raise UserError(f"unknown --mode '{mode}'", f"use --mode {' or '.join(MODES)}")
+    if mode == "novice" and profile is None:
+        raise UserError(
+            "--mode novice needs the novices' mean outputs",
+            "pass --profile with the profile the plan was made from",
+        )
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
+    name = model_source(model)
+    src = resolve_model_dir(name)
+    the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if isinstance(profile, Profile):
+        profile_meta = profile.meta
+    else:
+        profile_meta = _profile_meta(Path(profile)) if profile is not None else None
+    out = Path(out)
+    check_output_dir(src, out, force)
+    config = load_config(str(src))
+    check_plan_matches(the_plan, config)
+    novices = None
+    if mode == "novice" and profile is not None:
+        novices = _novice_vectors(profile, the_plan, config, name)
+
+    top_k = the_plan.top_k if the_plan.top_k != _model_top_k(config) else None
+    return rewrite_checkpoint(
+        src,
+        out,
+        the_plan.kept,
+        top_k=top_k,
+        metadata=profile_meta,
+        force=force,
+        plan=the_plan.to_json(),
+        max_shard_size=max_shard_size,
+        progress=progress,
+        mode=mode,
+        pad_uniform=pad_uniform,
+        novices=novices,
+        allow_other_profile=allow_other_profile,
+    )
+
+
+def _novice_vectors(profile: Profile | PathLike, plan: Plan, config: Any, model: str) -> dict[int, Any]:
+    """Each layer's novice vectors [R, H] (mean expert outputs, ascending replaced ids) from the profile."""
+    from .profile import Profile
+
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    prof.check_model(config, model)
+    mean = prof["mone_mean"]
+    out: dict[int, Any] = {}
+    for layer, ids in plan.replaced.items():
+        if layer not in prof.layers:
+            raise UserError(
+                f"profile '{prof.name}' has no statistics for MoE layer {layer}",
+                "pass the profile the plan was made from",
+            )
+        out[layer] = mean[prof.layers.index(layer), ids].float()
+    return out
+
+
+def check_plan_matches(plan: Plan, config: Any) -> None:
+    """Error unless the plan was made for this model (type, fingerprint, expert count, MoE layers)."""
+    from .arch import find_moe_blocks
+    from .modelio import build_on_meta
+    from .profile import fingerprint_fields, model_fingerprint
+
+    text = config.get_text_config()
+    types = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
+    if plan.model_type and plan.model_type not in types:
+        raise UserError(
+            f"this plan was made for a '{plan.model_type}' model, not '{config.model_type}'",
+            "make a plan from a profile of this model",
+        )
+    blocks = find_moe_blocks(build_on_meta(config))
+    if plan.model_fingerprint:
+        plan.check_model(model_fingerprint(fingerprint_fields(config, blocks)))
+    num_experts = blocks[0].num_experts
+    if plan.num_experts != num_experts:
+        raise UserError(
+            f"this plan was made for a model with {plan.num_experts} experts per layer; this one has {num_experts}",
+            "make a plan from a profile of this model",
+        )
+    layers = [b.layer for b in blocks]
+    missing = [layer for layer in layers if layer not in plan.kept]
+    if missing:
+        raise UserError(
+            f"the plan has no kept experts for MoE layer(s) {', '.join(map(str, missing[:8]))}",
+            "make a plan from a profile of this model",
+        )
+    extra = [layer for layer in plan.layers if layer not in layers]
+    if extra:
+        raise UserError(
+            f"the plan names layer(s) {', '.join(map(str, extra[:8]))}, which are not MoE layers of this "
+            f"model (MoE layers: {layers})",
+            "make a plan from a profile of this model",
+        )
+
+
+def _model_top_k(config: Any) -> int | None:
+    from .arch.table import TOP_K_ATTRS
+
+    text = config.get_text_config()
+    return next((int(getattr(text, n)) for n in TOP_K_ATTRS if getattr(text, n, None) is not None), None)
+
+
+def _profile_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` JSON object of a profile, read from its safetensors header only."""
+    from .checkpoint import read_header
+
+    if not path.is_file():
+        raise UserError(f"profile '{path}' does not exist", "pass the profile the plan was made from")
+    _, metadata = read_header(path)
+    try:
+        meta = json.loads(metadata.get("meta", ""))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(
+            f"'{path}' is not a moeprune profile (no meta)", "pass a file from `moeprune profile`"
+        )
+    return meta
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Any,
+    tasks: Sequence[str] | None = None,
+    *,
+    lm_eval: str | Sequence[str] | None = None,
+    lm_eval_include: PathLike | None = None,
+    tokenizer: Any = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_new_tokens: int = 24,
+    max_length: int = 1024,
+    progress: bool = False,
+    allow_download: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (a path, cached hub id or loaded model) on moeprune tasks (as
+    ``moeprune eval --task``: PATH, NAME=PATH, kind:PATH, testbed[:NAME]) and lm-eval task names.
+
+    Returns the report `moeprune eval --output` writes: model, settings, versions, seconds, tasks.
+    lm-eval runs offline unless ``allow_download`` (or MOEPRUNE_ALLOW_DOWNLOAD=1); a task whose
+    dataset is not cached raises :class:`LmEvalDataMissing` whose ``report`` holds what finished."""
+    import time
+
+    from .evaluate.options import check_device_and_dtype, check_run_options
+    from .evaluate.tasks import resolve_tasks
+
+    # --- check everything the user gave before loading anything heavy --------------------------
+    check_run_options(
+        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
+    )
+    check_device_and_dtype(device, dtype)
+    if not isinstance(lm_eval, (str, type(None))):
+        lm_eval = ",".join(lm_eval)
+    if not tasks and not lm_eval:
+        raise UserError("no task given", "pass --task PATH (repeatable) or --lm-eval TASKNAMES")
+    if lm_eval_include and not lm_eval:
+        raise UserError(
+            "--lm-eval-include given without --lm-eval", "name the lm-eval tasks to run with --lm-eval"
+        )
+    from .evaluate.loading import load_model_and_tokenizer, resolve_device, resolve_model_path
+
+    name = model_source(model)
+    loaded = _is_loaded(model)
+    model_path = Path(name) if loaded else resolve_model_path(name)
+    resolved_device = str(next(model.parameters()).device) if loaded else resolve_device(device)
+    task_list = resolve_tasks(list(tasks or []))
+    include = os.fspath(lm_eval_include) if lm_eval_include else None
+    lm_eval_tasks: list[str] = []
+    lm_eval_manager = None
+    if lm_eval:
+        from .evaluate.lm_eval_bridge import parse_task_names, prepare_lm_eval
+
+        lm_eval_tasks = parse_task_names(lm_eval)
+        lm_eval_manager = prepare_lm_eval(lm_eval_tasks, include)
+
+    # --- load and run ----------------------------------------------------------------------------
+    from .evaluate.runners import evaluate as run_tasks
+
+    started = time.time()
+    if loaded:
+        lm, tok = model, _tokenizer_of(model, tokenizer)
+    else:
+        lm, tok = load_model_and_tokenizer(name, device=resolved_device, dtype=dtype)
+    results = run_tasks(
+        lm,
+        tok,
+        task_list,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        progress=progress,
+    )
+    missing = None
+    if lm_eval_tasks:
+        from .evaluate.lm_eval_bridge import LmEvalDataMissing, run_lm_eval
+
+        try:
+            results["tasks"].update(
+                run_lm_eval(
+                    lm,
+                    tok,
+                    lm_eval_tasks,
+                    include_path=include,
+                    limit=limit,
+                    batch_size=batch_size,
+                    task_manager=lm_eval_manager,
+                    allow_download=allow_download,
+                )
+            )
+        except LmEvalDataMissing as exc:  # keep what ran: the error carries the finished report
+            results["tasks"].update(exc.results)
+            missing = exc
+    report: dict[str, Any] = {
+        "model": name,
+        "model_path": str(model_path.resolve()),
+        "settings": {
+            **results["settings"],
+            "device": resolved_device,
+            "dtype": dtype if not loaded else str(next(lm.parameters()).dtype).removeprefix("torch."),
+            "lm_eval": lm_eval_tasks or None,
+            "lm_eval_include": str(Path(include).resolve()) if include else None,
+        },
+        "versions": _versions(),
+        "seconds": round(time.time() - started, 3),
+        "tasks": results["tasks"],
+    }
+    if missing is not None:
+        missing.report = report
+        raise missing
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"moeprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# --- one-shot -------------------------------------------------------------------------------------
+
+
+def oneshot(
+    model: Any,
+    data: Sequence[PathLike],
+    method: str,
+    keep: int | float | str,
+    out: PathLike,
+    *,
+    quiet: bool = True,
+    **settings: Any,
+) -> OneShotResult:
+    """Profile, plan and prune (and evaluate) in one go into the folder ``out``, as
+    `moeprune prune MODEL --data ...`; ``settings``: the other keys of a recipe (self_generate,
+    scope, mode, eval, eval_limit, max_length, seed, top_k, force, pad_uniform).
+
+    ``out`` holds the pruned checkpoint, its ``plan.json`` and a ``moeprune/`` folder with the
+    profile, the recipe and (with ``eval``) ``eval.json``; nothing is left behind on failure."""
+    from .oneshot import OneShot, run_oneshot
+
+    s = OneShot(
+        model=model_source(model),
+        data=[os.fspath(d) for d in data],
+        method=method,
+        keep=str(keep),
+        out=os.fspath(out),
+        **settings,
+    )
+    return run_oneshot(s, quiet=quiet, loaded=model if _is_loaded(model) else None)
+
+
+
+
+# --- compare --------------------------------------------------------------------------------------
+
+
+def compare(
+    model: Any,
+    profiles: Sequence[Profile | PathLike],
+    tasks: Sequence[str],
+    *,
+    methods: Sequence[str] | None = None,
+    keeps: Sequence[int | float | str] | None = None,
+    novice: bool = True,
+    tokenizer: Any = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 24,
+    max_length: int = 1024,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    out: PathLike | None = None,
+    force: bool = False,
+    progress: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every method x keep ratio (x novice) on ``model``, loaded once, with routing masks (nothing
+    pruned on disk), as `moeprune compare`: one plan per profile, plus the mixed-domain plan.
+
+    Returns (rows, report) (:func:`moeprune.compare.compare`'s rows and the run's settings); ``out``
+    also writes results.md/.csv/.json and the plots into that folder. ``on_row`` is called with each
+    row as soon as it is done."""
+    import time
+
+    from .compare import DEFAULT_KEEPS, check_keeps, default_methods
+    from .evaluate.options import check_device_and_dtype, check_run_options
+    from .plan import parse_keep
+    from .profile import Profile
+    from .score import check_method
+
+    # --- check everything before loading anything heavy ---------------------------------------------
+    check_run_options(
+        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
+    )
+    check_device_and_dtype(device, dtype)
+    methods = list(methods) if methods else default_methods()
+    for m in methods:
+        check_method(m)
+    if len(set(methods)) != len(methods):
+        raise UserError("a --method is given twice", "pass each method once")
+    keep_values: list[int | float] = [parse_keep(str(k)) for k in keeps] if keeps else list(DEFAULT_KEEPS)
+    check_keeps(keep_values, None)  # fractions' range and duplicates now; counts again once E is known
+    if out is not None:
+        _check_dir_out(Path(out), force)
+
+    from .evaluate.loading import resolve_device
+    from .evaluate.tasks import resolve_tasks
+
+    task_list = resolve_tasks(list(tasks))
+    loaded = _is_loaded(model)
+    name = model_source(model)
+    resolved_device = str(next(model.parameters()).device) if loaded else resolve_device(device)
+    paths = [p.path if isinstance(p, Profile) else os.fspath(p) for p in profiles]
+    profs = [p if isinstance(p, Profile) else load_profile(p) for p in profiles]
+    names = _profile_names([Path(p or f"profile{i}") for i, p in enumerate(paths)])
+    blocks = _check_profiles_model(name, profs)
+    check_keeps(keep_values, int(blocks[0].num_experts))
+
+    # --- load once, evaluate every variant -----------------------------------------------------------
+    from .compare import compare as run_compare
+    from .evaluate.loading import load_model_and_tokenizer
+
+    started = time.time()
+    if loaded:
+        lm, tok = model, _tokenizer_of(model, tokenizer)
+    else:
+        lm, tok = load_model_and_tokenizer(name, device=resolved_device, dtype=dtype)
+    rows = run_compare(
+        lm,
+        tok,
+        profs,
+        task_list,
+        methods,
+        keep_values,
+        novice,
+        profile_names=names,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        seed=seed,
+        progress=progress,
+        on_row=on_row,
+    )
+    report = {
+        "model": name,
+        "profiles": [{"name": n, "path": str(p)} for n, p in zip(names, paths, strict=True)],
+        "tasks": {t.name: t.kind for t in task_list},
+        "num_experts": int(blocks[0].num_experts),
+        "top_k": int(blocks[0].top_k),
+        "settings": {
+            "methods": methods,
+            "keeps": keep_values,
+            "novice": novice,
+            "limit": limit,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "max_length": max_length,
+            "seed": seed,
+            "device": resolved_device,
+            "dtype": dtype,
+        },
+        "seconds": round(time.time() - started, 3),
+    }
+    if out is not None:
+        from .compare import write_results
+        from .outputs import write_dir_atomically
+
+        write_dir_atomically(Path(out).expanduser(), lambda tmp: write_results(tmp, rows, report))
+    return rows, report
+
+
+def _check_dir_out(out: Path, force: bool) -> None:
+    """An output folder: absent or empty (or ``force``), in a folder that exists."""
+    out = out.expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out '{out}' is a file", "pass a folder name")
+        if any(out.iterdir()) and not force:
+            raise UserError(
+                f"--out '{out}' already exists and is not empty", "pass another folder, or --force"
+            )
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"the folder of --out '{out}' does not exist", f"create {parent} first")
+
+
+def _profile_names(paths: list[Path]) -> list[str]:
+    """Each profile's name: its file stem, or its path where stems repeat (or say "mixed")."""
+    stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]
+    distinct = len(set(stems)) == len(stems) and "mixed" not in stems
+    names = stems if distinct else [str(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise UserError("the same profile is given twice", "pass each --profile once")
+    return names
+
+
+def _check_profiles_model(model: str, profiles: list[Profile]) -> list[Any]:
+    """Every profile must come from this model (checked on the meta device, before loading weights);
+    returns its MoE blocks."""
+    from .arch import find_moe_blocks
+    from .modelio import build_on_meta, load_config
+
+    config = load_config(model)
+    blocks = find_moe_blocks(build_on_meta(config))
+    for prof in profiles:
+        prof.check_model(config, model, blocks)
+    return blocks
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def report(
+    profiles: Sequence[Profile | PathLike],
+    out: PathLike | None = None,
+    *,
+    method: str = "easyep",
+    top: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Every number of the HTML report on how the domains of ``profiles`` (one per domain, same model)
+    use the experts, as `moeprune report`; ``out`` also writes index.html and its plots there."""
+    from .profile import Profile
+    from .report import compute_report, write_report
+    from .score import check_method
+
+    check_method(method)
+    if top is not None and top < 1:
+        raise UserError(f"--top must be a positive number of experts, got {top}", "pass --top 1 or more")
+    if out is not None:
+        _check_dir_out(Path(out), force)
+    paths = [Path(p.path or f"profile{i}") if isinstance(p, Profile) else Path(p) for i, p in enumerate(profiles)]
+    resolved = [p.expanduser().resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise UserError("the same profile is given twice", "pass each profile once")
+    loaded = [p if isinstance(p, Profile) else load_profile(p) for p in profiles]
+    stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]
+    names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+    rep = compute_report(loaded, names, method, top)
+    if out is not None:
+        from .outputs import write_dir_atomically
+
+        write_dir_atomically(Path(out).expanduser(), lambda tmp: write_report(tmp, rep))
+    return rep
+
+
+# --- pattern libraries (PreMoe TAER) --------------------------------------------------------------
+
+
+def build_library(
+    model: Any,
+    tasks: dict[str, PathLike],
+    keep: int | float | str,
+    out: PathLike,
+    *,
+    method: str = "premoe",
+    self_generate: int = 0,
+    max_length: int = 2048,
+    max_samples: int | None = None,
+    seed: int = 0,
+    premoe_ka: int | None = None,
+    profiles_dir: PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    force: bool = False,
+    quiet: bool = True,
+) -> Any:
+    """Write a pattern library to the folder ``out``, as `moeprune library build`: each task's data
+    is profiled (or its ``*.profile.safetensors`` taken), its kept experts planned and its retrieval
+    keys stored; ``profiles_dir`` keeps the profiles made from data. Returns the
+    :class:`~moeprune.library.Library`. A loaded model is profiled as it is."""
+    import tempfile
+
+    from .arch import find_moe_blocks
+    from .data import check_max_length
+    from .library import build_library as make_library
+    from .library import check_out
+    from .modelio import build_on_meta, load_config, load_model, resolve_model_dir
+    from .plan import experts_to_keep, parse_keep
+    from .profile import Profile
+    from .profiling import resolve_device, run_profile
+    from .score import check_method
+
+    # --- everything the user gave, checked before any work ----------------------------------------
+    specs = {name: Path(src) for name, src in tasks.items()}
+    check_method(method)
+    keep_value = parse_keep(str(keep))
+    check_max_length(max_length)
+    if premoe_ka is not None and premoe_ka <= 0:
+        raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
+    out = check_out(Path(out), force)
+    keep_dir = Path(profiles_dir) if profiles_dir is not None else None
+    if keep_dir is not None and not keep_dir.is_dir():
+        raise UserError(f"--profiles-dir '{keep_dir}' is not a folder", "create it first")
+    name = model_source(model)
+    path = resolve_model_dir(name)
+    config = load_config(str(path))
+    blocks = find_moe_blocks(build_on_meta(config))
+    experts_to_keep(keep_value, blocks[0].num_experts, n_group=max(1, blocks[0].spec.n_group))
+
+    profiles: dict[str, Profile] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    loaded = (model, _tokenizer_of(model, None)) if _is_loaded(model) else None
+    from .identity import checkpoint_router_digest
+
+    with tempfile.TemporaryDirectory(prefix=".moeprune-library-", dir=out.resolve().parent) as tmp:
+        for task, src in specs.items():
+            if src.name.endswith(".safetensors"):  # the task's profile
+                prof = Profile.load(src)
+                prof.check_model(config, name, router_sha256=checkpoint_router_digest(path, config))
+                infos[task] = {"source": "profile", "profile": str(src.resolve())}
+            else:
+                if loaded is None:
+                    if quiet:
+                        from transformers.utils import logging as hf_logging
+
+                        hf_logging.disable_progress_bar()
+                    dev = resolve_device(device)
+                    dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
+                    loaded = load_model(str(path), dtype=dt, device=dev)
+                target = (keep_dir or Path(tmp)) / f"{task}.profile.safetensors"
+                if not quiet:
+                    print(f"== task {task}: profiling {src}", file=sys.stderr)
+                run_profile(
+                    model=name,
+                    data=[str(src)],
+                    out=target,
+                    max_length=max_length,
+                    max_samples=max_samples,
+                    seed=seed,
+                    self_generate=self_generate,
+                    premoe_ka=premoe_ka,
+                    quiet=quiet,
+                    loaded=loaded,
+                )
+                prof = Profile.load(target)
+                infos[task] = {"source": "data", "data_path": str(src.resolve())}
+                if keep_dir is not None:
+                    infos[task]["profile"] = str(target.resolve())
+            profiles[task] = prof
+        lib = make_library(
+            profiles, model=str(path.resolve()), method=method, keep=keep_value, ka=premoe_ka, infos=infos
+        )
+        lib.save(out, force=force)
+    return lib
+
+
+def route(
+    library: Any,
+    queries: Sequence[str | tuple[str, str | None]],
+    *,
+    model: Any = None,
+    key: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[Any, list[Any]]:
+    """Route each query to the nearest task of a pattern library (a folder or a loaded
+    :class:`~moeprune.library.Library`), as `moeprune library route`. A query is a text or
+    (text, expected task). ``model`` defaults to the library's own; ``key``: records, first or all
+    (the library's default when None). Returns (library, one :class:`~moeprune.retrieval.Routed` per
+    query)."""
+    from .library import Library, check_key_kind
+    from .profiling import resolve_device
+    from .retrieval import route_query
+
+    if key is not None:
+        check_key_kind(key)
+    lib = library if isinstance(library, Library) else Library.load(library)
+    pairs = [(q, None) if isinstance(q, str) else (q[0], q[1]) for q in queries]
+    key = key or lib.default_key
+    probe = _make_probe(lib, model_source(model) if model is not None else lib.model, key, dtype, resolve_device(device))
+    return lib, [route_query(lib, probe, text, key, label) for text, label in pairs]
+
+
+def _make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:
+    from .retrieval import FirstLayerProbe, FullModelProbe
+
+    if key != "all":
+        from .adaptive import AdaptiveMoE
+
+        return FirstLayerProbe(AdaptiveMoE.from_library(model, lib, dtype=dtype, device=device))
+    from .modelio import load_config, load_model
+
+    lib.check_model(load_config(model), model)  # before loading any weight
+    lm, tok = load_model(model, dtype=dtype, device=device)
+    if tok is None:
+        raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
+    return FullModelProbe(lm, tok, lib.ka)
