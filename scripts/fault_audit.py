@@ -259,7 +259,9 @@ def _mount(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if not IS_ROOT:
         return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     if r.returncode != 0:
         return False
     with MOUNT_LOCK:
@@ -382,7 +384,13 @@ case("control-profile-qwen", C, P("profile {qwen} --data {data} -q --out {out}")
 case("control-plan", C, P(PLAN_RUN), "ok", out="out.json", kind="plan")
 case("control-prune", C, P(PRUNE_RUN), "ok", kind="model")
 case("control-prune-novice", C, P(PRUNE_RUN + " --mode novice --profile {profile}"), "ok", kind="model")
-case("control-prune-oneshot", C, P("prune {model} --data {data} -m easyep -k 0.5 --out {out}"), "ok", kind="model")
+case(
+    "control-prune-oneshot",
+    C,
+    P("prune {model} --data {data} -m easyep -k 0.5 --out {out}"),
+    "ok",
+    kind="model",
+)
 case("control-prune-force-existing", C, P("prune {model} --plan {plan} --out {pruned} --force"), "ok", out="pruned", kind="model")  # fmt: skip
 case("control-inspect", C, P("inspect {model} --json"), "ok", out="")
 case("control-eval", C, P(EVAL_RUN), "ok", out="out.json", kind="json")
@@ -416,12 +424,24 @@ C = "out-over-input"
 case("profile-out-model-weights", C, P(PROFILE_RUN.replace("{out}", "{model}/model.safetensors")), "error", out="model/model.safetensors")  # fmt: skip
 case("profile-out-model-config", C, P(PROFILE_RUN.replace("{out}", "{model}/config.json")), "error", out="model/config.json")  # fmt: skip
 case("profile-out-data", C, P(PROFILE_RUN.replace("{out}", "{data}")), "error", out="data.jsonl")
-case("plan-out-model-config", C, P(PLAN_RUN.replace("{out}", "{model}/config.json")), "error", out="model/config.json")
+case(
+    "plan-out-model-config",
+    C,
+    P(PLAN_RUN.replace("{out}", "{model}/config.json")),
+    "error",
+    out="model/config.json",
+)
 case("plan-out-profile", C, P(PLAN_RUN.replace("{out}", "{profile}")), "error", out="p.profile.safetensors")
 case("eval-output-model-config", C, P(EVAL_RUN.replace("{out}", "{model}/config.json")), "error", out="model/config.json")  # fmt: skip
 case("eval-output-data", C, P(EVAL_RUN.replace("{out}", "{data}")), "error", out="data.jsonl")
 case("merge-out-first-input", C, P("profile merge {profile} {qprofile} --out {profile}"), "error", out="p.profile.safetensors")  # fmt: skip
-case("route-output-model-config", C, ROUTE_RUN + ["-o", "{model}/config.json"], "error", out="model/config.json")
+case(
+    "route-output-model-config",
+    C,
+    ROUTE_RUN + ["-o", "{model}/config.json"],
+    "error",
+    out="model/config.json",
+)
 case("prune-out-plan-file", C, P("prune {model} --plan {plan} --out {plan}"), "error", out="plan.json")
 
 # 2, 14, 15. signals
@@ -429,7 +449,12 @@ C = "signal"
 SIGS = {"int": signal.SIGINT, "term": signal.SIGTERM, "kill": signal.SIGKILL}
 SIGNAL_CMDS = {
     "prune-force": ("prune {model} --plan {plan} --out {pruned} --force", "pruned", "model", (0.5, 2, "tmp")),
-    "oneshot-force": ("prune {model} --data {data} -m easyep -k 0.5 --out {pruned} --force", "pruned", "model", ("tmp",)),  # fmt: skip
+    "oneshot-force": (
+        "prune {model} --data {data} -m easyep -k 0.5 --out {pruned} --force",
+        "pruned",
+        "model",
+        ("tmp",),
+    ),  # fmt: skip
     "profile": (PROFILE_RUN, "out.profile.safetensors", "profile", (0.5, "tmp")),
     "compare": (COMPARE_RUN, "out", "dir", ("tmp",)),
     "library-build": (LIB_RUN.replace("{out}", "{lib}") + " --force", "lib", "library", ("tmp",)),
@@ -461,8 +486,13 @@ WEIGHTS = {
     "shape-transposed": st_header(set_tensor("experts.0.gate_proj", shape=[64, 32])),
     "offsets-past-end": st_header(set_tensor("experts.7.up_proj", data_offsets=[0, 1 << 40])),
     "missing-expert-tensor": st_header(lambda h: h.pop(expert_key(h, "experts.3.down_proj"))),
-    "extra-tensor": tensors_edit("model/model.safetensors", lambda t: t.update(extra_weight=t[next(iter(t))].clone())),  # fmt: skip
-    "dtype-int8-expert": tensors_edit("model/model.safetensors", lambda t: t.update({k: t[k].to(torch_dtype("int8")) for k in list(t) if "experts.1.up_proj" in k})),  # fmt: skip
+    "extra-tensor": tensors_edit(
+        "model/model.safetensors", lambda t: t.update(extra_weight=t[next(iter(t))].clone())
+    ),  # fmt: skip
+    "dtype-int8-expert": tensors_edit(
+        "model/model.safetensors",
+        lambda t: t.update({k: t[k].to(torch_dtype("int8")) for k in list(t) if "experts.1.up_proj" in k}),
+    ),  # fmt: skip
 }
 for what, setup in WEIGHTS.items():
     case(f"weights-{what}-prune", C, P(PRUNE_RUN), "error", setup=setup)
@@ -487,7 +517,9 @@ CONFIGS = {
     "experts-2pow40": cfg(n_routed_experts=2**40),
     "topk-16-of-8": cfg(num_experts_per_tok=16),
     "topk-zero": cfg(num_experts_per_tok=0),
-    "non-utf8": raw_edit(lambda b: b.replace(b'"deepseek_v3"', b'"deepseek_v3\xff\xfe"'), "model/config.json"),
+    "non-utf8": raw_edit(
+        lambda b: b.replace(b'"deepseek_v3"', b'"deepseek_v3\xff\xfe"'), "model/config.json"
+    ),
     "deeply-nested": write("model/config.json", '{"model_type": "deepseek_v3", "x": ' + nested(100000) + "}"),
     "not-json": write("model/config.json", "model_type = deepseek_v3\n"),
     "json-list": write("model/config.json", "[1, 2]"),
@@ -497,7 +529,14 @@ CONFIGS = {
 for what, setup in CONFIGS.items():
     case(f"config-{what}-profile", C, P(PROFILE_RUN), "error", setup=setup, out="out.profile.safetensors")
     case(f"config-{what}-inspect", C, P("inspect {model}"), "error", setup=setup, out="")
-for what in ("layers-4-of-2", "experts-16-of-8", "hidden-128-of-64", "experts-negative", "experts-zero", "non-utf8"):
+for what in (
+    "layers-4-of-2",
+    "experts-16-of-8",
+    "hidden-128-of-64",
+    "experts-negative",
+    "experts-zero",
+    "non-utf8",
+):
     case(f"config-{what}-prune", C, P(PRUNE_RUN), "error", setup=CONFIGS[what])
 for what in ("layers-4-of-2", "topk-16-of-8"):
     case(f"config-{what}-eval", C, P(EVAL_RUN), "error", setup=CONFIGS[what], out="out.json")
@@ -546,8 +585,12 @@ PROFILES = {
     "meta-experts-2pow70": profile_meta(lambda m: m.update(num_experts=2**70)),
     "meta-experts-negative": profile_meta(lambda m: m.update(num_experts=-8)),
     "meta-deeply-nested": profile_meta(lambda m: m.update(routing={"x": json.loads(nested(900))})),
-    "premoe-idx-99": tensors_edit("p.profile.safetensors", lambda t: t["premoe_idx"].view(-1).__setitem__(0, 99)),
-    "count-wrong-shape": tensors_edit("p.profile.safetensors", lambda t: t.update(count=t["count"][:, :4].clone())),
+    "premoe-idx-99": tensors_edit(
+        "p.profile.safetensors", lambda t: t["premoe_idx"].view(-1).__setitem__(0, 99)
+    ),
+    "count-wrong-shape": tensors_edit(
+        "p.profile.safetensors", lambda t: t.update(count=t["count"][:, :4].clone())
+    ),
 }
 for what, setup in PROFILES.items():
     case(f"profile-{what}-plan", C, P(PLAN_RUN), "error", setup=setup, out="out.json")
@@ -609,9 +652,16 @@ def _lib_task(**fields) -> Setup:
 
 
 LIBS = {
-    "nan-keys": tensors_edit("lib/keys.safetensors", lambda t: [v.fill_(math.nan) for k, v in t.items() if k.startswith("a.key")]),  # fmt: skip
-    "inf-keys": tensors_edit("lib/keys.safetensors", lambda t: [v.fill_(math.inf) for k, v in t.items() if k.startswith("b.key")]),  # fmt: skip
-    "plan-path-outside": chain(lambda wd: shutil.copy2(wd / "lib/plans/a.plan.json", wd / "outside.plan.json"), _lib_task(plan="../outside.plan.json")),  # fmt: skip
+    "nan-keys": tensors_edit(
+        "lib/keys.safetensors", lambda t: [v.fill_(math.nan) for k, v in t.items() if k.startswith("a.key")]
+    ),  # fmt: skip
+    "inf-keys": tensors_edit(
+        "lib/keys.safetensors", lambda t: [v.fill_(math.inf) for k, v in t.items() if k.startswith("b.key")]
+    ),  # fmt: skip
+    "plan-path-outside": chain(
+        lambda wd: shutil.copy2(wd / "lib/plans/a.plan.json", wd / "outside.plan.json"),
+        _lib_task(plan="../outside.plan.json"),
+    ),  # fmt: skip
     "plan-path-absolute": _lib_task(plan="/etc/hostname"),
     "premoe-ka-zero": _lib(lambda d: d.update(premoe_ka=0)),
     "premoe-ka-1e9": _lib(lambda d: d.update(premoe_ka=10**9)),
@@ -622,8 +672,12 @@ LIBS = {
     "no-tasks": _lib(lambda d: d.update(tasks=[])),
     "truncated-json": raw_edit(lambda b: b[: len(b) // 2], "lib/library.json"),
     "keys-missing": lambda wd: (wd / "lib/keys.safetensors").unlink(),
-    "keys-wrong-shape": tensors_edit("lib/keys.safetensors", lambda t: t.update({"a.key.first": t["a.key.first"][:4].clone()})),  # fmt: skip
-    "deeply-nested": write("lib/library.json", '{"format": "moeprune-library/1", "tasks": ' + nested(100000) + "}"),
+    "keys-wrong-shape": tensors_edit(
+        "lib/keys.safetensors", lambda t: t.update({"a.key.first": t["a.key.first"][:4].clone()})
+    ),  # fmt: skip
+    "deeply-nested": write(
+        "lib/library.json", '{"format": "moeprune-library/1", "tasks": ' + nested(100000) + "}"
+    ),
 }
 for what, setup in LIBS.items():
     case(f"library-{what}-route", C, ROUTE_RUN, "error", setup=setup, out="")
@@ -646,7 +700,8 @@ RECIPES = {
     "keep-string": RECIPE_OK.replace("0.5", "lots"),
     "keep-2pow70": RECIPE_OK.replace("0.5", str(2**70)),
     "python-tag": RECIPE_OK + "seed: !!python/object/apply:os.system ['touch PWNED']\n",
-    "billion-laughs": RECIPE_OK + 'lol: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    "billion-laughs": RECIPE_OK
+    + 'lol: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
     + "".join(f"l{i}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)),
     "out-is-data": RECIPE_OK.replace("out: rec", "out: data.jsonl"),
     "model-missing": RECIPE_OK.replace("model: model", "model: nowhere"),
@@ -685,7 +740,9 @@ C = "huge"
 BIG = '{"text": "' + "lorem ipsum " * (20_000_000 // 12) + '"}\n{"text": "short"}\n'
 case("huge-20MB-line-profile", C, P(PROFILE_RUN.replace("{data}", "{wd}/big.jsonl") + " --max-length 64"), "either", setup=write("big.jsonl", BIG), out="out.profile.safetensors", kind="profile", timeout=180)  # fmt: skip
 case("huge-20MB-line-eval", C, P(EVAL_RUN.replace("{data}", "{wd}/big.jsonl") + " --max-length 64"), "either", setup=write("big.jsonl", BIG), out="out.json", kind="json", timeout=180)  # fmt: skip
-case("huge-plan-experts-2pow70-prune", C, P(PRUNE_RUN), "error", setup=PLANS["num-experts-2pow70"], timeout=90)
+case(
+    "huge-plan-experts-2pow70-prune", C, P(PRUNE_RUN), "error", setup=PLANS["num-experts-2pow70"], timeout=90
+)
 case("huge-config-layers-1e9-inspect", C, P("inspect {model}"), "either", setup=cfg(num_hidden_layers=10**9), out="", timeout=90)  # fmt: skip
 case("huge-config-experts-1e12-profile", C, P(PROFILE_RUN), "error", setup=cfg(n_routed_experts=10**12), out="out.profile.safetensors", timeout=90)  # fmt: skip
 case("huge-max-samples-profile", C, P(PROFILE_RUN + " --max-samples 1000000000000"), "either", out="out.profile.safetensors", kind="profile")  # fmt: skip
@@ -728,7 +785,10 @@ def _remote_code(wd: Path) -> None:
     (wd / "model/modeling_evil.py").write_text("import os\nos.system('touch PWNED')\n")
     (wd / "model/configuration_evil.py").write_text("import os\nos.system('touch PWNED')\n")
     d = json.loads((wd / "model/config.json").read_text())
-    d["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    d["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+    }
     (wd / "model/config.json").write_text(json.dumps(d))
 
 
@@ -738,7 +798,15 @@ case("symlink-etc-hostname-oneshot", C, P("prune {model} --data {data} -m easyep
 case("symlink-tokenizer-outside-prune", C, P(PRUNE_RUN), "either", setup=chain(lambda wd: shutil.move(wd / "model/tokenizer.json", wd / "tok.json"), _link("tokenizer.json", "../tok.json")), kind="model")  # fmt: skip
 case("remote-code-prune", C, P(PRUNE_RUN), "either", setup=_remote_code, kind="model", check=lambda r: remote_code_check(r) + no_marker("PWNED")(r))  # fmt: skip
 case("remote-code-profile", C, P(PROFILE_RUN), "either", setup=_remote_code, out="out.profile.safetensors", kind="profile", check=no_marker("PWNED"))  # fmt: skip
-case("remote-code-inspect", C, P("inspect {model}"), "either", setup=_remote_code, out="", check=no_marker("PWNED"))
+case(
+    "remote-code-inspect",
+    C,
+    P("inspect {model}"),
+    "either",
+    setup=_remote_code,
+    out="",
+    check=no_marker("PWNED"),
+)
 case("lm-eval-offline", C, P("eval {model} --lm-eval hellaswag --limit 2 --output {out}"), "either", out="out.json", kind="json", timeout=120)  # fmt: skip
 case("hub-id-not-cached-inspect", C, P("inspect no-such-org/no-such-model-xyz"), "error", out="")
 case("hub-id-not-cached-profile", C, P("profile no-such-org/no-such-model-xyz --data {data} -q --out {out}"), "error", out="out.profile.safetensors")  # fmt: skip
@@ -756,7 +824,16 @@ def moeprune(argv: list[str], cwd: Path) -> None:
         raise SystemExit(f"building the kit failed: moeprune {' '.join(argv)}\n{r.stderr}")
 
 
-def build_kit(kit: Path) -> None:
+ARTIFACTS = ("{profile}", "{qprofile}", "{plan}", "{lib}", "{pruned}", "{recipe}")
+
+
+def needs_artifacts(cases: list[Case]) -> bool:
+    """Whether any case needs the kit's profiles, plans, library or pruned output (setups may
+    read any of them), or only the models and data (a quick kit)."""
+    return any(c.setup or any(a in arg for arg in c.argv for a in ARTIFACTS) for c in cases)
+
+
+def build_kit(kit: Path, artifacts: bool = True) -> None:
     """The valid setup every case starts from (relative paths only, so copies stay valid)."""
     from transformers.utils import logging as hf_logging
 
@@ -787,7 +864,7 @@ def build_kit(kit: Path) -> None:
          "prune model --data data.jsonl -m easyep -k 0.5 --out pruned"],
         ["library build model --task a=data.jsonl --task b=p.profile.safetensors --keep 4 -q --out lib"],
     ]  # fmt: skip
-    for steps in rounds:
+    for steps in rounds if artifacts else []:
         with ThreadPoolExecutor(len(steps)) as pool:
             list(pool.map(lambda step: moeprune(step.split(" "), kit), steps))
 
@@ -994,7 +1071,11 @@ def classify(run: Run, before: dict, after: dict) -> None:
     if any(rc is None for rc in run.rcs):
         d.append(("hang", f"no exit within {case.timeout:.0f} s"))
         return
-    if any(w in run.stderr for w in MEM_WORDS) or any(rc in (-signal.SIGKILL,) for rc in run.rcs) and not case.signal:
+    if (
+        any(w in run.stderr for w in MEM_WORDS)
+        or any(rc in (-signal.SIGKILL,) for rc in run.rcs)
+        and not case.signal
+    ):
         d.append(("oom", "the memory cap ended the run"))
     expected_signal_rc = {0, 2, 130}
     if case.signal and case.signal[0] != signal.SIGINT:
@@ -1204,7 +1285,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         MOUNTS_OK = _probe_mount(root)
-        build_kit(root / "kit")
+        build_kit(root / "kit", needs_artifacts(cases))
         kit_before = snapshot(root / "kit")
         print(f"kit built in {time.monotonic() - t0:.0f} s; {len(cases)} cases, -j {args.jobs}", flush=True)
         runs: list[Run] = []
