@@ -924,6 +924,9 @@ class NetTrap:
 def _limits(fsize: int | None) -> Callable[[], None]:
     def preexec() -> None:
         os.setsid()
+        # a background parent (nohup, `&`) ignores SIGINT, and exec keeps an ignored signal
+        # ignored: give the run Python's own Ctrl-C handling, as in a terminal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_AS, (MEM_CAP, MEM_CAP))
         if fsize is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() returns EFBIG instead
