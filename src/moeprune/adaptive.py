@@ -21,6 +21,7 @@ Quantized checkpoints are not supported (no quantizer is applied).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -486,10 +487,8 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
 
     if not (path / "generation_config.json").is_file():
         return
-    try:
+    with contextlib.suppress(OSError, ValueError):  # unreadable: keep the one from config.json
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):  # unreadable: keep the one derived from config.json
-        pass
 
 
 def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
