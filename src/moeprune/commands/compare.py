@@ -16,6 +16,8 @@ import typer
 from moeprune.cli import app
 from moeprune.errors import UserError
 
+NOTE_WIDTH = 40  # columns of the terminal table's note column
+
 
 @app.command("compare")
 def compare_command(
@@ -89,15 +91,27 @@ def compare_command(
     config, blocks = _check_model(model, profiles, names)
     check_keeps(keeps, int(blocks[0].num_experts))
 
-    # --- load once, evaluate every variant -----------------------------------------------------------
-    from moeprune.compare import compare
+    # --- load once, evaluate every variant (finished rows kept beside --out until it is written) -------
+    from moeprune.compare import PartialRows, compare, partial_path, row_key, run_identity
     from moeprune.evaluate.loading import load_model_and_tokenizer
 
     started = time.time()
-    lm, tokenizer = load_model_and_tokenizer(model, device=resolved_device, dtype=dtype)
     err = _stderr_console()
+    identity = run_identity(
+        model,
+        dict(zip(names, profile, strict=True)),
+        tasks,
+        {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+         "max_length": max_length, "seed": seed, "device": resolved_device, "dtype": dtype},
+    )  # fmt: skip
+    partial = PartialRows(partial_path(out), identity)
+    resumed = dict(partial.done)
+    if partial.note:
+        err.print(f"[compare] {partial.note}", highlight=False, markup=False)
+    lm, tokenizer = load_model_and_tokenizer(model, device=resolved_device, dtype=dtype)
 
     def on_row(row: dict[str, Any]) -> None:
+        partial.add(row)
         what = (
             "full model" if row["mode"] == "full" else f"{row['domain']} {row['method']} keep {row['keep']:g}"
         )
@@ -106,25 +120,30 @@ def compare_command(
         elif row["mode"] != "full":
             what += f" {row['mode']}"
         if not row["skipped"]:
-            err.print(f"[compare] {what}: done ({time.time() - started:.0f}s)", highlight=False, markup=False)
+            state = "resumed" if row_key(row) in resumed else f"done ({time.time() - started:.0f}s)"
+            err.print(f"[compare] {what}: {state}", highlight=False, markup=False)
 
-    rows = compare(
-        lm,
-        tokenizer,
-        profiles,
-        tasks,
-        methods,
-        keeps,
-        novice,
-        profile_names=names,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        seed=seed,
-        progress=sys.stderr.isatty(),
-        on_row=on_row,
-    )
+    try:
+        rows = compare(
+            lm,
+            tokenizer,
+            profiles,
+            tasks,
+            methods,
+            keeps,
+            novice,
+            profile_names=names,
+            limit=limit,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            seed=seed,
+            progress=sys.stderr.isatty(),
+            on_row=on_row,
+            done=resumed,
+        )
+    except KeyboardInterrupt:
+        raise partial.interrupted() from None
     report = {
         "model": model,
         "profiles": [{"name": n, "path": str(p)} for n, p in zip(names, profile, strict=True)],
@@ -147,7 +166,9 @@ def compare_command(
     }
     _print_table(rows, report)
     _write(out, rows, report, force)
+    partial.remove()
     err.print(f"wrote {out}", highlight=False)
+
 
 
 def _stderr_console() -> Any:
@@ -202,6 +223,9 @@ def _print_table(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
     header, cells = table_rows(rows, task_kinds(rows, report["tasks"]), report["num_experts"])
     table = Table(title=f"moeprune compare: {report['model']}")
     for i, col in enumerate(header):
+        if i == len(header) - 1:  # notes wrap in their column (full text in the files)
+            table.add_column(col, max_width=NOTE_WIDTH, overflow="fold")
+            continue
         table.add_column(col, justify="right" if 2 <= i < len(header) - 1 and i != 3 else "left")
     for line in cells:
         table.add_row(*line)
