@@ -108,8 +108,12 @@ def create(
     premoe_ka: int | None = typer.Option(
         None, "--premoe-ka", help="PreMoe candidate experts kept per token (default: the model's top-k)."
     ),
-    per_sample: bool = typer.Option(
-        False, "--per-sample", help="Also store each sample's gate sums (sample_gate)."
+    per_sample: bool | None = typer.Option(
+        None,
+        "--per-sample/--no-per-sample",
+        help="Store each sample's gate sums (sample_gate, for few-shot stability in `moeprune report`); "
+        "default: while they take at most 64 MiB.",
+        show_default=False,
     ),
     dtype: str = typer.Option(
         "auto", "--dtype", help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)."
@@ -171,7 +175,7 @@ def run_profile(
     seed: int = 0,
     self_generate: int = 0,
     premoe_ka: int | None = None,
-    per_sample: bool = False,
+    per_sample: bool | None = None,
     dtype: str = "auto",
     device: str = "auto",
     offload: str = "none",
@@ -256,6 +260,13 @@ def run_profile(
                     demos.append({"prompt": r.prompt, "response": text})
         else:
             seqs, _kept = tokenize_records(tok, records, max_length)
+        from ..calibrate import wants_per_sample
+
+        per_sample, note = wants_per_sample(per_sample, len(seqs), len(blocks), n_experts)
+        if note and not quiet and info.rank == 0:
+            import sys
+
+            print(f"moeprune: {note}", file=sys.stderr)
         if lm is None:
             from ..modelio import parse_dtype
             from ..offload import calibrate_sequential

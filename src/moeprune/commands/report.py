@@ -40,7 +40,7 @@ def report_command(
         raise UserError("the same profile is given twice", "pass each profile once")
 
     from moeprune.commands.plan import _load_profile
-    from moeprune.report import compute_report
+    from moeprune.report import compute_report, missing_stability_note
 
     loaded = [_load_profile(p) for p in profiles]
     stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in profiles]
@@ -48,6 +48,9 @@ def report_command(
     rep = compute_report(loaded, names, method, top)
     _write(out, rep)
     print(f"wrote {out / 'index.html'}", file=sys.stderr)
+    note = missing_stability_note(rep)
+    if note:
+        print(f"moeprune: {note}", file=sys.stderr)
 
 
 def _check_out(out: Path, force: bool) -> None:
