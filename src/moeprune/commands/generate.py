@@ -94,7 +94,7 @@ def generate(
         print(f"[{chosen}] {_switch_line(sw)}", file=sys.stderr)
         if far is not None:
             print(far, file=sys.stderr)
-        print(("\n" if n else "") + show_answer(p, done.text), flush=True)
+        print(show_answer(p, done.text) + ("\n" if n < len(prompts) - 1 else ""), flush=True)
         results.append(
             {
                 "prompt": p,
