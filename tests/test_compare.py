@@ -207,3 +207,78 @@ def test_cli_refuses_profile_of_another_model(data, profile, tmp_path, capsys):
     assert _run("compare", other, "--profile", profile, "--task", _tasks(data)[0], "--out", existing) == 2
     assert "--force" in capsys.readouterr().err
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_cli_interrupted_compare_keeps_finished_rows_and_resumes(
+    model_dir, data, profile, tmp_path, capsys, monkeypatch
+):
+    import moeprune.evaluate.runners as runners
+
+    real = runners.evaluate
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if interrupt_at and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runners, "evaluate", counting)
+    out = tmp_path / "cmp"
+    args = ["compare", model_dir, "--profile", profile, "--task", _tasks(data)[0], "--method", "random",
+            "--method", "gate", "--keep", "0.5", "--no-novice", "--batch-size", "2", "--out", out]  # fmt: skip
+    interrupt_at = 3  # full, random done; Ctrl-C during gate
+    assert _run(*args) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    partial = tmp_path / "cmp.partial.jsonl"
+    assert last.startswith("moeprune: error: interrupted; 2 finished rows") and str(partial) in last
+    assert not out.exists() and len(partial.read_text().splitlines()) == 3  # header + 2 rows
+    finished = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
+
+    calls.clear()
+    interrupt_at = 0
+    assert _run(*args) == 0
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "resuming: 2 finished rows" in err and err.count(": resumed") == 2
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "random", "gate"] and rows[:2] == finished
+    assert not partial.exists()
+
+    # a run with other settings does not take rows of another: a partial file of --limit 1 is replaced
+    calls.clear()
+    interrupt_at = 2
+    assert _run(*args[:-2], "--limit", "1", "--out", tmp_path / "cmp2") == 130
+    capsys.readouterr()
+    (tmp_path / "cmp2.partial.jsonl").rename(partial)
+    calls.clear()
+    interrupt_at = 0
+    assert _run(*args, "--force") == 0
+    assert len(calls) == 3 and "other data or settings" in capsys.readouterr().err
+
+
+def test_plot_legend_covers_no_curve_and_long_notes_wrap(model_dir, data, profile, tmp_path, capsys):
+    from moeprune.compare import plot_figure
+
+    rows = [
+        {"domain": "-", "method": "full", "mode": "full", "kept_fraction": 1.0, "tasks": {"t": {"perplexity": 9.0}}},
+    ]
+    for method in ("easyep", "frequency", "random", "gate", "premoe"):
+        for mode in ("mask", "novice"):
+            for i, frac in enumerate((0.25, 0.5, 0.75)):
+                rows.append({"domain": "d", "method": method, "mode": mode, "kept_fraction": frac,
+                             "skipped": None, "tasks": {"t": {"perplexity": 10.0 + i + len(method)}}})  # fmt: skip
+    fig = plot_figure("t", "perplexity", rows[0], rows[1:], ["d"], ["easyep", "frequency", "random", "gate", "premoe"])
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert ax.get_legend() is None and not legend.overlaps(ax.get_window_extent())
+
+    # a long note (a skip reason) wraps in its column of the terminal table
+    from moeprune.commands.compare import NOTE_WIDTH, _print_table
+
+    long = {"domain": "d", "method": "*", "keep": 0.125, "experts": None, "kept_fraction": 0.125,
+            "mode": "-", "skipped": "a very long reason " * 30, "tasks": {}}  # fmt: skip
+    _print_table([rows[0] | {"keep": 1.0, "experts": 8, "skipped": None}, long],
+                 {"model": "m", "tasks": {"t": "perplexity"}, "num_experts": 8})  # fmt: skip
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) < 60 + NOTE_WIDTH

@@ -145,7 +145,58 @@ def test_cli_generate_equals_the_pruned_checkpoint(library, tmp_path, capsys):
     lm, tok = load_model(str(pruned))
     ids = torch.tensor([tok(prompt)["input_ids"]])
     ref = lm.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
-    assert out[:-1] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)  # print adds a newline
+    answer = tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+    assert "\n" in answer  # the testbed ends an answer with a newline (then EOS)
+    # the prompt, then its answer up to the end of the line (as `moeprune eval` reads it)
+    assert out == f"> {prompt.rstrip()}\n{answer.split(chr(10))[0]}\n"
+
+
+def test_cli_generate_shows_each_prompt_with_its_answer(library, tmp_path, capsys):
+    prompts = [json.loads(x)["prompt"] for x in data_file(DATES, "eval").read_text().splitlines()[:2]]
+    prompts.append("reverse: a b c\n=> ")
+    args = ["generate", MODEL_DIR, "--library", library, "--max-new-tokens", "24"]
+    result = tmp_path / "gen.json"
+    rc, out, err = run_cli(capsys, *args, *(x for p in prompts for x in ("--prompt", p)), "-o", result)
+    assert rc == 0, err
+    data = json.loads(result.read_text())["results"]
+    blocks = out.rstrip("\n").split("\n\n")  # one block per prompt, a blank line between
+    assert len(blocks) == 3
+    for block, p, r in zip(blocks, prompts, data, strict=True):
+        quoted = "".join(f"> {line}\n" for line in p.rstrip().splitlines())
+        assert block == quoted + r["output"]
+        assert r["output"].strip() and "\n" not in r["output"] and r["ended_by"] == "stop"
+    # --stop '': only the model's end of sequence ends the answer (the testbed's: newline, EOS)
+    rc, out, err = run_cli(capsys, *args, "--prompt", prompts[0], "--stop", "", "-o", result)
+    assert rc == 0, err
+    whole = json.loads(result.read_text())["results"][0]
+    assert whole["ended_by"] == "eos" and whole["output"] == data[0]["output"] + "\n"
+
+
+def test_cli_generate_ends_at_the_generation_config_eos(library, tmp_path, capsys):
+    """An end-of-turn id listed only in generation_config.json (as chat checkpoints do) ends the
+    answer, as `from_pretrained` + `generate` would."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    prompt = "Date 2026-11-23 in words: "
+    args = ["generate", model, "--library", library, "--task", DATES, "--prompt", prompt, "--stop", ""]
+    result = tmp_path / "gen.json"
+    rc, _, err = run_cli(capsys, *args, "-o", result)
+    assert rc == 0, err
+    full = json.loads(result.read_text())["results"][0]["output"]
+    tok = AutoTokenizer.from_pretrained(model)
+    answer_ids = tok(full, add_special_tokens=False)["input_ids"]
+    assert len(answer_ids) >= 3
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen["eos_token_id"] = [tok.eos_token_id, answer_ids[2]]  # ends after the answer's second token
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    rc, out, err = run_cli(capsys, *args, "-o", result)
+    assert rc == 0, err
+    r = json.loads(result.read_text())["results"][0]
+    assert r["output"] == tok.decode(answer_ids[:2]) and r["ended_by"] == "eos"
 
 
 def test_cli_generate_forced_task_and_json(library, tmp_path, capsys):
@@ -174,6 +225,63 @@ def test_cli_chat_routes_each_conversation(library, capsys, monkeypatch):
     assert rc == 0, err
     assert f"[{DATES}] loaded" in err and "new conversation" in err and "unknown task 'nope'" in err
     assert f"{DATES}, {REVERSE}" in out
+
+
+def test_cli_chat_task_starts_a_new_conversation_and_far_queries_warn(library, capsys, monkeypatch):
+    from moeprune.commands import generate
+
+    seen: list[list[str]] = []
+    real = generate.conversation_ids
+
+    def spy(tokenizer, history):
+        seen.append([turn["content"] for turn in history if turn["role"] == "user"])
+        return real(tokenizer, history)
+
+    monkeypatch.setattr(generate, "conversation_ids", spy)
+    date_prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[0])["prompt"].strip()
+    script = f"{date_prompt}\n/task {REVERSE}\nreverse: a b\nimport os, sys\n/new\nimport os, sys\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    rc, _, err = run_cli(capsys, "chat", MODEL_DIR, "--library", library, "--max-new-tokens", "4")
+    assert rc == 0, err
+    # after /task the conversation starts again: the date question is not in reverse's history
+    assert seen[:3] == [[date_prompt], ["reverse: a b"], ["reverse: a b", "import os, sys"]]
+    assert seen[3] == ["import os, sys"]
+    assert f"[{REVERSE}] loaded" in err and "(new conversation)" in err
+    # only the routed (first) message of a conversation is checked: the last one, far from both
+    assert err.count("far from every task") == 1
+
+
+def test_route_reports_the_distance_against_the_typical_one(library, tmp_path, capsys):
+    index = json.loads((library / "library.json").read_text())
+    lib = Library.load(library)
+    for entry in index["tasks"]:  # written for reading, the same as computed from the keys
+        assert entry["typical_distance"]["records"] == lib.typical_distance(entry["name"], "records")
+        assert entry["typical_distance"]["records"]["records"] == 12
+    prompt = json.loads(data_file(DATES, "eval").read_text().splitlines()[0])["prompt"]
+    result = tmp_path / "r.json"
+    rc, out, err = run_cli(capsys, "library", "route", library, prompt, "-o", result)
+    assert rc == 0, err
+    near = json.loads(result.read_text())["results"][0]
+    assert not near["far"] and "far from every task" not in out and "typical distance" in out
+    rc, out, err = run_cli(capsys, "library", "route", library, "import os, sys", "-o", result)
+    assert rc == 0, err
+    far = json.loads(result.read_text())["results"][0]
+    assert far["far"] and "warning: the query is far from every task" in " ".join(out.split())
+    typical = lib.typical_distance(far["task"], "records")["p95"]
+    assert far["typical_distance"] == typical and far["distances"][far["task"]] > 1.25 * typical
+    # a library from before per-record keys cannot tell: it says so instead of warning
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(library, old)
+    tensors = {k: v for k, v in load_file(old / "keys.safetensors").items() if not k.endswith(".records")}
+    save_file(tensors, old / "keys.safetensors", metadata={"format": "moeprune-library/1"})
+    rc, out, err = run_cli(capsys, "library", "route", old, "import os, sys", "-o", result)
+    assert rc == 0, err
+    assert "no per-record keys" in " ".join(out.split())
+    assert not json.loads(result.read_text())["results"][0]["far"]
 
 
 def test_bad_input(library, tmp_path, capsys):

@@ -630,3 +630,32 @@ def test_cli_offload_rejects_bad_values(model_dir, data_files, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("moeprune: error:") for line in err)
     assert not out.exists()
+
+
+def test_cli_per_sample_data_by_default_within_a_size_bound(model_dir, data_files, tmp_path, capsys, monkeypatch):
+    """The README's plain profile line gives `moeprune report` its few-shot stability; beyond the
+    size bound the default leaves the per-sample sums out and says so; the flags decide either way."""
+    import moeprune.calibrate as calibrate_module
+
+    a = data_files / "a.jsonl"
+    base = ["profile", model_dir, "--data", a, "--batch-size", "4"]
+    assert _run(*base, "--out", tmp_path / "plain", "-q") == 0
+    plain = Profile.load(tmp_path / "plain")
+    assert plain.tensors["sample_gate"].shape[0] == 4 and plain.meta["settings"]["per_sample"] is True
+    assert _run(*base, "--out", tmp_path / "off", "--no-per-sample", "-q") == 0
+    assert "sample_gate" not in Profile.load(tmp_path / "off").tensors
+    capsys.readouterr()
+    code = _run("report", tmp_path / "plain", "--out", tmp_path / "rep")
+    assert code == 0 and "no few-shot stability" not in capsys.readouterr().err
+    assert "no per-sample data" not in (tmp_path / "rep" / "index.html").read_text()
+    code = _run("report", tmp_path / "off", "--out", tmp_path / "rep2")
+    assert code == 0 and "no few-shot stability for off" in capsys.readouterr().err
+
+    layers, experts = len(plain.layers), plain.num_experts
+    # one sample fewer than the 4 of a.jsonl fits: the default leaves them out, and says why
+    monkeypatch.setattr(calibrate_module, "PER_SAMPLE_MAX_BYTES", 3 * layers * experts * 8)
+    assert _run(*base, "--out", tmp_path / "big") == 0
+    assert "sample_gate" not in Profile.load(tmp_path / "big").tensors
+    assert "per-sample gate sums left out: 4 samples" in capsys.readouterr().err
+    assert _run(*base, "--out", tmp_path / "forced", "--per-sample", "-q") == 0
+    assert "sample_gate" in Profile.load(tmp_path / "forced").tensors

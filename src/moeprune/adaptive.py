@@ -21,6 +21,7 @@ Quantized checkpoints are not supported (no quantizer is applied).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch import nn
 from .errors import UserError
 from .library import Library, Match
 
-__all__ = ["AdaptiveMoE", "Switch", "query_ids"]
+__all__ = ["AdaptiveMoE", "Completion", "Switch", "query_ids"]
 
 
 class _StopForward(Exception):
@@ -50,6 +51,16 @@ class Switch:
     reused_experts: int  # (layer, expert) pairs kept in memory
     bytes_read: int  # expert bytes read from the checkpoint
     seconds: float
+
+
+@dataclass
+class Completion:
+    """One generated continuation and why it ended: "eos" (an end-of-sequence token), "stop" (a
+    stop text, cut off) or "length" (max_new_tokens reached)."""
+
+    text: str
+    reason: str
+    tokens: int
 
 
 @dataclass
@@ -188,6 +199,7 @@ class AdaptiveMoE:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError):
             self.tokenizer = None
+        _load_generation_config(lm, path)
         self.current: str | None = None
         self._slots: dict[int, list[int]] = {}  # layer -> expert id in each slot
         self.switches: list[Switch] = []
@@ -393,26 +405,59 @@ class AdaptiveMoE:
 
     @torch.no_grad()
     def continue_ids(
-        self, ids: Sequence[int], *, max_new_tokens: int = 64, stop: str | None = None, **kwargs: Any
+        self,
+        ids: Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        stop: str | Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Greedy continuation of token ids with the active pattern (text after the prompt)."""
+        """Greedy continuation of token ids with the active pattern (text after the prompt, up to
+        the model's EOS or the first ``stop`` text, which is not included)."""
+        return self.complete(ids, max_new_tokens=max_new_tokens, stop=stop, **kwargs).text
+
+    @torch.no_grad()
+    def complete(
+        self,
+        ids: Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        stop: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Completion:
+        """:meth:`continue_ids` with why it ended. It ends at any EOS id of the tokenizer and of
+        the checkpoint's generation_config.json (e.g. a chat model's end-of-turn token), as
+        `moeprune eval` does, or at the first of the ``stop`` texts."""
+        from .evaluate.runners import eos_ids
+
         if self.current is None:
             raise UserError("no task is active", "route a query first or pass a task")
         tok = self.tokenizer
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
+        eos = sorted(eos_ids(self.model, tok))
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else None)
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
             "pad_token_id": pad,
             "attention_mask": torch.ones_like(input_ids),
         }
-        if stop is not None:
-            gen_kwargs["stop_strings"] = [stop]
+        if eos:
+            gen_kwargs["eos_token_id"] = eos
+        if stops:
+            gen_kwargs["stop_strings"] = stops
             gen_kwargs["tokenizer"] = tok
         gen_kwargs.update(kwargs)
         out = self.model.generate(input_ids, **gen_kwargs)
-        return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+        new = out[0, input_ids.shape[1] :].tolist()
+        ended = bool(new) and new[-1] in eos
+        # the EOS token is not part of the answer (an EOS id need not be a special token)
+        text = tok.decode(new[:-1] if ended else new, skip_special_tokens=True)
+        cut = [text.index(s) for s in stops if s in text]
+        if cut:
+            return Completion(text[: min(cut)], "stop", len(new))
+        return Completion(text, "eos" if ended else "length", len(new))
 
     # --- sizes ----------------------------------------------------------------------------------
 
@@ -438,6 +483,17 @@ class AdaptiveMoE:
             seen.add(id(t))
             total += t.numel() * t.element_size()
         return total
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    """The checkpoint's generation_config.json, as from_pretrained would load it (its EOS list
+    ends a reply); the model built from config.json alone knows only config.json's EOS."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return
+    with contextlib.suppress(OSError, ValueError):  # unreadable: keep the one from config.json
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
 
 
 def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:

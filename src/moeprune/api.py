@@ -96,7 +96,7 @@ def profile(
     seed: int = 0,
     self_generate: int = 0,
     premoe_ka: int | None = None,
-    per_sample: bool = False,
+    per_sample: bool | None = None,
     dtype: str = "auto",
     device: str = "auto",
     offload: str = "none",
@@ -604,13 +604,17 @@ def compare(
     force: bool = False,
     progress: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_resume: Callable[[str, set[str]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method x keep ratio (x novice) on ``model``, loaded once, with routing masks (nothing
     pruned on disk), as `moeprune compare`: one plan per profile, plus the mixed-domain plan.
 
     Returns (rows, report) (:func:`moeprune.compare.compare`'s rows and the run's settings); ``out``
     also writes results.md/.csv/.json and the plots into that folder. ``on_row`` is called with each
-    row as soon as it is done."""
+    row as soon as it is done. With ``out`` (and profiles read from files), finished rows are kept
+    in ``OUT.partial.jsonl`` until ``out`` is written, and a rerun with the same model, profiles,
+    tasks and settings reuses them (``on_resume(note, keys of the reused rows)`` says so); Ctrl-C
+    then ends in one line saying where they are."""
     import time
 
     from .compare import DEFAULT_KEEPS, check_keeps, default_methods
@@ -652,27 +656,51 @@ def compare(
     from .evaluate.loading import load_model_and_tokenizer
 
     started = time.time()
+    partial = None
+    if out is not None and all(p is not None for p in paths):
+        from .compare import PartialRows, partial_path, run_identity
+
+        settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                    "max_length": max_length, "seed": seed, "device": resolved_device, "dtype": dtype}  # fmt: skip
+        identity = run_identity(name, dict(zip(names, paths, strict=True)), task_list, settings)
+        partial = PartialRows(partial_path(out), identity)
+        if partial.note and on_resume is not None:
+            on_resume(partial.note, set(partial.done))
+    resumed = dict(partial.done) if partial is not None else {}
+
+    def row_done(row: dict[str, Any]) -> None:
+        if partial is not None:
+            partial.add(row)
+        if on_row is not None:
+            on_row(row)
+
     if loaded:
         lm, tok = model, _tokenizer_of(model, tokenizer)
     else:
         lm, tok = load_model_and_tokenizer(name, device=resolved_device, dtype=dtype)
-    rows = run_compare(
-        lm,
-        tok,
-        profs,
-        task_list,
-        methods,
-        keep_values,
-        novice,
-        profile_names=names,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        seed=seed,
-        progress=progress,
-        on_row=on_row,
-    )
+    try:
+        rows = run_compare(
+            lm,
+            tok,
+            profs,
+            task_list,
+            methods,
+            keep_values,
+            novice,
+            profile_names=names,
+            limit=limit,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            seed=seed,
+            progress=progress,
+            on_row=row_done,
+            done=resumed,
+        )
+    except KeyboardInterrupt:
+        if partial is None:
+            raise
+        raise partial.interrupted() from None
     report = {
         "model": name,
         "profiles": [{"name": n, "path": str(p)} for n, p in zip(names, paths, strict=True)],
@@ -698,6 +726,8 @@ def compare(
         from .outputs import write_dir_atomically
 
         write_dir_atomically(Path(out).expanduser(), lambda tmp: write_results(tmp, rows, report))
+        if partial is not None:
+            partial.remove()
     return rows, report
 
 

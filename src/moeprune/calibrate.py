@@ -528,3 +528,29 @@ def self_generate(
         for part in gathered:
             out.update(part)
     return [out[i] for i in range(len(prompts))]
+
+
+# Per-sample gate sums ([S, L, E], for few-shot stability in `moeprune report`) are stored by
+# default while they stay this small (float64 while accumulating): a few hundred demonstrations
+# of a 58-layer, 256-expert model, tens of thousands of a small one.
+PER_SAMPLE_MAX_BYTES = 64 * 2**20
+
+
+def per_sample_bytes(samples: int, layers: int, experts: int) -> int:
+    """Memory of the per-sample gate sums while accumulating (float64; half of it on disk)."""
+    return samples * layers * experts * 8
+
+
+def wants_per_sample(per_sample: bool | None, samples: int, layers: int, experts: int) -> tuple[bool, str | None]:
+    """Whether to store per-sample gate sums: ``per_sample`` when given, else while they stay
+    within :data:`PER_SAMPLE_MAX_BYTES`; and a note when the default left them out."""
+    if per_sample is not None:
+        return per_sample, None
+    size = per_sample_bytes(samples, layers, experts)
+    if size <= PER_SAMPLE_MAX_BYTES:
+        return True, None
+    return False, (
+        f"per-sample gate sums left out: {samples} samples x {layers} layers x {experts} experts would take "
+        f"{size / 2**20:.0f} MiB (default limit {PER_SAMPLE_MAX_BYTES / 2**20:.0f} MiB); `moeprune report` "
+        "shows no few-shot stability without them (pass --per-sample to store them anyway)"
+    )

@@ -13,12 +13,22 @@ Several profiles: one plan per profile (each domain's own experts), and the mixe
 Rows (``list[dict]``), in order: the full model, then per domain, keep and method the ``mask`` row
 (and the ``novice`` row). A keep ratio that the model cannot honour (fewer experts than top-k, or
 invalid for group-limited routing) gives one row per domain with ``skipped`` set to the reason.
+
+Resuming: :class:`PartialRows` appends each finished row to ``<out>.partial.jsonl`` under a header
+naming what the rows depend on (:func:`run_identity`: the model, each profile's and task's content
+hash, the evaluation settings); a rerun with the same identity passes its rows as ``done`` and
+evaluates only the others (methods and keeps may be added); the file goes once the results are
+written.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +39,12 @@ from .plan import plan_from_profile
 __all__ = [
     "DEFAULT_KEEPS",
     "MIXED",
+    "PartialRows",
     "compare",
     "default_methods",
     "main_metric",
+    "row_key",
+    "run_identity",
     "task_metrics",
 ]
 
@@ -154,6 +167,7 @@ def compare(
     seed: int = 0,
     progress: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    done: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the full model and every (domain, keep, method[, novice]) variant; see the module doc.
 
@@ -161,7 +175,9 @@ def compare(
     :class:`moeprune.evaluate.Task` objects or ``--task`` strings. Each row is a dict with
     ``domain``, ``method``, ``keep`` (as given), ``experts`` (kept per layer), ``kept_fraction``,
     ``mode`` (``full``, ``mask`` or ``novice``), ``skipped`` (None or the reason) and ``tasks``
-    ({task: metrics}). ``on_row`` is called with each row as soon as it is done.
+    ({task: metrics}). ``on_row`` is called with each row as soon as it is done. ``done``
+    ({:func:`row_key`: row}, rows of an interrupted run with the same :func:`run_identity`) are
+    taken as they are instead of being evaluated again.
     """
     from .arch import find_moe_blocks
     from .arch.patch import BlockControl, patch_moe
@@ -208,25 +224,41 @@ def compare(
             with patch_moe(model, blocks, controls=controls):
                 return task_metrics(evaluate(model, tokenizer, task_list, progress=progress, **kwargs))
 
-    rows: list[dict[str, Any]] = []
+    def mask_controls(plan: Any) -> dict[int, Any]:
+        mask = plan.kept_mask()
+        return {
+            by_layer[layer].index: BlockControl(allowed=mask[row].to(device))
+            for row, layer in enumerate(plan.layers)
+        }
 
-    def emit(row: dict[str, Any]) -> None:
+    def novice_controls(plan: Any, means: Any) -> dict[int, Any]:
+        controls = {}
+        for row, layer in enumerate(plan.layers):
+            vecs = {i: means[row, i].to(device=device, dtype=torch.float32) for i in plan.replaced[layer]}
+            controls[by_layer[layer].index] = BlockControl(novices=vecs)
+        return controls
+
+    rows: list[dict[str, Any]] = []
+    done = done or {}
+
+    def emit(row: dict[str, Any], controls: Callable[[], dict[int, Any] | None] | None = None) -> None:
+        """Add ``row``: evaluated with ``controls()`` unless an earlier run finished it."""
+        if controls is not None:
+            row = done.get(row_key(row)) or {**row, "tasks": run(controls())}
         rows.append(row)
         if on_row is not None:
             on_row(row)
 
-    emit(
-        {
-            "domain": "-",
-            "method": FULL,
-            "keep": 1.0,
-            "experts": n_experts,
-            "kept_fraction": 1.0,
-            "mode": FULL,
-            "skipped": None,
-            "tasks": run(None),
-        }
-    )
+    full_row = {
+        "domain": "-",
+        "method": FULL,
+        "keep": 1.0,
+        "experts": n_experts,
+        "kept_fraction": 1.0,
+        "mode": FULL,
+        "skipped": None,
+    }
+    emit(full_row, lambda: None)
 
     domains: list[tuple[str, list[Any]]] = [(n, [p]) for n, p in zip(names, profiles, strict=True)]
     if len(profiles) > 1:
@@ -262,23 +294,111 @@ def compare(
                     "skipped": None,
                     "kept": {str(layer): ids for layer, ids in plan.kept.items()},
                 }
-                mask = plan.kept_mask()
-                controls = {
-                    by_layer[layer].index: BlockControl(allowed=mask[row].to(device))
-                    for row, layer in enumerate(plan.layers)
-                }
-                emit({**base, "mode": "mask", "tasks": run(controls)})
+                emit({**base, "mode": "mask"}, functools.partial(mask_controls, plan))
                 if novice:
-                    assert means is not None
-                    replaced = plan.replaced
-                    controls = {}
-                    for row, layer in enumerate(plan.layers):
-                        vecs = {
-                            i: means[row, i].to(device=device, dtype=torch.float32) for i in replaced[layer]
-                        }
-                        controls[by_layer[layer].index] = BlockControl(novices=vecs)
-                    emit({**base, "mode": "novice", "tasks": run(controls)})
+                    emit({**base, "mode": "novice"}, functools.partial(novice_controls, plan, means))
     return rows
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+PARTIAL_FORMAT = "moeprune-compare-partial/1"
+
+
+def row_key(row: Mapping[str, Any]) -> str:
+    """What identifies a row within one run: domain, method, keep as given, mode."""
+    return json.dumps([row["domain"], row["method"], row["keep"], row["mode"]])
+
+
+def _file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_identity(
+    model: str, profiles: Mapping[str, str | Path], tasks: Sequence[Any], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a compare row depends on besides its key: the model, each domain's profile (content
+    hash), each task's records (content hash) and ``settings`` (limit, batch size, ...; not the
+    methods, keeps or novice switch, so a rerun may add some)."""
+    task_hashes = {
+        t.name: hashlib.sha256(json.dumps([t.kind, t.records], sort_keys=True, default=str).encode()).hexdigest()
+        for t in tasks
+    }
+    return {
+        "model": str(model),
+        "profiles": {name: _file_hash(path) for name, path in profiles.items()},
+        "tasks": task_hashes,
+        "settings": dict(settings),
+    }
+
+
+class PartialRows:
+    """The finished rows of a compare run, one JSON line each, kept until the results are written.
+
+    Opening reads the rows of an earlier run with the same identity (:attr:`done`); a file made
+    with another identity is replaced (:attr:`note` says so)."""
+
+    def __init__(self, path: str | Path, identity: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps(identity, default=str))
+        self.done: dict[str, dict[str, Any]] = {}
+        self.note: str | None = None
+        if self.path.exists():
+            self._read()
+        if not self.done:
+            self.path.write_text(json.dumps({"format": PARTIAL_FORMAT, "identity": self.identity}) + "\n")
+
+    def _read(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            head = json.loads(lines[0]) if lines else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            head = {}
+        if not isinstance(head, dict) or head.get("format") != PARTIAL_FORMAT:
+            self.note = f"replacing '{self.path}' (not a compare partial file)"
+            return
+        if head.get("identity") != self.identity:
+            self.note = f"replacing '{self.path}': its rows were made with other data or settings"
+            return
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption
+                continue
+            if isinstance(row, dict) and "tasks" in row:
+                self.done[row_key(row)] = row
+        if self.done:
+            self.note = f"resuming: {len(self.done)} finished rows from '{self.path}'"
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        key = row_key(row)
+        if key in self.done:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+        self.done[key] = dict(row)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def interrupted(self) -> UserError:
+        """The one line for Ctrl-C: where the finished rows are (exit code 130)."""
+        err = UserError(
+            f"interrupted; {len(self.done)} finished rows are kept in '{self.path}'",
+            "run the same command again to resume",
+        )
+        err.exit_code = 130
+        return err
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where the finished rows of ``--out DIR`` are kept until DIR is written: ``DIR.partial.jsonl``."""
+    out = Path(out).expanduser()
+    return out.with_name(out.name + ".partial.jsonl")
 
 
 # --- reporting ------------------------------------------------------------------------------------
@@ -377,42 +497,72 @@ def write_plots(
     variants = [r for r in rows if r["mode"] in ("mask", "novice") and not r["skipped"]]
     domains = list(dict.fromkeys(r["domain"] for r in variants)) or ["-"]
     methods = list(dict.fromkeys(r["method"] for r in variants))
-    colors = plt.get_cmap("tab10")
     written = []
     for task, (metric, _up) in metrics.items():
-        fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
-        for ax, domain in zip(axes[0], domains, strict=True):
-            for mi, method in enumerate(methods):
-                for mode, style in (("mask", "-o"), ("novice", "--x")):
-                    pts = sorted(
-                        (r["kept_fraction"], r["tasks"].get(task, {}).get(metric))
-                        for r in variants
-                        if r["domain"] == domain and r["method"] == method and r["mode"] == mode
-                    )
-                    pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
-                    if not pts:
-                        continue
-                    label = method if mode == "mask" else f"{method} (novice)"
-                    ax.plot(
-                        [p[0] for p in pts], [p[1] for p in pts], style, color=colors(mi % 10), label=label
-                    )
-            if full is not None:
-                level = full["tasks"].get(task, {}).get(metric)
-                if level is not None and math.isfinite(level):
-                    ax.axhline(level, color="black", linestyle=":", linewidth=1.2, label="full model")
-            if metric == "perplexity":
-                ax.set_yscale("log")
-            ax.set_xlabel("kept fraction of experts")
-            ax.set_ylabel(metric)
-            ax.set_title(f"{task}" + ("" if domain == "-" else f" — plan from {domain}"), fontsize=10)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = plot_figure(task, metric, full, variants, domains, methods)
         name = f"plot_{_safe(task)}.png"
-        fig.savefig(f"{out_dir}/{name}", dpi=110)
+        # bbox "tight": the figure grows to hold the legend below the panels
+        fig.savefig(f"{out_dir}/{name}", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(name)
     return written
+
+
+def plot_figure(
+    task: str,
+    metric: str,
+    full: dict[str, Any] | None,
+    variants: Sequence[dict[str, Any]],
+    domains: Sequence[str],
+    methods: Sequence[str],
+) -> Any:
+    """One task's figure (see :func:`write_plots`); one legend for all panels, below them, so that
+    it covers no curve."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
+    for ax, domain in zip(axes[0], domains, strict=True):
+        for mi, method in enumerate(methods):
+            for mode, style in (("mask", "-o"), ("novice", "--x")):
+                pts = sorted(
+                    (r["kept_fraction"], r["tasks"].get(task, {}).get(metric))
+                    for r in variants
+                    if r["domain"] == domain and r["method"] == method and r["mode"] == mode
+                )
+                pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
+                if not pts:
+                    continue
+                label = method if mode == "mask" else f"{method} (novice)"
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], style, color=colors(mi % 10), label=label
+                )
+        if full is not None:
+            level = full["tasks"].get(task, {}).get(metric)
+            if level is not None and math.isfinite(level):
+                ax.axhline(level, color="black", linestyle=":", linewidth=1.2, label="full model")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("kept fraction of experts")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task}" + ("" if domain == "-" else f" — plan from {domain}"), fontsize=10)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    labelled: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labelled.setdefault(label, handle)
+    if labelled:
+        fig.legend(
+            list(labelled.values()),
+            list(labelled),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(labelled), 3 * len(domains)),
+            fontsize=7,
+            frameon=False,
+        )
+    return fig
 
 
 def _safe(name: str) -> str:

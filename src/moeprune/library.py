@@ -22,6 +22,14 @@ Retrieval keys are router-only statistics, so a query needs no expert to be comp
   all`), not the adaptive model.
 
 Nearest neighbour is exact L2 (PreMoe's FAISS IndexFlatL2): numpy, or faiss when installed.
+
+A query far from every task is still routed to the nearest one, whose pattern may not suit it. How
+far is "far" is measured on the task's own demonstrations: :meth:`Library.typical_distance` is the
+spread of the task's record keys around the task (each record's distance to the task as a query
+would measure it, leaving the record itself out), and a match farther than ``FAR_FACTOR`` times
+its 95th percentile is flagged (:attr:`Match.far`). It is computed from the stored keys (so old
+libraries get it too; a library without per-record keys has none) and written to library.json
+for reading.
 """
 
 from __future__ import annotations
@@ -37,13 +45,17 @@ import torch
 from .errors import UserError
 from .plan import Plan
 
-__all__ = ["KEY_KINDS", "LIBRARY_FORMAT", "Library", "Match", "TaskPattern", "nearest"]
+__all__ = ["FAR_FACTOR", "KEY_KINDS", "LIBRARY_FORMAT", "Library", "Match", "TaskPattern", "nearest"]
 
 LIBRARY_FORMAT = "moeprune-library/1"
 KEY_KINDS = ("records", "first", "all")
 INDEX_NAME = "library.json"
 KEYS_NAME = "keys.safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A query is far from its task beyond this multiple of the 95th percentile of the task's own
+# records' distances: one short query is noisier than a demonstration (on the testbed, held-out
+# prompts of a library task stay within 1.25x, prompts of other tasks mostly beyond it).
+FAR_FACTOR = 1.25
 
 
 def check_task_name(name: str) -> str:
@@ -76,6 +88,27 @@ class Match:
     task: str
     distances: dict[str, float]  # task -> L2 distance, in library order
     key: str = "first"
+    typical: float | None = None  # the chosen task's typical distance (95th pct of its records)
+
+    @property
+    def distance(self) -> float:
+        return self.distances[self.task]
+
+    @property
+    def far(self) -> bool:
+        """Farther from its nearest task than that task's own demonstrations are (x FAR_FACTOR);
+        False when the library cannot tell (no per-record keys)."""
+        return self.typical is not None and self.distance > FAR_FACTOR * self.typical
+
+    def far_warning(self) -> str | None:
+        """One line for a far query, None otherwise."""
+        if not self.far:
+            return None
+        return (
+            f"warning: the query is far from every task: distance {self.distance:.3f} to the nearest, "
+            f"'{self.task}', whose own demonstrations lie within {self.typical:.3f} (95%); its experts "
+            "may not suit the query (add a task like it to the library)"
+        )
 
     @property
     def margin(self) -> float:
@@ -133,6 +166,7 @@ class Library:
     settings: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     router_sha256: str = ""  # the model's router digest (moeprune.identity); "" in older libraries
+    _typical: dict[tuple[str, str], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # --- queries -------------------------------------------------------------------------------
 
@@ -177,7 +211,31 @@ class Library:
         best: dict[str, float] = {}
         for name, d in zip(owners, dist.tolist(), strict=True):
             best[name] = min(d, best.get(name, float("inf")))
-        return Match(min(best, key=best.__getitem__), best, kind)
+        task = min(best, key=best.__getitem__)
+        typical = self.typical_distance(task, kind)
+        return Match(task, best, kind, None if typical is None else typical["p95"])
+
+    def typical_distance(self, name: str, kind: str | None = None) -> dict[str, float] | None:
+        """How far the task's own demonstrations are from it with key ``kind``: the median and
+        95th percentile over its records (leave-one-out nearest record for ``records``, the
+        distance to the task key for ``first``); None without per-record keys, for ``all``
+        (records are first-layer keys) or with a single record for ``records``."""
+        kind = kind or self.default_key
+        t = self.task(name)
+        recs = t.keys.get("records")
+        if recs is None or kind == "all":
+            return None
+        if (name, kind) not in self._typical:  # a cdist over the task's records: once per task
+            self._typical[(name, kind)] = _spread(recs.double(), t.keys["first"].double(), kind)
+        return self._typical[(name, kind)]
+
+    def typical_distances(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{task: {kind: typical distance}} for every kind the library can tell (library.json)."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for name in self.tasks:
+            kinds = {k: self.typical_distance(name, k) for k in ("records", "first")}
+            out[name] = {k: v for k, v in kinds.items() if v is not None}
+        return out
 
     def check_model(
         self, config: Any, name: str, blocks: list[Any] | None = None, router_sha256: str | None = None
@@ -217,6 +275,7 @@ class Library:
                 for kind, vec in t.keys.items():
                     tensors[f"{name}.key.{kind}"] = vec.double().contiguous()
             save_file(tensors, str(tmp / KEYS_NAME), metadata={"format": LIBRARY_FORMAT})
+            typical = self.typical_distances()
             index = {
                 "format": LIBRARY_FORMAT,
                 "model": self.model,
@@ -237,6 +296,7 @@ class Library:
                         "plan": f"plans/{name}.plan.json",
                         "kept_per_layer": self.keep,
                         **t.info,
+                        "typical_distance": typical[name],
                     }
                     for name, t in self.tasks.items()
                 ],
@@ -316,7 +376,9 @@ class Library:
                 keys["records"] = records
             if list(scores.shape) != [len(layers), num_experts] or list(keys["first"].shape) != [num_experts]:
                 raise bad(f"the keys of task '{name}' have the wrong shape")
-            info = {k: v for k, v in entry.items() if k not in ("name", "plan", "kept_per_layer")}
+            # typical_distance is recomputed from the keys (written for reading only)
+            skip = ("name", "plan", "kept_per_layer", "typical_distance")
+            info = {k: v for k, v in entry.items() if k not in skip}
             tasks[name] = TaskPattern(name, plan, scores, keys, info)
         return cls(
             model=str(index.get("model", "?")),
@@ -338,6 +400,24 @@ class Library:
         pa, pb = self.task(a).plan, self.task(b).plan
         shared = sum(len(set(pa.kept[layer]) & set(pb.kept[layer])) for layer in self.layers)
         return shared / (self.keep * len(self.layers))
+
+
+def _spread(records: torch.Tensor, first: torch.Tensor, kind: str) -> dict[str, float] | None:
+    """Median and 95th percentile of the records' distances to their own task (see
+    :meth:`Library.typical_distance`)."""
+    if kind == "records":
+        if records.shape[0] < 2:
+            return None
+        d = torch.cdist(records, records)
+        d.fill_diagonal_(float("inf"))
+        dist = d.min(dim=1).values
+    else:
+        dist = (records - first[None]).norm(dim=1)
+    return {
+        "median": float(dist.quantile(0.5)),
+        "p95": float(dist.quantile(0.95)),
+        "records": int(records.shape[0]),
+    }
 
 
 def check_out(out: str | Path, force: bool) -> Path:

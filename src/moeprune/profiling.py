@@ -92,7 +92,7 @@ def run_profile(
     seed: int = 0,
     self_generate: int = 0,
     premoe_ka: int | None = None,
-    per_sample: bool = False,
+    per_sample: bool | None = None,
     dtype: str = "auto",
     device: str = "auto",
     offload: str = "none",
@@ -177,6 +177,12 @@ def run_profile(
                     demos.append({"prompt": r.prompt, "response": text})
         else:
             seqs, _kept = tokenize_records(tok, records, max_length)
+        from .calibrate import wants_per_sample
+
+        # None: per-sample statistics (few-shot stability in `report`) unless they would be large
+        per_sample, note = wants_per_sample(per_sample, len(seqs), len(blocks), blocks[0].num_experts)
+        if note and not quiet and info.rank == 0:
+            print(f"moeprune: {note}", file=sys.stderr)
         if lm is None:
             from .modelio import parse_dtype
             from .offload import calibrate_sequential

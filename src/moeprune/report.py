@@ -346,8 +346,10 @@ def write_report(folder: Path, rep: dict[str, Any]) -> list[str]:
         fs = d["few_shot"]
         if fs is None:
             parts.append(
-                '<p class="warn">This profile has no per-sample data, so few-shot stability cannot be '
-                "computed. Re-run <code>moeprune profile ... --per-sample</code> to include it.</p>"
+                '<p class="warn">This profile has no per-sample data (it was made with '
+                "<code>--no-per-sample</code>, over the default size limit, or by an older moeprune), "
+                "so few-shot stability cannot be computed. Profile again: <code>moeprune profile</code> "
+                "stores it by default, <code>--per-sample</code> whatever its size.</p>"
             )
             continue
         ns = sorted(fs)
@@ -398,3 +400,14 @@ def write_report(folder: Path, rep: dict[str, Any]) -> list[str]:
     )
     (folder / "index.html").write_text(page, encoding="utf-8")
     return ["index.html", *files]
+
+
+def missing_stability_note(rep: dict[str, Any]) -> str | None:
+    """One line naming the domains without few-shot stability (no per-sample data), or None."""
+    missing = [d["name"] for d in rep["domains"] if d["few_shot"] is None]
+    if not missing:
+        return None
+    return (
+        f"no few-shot stability for {', '.join(missing)}: the profile has no per-sample data; profile "
+        "again (`moeprune profile` stores it by default, --per-sample whatever its size)"
+    )

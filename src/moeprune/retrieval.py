@@ -57,6 +57,8 @@ class Routed:
             "task": self.match.task,
             "key": self.match.key,
             "distances": self.match.distances,
+            "typical_distance": self.match.typical,
+            "far": self.match.far,
             "coverage": {str(k): v for k, v in self.coverage.items()},
             "mean_coverage": self.mean_coverage,
             "tokens": self.tokens,

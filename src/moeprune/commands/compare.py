@@ -15,6 +15,8 @@ import typer
 
 from moeprune.cli import app
 
+NOTE_WIDTH = 40  # columns of the terminal table's note column
+
 
 @app.command("compare")
 def compare_command(
@@ -61,9 +63,15 @@ def compare_command(
 ) -> None:
     """Compare scoring methods and keep ratios on one loaded model (routing masks; nothing pruned on disk)."""
     from moeprune.api import compare
+    from moeprune.compare import row_key
 
     started = time.time()
     err = _stderr_console()
+    resumed: set[str] = set()
+
+    def on_resume(note: str, keys: set[str]) -> None:
+        resumed.update(keys)
+        err.print(f"[compare] {note}", highlight=False, markup=False)
 
     def on_row(row: dict[str, Any]) -> None:
         what = (
@@ -74,7 +82,8 @@ def compare_command(
         elif row["mode"] != "full":
             what += f" {row['mode']}"
         if not row["skipped"]:
-            err.print(f"[compare] {what}: done ({time.time() - started:.0f}s)", highlight=False, markup=False)
+            state = "resumed" if row_key(row) in resumed else f"done ({time.time() - started:.0f}s)"
+            err.print(f"[compare] {what}: {state}", highlight=False, markup=False)
 
     rows, report = compare(
         model,
@@ -94,6 +103,7 @@ def compare_command(
         force=force,
         progress=sys.stderr.isatty(),
         on_row=on_row,
+        on_resume=on_resume,
     )
     _print_table(rows, report)
     err.print(f"wrote {out}", highlight=False)
@@ -114,6 +124,9 @@ def _print_table(rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
     header, cells = table_rows(rows, task_kinds(rows, report["tasks"]), report["num_experts"])
     table = Table(title=f"moeprune compare: {report['model']}")
     for i, col in enumerate(header):
+        if i == len(header) - 1:  # notes wrap in their column (full text in the files)
+            table.add_column(col, max_width=NOTE_WIDTH, overflow="fold")
+            continue
         table.add_column(col, justify="right" if 2 <= i < len(header) - 1 and i != 3 else "left")
     for line in cells:
         table.add_row(*line)

@@ -47,7 +47,12 @@ def generate(
     ),
     task: str | None = typer.Option(None, "--task", help="Use this task's pattern instead of routing."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation limit per prompt."),
-    stop: str | None = typer.Option(None, "--stop", help="Stop when the continuation contains this text."),
+    stop: list[str] | None = typer.Option(
+        None,
+        "--stop",
+        help="End an answer at this text (repeatable; default: the end of the line, as `moeprune eval` "
+        "does; --stop '' for the model's end-of-sequence token only).",
+    ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write prompts, tasks and outputs as JSON."
     ),
@@ -76,25 +81,28 @@ def generate(
         f"{am.library.keep}/{am.library.num_experts} experts per layer from library {library}",
         file=sys.stderr,
     )
+    stops = ["\n"] if stop is None else [s for s in stop if s]
     results = []
-    for p in prompts:
+    for n, p in enumerate(prompts):
         if task is not None:
             sw = am.activate(task) if am.current != task else None
-            chosen, distances = task, None
+            chosen, distances, far = task, None, None
         else:
             match, sw = am.prepare(p)
-            chosen, distances = match.task, match.distances
-        text = am.continue_ids(query_ids(am.tokenizer, p), max_new_tokens=max_new_tokens, stop=stop)
-        if stop is not None and stop in text:
-            text = text[: text.index(stop)]
+            chosen, distances, far = match.task, match.distances, match.far_warning()
+        done = am.complete(query_ids(am.tokenizer, p), max_new_tokens=max_new_tokens, stop=stops)
         print(f"[{chosen}] {_switch_line(sw)}", file=sys.stderr)
-        print(text)
+        if far is not None:
+            print(far, file=sys.stderr)
+        print(show_answer(p, done.text) + ("\n" if n < len(prompts) - 1 else ""), flush=True)
         results.append(
             {
                 "prompt": p,
                 "task": chosen,
                 "distances": distances,
-                "output": text,
+                "far": far is not None,
+                "output": done.text,
+                "ended_by": done.reason,
                 "switch": None if sw is None else {**sw.__dict__},
             }
         )
@@ -102,8 +110,15 @@ def generate(
         output.write_text(json.dumps({"library": str(library), "results": results}, indent=2) + "\n")
 
 
+def show_answer(prompt: str, answer: str) -> str:
+    """A prompt ("> " before each of its lines) and its answer below it."""
+    quoted = "\n".join("> " + line for line in prompt.rstrip().splitlines())
+    return f"{quoted}\n{answer.rstrip()}"
+
+
 CHAT_HELP = (
-    "/new starts a new conversation (routed again), /task NAME forces a task, /tasks lists them, /quit ends."
+    "/new starts a new conversation (routed again), /task NAME starts a new conversation with that "
+    "task's experts, /tasks lists them, /quit ends."
 )
 
 
@@ -145,9 +160,9 @@ def chat(
             if name not in am.library.tasks:
                 print(f"unknown task '{name}'; tasks: {', '.join(am.library.names)}", file=sys.stderr)
                 continue
-            forced = name
+            history, forced = [], name  # another task's experts: its earlier replies do not carry over
             sw = am.activate(name) if am.current != name else None
-            print(f"[{name}] {_switch_line(sw)}", file=sys.stderr)
+            print(f"[{name}] {_switch_line(sw)} (new conversation)", file=sys.stderr)
             continue
         if not history and forced is None:
             try:
@@ -156,6 +171,8 @@ def chat(
                 print(exc.line(), file=sys.stderr)
                 continue
             print(f"[{match.task}] {_switch_line(sw)}", file=sys.stderr)
+            if match.far:
+                print(match.far_warning(), file=sys.stderr)
         history.append({"role": "user", "content": text})
         ids = conversation_ids(am.tokenizer, history)
         reply = am.continue_ids(ids, max_new_tokens=max_new_tokens).strip()

@@ -244,6 +244,7 @@ def _print_routes(lib: Any, results: list[Any]) -> None:
             f"nearest task: [bold]{r.match.task}[/bold] (margin {r.match.margin:.4f}); "
             f"the query's own expert choices kept by its pattern: {cov}"
         )
+        console.print(far_line(lib, r.match), highlight=False)
         return
     names = lib.names
     table = Table(title=f"{len(results)} queries")
@@ -252,6 +253,7 @@ def _print_routes(lib: Any, results: list[Any]) -> None:
         table.add_column(f"-> {n}", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("coverage", justify="right")
+    table.add_column("far", justify="right")
     groups: dict[str, list[Any]] = {}
     for r in results:
         groups.setdefault(r.label or "(unlabelled)", []).append(r)
@@ -259,11 +261,46 @@ def _print_routes(lib: Any, results: list[Any]) -> None:
         counts = [sum(r.match.task == n for r in rs) for n in names]
         acc = f"{sum(bool(r.correct) for r in rs) / len(rs):.1%}" if rs[0].label is not None else "-"
         cov = sum(r.mean_coverage for r in rs) / len(rs)
-        table.add_row(label, *(str(c) for c in counts), acc, f"{cov:.0%}")
+        far = sum(r.match.far for r in rs)
+        table.add_row(label, *(str(c) for c in counts), acc, f"{cov:.0%}", str(far))
     console.print(table)
+    console.print(far_summary(lib, results), highlight=False)
     labelled = [r for r in results if r.label is not None]
     if labelled:
         acc = sum(bool(r.correct) for r in labelled) / len(labelled)
         console.print(
             f"routing accuracy: {acc:.1%} ({sum(bool(r.correct) for r in labelled)}/{len(labelled)})"
         )
+
+
+def far_line(lib: Any, match: Any) -> str:
+    """What the distance of a routed query means: its warning when far, else how it compares."""
+    from ..library import FAR_FACTOR
+
+    if match.typical is None:
+        return no_typical_note(lib, match.key)
+    return match.far_warning() or (
+        f"distance {match.distance:.4f} is within {FAR_FACTOR} x the typical distance of task "
+        f"'{match.task}' (95th percentile over its own demonstrations: {match.typical:.4f})"
+    )
+
+
+def far_summary(lib: Any, results: list[Any]) -> str:
+    from ..library import FAR_FACTOR
+
+    if all(r.match.typical is None for r in results):
+        return no_typical_note(lib, results[0].match.key if results else None)
+    far = sum(r.match.far for r in results)
+    return (
+        f"far: {far} of {len(results)} queries lie beyond {FAR_FACTOR} x the 95th percentile of their "
+        "nearest task's own demonstrations (their pattern may not suit them)"
+    )
+
+
+def no_typical_note(lib: Any, key: str | None) -> str:
+    if key == "all":
+        return "(no typical distance for --key all: queries far from every task are not detected)"
+    return (
+        f"(library '{lib.path}' has no per-record keys, so queries far from every task are not "
+        "detected; rebuild it with `moeprune library build` to get them)"
+    )

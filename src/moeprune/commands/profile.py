@@ -71,8 +71,12 @@ def create(
     premoe_ka: int | None = typer.Option(
         None, "--premoe-ka", help="PreMoe candidate experts kept per token (default: the model's top-k)."
     ),
-    per_sample: bool = typer.Option(
-        False, "--per-sample", help="Also store each sample's gate sums (sample_gate)."
+    per_sample: bool | None = typer.Option(
+        None,
+        "--per-sample/--no-per-sample",
+        help="Store each sample's gate sums (sample_gate, for few-shot stability in `moeprune report`); "
+        "default: while they take at most 64 MiB.",
+        show_default=False,
     ),
     dtype: str = typer.Option(
         "auto", "--dtype", help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)."

@@ -29,6 +29,10 @@ def report_command(
 ) -> None:
     """Write an HTML report: expert usage, overlap between domains, few-shot stability, gate mass kept."""
     from moeprune.api import report
+    from moeprune.report import missing_stability_note
 
-    report(profiles, out, method=method, top=top, force=force)
+    rep = report(profiles, out, method=method, top=top, force=force)
     print(f"wrote {out / 'index.html'}", file=sys.stderr)
+    note = missing_stability_note(rep)
+    if note:
+        print(f"moeprune: {note}", file=sys.stderr)
