@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -265,11 +266,11 @@ class Checkpoint:
         weight_map: dict[str, str] | None = None
         index_meta: dict[str, Any] = {}
         if index.is_file():
+            data = read_json(index, "safetensors index", "re-download or re-save the model")
             try:
-                data = json.loads(index.read_text(encoding="utf-8"))
                 weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
                 index_meta = dict(data.get("metadata") or {})
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (KeyError, TypeError, AttributeError, ValueError):
                 raise UserError(
                     f"'{index}' is not a valid safetensors index", "re-download or re-save the model"
                 ) from None

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .fileio import read_json
 from .plan import Plan
 
 __all__ = ["KEY_KINDS", "LIBRARY_FORMAT", "Library", "Match", "TaskPattern", "nearest"]
@@ -257,10 +258,7 @@ class Library:
         def bad(problem: str) -> UserError:
             return UserError(f"library '{path}': {problem}", "build it again with `moeprune library build`")
 
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise bad(f"{INDEX_NAME} is not valid JSON") from None
+        index = read_json(index_file, "library index", "build it again with `moeprune library build`")
         if not isinstance(index, dict) or index.get("format") != LIBRARY_FORMAT:
             got = index.get("format") if isinstance(index, dict) else None
             raise bad(f"format is {got!r}, expected {LIBRARY_FORMAT!r}")

@@ -6,12 +6,12 @@ local Hugging Face cache; otherwise the error says how to get it.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -59,13 +59,8 @@ def load_config(model: str) -> Any:
     from transformers import AutoConfig
 
     path = resolve_model_dir(model)
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(
-            f"{path / 'config.json'} is not valid JSON ({exc.__class__.__name__})", "fix or re-download it"
-        ) from None
-    if "model_type" not in raw:
+    raw = read_json(path / "config.json", "config", "fix or re-download it")
+    if not isinstance(raw, dict) or "model_type" not in raw:
         raise UserError(f"{path / 'config.json'} has no model_type", "pass a transformers model directory")
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)

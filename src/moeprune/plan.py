@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import UserError
+from .fileio import read_json
 
 PLAN_FORMAT = "moeprune-plan/1"
 
@@ -133,13 +134,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"plan file '{path}' does not exist", "make one with `moeprune plan`")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(
-                f"plan file '{path}' is not valid JSON ({exc.__class__.__name__})",
-                "make it again with `moeprune plan`",
-            ) from None
+        data = read_json(path, "plan file", "make it again with `moeprune plan`")
         return cls.from_json(data, source=str(path))
 
     @classmethod
