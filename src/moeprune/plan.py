@@ -35,6 +35,9 @@ from .errors import UserError
 from .fileio import read_json
 
 PLAN_FORMAT = "moeprune-plan/1"
+# More routed experts per layer than any model has (the largest have a few hundred): a count read
+# from a file is bounded by this before anything sized by it is built.
+MAX_EXPERTS = 1 << 16
 
 Scope = Literal["layer", "global"]
 PerGroup = Literal["equal", "free"]
@@ -159,6 +162,8 @@ class Plan:
         num_experts = as_int(data["num_experts"], "num_experts")
         top_k = as_int(data["top_k"], "top_k")
         original = as_int(data.get("original_top_k", top_k), "original_top_k")
+        if num_experts > MAX_EXPERTS:  # before anything sized by it is built
+            raise bad(f"num_experts={num_experts} is more than any MoE layer has (at most {MAX_EXPERTS})")
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise bad(f"num_experts={num_experts}, top_k={top_k} are out of range")
         for key in ("model_fingerprint", "model_type", "method"):
@@ -201,10 +206,7 @@ class Plan:
                 raise bad("replaced must map each layer to a list of expert ids")
             for layer in layers:
                 rep = replaced_raw.get(str(layer))
-                if rep is not None and (
-                    not isinstance(rep, list)
-                    or sorted(rep) != sorted(set(range(num_experts)) - set(kept[layer]))
-                ):
+                if rep is not None and not _is_complement(rep, kept[layer], num_experts):
                     raise bad(f"replaced experts of layer {layer} are not the complement of its kept ones")
         plan = cls(
             model_fingerprint=data["model_fingerprint"],
@@ -242,6 +244,18 @@ class Plan:
                 f"this model {str(fingerprint)[:12]})",
                 "make a plan from a profile of this model",
             )
+
+
+def _is_complement(rep: Any, kept: list[int], num_experts: int) -> bool:
+    """``rep`` lists exactly the experts 0..num_experts-1 not in ``kept`` (in O(len), no range)."""
+    if not isinstance(rep, list) or len(rep) + len(kept) != num_experts:
+        return False
+    ids = set()
+    for x in rep:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < num_experts:
+            return False
+        ids.add(x)
+    return len(ids) == len(rep) and not ids & set(kept)
 
 
 def _group_counts(ids: list[int], n_group: int, size: int) -> list[int]:

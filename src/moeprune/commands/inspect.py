@@ -31,10 +31,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Show the MoE structure and the size after keeping 75/50/25/12.5% of routed experts (config only)."""
-    from ..modelio import load_config
+    from ..modelio import load_config, resolve_model_dir
     from ..summary import summarize
 
-    summary = summarize(load_config(model))
+    summary = summarize(load_config(model), checkpoint_dir=resolve_model_dir(model))
     if as_json:
         typer.echo(json.dumps(summary.to_json(), indent=2))
         return
