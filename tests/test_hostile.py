@@ -226,3 +226,23 @@ def test_plan_with_a_huge_expert_count_is_refused_at_once(tmp_path):
         with pytest.raises(UserError, match=words):
             Plan.load(f)
         assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("top_k, hint", [(0, "pass --top-k 1 or more"), (3, "pass --top-k 2 or less")])
+def test_top_k_hint_names_a_value_that_works(plan_file, tmp_path, capsys, top_k, hint):
+    """Issue 12 §5: --top-k 0 said "pass a smaller --top-k"."""
+    profile = plan_file.parent / "p.safetensors"
+    rc, _, err = run_cli(
+        capsys,
+        "plan",
+        profile,
+        "--method",
+        "easyep",
+        "--keep",
+        "4",
+        "--top-k",
+        top_k,
+        "--out",
+        tmp_path / "x.json",
+    )
+    assert_user_error(rc, err, hint)

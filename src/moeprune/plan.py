@@ -364,9 +364,10 @@ def make_plan(
     active = top_k
     if new_top_k is not None:
         if not 1 <= new_top_k <= top_k:
+            fix = "pass --top-k 1 or more" if new_top_k < 1 else f"pass --top-k {top_k} or less"
             raise UserError(
                 f"new top-k {new_top_k} must be from 1 to the model's top-k {top_k}",
-                "pass a smaller --top-k, or leave it out",
+                f"{fix}, or leave it out",
             )
         active = new_top_k
     if k_kept < active:
