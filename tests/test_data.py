@@ -177,6 +177,67 @@ def test_tokenisation_errors_and_truncation(tmp_path, tok):
         encode_prompt(tok, Record(where="f:1", text="x"))
 
 
+class _SpyTokenizer:
+    """Wraps a tokenizer and records the longest text it is asked to tokenise."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.longest = 0
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt", "messages"])
+def test_a_huge_record_is_cut_before_tokenising(tok, kind):
+    """A 20 MB line costs memory in proportion to --max-length, not to its own size (issue 11 #13:
+    a 100 MB line was tokenised whole, 22 GB)."""
+    huge = "abcdefgh " * (20_000_000 // 9)
+    rec = {
+        "text": Record(where="f:1", text=huge),
+        "prompt": Record(where="f:1", prompt=huge, response=huge),
+        "messages": Record(where="f:1", messages=[{"role": "user", "content": huge}]),
+    }[kind]
+    spy = _SpyTokenizer(tok)
+    seqs, _ = tokenize_records(spy, [rec], 64)
+    assert spy.longest <= 64 * 32 + 64  # the cut, plus the chat template's own text
+    # the tokens kept are exactly those of the uncut record
+    assert (
+        seqs[0]
+        == encode_record(
+            tok,
+            Record(
+                where="f:1",
+                **{
+                    "text": {"text": huge[:5000]},
+                    "prompt": {"prompt": huge[:5000]},
+                    "messages": {"messages": [{"role": "user", "content": huge[:5000]}]},
+                }[kind],
+            ),
+        )[:64]
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    ['{"text": "abc \\ud800 def"}', '{"messages": [{"role": "user", "content": "x\\udc00"}]}'],
+)
+def test_a_lone_surrogate_is_a_user_error(tmp_path, row):
+    f = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(UserError, match=r"d\.jsonl:1: field '(text|content)' holds a lone surrogate"):
+        load_records([f])
+
+
+def test_deeply_nested_json_line_is_a_user_error(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", ['{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+    with pytest.raises(UserError, match=r"d\.jsonl:1: the JSON nests too deeply"):
+        load_records([f])
+
+
 # --- selection and batching ---------------------------------------------------------------------
 
 

@@ -357,7 +357,9 @@ def test_record_keys_are_each_demonstration_alone(profiles, tmp_path):
     made = {}
     for name, chosen in (("both", lines), ("a", lines[:1]), ("b", lines[1:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(x + "\n" for x in chosen))
-        run_profile(model=str(MODEL_DIR), data=[str(tmp_path / f"{name}.jsonl")], out=tmp_path / name, quiet=True)
+        run_profile(
+            model=str(MODEL_DIR), data=[str(tmp_path / f"{name}.jsonl")], out=tmp_path / name, quiet=True
+        )
         made[name] = Profile.load(tmp_path / name)
     keys = task_keys(made["both"], 4)
     assert keys["records"].shape == (2, made["both"].num_experts)
@@ -366,7 +368,9 @@ def test_record_keys_are_each_demonstration_alone(profiles, tmp_path):
     prof = Profile.load(profiles[DATES])
     assert task_keys(prof, prof.premoe_ka)["records"].shape[0] == prof.samples
 
-    lib = build_library({t: Profile.load(p) for t, p in profiles.items()}, model="m", method="premoe", keep=KEEP)
+    lib = build_library(
+        {t: Profile.load(p) for t, p in profiles.items()}, model="m", method="premoe", keep=KEEP
+    )
     assert lib.default_key == "records"
     query = lib.task(REVERSE).keys["records"][3]  # exactly one of reverse's demonstrations
     match = lib.match(query)
@@ -399,3 +403,73 @@ def test_chat_conversation_ids_with_and_without_a_template():
     )
     templated = conversation_ids(tok, history)
     assert tok.decode(templated) == "[user] hi\n[assistant] yo\n[user] again\n[assistant] "
+
+
+def _tampered(library: Path, tmp_path: Path, index_edit=None, key_edit=None) -> Path:
+    """A copy of ``library`` with its index and/or keys changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "lib"
+    shutil.copytree(library, copy)
+    if index_edit is not None:
+        index = json.loads((copy / "library.json").read_text())
+        index_edit(index)
+        (copy / "library.json").write_text(json.dumps(index))
+    if key_edit is not None:
+        tensors = load_file(str(copy / "keys.safetensors"))
+        key_edit(tensors)
+        save_file(tensors, str(copy / "keys.safetensors"))
+    return copy
+
+
+def _first_task(index: dict) -> dict:
+    return index["tasks"][0]
+
+
+@pytest.mark.parametrize(
+    "index_edit, key_edit, words",
+    [
+        (None, lambda t: t[next(k for k in t if k.endswith(".key.first"))].fill_(float("nan")), "non-finite"),
+        (
+            None,
+            lambda t: t[next(k for k in t if k.endswith(".key.all"))].__setitem__(0, float("inf")),
+            "non-finite",
+        ),
+        (None, lambda t: t[next(k for k in t if k.endswith(".scores"))].fill_(float("nan")), "non-finite"),
+        (lambda i: _first_task(i).update(plan="../outside.plan.json"), None, "outside the library folder"),
+        (lambda i: _first_task(i).update(plan="/etc/hostname"), None, "outside the library folder"),
+        (lambda i: i.update(premoe_ka=0), None, "premoe_ka 0 is outside"),
+        (lambda i: i.update(premoe_ka=1e9), None, "misses the model or settings"),
+        (lambda i: i.update(premoe_ka=10**9), None, "premoe_ka 1000000000 is outside"),
+        (lambda i: i.update(num_experts=2**70), None, "out of range"),
+        (lambda i: i.update(keep="8"), None, "misses the model or settings"),
+    ],
+)
+def test_tampered_library_is_refused(library, tmp_path, capsys, index_edit, key_edit, words):
+    """Issue 11 #9, #11: NaN keys won every query at distance 0; a plan path outside the folder
+    was read; premoe_ka 0 or 1e9 crashed later."""
+    from moeprune.library import Library
+
+    copy = _tampered(library, tmp_path, index_edit, key_edit)
+    if index_edit is not None and "outside" in words:
+        # a valid plan there, so that only the path is wrong
+        plan = next((library / "plans").iterdir())
+        (tmp_path / "outside.plan.json").write_text(plan.read_text())
+    with pytest.raises(UserError, match=words):
+        Library.load(copy)
+    rc, _, err = run_cli(capsys, "library", "route", copy, "x")
+    assert_user_error(rc, err, words)
+
+
+def test_library_plan_symlink_out_of_the_folder(library, tmp_path):
+    from moeprune.library import Library
+
+    copy = _tampered(library, tmp_path)
+    plan = next((copy / "plans").iterdir())
+    (tmp_path / "elsewhere.json").write_text(plan.read_text())
+    plan.unlink()
+    plan.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UserError, match="outside the library folder"):
+        Library.load(copy)

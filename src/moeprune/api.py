@@ -74,10 +74,14 @@ def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
 def inspect(model: Any) -> Any:
     """The MoE structure of ``model`` (a path, cached hub id or loaded model) and its size after
     keeping a share of the routed experts, from its config alone, as `moeprune inspect`."""
-    from .modelio import load_config
+    from .modelio import load_config, resolve_model_dir
     from .summary import summarize
 
-    return summarize(model.config if _is_loaded(model) else load_config(model_source(model)))
+    if _is_loaded(model):
+        return summarize(model.config)
+    name = model_source(model)
+    # weights found beside the config must match it (headers only; a config alone is fine)
+    return summarize(load_config(name), checkpoint_dir=resolve_model_dir(name))
 
 
 # --- profile --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,7 +52,11 @@ DTYPE_SIZES: dict[str, int] = {
     "U64": 8,
     "F64": 8,
     "C64": 8,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
 }
+# packed sub-byte dtypes (bits per element): valid in a header, never sliced by moeprune
+SUBBYTE_BITS: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 _MAX_HEADER = 256 * 1024 * 1024  # safetensors' own limit is 100 MB; be a little lenient
 _COPY_CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call / fallback buffer
@@ -223,21 +228,51 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         raise _corrupt(path, "header is not a JSON object")
     base = 8 + n
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _corrupt(path, "__metadata__ is not an object")
     tensors: dict[str, TensorInfo] = {}
     for key, entry in header.items():
-        try:
-            dtype = str(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"entry '{key}' is malformed") from None
-        if not 0 <= begin <= end or base + end > size:
-            raise _corrupt(path, f"tensor '{key}' lies outside the file")
-        info = TensorInfo(key, path, dtype, shape, base + begin, base + end)
-        if dtype in DTYPE_SIZES and info.numel * info.itemsize != info.nbytes:
-            raise _corrupt(path, f"tensor '{key}' has {info.nbytes} bytes for shape {list(shape)} {dtype}")
+        info = _tensor_info(path, key, entry, base, size)
         tensors[key] = info
+    _check_no_overlap(path, tensors)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, key: str, entry: Any, base: int, size: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape whose bytes are its byte range, inside the file."""
+    try:
+        dtype = entry["dtype"]
+        shape = tuple(_whole(d) for d in entry["shape"])
+        begin, end = (_whole(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt(path, f"entry '{key}' is malformed") from None
+    if not isinstance(dtype, str) or (dtype not in DTYPE_SIZES and dtype not in SUBBYTE_BITS):
+        raise _corrupt(path, f"tensor '{key}' has an unknown dtype {dtype!r}")
+    if any(d < 0 for d in shape):
+        raise _corrupt(path, f"tensor '{key}' has a negative dimension {list(shape)}")
+    if not 0 <= begin <= end or base + end > size:
+        raise _corrupt(path, f"tensor '{key}' lies outside the file")
+    info = TensorInfo(key, path, dtype, shape, base + begin, base + end)
+    bits = SUBBYTE_BITS.get(dtype, 8 * DTYPE_SIZES.get(dtype, 0))
+    if info.numel * bits != info.nbytes * 8:
+        raise _corrupt(path, f"tensor '{key}' has {info.nbytes} bytes for shape {list(shape)} {dtype}")
+    return info
+
+
+def _whole(value: Any) -> int:
+    """A JSON integer (not a bool, float or string that int() would accept)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """No two tensors share bytes (a header that aliases them would be copied as nonsense)."""
+    last: TensorInfo | None = None
+    for info in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start):
+        if last is not None and info.start < last.end:
+            raise _corrupt(path, f"tensors '{last.key}' and '{info.key}' overlap")
+        last = info
 
 
 def _corrupt(path: Path, why: str) -> UserError:
@@ -265,11 +300,11 @@ class Checkpoint:
         weight_map: dict[str, str] | None = None
         index_meta: dict[str, Any] = {}
         if index.is_file():
+            data = read_json(index, "safetensors index", "re-download or re-save the model")
             try:
-                data = json.loads(index.read_text(encoding="utf-8"))
                 weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
                 index_meta = dict(data.get("metadata") or {})
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (KeyError, TypeError, AttributeError, ValueError):
                 raise UserError(
                     f"'{index}' is not a valid safetensors index", "re-download or re-save the model"
                 ) from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,12 @@ __all__ = [
     "select_records",
     "tokenize_records",
 ]
+
+# Characters per token that no tokenizer exceeds on real text (long merges of spaces or repeats
+# stay far below): a record is cut to max_length * this many characters before it is tokenised,
+# so one huge line costs memory in proportion to max_length, not to its own size.
+MAX_CHARS_PER_TOKEN = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 DATASETS_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".csv": "csv"}
 KNOWN_SUFFIXES = (".jsonl", ".txt", *DATASETS_FORMATS)
@@ -96,6 +103,12 @@ def _string(value: Any, name: str, where: str) -> str:
             f"{where}: field '{name}' is a {type(value).__name__}, not a string",
             "every text field must hold a string",
         )
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise UserError(
+            f"{where}: field '{name}' holds a lone surrogate (\\u{ord(bad.group()):04x}) at character {bad.start()}",
+            "write valid Unicode (a pair of \\u escapes or the character itself)",
+        )
     return value
 
 
@@ -109,6 +122,9 @@ def _messages(value: Any, where: str) -> list[dict[str, Any]]:
             f"{where}: 'messages' must be a non-empty list of {{role, content}} objects",
             'fix the record, e.g. [{"role": "user", "content": "..."}]',
         )
+    for m in value:
+        _string(m["role"], "role", where)
+        _string(m["content"], "content", where)
     return list(value)
 
 
@@ -153,7 +169,11 @@ def _read_jsonl(path: Path, text_field: str | None) -> list[Record]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg})", "fix the line") from None
+                raise UserError(
+                    f"{where}: not valid JSON ({exc.msg}, column {exc.colno})", "fix the line"
+                ) from None
+            except RecursionError:
+                raise UserError(f"{where}: the JSON nests too deeply", "fix the line") from None
             records.append(record_from_row(row, where, text_field))
     return records
 
@@ -286,24 +306,30 @@ def encode_prompt(tokenizer: Any, record: Record) -> list[int]:
     return ids
 
 
-def encode_record(tokenizer: Any, record: Record) -> list[int]:
-    """The full token sequence of one record (untruncated); [] for a record without content."""
+def encode_record(tokenizer: Any, record: Record, max_chars: int | None = None) -> list[int]:
+    """The token sequence of one record; [] for a record without content. With ``max_chars``,
+    each text is cut to that many characters before tokenising (callers truncate the tokens)."""
+
+    def cut(text: str) -> str:
+        return text if max_chars is None else text[:max_chars]
+
     if record.messages is not None:
         _require_template(tokenizer, record.where)
         if not any(m["content"].strip() for m in record.messages):
             return []
-        text = tokenizer.apply_chat_template(record.messages, tokenize=False)
-        return _ids(tokenizer, text, special=False)
+        msgs = [{**m, "content": cut(m["content"])} for m in record.messages]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        return _ids(tokenizer, cut(text), special=False)
     if record.prompt is not None:
         if not record.prompt.strip() and not (record.response or "").strip():
             return []
-        ids = encode_prompt(tokenizer, record)
+        ids = encode_prompt(tokenizer, Record(record.where, prompt=cut(record.prompt)))
         if record.response:
-            ids += _ids(tokenizer, record.response, special=False)
+            ids += _ids(tokenizer, cut(record.response), special=False)
         return ids
     if not (record.text or "").strip():
         return []
-    return _ids(tokenizer, record.text or "", special=True)
+    return _ids(tokenizer, cut(record.text or ""), special=True)
 
 
 def check_max_length(max_length: int) -> None:
@@ -324,7 +350,7 @@ def tokenize_records(
     seqs: list[list[int]] = []
     kept: list[int] = []
     for i, rec in enumerate(records):
-        ids = encode_record(tokenizer, rec)
+        ids = encode_record(tokenizer, rec, max_chars=max_length * MAX_CHARS_PER_TOKEN)
         if ids:
             seqs.append(ids[:max_length])
             kept.append(i)

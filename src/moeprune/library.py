@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .plan import Plan
+from .fileio import read_json
+from .plan import MAX_EXPERTS, Plan
 
 __all__ = ["FAR_FACTOR", "KEY_KINDS", "LIBRARY_FORMAT", "Library", "Match", "TaskPattern", "nearest"]
 
@@ -327,10 +328,7 @@ class Library:
         def bad(problem: str) -> UserError:
             return UserError(f"library '{path}': {problem}", "build it again with `moeprune library build`")
 
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise bad(f"{INDEX_NAME} is not valid JSON") from None
+        index = read_json(index_file, "library index", "build it again with `moeprune library build`")
         if not isinstance(index, dict) or index.get("format") != LIBRARY_FORMAT:
             got = index.get("format") if isinstance(index, dict) else None
             raise bad(f"format is {got!r}, expected {LIBRARY_FORMAT!r}")
@@ -344,13 +342,18 @@ class Library:
         except (OSError, SafetensorError, ValueError):
             raise bad(f"{KEYS_NAME} is missing or unreadable") from None
         try:
-            layers = [int(x) for x in index["layers"]]
-            num_experts = int(index["num_experts"])
-            keep = int(index["keep"])
-            ka = int(index["premoe_ka"])
+            layers = [_whole(x) for x in index["layers"]]
+            num_experts = _whole(index["num_experts"])
+            keep = _whole(index["keep"])
+            ka = _whole(index["premoe_ka"])
             fp = str(index["model_fingerprint"])
         except (KeyError, TypeError, ValueError):
             raise bad("library.json misses the model or settings fields") from None
+        if not 1 <= num_experts <= MAX_EXPERTS:
+            raise bad(f"num_experts {num_experts} is out of range")
+        for what, value in (("keep", keep), ("premoe_ka", ka)):
+            if not 1 <= value <= num_experts:
+                raise bad(f"{what} {value} is outside 1..{num_experts} (the experts per layer)")
         tasks: dict[str, TaskPattern] = {}
         for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -358,7 +361,7 @@ class Library:
             name = entry["name"]
             if name in tasks:
                 raise bad(f"task '{name}' is listed twice")
-            plan = Plan.load(path / str(entry.get("plan", f"plans/{name}.plan.json")))
+            plan = Plan.load(_inside(path, str(entry.get("plan", f"plans/{name}.plan.json")), bad))
             if plan.model_fingerprint != fp or plan.layers != layers:
                 raise bad(f"the plan of task '{name}' is for another model")
             counts = set(plan.kept_counts())
@@ -376,6 +379,12 @@ class Library:
                 keys["records"] = records
             if list(scores.shape) != [len(layers), num_experts] or list(keys["first"].shape) != [num_experts]:
                 raise bad(f"the keys of task '{name}' have the wrong shape")
+            if list(keys["all"].shape) != [len(layers) * num_experts]:
+                raise bad(f"the keys of task '{name}' have the wrong shape")
+            for kind, t in [("scores", scores), *keys.items()]:
+                # a NaN key is at distance NaN from every query and wins every comparison
+                if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                    raise bad(f"the {kind} key of task '{name}' holds non-finite values")
             # typical_distance is recomputed from the keys (written for reading only)
             skip = ("name", "plan", "kept_per_layer", "typical_distance")
             info = {k: v for k, v in entry.items() if k not in skip}
@@ -418,6 +427,22 @@ def _spread(records: torch.Tensor, first: torch.Tensor, kind: str) -> dict[str, 
         "p95": float(dist.quantile(0.95)),
         "records": int(records.shape[0]),
     }
+
+
+def _whole(value: Any) -> int:
+    """A JSON integer (``int()`` would accept ``"8"``, ``8.9`` and ``1e9``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
+def _inside(root: Path, relative: str, bad: Any) -> Path:
+    """``root / relative``, refused unless it stays inside ``root`` (no absolute path, no ``..``,
+    no symlink out): a library is a folder of its own files."""
+    target = (root / relative).resolve()
+    if Path(relative).is_absolute() or not target.is_relative_to(root.resolve()):
+        raise bad(f"the plan path '{relative}' points outside the library folder")
+    return target
 
 
 def check_out(out: str | Path, force: bool) -> Path:

@@ -133,10 +133,12 @@ def load(path: str | os.PathLike, **kwargs: Any):
     (``dtype``, ``device_map``, ``experts_implementation``, ...). Raises :class:`UserError` unless
     every tensor of the checkpoint loads into the model and every tensor of the model is loaded."""
     from .arch.pruned import CONFIG_KEY, PrunedLayout
+    from .checkpoint import Checkpoint
     from .modelio import load_config, resolve_model_dir
 
     directory = resolve_model_dir(str(path))
     config = load_config(str(directory))
+    Checkpoint.open(directory)  # headers only: a truncated or corrupt file is one clear line
     try:
         layout = PrunedLayout.of_config(config)
     except (ValueError, TypeError) as exc:
@@ -157,6 +159,12 @@ def load(path: str | os.PathLike, **kwargs: Any):
     try:
         model, info = cls.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as exc:
+        if "mismatched_sizes" in str(exc):  # transformers' own text points at a report it logged
+            raise UserError(
+                f"cannot load '{directory}': some checkpoint tensors have other shapes than its "
+                "config.json describes (experts, sizes)",
+                "the config does not match the checkpoint: fix the config or re-download the model",
+            ) from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         hint = (
             f"the checkpoint does not match its config.{CONFIG_KEY}"
@@ -168,12 +176,36 @@ def load(path: str | os.PathLike, **kwargs: Any):
     for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         found = sorted(str(x) for x in info.get(what) or [])
         if found:
-            problems.append(f"{len(found)} {what.replace('_', ' ')} (e.g. {found[0]})")
+            problems.append(f"{len(found)} {what.replace('_', ' ')} (e.g. {', '.join(found[:3])})")
     if problems:
         raise UserError(
-            f"'{directory}' does not load exactly: {'; '.join(problems)}", "re-write the checkpoint"
+            f"'{directory}' does not load exactly: {'; '.join(problems)}",
+            "its config.json does not match the checkpoint's tensors (layers, experts, sizes): "
+            "fix the config or re-download / re-write the model",
         )
+    if not getattr(config, "quantization_config", None):  # packed quantized shapes differ by design
+        _check_shapes(model, config, layout, directory)
     return model
+
+
+def _check_shapes(model: Any, config: Any, layout: Any, directory: Any) -> None:
+    """Every loaded tensor has the shape the config describes. transformers replaces a parameter
+    by a converted checkpoint tensor of another shape without a word (a config claiming 16
+    experts loads a checkpoint of 8 and runs as a model of 8), so compare with a meta build."""
+    from .arch.pruned import apply_layout
+    from .modelio import build_on_meta
+
+    reference = build_on_meta(config)
+    if layout is not None:
+        apply_layout(reference, layout)
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    for key, value in model.state_dict().items():
+        if key in want and tuple(value.shape) != want[key]:
+            raise UserError(
+                f"'{directory}': checkpoint tensor for '{key}' has shape {list(value.shape)}, "
+                f"its config.json describes {list(want[key])}",
+                "the config does not match the checkpoint: fix the config or re-download the model",
+            )
 
 
 def needs_moeprune_load(config: Any) -> bool:
@@ -190,12 +222,8 @@ def needs_moeprune_load(config: Any) -> bool:
 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any):
-    """``AutoModelForCausalLM.from_pretrained``, or :func:`load` for checkpoints that need it (what
-    moeprune's own commands use, so that ``moeprune eval`` works on ragged and novice checkpoints),
+    """What moeprune's own commands load models with: :func:`load`, strict for every checkpoint
+    (a config that claims more layers or experts than the weights hold would otherwise run with
+    random weights, transformers' warning being silenced), and it reshapes ragged and novice ones;
     with the router's auxiliary loss off (:func:`disable_aux_loss`): moeprune only runs inference."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, local_files_only=kwargs.get("local_files_only", True))
-    if needs_moeprune_load(config):
-        return disable_aux_loss(load(path, **kwargs))
-    return disable_aux_loss(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+    return disable_aux_loss(load(path, **kwargs))

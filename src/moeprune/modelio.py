@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -59,21 +60,63 @@ def load_config(model: str) -> Any:
     from transformers import AutoConfig
 
     path = resolve_model_dir(model)
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(
-            f"{path / 'config.json'} is not valid JSON ({exc.__class__.__name__})", "fix or re-download it"
-        ) from None
-    if "model_type" not in raw:
+    raw = read_json(path / "config.json", "config", "fix or re-download it")
+    if not isinstance(raw, dict) or "model_type" not in raw:
         raise UserError(f"{path / 'config.json'} has no model_type", "pass a transformers model directory")
+    _check_counts(raw, path / "config.json")
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"transformers cannot read the config of '{model}' (model_type '{raw['model_type']}'): {str(exc).splitlines()[0]}",
             "upgrade transformers or check the model",
         ) from None
+
+
+# Sizes and counts that transformers' configs share: a model is built from them, so a string, a
+# fraction or a negative number must stop here (torch would raise deep inside, or build nonsense).
+_POSITIVE = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_topk",
+)
+_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
+_TOP_K = ("num_experts_per_tok", "moe_topk")
+_NON_NEGATIVE = ("num_key_value_heads", "n_shared_experts", "num_shared_experts", "n_group", "topk_group")
+
+
+def _check_counts(raw: dict[str, Any], where: Path) -> None:
+    """The count fields of ``raw`` (and of its ``text_config``) are whole numbers in range (or
+    non-empty lists of them, one per layer)."""
+    for section in (raw, raw.get("text_config")):
+        if not isinstance(section, dict):
+            continue
+        for name in (*_POSITIVE, *_NON_NEGATIVE):
+            value = section.get(name)
+            if value is None:
+                continue
+            low = 1 if name in _POSITIVE else 0
+            values = value if isinstance(value, list) and value else [value]  # per-layer lists exist
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+                raise UserError(
+                    f"{where}: '{name}' is {json.dumps(value)[:40]}, not a whole number >= {low}",
+                    "fix or re-download the config",
+                )
+        experts = next((section[n] for n in _EXPERTS if isinstance(section.get(n), int)), None)
+        top_k = next((section[n] for n in _TOP_K if isinstance(section.get(n), int)), None)
+        if experts is not None and top_k is not None and top_k > experts:
+            raise UserError(
+                f"{where}: {top_k} experts active per token, more than the {experts} experts per layer",
+                "fix or re-download the config",
+            )
 
 
 def quantization_method(config: Any) -> str | None:

@@ -30,8 +30,12 @@ from typing import Any, Literal
 import torch
 
 from .errors import UserError
+from .fileio import read_json
 
 PLAN_FORMAT = "moeprune-plan/1"
+# More routed experts per layer than any model has (the largest have a few hundred): a count read
+# from a file is bounded by this before anything sized by it is built.
+MAX_EXPERTS = 1 << 16
 
 Scope = Literal["layer", "global"]
 PerGroup = Literal["equal", "free"]
@@ -125,13 +129,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"plan file '{path}' does not exist", "make one with `moeprune plan`")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(
-                f"plan file '{path}' is not valid JSON ({exc.__class__.__name__})",
-                "make it again with `moeprune plan`",
-            ) from None
+        data = read_json(path, "plan file", "make it again with `moeprune plan`")
         return cls.from_json(data, source=str(path))
 
     @classmethod
@@ -156,6 +154,8 @@ class Plan:
         num_experts = as_int(data["num_experts"], "num_experts")
         top_k = as_int(data["top_k"], "top_k")
         original = as_int(data.get("original_top_k", top_k), "original_top_k")
+        if num_experts > MAX_EXPERTS:  # before anything sized by it is built
+            raise bad(f"num_experts={num_experts} is more than any MoE layer has (at most {MAX_EXPERTS})")
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise bad(f"num_experts={num_experts}, top_k={top_k} are out of range")
         for key in ("model_fingerprint", "model_type", "method"):
@@ -201,10 +201,7 @@ class Plan:
                 raise bad("replaced must map each layer to a list of expert ids")
             for layer in layers:
                 rep = replaced_raw.get(str(layer))
-                if rep is not None and (
-                    not isinstance(rep, list)
-                    or sorted(rep) != sorted(set(range(num_experts)) - set(kept[layer]))
-                ):
+                if rep is not None and not _is_complement(rep, kept[layer], num_experts):
                     raise bad(f"replaced experts of layer {layer} are not the complement of its kept ones")
         plan = cls(
             model_fingerprint=data["model_fingerprint"],
@@ -280,6 +277,18 @@ def check_profile_data(plan_settings: Any, meta: dict[str, Any], source: str) ->
         f"{', '.join(sorted(h[:12] for h in mine))}; the plan's: {', '.join(theirs)})",
         "pass the profile the plan was made from, or --allow-other-profile to use this one anyway",
     )
+
+
+def _is_complement(rep: Any, kept: list[int], num_experts: int) -> bool:
+    """``rep`` lists exactly the experts 0..num_experts-1 not in ``kept`` (in O(len), no range)."""
+    if not isinstance(rep, list) or len(rep) + len(kept) != num_experts:
+        return False
+    ids = set()
+    for x in rep:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < num_experts:
+            return False
+        ids.add(x)
+    return len(ids) == len(rep) and not ids & set(kept)
 
 
 def _group_counts(ids: list[int], n_group: int, size: int) -> list[int]:
@@ -389,9 +398,10 @@ def make_plan(
     active = top_k
     if new_top_k is not None:
         if not 1 <= new_top_k <= top_k:
+            fix = "pass --top-k 1 or more" if new_top_k < 1 else f"pass --top-k {top_k} or less"
             raise UserError(
                 f"new top-k {new_top_k} must be from 1 to the model's top-k {top_k}",
-                "pass a smaller --top-k, or leave it out",
+                f"{fix}, or leave it out",
             )
         active = new_top_k
     if k_kept < active:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_yaml
 from .oneshot import OneShot
 
 REQUIRED = ("model", "data", "method", "keep", "out")
@@ -35,17 +36,10 @@ def keys() -> list[str]:
 
 def load_recipe(path: str | Path) -> OneShot:
     """Read and check a recipe file; any problem is a one-line :class:`UserError`."""
-    import yaml
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"recipe '{path}' does not exist", "pass the path of a recipe YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        raise UserError(f"recipe '{path}' is not valid YAML{at}", "fix the file") from None
+    raw = read_yaml(path, "recipe", "fix the file")
     return parse_recipe(raw, base=path.resolve().parent, name=str(path))
 
 

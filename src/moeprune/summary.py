@@ -68,13 +68,30 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def summarize(config: Any, model=None) -> ModelSummary:
-    """Summarise a MoE model given its config (building it on the meta device unless given)."""
+def check_weights(directory: Any, model: Any, blocks: list) -> None:
+    """If ``directory`` holds safetensors weights, their headers are valid and hold every MoE
+    block's experts as ``model`` (built from the config) has them; a config-only folder passes."""
+    from pathlib import Path
+
+    from .arch.keys import map_expert_keys
+    from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+
+    directory = Path(directory)
+    if not ((directory / SINGLE_NAME).is_file() or (directory / INDEX_NAME).is_file()):
+        return
+    map_expert_keys(model, blocks, Checkpoint.open(directory).shapes())
+
+
+def summarize(config: Any, model=None, checkpoint_dir: Any = None) -> ModelSummary:
+    """Summarise a MoE model given its config (building it on the meta device unless given).
+    With ``checkpoint_dir``, weights found there must match the config (headers only)."""
     from .modelio import build_on_meta
 
     if model is None:
         model = build_on_meta(config)
     blocks = find_moe_blocks(model)
+    if checkpoint_dir is not None:
+        check_weights(checkpoint_dir, model, blocks)
     text = config.get_text_config()
     routed = sum(_numel(b.experts(model)) for b in blocks)
     shared = sum(_numel(model.get_submodule(p)) for b in blocks for p in b.shared_paths)

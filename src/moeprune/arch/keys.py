@@ -160,11 +160,20 @@ def map_expert_keys(
                 return experts_of[p]
         return None
 
+    quantized = bool(getattr(model.config, "quantization_config", None))  # packed shapes differ
     found = ExpertKeyMap(blocks=blocks)
     for key, shape in shapes.items():
         renamed, pattern = rename_source_key(key, renamings, converters, bmp, meta_keys)
         if renamed not in meta_keys and key in meta_keys:
             renamed, pattern = key, None
+        if pattern is None and renamed in meta_keys and not quantized:
+            want = tuple(state[renamed].shape)
+            if tuple(shape) != want:
+                raise UserError(
+                    f"checkpoint tensor '{key}' has shape {list(shape)}, the model its config.json "
+                    f"describes has {list(want)}",
+                    "the checkpoint does not match its config.json",
+                )
         hit = axis_of.get(renamed)
         if hit is not None and (pattern is None or not _merges_experts(by_pattern[pattern])):
             block, axis = hit
@@ -239,9 +248,17 @@ def _check_complete(
             )
     # per-expert keys: every template holds experts 0..E-1 exactly once
     templates: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+    template_shape: dict[tuple[str, str, int], tuple[str, tuple[int, ...]]] = {}
     for k in found.keys.values():
         if k.kind == "per_expert":
             templates[(k.prefix, k.suffix, k.block)].append(k.expert)  # type: ignore[arg-type]
+            first = template_shape.setdefault((k.prefix, k.suffix, k.block), (k.key, tuple(shapes[k.key])))
+            if tuple(shapes[k.key]) != first[1]:
+                raise UserError(
+                    f"checkpoint tensor '{k.key}' has shape {list(shapes[k.key])}, "
+                    f"but '{first[0]}' has {list(first[1])}",
+                    "the checkpoint is corrupt or does not match its config.json",
+                )
     for (prefix, suffix, index), ids in templates.items():
         block = found.blocks[index]
         if sorted(ids) != list(range(block.num_experts)):

@@ -1,0 +1,248 @@
+"""Garbage in: corrupt checkpoints and configs that disagree with their weights are one clear line,
+exit 2, in every command that reads them (issue 11 #5, #7, #11)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from _cli import assert_user_error, run_cli
+from moeprune.testing.tiny import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("m") / "m"
+    tiny_model("qwen3_moe").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def plan_file(model_dir, tmp_path_factory) -> Path:
+    from _cli import run_cli as _run  # noqa: F401 - same helper, without capsys
+    from moeprune.cli import main
+
+    d = tmp_path_factory.mktemp("p")
+    (d / "d.jsonl").write_text("".join(json.dumps({"text": f"hello {i} " * 5}) + "\n" for i in range(4)))
+    assert (
+        main(
+            ["profile", str(model_dir), "--data", str(d / "d.jsonl"), "--out", str(d / "p.safetensors"), "-q"]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "plan",
+                str(d / "p.safetensors"),
+                "--method",
+                "easyep",
+                "--keep",
+                "4",
+                "--out",
+                str(d / "plan.json"),
+            ]
+        )
+        == 0
+    )
+    return d / "plan.json"
+
+
+def _copy(model_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(model_dir, dst)
+    return dst
+
+
+def _edit_header(path: Path, edit) -> None:
+    """Rewrite a safetensors header in place (same length, so the data stays where it was)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    path.write_bytes(raw[:8] + new + b" " * (n - len(new)) + raw[8 + n :])
+
+
+def _edit_config(d: Path, **values) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in values.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+UP3 = "model.layers.0.mlp.experts.3.up_proj.weight"
+
+
+def _set(key, field, value):
+    def edit(h):
+        h[key][field] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_set(UP3, "dtype", "F99"), ["unknown dtype 'F99'", UP3, "model.safetensors"]),
+        (_set(UP3, "shape", [64, 32]), [UP3, "[64, 32]", "[32, 64]"]),
+        (
+            _set("model.layers.0.mlp.gate.weight", "shape", [4, 128]),
+            ["mlp.gate.weight", "[4, 128]", "[8, 64]"],
+        ),
+        (
+            lambda h: h[UP3].update(
+                data_offsets=h["model.layers.0.mlp.experts.2.up_proj.weight"]["data_offsets"]
+            ),
+            ["overlap", UP3],
+        ),
+        (_set(UP3, "shape", [32, -64]), ["negative dimension", UP3]),
+    ],
+)
+def test_prune_refuses_a_corrupt_header(model_dir, plan_file, tmp_path, capsys, edit, words):
+    src = _copy(model_dir, tmp_path)
+    _edit_header(src / "model.safetensors", edit)
+    rc, _, err = run_cli(capsys, "prune", src, "--plan", plan_file, "--out", tmp_path / "out")
+    assert_user_error(rc, err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad-header"])
+@pytest.mark.parametrize("command", ["profile", "eval", "inspect"])
+def test_corrupt_weights_file(model_dir, tmp_path, capsys, damage, command):
+    src = _copy(model_dir, tmp_path)
+    f = src / "model.safetensors"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "empty":
+        f.write_bytes(b"")
+    else:
+        f.write_bytes(struct.pack("<Q", 16) + b"{bad header!!!!}")
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    args = {
+        "profile": ["profile", src, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "p.safetensors"],
+        "eval": ["eval", src, "--task", tmp_path / "d.jsonl"],
+        "inspect": ["inspect", src],
+    }[command]
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "model.safetensors", "is not a valid safetensors file")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            {"num_hidden_layers": 4, "mlp_only_layers": None, "layer_types": None},
+            ["missing keys", "model.layers.2."],
+        ),
+        ({"num_experts": 16, "num_local_experts": None}, ["config"]),
+        ({"moe_intermediate_size": 16}, ["config"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["profile", "eval"])
+def test_config_that_disagrees_with_the_weights(model_dir, tmp_path, capsys, change, words, command):
+    """A config claiming more layers / experts or other sizes than the weights: one line, no run on
+    random weights (issue 11 #7: 8 claimed layers of a 4-layer checkpoint profiled, exit 0)."""
+    src = _copy(model_dir, tmp_path)
+    _edit_config(src, **change)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    if command == "profile":
+        args = ["profile", src, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "p.safetensors"]
+    else:
+        args = ["eval", src, "--task", tmp_path / "d.jsonl"]
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "does not match", *words)
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_inspect_refuses_expert_count_the_weights_do_not_hold(model_dir, tmp_path, capsys):
+    src = _copy(model_dir, tmp_path)
+    _edit_config(src, num_experts=16, num_local_experts=None)
+    rc, _, err = run_cli(capsys, "inspect", src)
+    assert_user_error(rc, err, "[16, 64]", "does not match")
+    (src / "model.safetensors").unlink()  # config only: nothing to compare, inspect still works
+    rc, out, _ = run_cli(capsys, "inspect", src)
+    assert rc == 0 and "16" in out
+
+
+@pytest.mark.parametrize("value", [-4, "8", 0, 2.5, True])
+@pytest.mark.parametrize("command", ["inspect", "profile"])
+def test_bad_expert_counts(model_dir, tmp_path, capsys, value, command):
+    src = _copy(model_dir, tmp_path)
+    _edit_config(src, num_experts=value, num_local_experts=None)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    args = (
+        ["inspect", src]
+        if command == "inspect"
+        else ["profile", src, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "p.safetensors"]
+    )
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "'num_experts' is", "not a whole number >= 1")
+
+
+def test_top_k_above_the_expert_count(model_dir, tmp_path, capsys):
+    """Issue 11 #11: num_experts_per_tok above the experts (PreMoe's K_a) was a ValueError traceback."""
+    src = _copy(model_dir, tmp_path)
+    _edit_config(src, num_experts_per_tok=16)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    rc, _, err = run_cli(
+        capsys, "profile", src, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "p.safetensors"
+    )
+    assert_user_error(rc, err, "16 experts active per token", "8 experts per layer")
+
+
+def test_plan_with_a_huge_expert_count_is_refused_at_once(tmp_path):
+    """Issue 11 #12: num_experts 2**70 built set(range(...)) (8 GB, then a hang)."""
+    import time
+
+    from moeprune.errors import UserError
+    from moeprune.plan import Plan
+
+    base = {
+        "format": "moeprune-plan/1",
+        "model_fingerprint": "x",
+        "model_type": "qwen3_moe",
+        "method": "easyep",
+        "top_k": 2,
+        "layers": [0],
+        "kept": {"0": [0, 1]},
+    }
+    for extra, words in [
+        ({"num_experts": 2**70}, "more than any MoE layer has"),
+        ({"num_experts": 60000, "replaced": {"0": [2, 3]}}, "not the complement"),
+    ]:
+        f = tmp_path / "p.json"
+        f.write_text(json.dumps({**base, **extra}))
+        t0 = time.perf_counter()
+        with pytest.raises(UserError, match=words):
+            Plan.load(f)
+        assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("top_k, hint", [(0, "pass --top-k 1 or more"), (3, "pass --top-k 2 or less")])
+def test_top_k_hint_names_a_value_that_works(plan_file, tmp_path, capsys, top_k, hint):
+    """Issue 12 §5: --top-k 0 said "pass a smaller --top-k"."""
+    profile = plan_file.parent / "p.safetensors"
+    rc, _, err = run_cli(
+        capsys,
+        "plan",
+        profile,
+        "--method",
+        "easyep",
+        "--keep",
+        "4",
+        "--top-k",
+        top_k,
+        "--out",
+        tmp_path / "x.json",
+    )
+    assert_user_error(rc, err, hint)
