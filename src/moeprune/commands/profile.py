@@ -111,6 +111,11 @@ def create(
     per_sample: bool = typer.Option(
         False, "--per-sample", help="Also store each sample's gate sums (sample_gate)."
     ),
+    premoe_exact: bool = typer.Option(
+        False,
+        "--premoe-exact",
+        help="Also keep PreMoe's per-token entries (the file grows with the tokens; lets plan lower --premoe-ka).",
+    ),
     dtype: str = typer.Option(
         "auto", "--dtype", help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)."
     ),
@@ -156,6 +161,7 @@ def create(
         device=device,
         offload=offload,
         quiet=quiet,
+        premoe_exact=premoe_exact,
     )
 
 
@@ -177,6 +183,7 @@ def run_profile(
     offload: str = "none",
     quiet: bool = False,
     loaded: tuple[Any, Any] | None = None,
+    premoe_exact: bool = False,
 ) -> None:
     """What `moeprune profile MODEL ...` does (usable from Python). ``loaded`` = (model, tokenizer)
     already in memory (several profiles of one model without reloading it)."""
@@ -270,6 +277,7 @@ def run_profile(
                 progress=progress,
                 dtype=parse_dtype(dtype),
                 device=dev,
+                premoe_exact=premoe_exact,
             )
         else:
             tensors = calibrate(
@@ -281,6 +289,7 @@ def run_profile(
                 premoe_ka=premoe_ka,
                 per_sample=per_sample,
                 progress=progress,
+                premoe_exact=premoe_exact,
             )
         if info.rank != 0:
             return
@@ -289,7 +298,8 @@ def run_profile(
             "max_samples": max_samples,
             "seed": seed,
             "self_generate": self_generate,
-            "premoe_ka": int(tensors["premoe_idx"].shape[-1]),
+            "premoe_ka": int(tensors["premoe_ka"].item()),
+            "premoe_exact": premoe_exact,
             "text_field": text_field,
             "per_sample": per_sample,
             "batch_size": batch_size,
