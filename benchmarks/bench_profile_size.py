@@ -102,7 +102,7 @@ def testbed_seqs(domains=None):
     out = {}
     for d in domains or DOMAINS:
         records, _ = load_records([str(data_file(d, "calib"))], None)
-        out[d], _ = tokenize_records(tok, records, 512)
+        out[d], _ = tokenize_records(tok, records, 256)
     return out
 
 
