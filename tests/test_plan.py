@@ -265,6 +265,8 @@ def write_profile(path: Path, seed: int = 0, fingerprint: str = FINGERPRINT, **m
     """A profile file as docs/profile-format.md describes it (2 layers, 8 experts, top-2)."""
     from safetensors.torch import save_file
 
+    from moeprune.profile import FORMAT, checksums
+
     gen = torch.Generator().manual_seed(seed)
     n_layers, n_experts, n_tokens, ka = 2, 8, 30, 3
     hidden = int(meta_extra.get("hidden_size", 4))
@@ -292,7 +294,7 @@ def write_profile(path: Path, seed: int = 0, fingerprint: str = FINGERPRINT, **m
         "mone_m2": torch.rand(n_layers, n_experts, hidden, generator=gen),
     }
     meta = {
-        "format": "moeprune-profile/1",
+        "format": FORMAT,
         "tool_version": "0.1.0",
         "model": "tiny",
         "model_fingerprint": fingerprint,
@@ -308,7 +310,8 @@ def write_profile(path: Path, seed: int = 0, fingerprint: str = FINGERPRINT, **m
         "settings": {"premoe_ka": ka},
         **meta_extra,
     }
-    save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+    text = json.dumps(meta)
+    save_file(tensors, str(path), metadata={"meta": text, "sha256": json.dumps(checksums(tensors, text))})
     return path
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moeprune.testing.tiny as tiny  # noqa: E402
+from _cli import assert_user_error, run_cli
 from moeprune.arch import find_moe_blocks, single_expert_forward
 from moeprune.calibrate import Accumulator, calibrate
 from moeprune.cli import main
@@ -115,7 +116,53 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
     out["sample_gate"] = sample_gate
     out["tokens"] = torch.tensor([float(sum(len(s) for s in seqs))], dtype=f64)
     out["sample_tokens"] = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    out.update(naive_premoe_bounded(out["premoe_q"], out["premoe_f"], out["premoe_idx"], [len(s) for s in seqs], E))
     return out
+
+
+def naive_premoe_bounded(q, f, idx, lengths: list[int], E: int) -> dict[str, torch.Tensor]:
+    """The bounded PreMoe statistics entry by entry: histograms over q per (layer, expert), Σ max q
+    per layer, and each record's PEU sum at the first MoE layer with its own r."""
+    from moeprune.score import premoe_edges
+
+    L, T, ka = q.shape
+    edges = premoe_edges(ka)
+    B = len(edges)
+    hist = torch.zeros(3, L, E, B, dtype=torch.float64)
+    for li in range(L):
+        for t in range(T):
+            for j in range(ka):
+                qv, fv, i = float(q[li, t, j]), float(f[li, t, j]), int(idx[li, t, j])
+                b = max(k for k in range(B) if float(edges[k]) <= qv)
+                hist[0, li, i, b] += fv
+                hist[1, li, i, b] += qv * fv
+                hist[2, li, i, b] += 1
+    sample = torch.zeros(len(lengths), E, dtype=torch.float64)
+    start = 0
+    for s_idx, n in enumerate(lengths):
+        r = sum(float(q[0, t, 0]) for t in range(start, start + n)) / max(n, 1)
+        for t in range(start, start + n):
+            for j in range(ka):
+                if float(q[0, t, j]) >= r:
+                    sample[s_idx, int(idx[0, t, j])] += float(f[0, t, j])
+        start += n
+    return {
+        "premoe_hist_f": hist[0],
+        "premoe_hist_qf": hist[1],
+        "premoe_hist_n": hist[2],
+        "premoe_edges": edges,
+        "premoe_qmax": q[:, :, 0].double().sum(1),
+        "premoe_ka": torch.tensor([ka]),
+        "sample_premoe": sample,
+    }
+
+
+PER_TOKEN = ("premoe_q", "premoe_f", "premoe_idx")
+
+
+def bounded(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors without PreMoe's per-token entries (what a default profile holds)."""
+    return {k: v for k, v in t.items() if k not in PER_TOKEN}
 
 
 def assert_same(
@@ -125,7 +172,7 @@ def assert_same(
     for name in a:
         x, y = a[name], b[name]
         assert x.shape == y.shape, (name, x.shape, y.shape)
-        if name in ("count", "tokens", "premoe_idx"):
+        if name in ("count", "tokens", "premoe_idx", "premoe_hist_n", "premoe_ka"):
             assert torch.equal(x.long(), y.long()), name
         else:
             torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol, msg=name)
@@ -137,11 +184,13 @@ def assert_same(
 def test_statistics_match_naive_float64_reference(model):
     seqs = _seqs(LENGTHS)
     ka = 3
-    got = calibrate(model, seqs, batch_size=3, premoe_ka=ka, per_sample=True)
+    got = calibrate(model, seqs, batch_size=3, premoe_ka=ka, per_sample=True, premoe_exact=True)
     ref = naive_stats(model, seqs, ka)
     assert got["tokens"].dtype == torch.float64 and got["mone_mean"].dtype == torch.float32
     assert got["premoe_idx"].dtype == torch.int32 and got["sample_gate"].dtype == torch.float32
     assert_same(got, ref)
+    # the default keeps nothing per token: the same statistics without the per-token entries
+    assert_same(calibrate(model, seqs, batch_size=3, premoe_ka=ka, per_sample=True), bounded(ref))
     # MoNE: experts that were never selected hold zeros, the others the true mean
     assert int(got["count"].sum()) == sum(LENGTHS) * find_moe_blocks(model)[0].top_k * len(
         find_moe_blocks(model)
@@ -152,17 +201,17 @@ def test_batch_size_and_padding_do_not_matter(model, monkeypatch):
     seqs = _seqs(LENGTHS, seed=1)
     with monkeypatch.context() as m:  # the per-expert loop used for large batches on CPU
         m.setattr(Accumulator, "moments_by_loop", True)
-        one = calibrate(model, seqs, batch_size=1, per_sample=True)
-    three = calibrate(model, seqs, batch_size=3, per_sample=True)
-    everything = calibrate(model, seqs, batch_size=len(seqs), per_sample=True)  # one batch, lengths 1..40
+        one = calibrate(model, seqs, batch_size=1, per_sample=True, premoe_exact=True)
+    three = calibrate(model, seqs, batch_size=3, per_sample=True, premoe_exact=True)
+    everything = calibrate(model, seqs, batch_size=len(seqs), per_sample=True, premoe_exact=True)
     assert_same(one, three)
     assert_same(one, everything)
     assert one["premoe_q"].shape[1] == sum(LENGTHS)
 
 
-def _profile(model, seqs, name: str, per_sample: bool = True) -> Profile:
+def _profile(model, seqs, name: str, per_sample: bool = True, exact: bool = False) -> Profile:
     blocks = find_moe_blocks(model)
-    t = calibrate(model, seqs, blocks=blocks, batch_size=2, per_sample=per_sample)
+    t = calibrate(model, seqs, blocks=blocks, batch_size=2, per_sample=per_sample, premoe_exact=exact)
     return Profile.build(
         t,
         model="tiny",
@@ -192,6 +241,10 @@ def test_merge_equals_profile_of_the_union(model, tmp_path):
     pc = _profile(model, b[:2], "c")
     pd = _profile(model, b[2:], "d")
     assert_same(Profile.merge([pa, pc, pd]).tensors, union.tensors)
+    # exact profiles merge exactly too (entries concatenate); with a bounded one, the entries go
+    exact = [_profile(model, part, n, exact=True) for part, n in ((a, "a"), (b, "b"))]
+    assert_same(Profile.merge(exact).tensors, _profile(model, seqs, "ab", exact=True).tensors)
+    assert_same(Profile.merge([exact[0], pb]).tensors, union.tensors)
 
 
 def test_accumulator_can_be_fed_layer_by_layer(model):
@@ -220,6 +273,7 @@ def test_accumulator_can_be_fed_layer_by_layer(model):
                 acc.observe(ev)
     acc.reduce()
     assert_same(acc.tensors(), calibrate(model, seqs, batch_size=1, per_sample=True))
+    assert "premoe_q" not in acc.tensors()
 
 
 # --- the file ----------------------------------------------------------------------------------
@@ -265,13 +319,17 @@ def test_save_load_roundtrip_and_format(ds_model, tmp_path):
         "reap_sum",
         "easyep",
         "premoe_v1",
-        "premoe_q",
-        "premoe_f",
-        "premoe_idx",
+        "premoe_hist_f",
+        "premoe_hist_qf",
+        "premoe_hist_n",
+        "premoe_edges",
+        "premoe_qmax",
+        "premoe_ka",
         "mone_mean",
         "mone_m2",
         "sample_gate",
         "sample_tokens",
+        "sample_premoe",
     }
     assert p["sample_tokens"].tolist() == [5, 9]  # one entry per record, in order
     q = Profile.load(path)
@@ -303,11 +361,115 @@ def test_load_rejects_corrupted_and_foreign_files(ds_model, tmp_path):
     t = dict(p.tensors)
     t["gate"] = torch.zeros(3, 3, dtype=torch.float64)
     bad = tmp_path / "bad.profile.safetensors"
-    save_file(t, str(bad), metadata={"meta": json.dumps(p.meta)})
+    _write_raw(bad, t, p.meta)
     with pytest.raises(UserError, match="corrupted: tensor 'gate' has shape"):
         Profile.load(bad)
     with pytest.raises(UserError, match="does not exist"):
         Profile.load(tmp_path / "missing.profile.safetensors")
+
+
+def _write_raw(path: Path, tensors: dict[str, torch.Tensor], meta: dict, checksum: bool = True) -> None:
+    """A profile file with these tensors and meta as given (no validation), with valid checksums."""
+    from safetensors.torch import save_file
+
+    from moeprune.profile import checksums
+
+    text = json.dumps(meta, sort_keys=True)
+    header = {"meta": text}
+    if checksum:
+        header["sha256"] = json.dumps(checksums(tensors, text))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+
+
+def test_checksum_catches_a_flipped_bit(ds_model, tmp_path):
+    p = _profile(ds_model, _seqs([5, 9]), "x")
+    good = tmp_path / "good.profile.safetensors"
+    p.save(good)
+    Profile.load(good)
+    data = bytearray(good.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    for offset, what in ((len(data) - 3, "does not match its checksum"), (8 + header_len // 2, "")):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x10  # one bit: in the last tensor's bytes, then inside the JSON header
+        bad = tmp_path / "flipped.profile.safetensors"
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(UserError, match=f"flipped.profile.safetensors.*{what}"):
+            Profile.load(bad)
+    # a checksum list that does not cover the tensors, or none at all in a current profile
+    _write_raw(bad, p.tensors, {**p.meta, "format": FORMAT}, checksum=False)
+    with pytest.raises(UserError, match="checksums are missing"):
+        Profile.load(bad)
+
+
+def test_old_profile_without_checksum_is_read_with_a_warning(ds_model, tmp_path, capsys):
+    p = _profile(ds_model, _seqs([5, 9]), "x", exact=True)
+    old = tmp_path / "old.profile.safetensors"
+    _write_raw(old, bounded_to_v1(p.tensors), {**p.meta, "format": "moeprune-profile/1"}, checksum=False)
+    q = Profile.load(old)
+    assert "has no checksum" in capsys.readouterr().err
+    assert q.premoe_exact and q.premoe_ka == p.premoe_ka
+    from moeprune.score import score_premoe
+
+    torch.testing.assert_close(score_premoe(q), score_premoe(p), rtol=0, atol=0)
+    # merging rewrites it in the current format, with checksums and histograms
+    merged = Profile.merge([q, q])
+    merged.save(tmp_path / "new.profile.safetensors")
+    assert "premoe_hist_f" in Profile.load(tmp_path / "new.profile.safetensors").tensors
+
+
+def bounded_to_v1(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a format-1 profile had: per-token entries, no histograms."""
+    drop = {"premoe_hist_f", "premoe_hist_qf", "premoe_hist_n", "premoe_edges", "premoe_qmax", "premoe_ka",
+            "sample_premoe"}  # fmt: skip
+    return {k: v for k, v in t.items() if k not in drop}
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "words"),
+    [
+        ("count", lambda x: x.sub_(x.max() + 1), ("'count'", "negative", "MoE layer 1, expert 0")),
+        ("count", lambda x: x.add_(0.5), ("'count'", "non-integral")),
+        ("count", lambda x: x.add_(1000), ("'count'", "exceeds")),
+        ("mone_mean", lambda x: x[0, 3].fill_(float("nan")), ("'mone_mean'", "NaN", "MoE layer 1, expert 3")),
+        ("easyep", lambda x: x[0, 5].fill_(float("inf")), ("'easyep'", "infinite", "expert 5")),
+        ("mone_m2", lambda x: x[0, 2, 1].fill_(-1.0), ("'mone_m2'", "negative", "expert 2")),
+        ("premoe_hist_n", lambda x: x[0, 0, 0].add_(1), ("'premoe_hist_n'", "entries per layer")),
+    ],
+)
+def test_load_rejects_impossible_values(ds_model, tmp_path, name, change, words):
+    p = _profile(ds_model, _seqs([5, 9]), "x")
+    t = {k: v.clone() for k, v in p.tensors.items()}
+    change(t[name])
+    bad = tmp_path / "bad.profile.safetensors"
+    _write_raw(bad, t, {**p.meta, "format": FORMAT})  # valid checksums: the values themselves are wrong
+    with pytest.raises(UserError) as exc:
+        Profile.load(bad)
+    msg = str(exc.value)
+    assert "corrupted" in msg and all(w in msg for w in words), msg
+
+
+def test_calibration_stops_at_the_first_non_finite_statistic(tmp_path, capsys):
+    model = tiny.tiny_model("qwen3_moe")
+    blocks = find_moe_blocks(model)
+    experts = blocks[1].experts(model)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param[3].fill_(float("nan"))  # expert 3 of the second MoE layer
+    with pytest.raises(UserError) as exc:
+        calibrate(model, _seqs(LENGTHS), batch_size=3)
+    msg = str(exc.value)
+    assert f"MoE layer {blocks[1].layer}" in msg and "expert 3" in msg and "NaN" in msg, msg
+    # the same through the command: one line, exit 2, no profile written
+    d = tmp_path / "nan-model"
+    model.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "some text " * n}) + "\n" for n in (3, 9, 20)))
+    out = tmp_path / "p.profile.safetensors"
+    capsys.readouterr()  # drop the saving progress bar
+    rc, _, err = run_cli(capsys, "profile", d, "--data", data, "--out", out, "-q")
+    assert_user_error(rc, err, f"MoE layer {blocks[1].layer}", "expert 3", "NaN")
+    assert not out.exists()
 
 
 def test_check_model_refuses_another_model(ds_model):

@@ -291,6 +291,20 @@ def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
     assert len(seen) == len(blocks)
 
 
+def test_novice_refuses_non_finite_vectors(tmp_path):
+    """A NaN novice vector would make every token routed to that expert NaN: refuse, name it."""
+    model, blocks = _tiny("qwen3_moe")
+    src = _save(model, tmp_path / "src", "fused")
+    kept = _ragged(blocks, seed=11)
+    novices = _novices(blocks, kept, model.config.get_text_config().hidden_size)
+    last = blocks[-1]
+    replaced = sorted(set(range(last.num_experts)) - set(kept[last.layer]))
+    novices[last.layer][1, 0] = float("nan")
+    with pytest.raises(UserError, match=f"expert {replaced[1]} of layer {last.layer} is NaN"):
+        rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices)
+    assert not (tmp_path / "out").exists()
+
+
 def test_novice_gpt_oss_as_stock_checkpoint(tmp_path):
     model, blocks = _tiny("gpt_oss")
     src = _save(model, tmp_path / "src")

@@ -105,13 +105,15 @@ def profile(
     device: str = "auto",
     offload: str = "none",
     quiet: bool = True,
+    premoe_exact: bool = False,
 ) -> Profile:
     """One calibration pass of ``model`` (a path, cached hub id or loaded model) over ``data``.
 
     Returns the :class:`~moeprune.profile.Profile`; with ``out`` it is also written there (and,
     with ``self_generate``, the model's answers beside it as ``<stem>.demos.jsonl``). A loaded model
     is used as it is (``dtype``/``device`` ignored); its tokenizer is loaded from its folder unless
-    given."""
+    given. ``premoe_exact`` also keeps PreMoe's per-token entries (the profile then grows with the
+    tokens; the default histograms give the same ranking in a size bounded by the model)."""
     data = [os.fspath(d) for d in data]
     out_path = Path(out) if out is not None else None
     from .profiling import check_profile_args
@@ -148,6 +150,7 @@ def profile(
         dtype=dtype,
         device=device,
         offload=offload,
+        premoe_exact=premoe_exact,
         quiet=quiet,
         loaded=loaded,
     )

@@ -1,7 +1,8 @@
 """One streaming calibration pass: every statistic of the profile, accumulated on the fly.
 
 :class:`Accumulator` turns :class:`~moeprune.arch.BlockEvent` s into the sums of
-``docs/profile-format.md`` (float64, nothing per token except PreMoe's top-Ka entries). It knows
+``docs/profile-format.md`` (float64; nothing per token unless PreMoe's exact per-token entries are
+asked for, so a profile's size does not grow with the calibration tokens). It knows
 nothing about how the events are produced: :func:`calibrate` drives it with a whole-model forward
 under :func:`~moeprune.arch.patch_moe`, and any other driver (a layer-by-layer offloaded pass) can
 feed it too, by calling :meth:`Accumulator.set_batch` before the events of each batch, in any
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 
 from .arch import BlockEvent, MoEBlock
-from .score import premoe_token_entries
+from .errors import UserError
+from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins, premoe_edges, premoe_token_entries
 
 __all__ = [
     "SUM_NAMES",
@@ -154,6 +156,8 @@ class Accumulator:
         premoe_ka: int | None = None,
         per_sample: bool = False,
         device: str | torch.device = "cpu",
+        premoe_exact: bool = False,
+        premoe_bins: int = PREMOE_BINS,
     ) -> None:
         self.blocks = list(blocks)
         self.L = len(self.blocks)
@@ -174,15 +178,28 @@ class Accumulator:
         self.layer_tokens = torch.zeros(self.L, dtype=f64, device=dev)
         self.mean = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
         self.m2 = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
-        self.premoe_q = torch.zeros(self.L, self.T, self.ka, dtype=torch.float32, device=dev)
-        self.premoe_f = torch.zeros(self.L, self.T, self.ka, dtype=torch.float32, device=dev)
-        self.premoe_idx = torch.zeros(self.L, self.T, self.ka, dtype=torch.int32, device=dev)
+        # PreMoe: per layer, histograms over q of (Σ f, Σ q f, entries) per expert and Σ_t max q;
+        # per record, the exact PEU at the first MoE layer (each record is whole in one batch);
+        # the per-token entries only when asked for (they grow with the data)
+        self.edges = premoe_edges(self.ka, int(premoe_bins)).to(dev)
+        self.hist = torch.zeros(self.L, 3, self.E * self.edges.numel(), dtype=f64, device=dev)
+        self.qmax = torch.zeros(self.L, dtype=f64, device=dev)
+        self.sample_premoe = torch.zeros(self.S, self.E, dtype=f64, device=dev)
+        self.exact = premoe_exact
+        if premoe_exact:
+            self.premoe_q = torch.zeros(self.L, self.T, self.ka, dtype=torch.float32, device=dev)
+            self.premoe_f = torch.zeros(self.L, self.T, self.ka, dtype=torch.float32, device=dev)
+            self.premoe_idx = torch.zeros(self.L, self.T, self.ka, dtype=torch.int32, device=dev)
+        # per layer: did a statistic become NaN/Inf (checked once per batch, without a sync per layer)
+        self._bad = torch.zeros(self.L, dtype=torch.bool, device=dev)
         # [L, S, E] inside (one contiguous block per layer); [S, L, E] in the profile
         self.sample_gate = torch.zeros(self.L, self.S, self.E, dtype=f64, device=dev) if per_sample else None
         self._sel: torch.Tensor | None = None
         self._mask = torch.ones(0, dtype=torch.bool)
         self._pos: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
+        self._local: torch.Tensor | None = None  # each real token's row in the batch
+        self._rec_len: torch.Tensor | None = None  # each batch row's record length
         self._reduced = False
 
     def _use_loop(self, rows: torch.Tensor) -> bool:
@@ -198,6 +215,7 @@ class Accumulator:
     ) -> None:
         """Declare the batch the next events belong to: which records its rows are and which of its
         flattened tokens are real (``attention_mask`` [B, S]; left or right padding)."""
+        self.check_finite()
         rec = torch.as_tensor(list(record_ids), dtype=torch.long, device=self.device)
         if attention_mask is None:
             if seq_len is None:
@@ -209,16 +227,18 @@ class Accumulator:
         flat_mask = mask.reshape(-1)
         pos = (self.offsets[rec].unsqueeze(1) + within).reshape(-1)
         rows = rec.unsqueeze(1).expand_as(mask).reshape(-1)
+        local = torch.arange(len(rec), device=self.device).unsqueeze(1).expand_as(mask).reshape(-1)
         self._mask = flat_mask
         if bool(flat_mask.all()):
             self._sel = None
-            self._pos, self._rows = pos, rows
+            self._pos, self._rows, self._local = pos, rows, local
         else:
             sel = flat_mask.nonzero().squeeze(1)
-            self._sel, self._pos, self._rows = sel, pos[sel], rows[sel]
+            self._sel, self._pos, self._rows, self._local = sel, pos[sel], rows[sel], local[sel]
         n = [self.lengths[int(r)] for r in rec.tolist()]
         if mask.sum(1).tolist() != n:
             raise ValueError("attention mask does not match the declared record lengths")
+        self._rec_len = torch.tensor(n, dtype=torch.float64, device=self.device)
 
     def observe(self, event: BlockEvent) -> None:
         """Add one block's event (for the batch declared by :meth:`set_batch`)."""
@@ -259,9 +279,7 @@ class Accumulator:
         q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
         vals = torch.gather(s, -1, ids[:, :1])
         sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
-        self.premoe_q[li, self._pos] = q
-        self.premoe_f[li, self._pos] = f
-        self.premoe_idx[li, self._pos] = ids.int()
+        self._premoe(li, q, f, ids)
         if self.sample_gate is not None:
             cell = self._rows.repeat_interleave(k) * E + flat
             self.sample_gate[li].view(-1).index_add_(0, cell, g64)
@@ -300,12 +318,74 @@ class Accumulator:
         _, self.mean[li], self.m2[li] = chan_merge(
             n_a, self.mean[li], self.m2[li], nb, mean_b.double(), m2_b.double()
         )
+        self._flag_nonfinite(li)
+
+    def _premoe(self, li: int, q: torch.Tensor, f: torch.Tensor, ids: torch.Tensor) -> None:
+        """PreMoe's statistics of one layer's real tokens: entries q, f, ids [t, Ka]."""
+        f64 = torch.float64
+        q64, f64v = q.double(), f.double()
+        self.qmax[li] += q64[:, 0].sum()
+        cell = ids.reshape(-1) * self.edges.numel() + premoe_bins(q64, self.edges).reshape(-1)
+        vals = torch.stack([f64v.reshape(-1), (q64 * f64v).reshape(-1), torch.ones_like(f64v).reshape(-1)])
+        self.hist[li].index_add_(1, cell, vals)
+        if li == 0:
+            # each record's PEU at the first MoE layer with its own r (the library's record keys):
+            # every record lies whole in this batch, so its r is known here
+            assert self._local is not None and self._rec_len is not None and self._rows is not None
+            r_sum = torch.zeros(self._rec_len.numel(), dtype=f64, device=q.device)
+            r_sum.index_add_(0, self._local, q64[:, 0])
+            r = (r_sum / self._rec_len.clamp(min=1))[self._local]
+            contrib = torch.where(q64 >= r.unsqueeze(1), f64v, torch.zeros((), dtype=f64, device=q.device))
+            where = self._rows.unsqueeze(1) * self.E + ids
+            self.sample_premoe.view(-1).index_add_(0, where.reshape(-1), contrib.reshape(-1))
+        if self.exact:
+            self.premoe_q[li, self._pos] = q
+            self.premoe_f[li, self._pos] = f
+            self.premoe_idx[li, self._pos] = ids.int()
+
+    def _layer_stats(self, li: int) -> list[tuple[str, torch.Tensor]]:
+        """(name, [E, ...] tensor) of every accumulated statistic of layer ``li``."""
+        B = self.edges.numel()
+        out = [(name, self.sums[name][li]) for name in SUM_NAMES]
+        out += [("mone_mean", self.mean[li]), ("mone_m2", self.m2[li])]
+        out += [(name, self.hist[li, j].view(self.E, B)) for j, name in enumerate(("premoe_hist_f", "premoe_hist_qf"))]
+        if li == 0:
+            out.append(("sample_premoe", self.sample_premoe.t()))
+        return out
+
+    def _flag_nonfinite(self, li: int) -> None:
+        """Mark layer ``li`` when one of its statistics is NaN/Inf (no device sync here)."""
+        bad = torch.stack([~torch.isfinite(t).all() for _, t in self._layer_stats(li)]).any()
+        self._bad[li] |= bad
+
+    def check_finite(self) -> None:
+        """Stop with one line naming the layer, statistic and expert when a statistic became NaN
+        or infinite (NaN/Inf router logits, expert outputs or hidden states: the model is broken)."""
+        if not bool(self._bad.any()):
+            return
+        li = int(self._bad.nonzero()[0])
+        block = self.blocks[li]
+        for name, t in self._layer_stats(li):
+            rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(-1).nonzero()
+            if rows.numel():
+                where = "a sample" if name == "sample_premoe" else f"expert {int(rows[0])}"
+                raise UserError(
+                    f"MoE layer {block.layer} ({block.path}): the statistic '{name}' of {where} became "
+                    "NaN or infinite during calibration (non-finite router logits, expert outputs or "
+                    "hidden states)",
+                    "check the model's weights for NaN/Inf; if it is half precision, try --dtype float32",
+                )
+        raise UserError(
+            f"MoE layer {block.layer} ({block.path}): a calibration statistic became NaN or infinite",
+            "check the model's weights for NaN/Inf; if it is half precision, try --dtype float32",
+        )
 
     # --- finishing ----------------------------------------------------------------------------
 
     def reduce(self) -> None:
         """Combine the ranks' partial results (no-op on one process). Call once, on every rank."""
         info = dist_info()
+        self.check_finite()
         if self._reduced or not info.active:
             self._reduced = True
             return
@@ -322,24 +402,38 @@ class Accumulator:
         dist.all_reduce(m2)
         self.mean, self.m2 = mean, m2
         dist.all_reduce(self.layer_tokens)
+        dist.all_reduce(self.hist)
+        dist.all_reduce(self.qmax)
         # per-token / per-sample rows: every position is written by exactly one rank, zeros elsewhere
-        for t in (self.premoe_q, self.premoe_f, self.premoe_idx):
-            dist.all_reduce(t)
+        dist.all_reduce(self.sample_premoe)
+        if self.exact:
+            for t in (self.premoe_q, self.premoe_f, self.premoe_idx):
+                dist.all_reduce(t)
         if self.sample_gate is not None:
             dist.all_reduce(self.sample_gate)
         self._reduced = True
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The profile tensors (CPU, dtypes of docs/profile-format.md). Call after :meth:`reduce`."""
+        self.check_finite()
         seen = self.layer_tokens.tolist()
         if any(int(n) != self.T for n in seen):
             raise RuntimeError(f"MoE layers saw {seen} tokens, expected {self.T} each")
         out = {"tokens": torch.tensor([float(self.T)], dtype=torch.float64)}
         for name in SUM_NAMES:
             out[name] = self.sums[name].cpu()
-        out["premoe_q"] = self.premoe_q.cpu()
-        out["premoe_f"] = self.premoe_f.cpu()
-        out["premoe_idx"] = self.premoe_idx.cpu()
+        B = self.edges.numel()
+        hist = self.hist.view(self.L, 3, self.E, B).cpu()
+        for j, name in enumerate(PREMOE_HIST):
+            out[name] = hist[:, j].contiguous()
+        out["premoe_edges"] = self.edges.cpu()
+        out["premoe_qmax"] = self.qmax.cpu()
+        out["premoe_ka"] = torch.tensor([self.ka], dtype=torch.int64)
+        out["sample_premoe"] = self.sample_premoe.cpu()
+        if self.exact:
+            out["premoe_q"] = self.premoe_q.cpu()
+            out["premoe_f"] = self.premoe_f.cpu()
+            out["premoe_idx"] = self.premoe_idx.cpu()
         out["sample_tokens"] = torch.tensor(self.lengths, dtype=torch.int64)
         empty = (self.sums["count"] == 0).unsqueeze(-1)
         out["mone_mean"] = self.mean.masked_fill(empty, 0.0).float().cpu()
@@ -426,10 +520,12 @@ def calibrate(
     per_sample: bool = False,
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    premoe_exact: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run the model over every sequence (one record each, right-padded batches) and return the
-    profile tensors. Under torch.distributed, each rank takes records rank, rank+world, ... and all
-    ranks return the combined tensors."""
+    profile tensors (``premoe_exact``: with PreMoe's per-token entries, which grow with the data).
+    Under torch.distributed, each rank takes records rank, rank+world, ... and all ranks return the
+    combined tensors."""
     from .arch import find_moe_blocks, patch_moe
     from .data import batches
     from .load import aux_loss_off
@@ -437,7 +533,9 @@ def calibrate(
     blocks = list(blocks) if blocks is not None else find_moe_blocks(model)
     device = _model_device(model)
     hidden = int(model.config.get_text_config().hidden_size)
-    acc = Accumulator(blocks, hidden, [len(s) for s in seqs], premoe_ka, per_sample, device)
+    acc = Accumulator(
+        blocks, hidden, [len(s) for s in seqs], premoe_ka, per_sample, device, premoe_exact=premoe_exact
+    )
     info = dist_info()
     mine = list(range(info.rank, len(seqs), info.world))
     kwargs = _forward_kwargs(model)

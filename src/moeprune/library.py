@@ -463,12 +463,17 @@ def check_key_kind(kind: str) -> str:
 def task_keys(profile: Any, ka: int) -> dict[str, torch.Tensor]:
     """The retrieval keys of a task from its profile: PEU at the first MoE layer, at all, and at the
     first MoE layer for each record (when the profile has ``sample_tokens``)."""
-    from .score import premoe_entries, premoe_scores, score_premoe
+    from .score import premoe_entries, premoe_scores, score_premoe, stored_ka
 
     peu = score_premoe(profile, ka=ka)  # [L, E]
     keys = {"first": peu[0].clone(), "all": peu.reshape(-1).clone()}
     lengths = profile.tensors.get("sample_tokens")
-    if lengths is not None:
+    per_record = profile.tensors.get("sample_premoe")  # [S, E] sums, each record with its own r
+    if lengths is not None and per_record is not None and ka == stored_ka(profile):
+        used = lengths > 0
+        if bool(used.any()):
+            keys["records"] = per_record[used].double() / lengths[used].unsqueeze(1).double()
+    elif lengths is not None and "premoe_q" in profile.tensors:
         q, f, idx = premoe_entries(profile, ka)
         rows, start = [], 0
         for n in lengths.tolist():

@@ -336,6 +336,7 @@ def calibrate_sequential(
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    premoe_exact: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The profile tensors of :func:`moeprune.calibrate.calibrate` for the model in ``model_dir``
     (a local directory or cached hub id with safetensors weights), computed one decoder layer at
@@ -373,7 +374,9 @@ def calibrate_sequential(
         raise UserError(f"the checkpoint has no tensor of decoder layer {absent[0]}", "check the model")
 
     hidden_size = int(model.config.get_text_config().hidden_size)
-    acc = Accumulator(blocks, hidden_size, [len(s) for s in seqs], premoe_ka, per_sample, device)
+    acc = Accumulator(
+        blocks, hidden_size, [len(s) for s in seqs], premoe_ka, per_sample, device, premoe_exact=premoe_exact
+    )
     info = dist_info()
     mine = list(range(info.rank, len(seqs), info.world))
     work = [

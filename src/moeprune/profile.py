@@ -4,14 +4,20 @@ The format is specified in ``docs/profile-format.md``. :class:`Profile` holds th
 metadata, writes them atomically, reads and validates them (a corrupted or foreign file is a
 clear :class:`~moeprune.errors.UserError`), refuses to be used with a different model
 (:meth:`Profile.check_model`), and merges profiles of the same model exactly
-(:meth:`Profile.merge`: sums add, MoNE mean/M2 combine with Chan's update, PreMoe's per-token
-entries and per-sample rows concatenate in order).
+(:meth:`Profile.merge`: sums and PreMoe's histograms add, MoNE mean/M2 combine with Chan's
+update, per-sample rows and PreMoe's optional per-token entries concatenate in order).
+
+Integrity: a profile stores the sha256 of every tensor (and of its metadata) in its header and
+:meth:`Profile.load` verifies them; every tensor is checked for NaN/Inf and for values no
+calibration can produce (negative or fractional counts, negative sums of non-negative terms), and
+the error names the tensor, the MoE layer and the expert.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +36,19 @@ __all__ = [
     "model_fingerprint",
 ]
 
-FORMAT = "moeprune-profile/1"
+FORMAT = "moeprune-profile/2"  # 2: PreMoe histograms (bounded size), checksums
+OLD_FORMATS = ("moeprune-profile/1",)  # per-token PreMoe entries, no checksum: read with a warning
 SUM_TENSORS = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")  # [L, E] float64
 PREMOE_TENSORS = {"premoe_q": torch.float32, "premoe_f": torch.float32, "premoe_idx": torch.int32}
+PREMOE_HIST_TENSORS = ("premoe_hist_f", "premoe_hist_qf", "premoe_hist_n")  # [L, E, B] float64
+PREMOE_BOUNDED = (*PREMOE_HIST_TENSORS, "premoe_edges", "premoe_qmax", "premoe_ka")
+# tensors whose every value is >= 0 (sums of non-negative terms, counts)
+NON_NEGATIVE = (
+    "tokens", "count", "prob", "reap_sum", "easyep", "mone_m2", "premoe_hist_f", "premoe_hist_qf",
+    "premoe_hist_n", "premoe_qmax", "sample_premoe", "premoe_edges",
+)  # fmt: skip
+INTEGRAL = ("tokens", "count", "premoe_hist_n")  # counts stored as float64
+CHECKSUM_KEY = "sha256"
 META_KEYS = (
     "format",
     "tool_version",
@@ -96,6 +112,46 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     write_file(path, write)
 
 
+# --- checksums --------------------------------------------------------------------------------
+
+
+def tensor_sha256(x: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (C order)."""
+    h = hashlib.sha256(f"{x.dtype}:{list(x.shape)}:".encode())
+    h.update(x.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().data)
+    return h.hexdigest()
+
+
+def checksums(tensors: dict[str, torch.Tensor], meta_text: str) -> dict[str, str]:
+    """The checksums a profile's header stores: one per tensor, and ``__meta__`` for the metadata."""
+    out = {name: tensor_sha256(x) for name, x in tensors.items()}
+    out["__meta__"] = hashlib.sha256(meta_text.encode()).hexdigest()
+    return out
+
+
+def _verify_checksums(path: str, header: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    def corrupt(problem: str) -> UserError:
+        return UserError(
+            f"profile '{path}' is corrupted: {problem}",
+            "re-create it with `moeprune profile` (or restore it from a copy)",
+        )
+
+    try:
+        stored = json.loads(header[CHECKSUM_KEY])
+        if not isinstance(stored, dict):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        raise corrupt("its checksums are missing or unreadable") from None
+    if set(stored) != {*tensors, "__meta__"}:
+        extra = sorted(set(tensors) ^ (set(stored) - {"__meta__"}))
+        raise corrupt(f"its tensors do not match its checksum list ({', '.join(extra) or '__meta__'})")
+    if hashlib.sha256(header["meta"].encode()).hexdigest() != stored["__meta__"]:
+        raise corrupt("its metadata does not match its checksum")
+    for name, x in tensors.items():
+        if tensor_sha256(x) != stored[name]:
+            raise corrupt(f"tensor '{name}' does not match its checksum (the file changed after it was written)")
+
+
 # --- the profile -----------------------------------------------------------------------------
 
 
@@ -137,7 +193,14 @@ class Profile:
 
     @property
     def premoe_ka(self) -> int:
-        return int(self.tensors["premoe_idx"].shape[-1])
+        from .score import stored_ka
+
+        return stored_ka(self)
+
+    @property
+    def premoe_exact(self) -> bool:
+        """Whether PreMoe's per-token entries are kept (``--premoe-exact``; size grows with tokens)."""
+        return "premoe_q" in self.tensors
 
     @property
     def layers(self) -> list[int]:
@@ -248,13 +311,38 @@ class Profile:
             raise _Corrupt(f"tensor 'tokens' says {int(tok.item())}, metadata {T}")
         for name in SUM_TENSORS:
             need(name, (L, E), torch.float64)
-        ka = need("premoe_idx", (L, T, None), torch.int32).shape[-1]
-        for name, dtype in PREMOE_TENSORS.items():
-            need(name, (L, T, ka), dtype)
+        if not any(n in t for n in (*PREMOE_TENSORS, *PREMOE_BOUNDED)):
+            raise _Corrupt("it holds no PreMoe statistic (neither 'premoe_hist_f' nor 'premoe_q')")
+        ka = None
+        if any(n in t for n in PREMOE_TENSORS):  # the exact per-token entries
+            ka = need("premoe_idx", (L, T, None), torch.int32).shape[-1]
+            for name, dtype in PREMOE_TENSORS.items():
+                need(name, (L, T, ka), dtype)
+            idx = t["premoe_idx"]
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
+                raise _Corrupt(f"tensor 'premoe_idx' holds expert ids outside 0..{E - 1}")
+        if any(n in t for n in PREMOE_BOUNDED):  # the bounded statistics
+            stored = int(need("premoe_ka", (1,), torch.int64).item())
+            if not 1 <= stored <= E or (ka is not None and stored != ka):
+                raise _Corrupt(f"tensor 'premoe_ka' says {stored}, expected 1..{E} (and the entries' Ka)")
+            B = need("premoe_edges", (None,), torch.float64).shape[0]
+            edges = t["premoe_edges"]
+            if B < 2 or bool((edges.diff() < 0).any()) or float(edges[0]) != 0.0 or float(edges[-1]) != 1.0:
+                raise _Corrupt("tensor 'premoe_edges' is not an ascending list of bin edges from 0 to 1")
+            for name in PREMOE_HIST_TENSORS:
+                need(name, (L, E, B), torch.float64)
+            need("premoe_qmax", (L,), torch.float64)
+            entries = t["premoe_hist_n"].sum(dim=(1, 2))
+            if bool((entries != T * stored).any()):
+                raise _Corrupt(f"tensor 'premoe_hist_n' counts {entries.tolist()} entries per layer, not {T * stored}")
+            if bool((t["premoe_qmax"] > T * (1 + 1e-6)).any()):
+                raise _Corrupt(f"tensor 'premoe_qmax' exceeds the {T} tokens")
         need("mone_mean", (L, E, H), torch.float32)
         need("mone_m2", (L, E, H), torch.float32)
         if "sample_gate" in t:
             need("sample_gate", (S, L, E), torch.float32)
+        if "sample_premoe" in t:
+            need("sample_premoe", (S, E), torch.float64)
         if "sample_tokens" in t:  # absent in profiles written before it was added
             lengths = need("sample_tokens", (S,), torch.int64)
             if int(lengths.sum()) != T or bool((lengths < 0).any()):
@@ -262,10 +350,54 @@ class Profile:
                     f"tensor 'sample_tokens' sums to {int(lengths.sum())}, metadata says {T} tokens"
                 )
         unknown = set(t) - {
-            "tokens", "mone_mean", "mone_m2", "sample_gate", "sample_tokens", *SUM_TENSORS, *PREMOE_TENSORS
+            "tokens", "mone_mean", "mone_m2", "sample_gate", "sample_tokens", "sample_premoe", *SUM_TENSORS,
+            *PREMOE_TENSORS, *PREMOE_BOUNDED,
         }  # fmt: skip
         if unknown:
             raise _Corrupt(f"unknown tensors {sorted(unknown)}")
+        self._check_values(T)
+
+    def _where(self, name: str, bad: torch.Tensor) -> str:
+        """Where the first True of ``bad`` (shaped like tensor ``name``) is, for messages."""
+        pos = [int(v) for v in bad.nonzero()[0].tolist()]
+        layers = self.layers
+
+        def layer(i: int) -> str:
+            return f"MoE layer {layers[i]}" if 0 <= i < len(layers) else f"layer position {i}"
+
+        if name == "sample_gate":
+            return f"at sample {pos[0]}, {layer(pos[1])}, expert {pos[2]}"
+        if name == "sample_premoe":
+            return f"at sample {pos[0]}, expert {pos[1]}"
+        if name in ("premoe_q", "premoe_f"):
+            return f"at {layer(pos[0])}, token {pos[1]}"
+        if name == "premoe_qmax":
+            return f"at {layer(pos[0])}"
+        if len(pos) >= 2 and name != "premoe_edges":
+            return f"at {layer(pos[0])}, expert {pos[1]}"
+        return f"at index {pos}"
+
+    def _check_values(self, T: int) -> None:
+        """NaN/Inf anywhere, and values no calibration produces (negative sums of non-negative
+        terms, fractional counts, counts above the token count)."""
+        for name, x in self.tensors.items():
+            if not x.is_floating_point():
+                continue
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                raise _Corrupt(f"tensor '{name}' holds NaN or infinite values {self._where(name, bad)}")
+            if name in NON_NEGATIVE:
+                bad = x < 0
+                if bool(bad.any()):
+                    raise _Corrupt(f"tensor '{name}' holds negative values {self._where(name, bad)}")
+            if name in INTEGRAL:
+                bad = x != x.round()
+                if bool(bad.any()):
+                    raise _Corrupt(f"tensor '{name}' holds non-integral counts {self._where(name, bad)}")
+        bad = self.tensors["count"] > T
+        if bool(bad.any()):
+            where = self._where("count", bad)
+            raise _Corrupt(f"tensor 'count' exceeds the {T} calibration tokens {where}")
 
     # --- files ------------------------------------------------------------------------------
 
@@ -275,7 +407,8 @@ class Profile:
 
         self.validate()
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        metadata = {"meta": json.dumps(self.meta, sort_keys=True)}
+        meta_text = json.dumps({**self.meta, "format": FORMAT}, sort_keys=True)
+        metadata = {"meta": meta_text, CHECKSUM_KEY: json.dumps(checksums(tensors, meta_text), sort_keys=True)}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self.path = str(path)
 
@@ -308,10 +441,20 @@ class Profile:
                 f"'{path}' is a safetensors file but not a moeprune profile (no profile metadata)",
                 "pass a profile written by `moeprune profile`",
             ) from None
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT, *OLD_FORMATS):
             raise UserError(
                 f"'{path}' has format '{meta.get('format')}', not '{FORMAT}'",
                 "re-create the profile with this version of moeprune",
+            )
+        if meta["format"] == FORMAT:
+            _verify_checksums(str(path), header, tensors)
+        else:
+            # Older profiles carry no checksum; refusing them would force a new calibration pass,
+            # so they are read (and fully validated) with a warning.
+            print(
+                f"moeprune: warning: profile '{path}' ({meta['format']}) has no checksum, so corruption "
+                "cannot be detected; `moeprune profile merge` or a new profile writes one",
+                file=sys.stderr,
             )
         prof = cls(meta=meta, tensors=tensors, path=str(path))
         prof.validate()
@@ -398,19 +541,25 @@ class Profile:
         empty = (n == 0).unsqueeze(-1)
         out["mone_mean"] = mean.masked_fill(empty, 0.0).float()
         out["mone_m2"] = m2.masked_fill(empty, 0.0).float()
-        for name in PREMOE_TENSORS:
-            out[name] = torch.cat([p[name] for p in profiles], dim=1)
+        if all(p.premoe_exact for p in profiles):
+            for name in PREMOE_TENSORS:
+                out[name] = torch.cat([p[name] for p in profiles], dim=1)
+        out.update(_merge_premoe_bounded(profiles))
         if all("sample_tokens" in p.tensors for p in profiles):
             out["sample_tokens"] = torch.cat([p["sample_tokens"] for p in profiles])
+            if all("sample_premoe" in p.tensors for p in profiles):
+                out["sample_premoe"] = torch.cat([p["sample_premoe"] for p in profiles])
         per_sample = all("sample_gate" in p.tensors for p in profiles)
         if per_sample:
             out["sample_gate"] = torch.cat([p["sample_gate"] for p in profiles], dim=0)
         meta = dict(first.meta)
+        meta["format"] = FORMAT
         meta["tokens"] = sum(p.tokens for p in profiles)
         meta["samples"] = sum(p.samples for p in profiles)
         meta["data"] = [d for p in profiles for d in p.meta["data"]]
         meta["settings"] = {
             "premoe_ka": first.premoe_ka,
+            "premoe_exact": "premoe_q" in out,
             "per_sample": per_sample,
             "merged_from": [{"path": p.path, "settings": p.meta["settings"]} for p in profiles],
         }
@@ -421,8 +570,95 @@ class Profile:
         prof.validate()
         return prof
 
+    def bounded(self) -> Profile:
+        """This profile without PreMoe's per-token entries (histograms computed from them when the
+        profile has none): the size no longer grows with the tokens; PreMoe then scores at the
+        stored K_a only."""
+        tensors = {k: v for k, v in self.tensors.items() if k not in PREMOE_TENSORS}
+        if "premoe_hist_f" not in tensors:
+            from .score import premoe_entries
+
+            tensors.update(premoe_histograms(*premoe_entries(self), self.num_experts))
+            if "sample_tokens" in tensors:
+                tensors["sample_premoe"] = sample_premoe_from_entries(
+                    *premoe_entries(self), tensors["sample_tokens"], self.num_experts
+                )
+        meta = {**self.meta, "format": FORMAT, "settings": {**self.meta["settings"], "premoe_exact": False}}
+        prof = Profile(meta=meta, tensors=tensors, path=None)
+        prof.validate()
+        return prof
+
     def summary(self) -> str:
         return (
             f"{self.tokens:,} tokens from {self.samples:,} samples, {self.num_layers} MoE layers x "
             f"{self.num_experts} experts (model '{self.meta['model']}')"
         )
+
+
+# --- PreMoe's bounded statistics -----------------------------------------------------------------
+
+
+def _merge_premoe_bounded(profiles: Sequence[Profile]) -> dict[str, torch.Tensor]:
+    """Histograms add and Σ max q adds; profiles with only per-token entries get their histograms
+    from them first. Different bin edges cannot be added: refuse."""
+    from .score import premoe_entries
+
+    parts = []
+    for p in profiles:
+        if "premoe_hist_f" in p.tensors:
+            parts.append({k: p[k] for k in PREMOE_BOUNDED})
+        else:
+            parts.append(premoe_histograms(*premoe_entries(p), p.num_experts))
+    first = parts[0]
+    for p, part in zip(profiles[1:], parts[1:], strict=True):
+        if not torch.equal(part["premoe_edges"], first["premoe_edges"]):
+            raise UserError(
+                f"profiles '{profiles[0].name}' and '{p.name}' use different PreMoe histogram bins",
+                "re-create them with the same version of moeprune",
+            )
+    out = {name: torch.stack([part[name] for part in parts]).sum(0) for name in (*PREMOE_HIST_TENSORS, "premoe_qmax")}
+    out["premoe_edges"] = first["premoe_edges"].clone()
+    out["premoe_ka"] = first["premoe_ka"].clone()
+    return out
+
+
+def premoe_histograms(
+    q: torch.Tensor, f: torch.Tensor, idx: torch.Tensor, num_experts: int, bins: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The bounded PreMoe tensors of per-token entries (q, f, idx) [L, T, Ka] (what calibration
+    accumulates on the fly)."""
+    from .score import PREMOE_BINS, premoe_bins, premoe_edges
+
+    L, _, ka = q.shape
+    edges = premoe_edges(int(ka), bins or PREMOE_BINS)
+    B = edges.numel()
+    q64, f64 = q.double(), f.double()
+    hist = torch.zeros(L, 3, num_experts * B, dtype=torch.float64)
+    for li in range(L):
+        cell = idx[li].long().reshape(-1) * B + premoe_bins(q64[li], edges).reshape(-1)
+        vals = torch.stack([f64[li].reshape(-1), (q64[li] * f64[li]).reshape(-1), torch.ones(cell.numel(), dtype=torch.float64)])
+        hist[li].index_add_(1, cell, vals)
+    hist = hist.view(L, 3, num_experts, B)
+    out = {name: hist[:, j].contiguous() for j, name in enumerate(PREMOE_HIST_TENSORS)}
+    out["premoe_edges"] = edges
+    out["premoe_qmax"] = q64[:, :, 0].sum(1)
+    out["premoe_ka"] = torch.tensor([int(ka)], dtype=torch.int64)
+    return out
+
+
+def sample_premoe_from_entries(
+    q: torch.Tensor, f: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Per record, Σ over its tokens of PreMoe's PEU terms at the first MoE layer with the
+    record's own r (mean max q over its tokens) [S, E] float64: what calibration accumulates."""
+    from .score import premoe_scores
+
+    rows, start = [], 0
+    for n in lengths.tolist():
+        sl = slice(start, start + n)
+        if n > 0:
+            rows.append(premoe_scores(q[:1, sl], f[:1, sl], idx[:1, sl], num_experts)[0] * n)
+        else:
+            rows.append(torch.zeros(num_experts, dtype=torch.float64))
+        start += n
+    return torch.stack(rows) if rows else torch.zeros(0, num_experts, dtype=torch.float64)

@@ -98,6 +98,7 @@ def run_profile(
     offload: str = "none",
     quiet: bool = False,
     loaded: tuple[Any, Any] | None = None,
+    premoe_exact: bool = False,
 ) -> Profile:
     """:func:`profile` on checked arguments; ``loaded`` = (model, tokenizer) already in memory
     (several profiles of one model without reloading it; ``model`` names it)."""
@@ -197,6 +198,7 @@ def run_profile(
                 progress=progress,
                 dtype=parse_dtype(dtype),
                 device=dev,
+                premoe_exact=premoe_exact,
             )
         else:
             tensors = calibrate(
@@ -208,13 +210,15 @@ def run_profile(
                 premoe_ka=premoe_ka,
                 per_sample=per_sample,
                 progress=progress,
+                premoe_exact=premoe_exact,
             )
         settings = {
             "max_length": max_length,
             "max_samples": max_samples,
             "seed": seed,
             "self_generate": self_generate,
-            "premoe_ka": int(tensors["premoe_idx"].shape[-1]),
+            "premoe_ka": int(tensors["premoe_ka"].item()),
+            "premoe_exact": premoe_exact,
             "text_field": text_field,
             "per_sample": per_sample,
             "batch_size": batch_size,

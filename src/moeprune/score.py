@@ -9,6 +9,14 @@ PreMoe's K_a: the profile stores, per token, the top-Ka entries sorted by descen
 q (softmax over those Ka raw logits) and f(s). Restricting the softmax to the first K_a <= Ka of
 them is exact without the raw logits: for a subset B of A, softmax_B(s)_j = q_j / sum_{b in B} q_b.
 So K_a can be lowered at scoring time (``ka=``); raising it above the stored Ka needs a new profile.
+
+Bounded profiles (the default) do not keep the per-token entries, whose size grows with the
+calibration set. They keep, per layer and expert, a histogram over q of the entries (Σ f, Σ q·f and
+the entry count per bin, bins fixed by :func:`premoe_edges`) and, per layer, Σ_t max_i q_{i,t}, so
+r_l is exact. The score sums the bins wholly above the threshold; the one bin that contains it is
+split by the entries' f-weighted mean q (exact when the bin holds one entry; otherwise the bin's
+mass is taken as spread uniformly over the widest sub-interval with that mean). Such a profile
+scores at its stored K_a only.
 """
 
 from __future__ import annotations
@@ -205,15 +213,115 @@ def premoe_scores(
     return out / n_tokens
 
 
+PREMOE_BINS = 1024  # histogram bins over q of a bounded profile
+PREMOE_HIST = ("premoe_hist_f", "premoe_hist_qf", "premoe_hist_n")  # [L, E, B] float64 each
+
+
+def premoe_edges(ka: int, bins: int = PREMOE_BINS) -> torch.Tensor:
+    """Lower bin edges [bins] (float64, ascending) of the q histogram: bin b holds
+    edges[b] <= q < edges[b + 1]; the last bin holds q == 1 exactly (saturated softmax; Ka = 1).
+    An eighth of the bins cover [0, 1/Ka), where entries count only under a fixed r < 1/Ka
+    (r_l = mean of max q >= 1/Ka always); the rest cover [1/Ka, 1)."""
+    f64 = torch.float64
+    if ka <= 1:
+        return torch.linspace(0.0, 1.0, bins, dtype=f64)
+    low = bins // 8
+    return torch.cat(
+        [torch.linspace(0.0, 1.0 / ka, low + 1, dtype=f64)[:-1], torch.linspace(1.0 / ka, 1.0, bins - low, dtype=f64)]
+    )
+
+
+def premoe_bins(q: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The histogram bin of each q (any shape), long."""
+    b = torch.searchsorted(edges, q.to(edges.dtype).contiguous(), right=True) - 1
+    return b.clamp_(0, edges.numel() - 1)
+
+
+def premoe_hist_scores(
+    hist_f: torch.Tensor,
+    hist_qf: torch.Tensor,
+    hist_n: torch.Tensor,
+    edges: torch.Tensor,
+    qmax: torch.Tensor,
+    tokens: float,
+    r: float | None = None,
+) -> torch.Tensor:
+    """PreMoe PEU [L, E] from a bounded profile's histograms [L, E, B] and Σ_t max q [L]."""
+    n_layers, n_experts, _ = hist_f.shape
+    out = torch.zeros(n_layers, n_experts, dtype=torch.float64)
+    if tokens <= 0:
+        return out
+    lo = edges.double()
+    hi = torch.cat([lo[1:], lo[-1:]])  # the last bin is [1, 1]
+    thr = qmax.double() / tokens if r is None else torch.full((n_layers,), float(r), dtype=torch.float64)
+    for li in range(n_layers):
+        t = float(thr[li])
+        full = lo >= t
+        out[li] = hist_f[li][:, full].sum(-1)
+        inside = ((lo < t) & (hi > t)).nonzero().flatten()
+        if inside.numel() == 0:
+            continue
+        b = int(inside[0])
+        mass, qf, n = hist_f[li, :, b], hist_qf[li, :, b], hist_n[li, :, b]
+        width = float(hi[b] - lo[b])
+        x0 = (t - float(lo[b])) / width  # the threshold's position in the bin, in (0, 1)
+        qmean = _safe_div(qf, mass)  # the entries' f-weighted mean q
+        mean = qmean.sub(float(lo[b])).div(width).clamp(0.0, 1.0)
+        # the widest uniform interval [a, c] inside the bin with this mean: it touches the nearer edge
+        a = (2 * mean - 1).clamp(min=0.0)
+        c = (2 * mean).clamp(max=1.0)
+        span = c - a
+        frac = _safe_div((c - x0).clamp(min=0.0), span).clamp(max=1.0)
+        point = (n <= 1) | (span <= 0)  # one entry (or all at one q): its position decides exactly
+        frac = torch.where(point, (qmean >= t).double(), frac)
+        out[li] += mass * frac
+    return out / tokens
+
+
+def has_premoe_entries(profile: ProfileLike) -> bool:
+    """Whether the profile keeps PreMoe's per-token entries (``--premoe-exact``, or older profiles)."""
+    return "premoe_q" in profile.tensors
+
+
+def stored_ka(profile: ProfileLike) -> int:
+    """The K_a the profile's PreMoe statistics were taken with."""
+    if has_premoe_entries(profile):
+        return int(profile.tensors["premoe_q"].shape[-1])
+    t = profile.tensors.get("premoe_ka")
+    if t is None:
+        raise UserError(
+            "the profile has neither PreMoe entries nor histograms, which method 'premoe' needs",
+            "re-run `moeprune profile` with this version of moeprune",
+        )
+    return int(t.reshape(-1)[0])
+
+
 def score_premoe(profile: ProfileLike, *, r: float | None = None, ka: int | None = None) -> torch.Tensor:
     """PreMoe PEU: (1/T) Σ_t Σ_j 1[idx_{t,j} = i ∧ q_{t,j} ≥ r_l] f_{t,j}.
 
     ``r`` fixes the threshold for every layer (default: r_l, the mean top-1 q of the layer);
-    ``ka`` lowers the candidate count below the stored Ka.
+    ``ka`` lowers the candidate count below the stored Ka (needs the per-token entries).
     """
-    _, n_experts = _shape(profile)
-    q, f, idx = premoe_entries(profile, ka)
-    return premoe_scores(q, f, idx, n_experts, r)
+    n_layers, n_experts = _shape(profile)
+    if has_premoe_entries(profile):
+        q, f, idx = premoe_entries(profile, ka)
+        return premoe_scores(q, f, idx, n_experts, r)
+    stored = stored_ka(profile)
+    if ka is not None and int(ka) != stored:
+        raise UserError(
+            f"PreMoe K_a={ka} is not available: this profile keeps PreMoe's statistics for K_a={stored} "
+            "only (a bounded profile, without per-token entries)",
+            f"re-profile with --premoe-ka {ka}, or with --premoe-exact to lower K_a at scoring time",
+        )
+    hist = [_get(profile, name, "premoe", (n_layers, n_experts)) for name in PREMOE_HIST]
+    edges = _get(profile, "premoe_edges", "premoe")
+    qmax = _get(profile, "premoe_qmax", "premoe", (n_layers,))
+    if edges.dim() != 1 or any(h.dim() != 3 or h.shape[2] != edges.numel() for h in hist):
+        raise UserError(
+            "the profile's PreMoe histograms do not match its bin edges",
+            "the profile is corrupted; re-run `moeprune profile`",
+        )
+    return premoe_hist_scores(*hist, edges, qmax, _tokens(profile), r)
 
 
 def score_premoe_v1(profile: ProfileLike) -> torch.Tensor:

@@ -426,6 +426,13 @@ def block_rewrites(
                 f"no novice vector for each of the {len(replaced[b.layer])} replaced experts of layer {b.layer}",
                 "pass the profile the plan was made from",
             )
+        finite = torch.isfinite(vectors).all(dim=1)
+        if not bool(finite.all()):  # a NaN novice would silently poison every token routed to it
+            expert = replaced[b.layer][int((~finite).nonzero()[0])]
+            raise UserError(
+                f"the novice vector (mone_mean) of expert {expert} of layer {b.layer} is NaN or infinite",
+                "re-create the profile with `moeprune profile`",
+            )
         if pad_uniform:
             slots: list[int | None] = [i if i in set(kept[b.layer]) else None for i in range(b.num_experts)]
             consts = {i: vectors[j] for j, i in enumerate(replaced[b.layer])}

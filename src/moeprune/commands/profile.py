@@ -78,6 +78,11 @@ def create(
         "default: while they take at most 64 MiB.",
         show_default=False,
     ),
+    premoe_exact: bool = typer.Option(
+        False,
+        "--premoe-exact",
+        help="Also keep PreMoe's per-token entries (the file grows with the tokens; lets plan lower --premoe-ka).",
+    ),
     dtype: str = typer.Option(
         "auto", "--dtype", help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)."
     ),
@@ -109,6 +114,7 @@ def create(
         device=device,
         offload=offload,
         quiet=quiet,
+        premoe_exact=premoe_exact,
     )
 
 
