@@ -434,7 +434,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_new_tokens: int = 24,
     max_length: int = 1024,
     progress: bool = False,
@@ -524,7 +524,7 @@ def evaluate(
         "settings": {
             **results["settings"],
             "device": resolved_device,
-            "dtype": dtype if not loaded else str(next(lm.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
             "lm_eval": lm_eval_tasks or None,
             "lm_eval_include": str(Path(include).resolve()) if include else None,
         },
@@ -599,7 +599,7 @@ def compare(
     max_length: int = 1024,
     seed: int = 0,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     out: PathLike | None = None,
     force: bool = False,
     progress: bool = False,
@@ -689,7 +689,7 @@ def compare(
             "max_length": max_length,
             "seed": seed,
             "device": resolved_device,
-            "dtype": dtype,
+            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
         },
         "seconds": round(time.time() - started, 3),
     }
@@ -848,8 +848,7 @@ def build_library(
 
                         hf_logging.disable_progress_bar()
                     dev = resolve_device(device)
-                    dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
-                    loaded = load_model(str(path), dtype=dt, device=dev)
+                    loaded = load_model(str(path), dtype=dtype, device=dev)
                 target = (keep_dir or Path(tmp)) / f"{task}.profile.safetensors"
                 if not quiet:
                     print(f"== task {task}: profiling {src}", file=sys.stderr)
@@ -883,8 +882,8 @@ def route(
     *,
     model: Any = None,
     key: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> tuple[Any, list[Any]]:
     """Route each query to the nearest task of a pattern library (a folder or a loaded
     :class:`~moeprune.library.Library`), as `moeprune library route`. A query is a text or
