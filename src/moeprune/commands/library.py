@@ -78,11 +78,14 @@ def build(
     profiles_dir: Path | None = typer.Option(
         None,
         "--profiles-dir",
-        help="Also keep the profiles made from data here (re-plan without recalibrating).",
+        help="Also keep the profiles made from data in this folder (created if missing), to re-plan "
+        "without recalibrating.",
     ),
     dtype: str = dtype_option(),
     device: str = device_option(),
-    force: bool = typer.Option(False, "--force", help="Replace an existing library folder."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing library folder (and profiles in --profiles-dir)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Profile each task (or take its profile), plan its kept experts and store its retrieval keys."""
