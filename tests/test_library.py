@@ -333,6 +333,46 @@ def test_bad_input(library, tmp_path, capsys):
         build_library({}, model="m", method="premoe", keep=8)
 
 
+def test_cli_build_profiles_dir_is_created_and_checked(profiles, tmp_path, capsys):
+    """--profiles-dir is made when missing (as --out is), and checked as every output up front: not
+    inside the model folder, no profile of another run replaced without --force."""
+    keep = tmp_path / "kept" / "profiles"  # neither folder exists
+    calib = f"{DATES}={data_file(DATES, 'calib')}"
+
+    def build(out, *more):
+        return run_cli(
+            capsys, "library", "build", MODEL_DIR, "--task", calib, "--task", f"{REVERSE}={profiles[REVERSE]}",
+            "--keep", KEEP, "--max-samples", "12", "-q", "--out", out, *more,
+        )  # fmt: skip
+
+    rc, _, err = build(tmp_path / "lib1", "--profiles-dir", keep)
+    assert rc == 0, err
+    assert sorted(p.name for p in keep.iterdir()) == [f"{DATES}.profile.safetensors"]  # made from data only
+    assert Profile.load(keep / f"{DATES}.profile.safetensors").meta["samples"] == 12
+    info = Library.load(tmp_path / "lib1").tasks[DATES].info
+    assert info["profile"] == str((keep / f"{DATES}.profile.safetensors").resolve())
+
+    before = (keep / f"{DATES}.profile.safetensors").stat().st_mtime_ns
+    rc, _, err = build(tmp_path / "lib2", "--profiles-dir", keep)
+    assert_user_error(rc, err, "--profiles-dir", "already exists", "--force")
+    assert not (tmp_path / "lib2").exists()
+    assert (keep / f"{DATES}.profile.safetensors").stat().st_mtime_ns == before
+
+    inside = MODEL_DIR / "profiles"
+    rc, _, err = build(tmp_path / "lib3", "--profiles-dir", inside)
+    assert_user_error(rc, err, "--profiles-dir", "inside the input model")
+    assert not inside.exists() and not (tmp_path / "lib3").exists()
+
+    rc, _, err = build(tmp_path / "lib4", "--profiles-dir", tmp_path / "lib4" / "profiles")
+    assert_user_error(rc, err, "--profiles-dir", "library folder")
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    rc, _, err = build(tmp_path / "lib5", "--profiles-dir", a_file)
+    assert_user_error(rc, err, "--profiles-dir", "not a folder")
+    assert not (tmp_path / "lib5").exists()
+
+
 def test_nearest_neighbour_numpy_and_faiss_agree():
     from moeprune.library import nearest
 

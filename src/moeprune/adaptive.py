@@ -131,11 +131,12 @@ class AdaptiveMoE:
             raise UserError(
                 f"the adaptive model does not support quantized checkpoints ({method})", "dequantize it first"
             )
-        if dtype == "auto":
-            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-            torch_dtype = stored if isinstance(stored, torch.dtype) else torch.float32
-        else:
-            torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(str(dtype))
+        if isinstance(dtype, torch.dtype):
+            torch_dtype = dtype
+        else:  # auto: as every command (bfloat16 on CUDA, float32 on CPU)
+            from .device import resolve_dtype
+
+            torch_dtype = parse_dtype(resolve_dtype(str(dtype), str(device)))
         config.dtype = torch_dtype
 
         # the original layout (E experts, on meta): what the checkpoint holds

@@ -441,7 +441,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_new_tokens: int = 24,
     max_length: int = 1024,
     progress: bool = False,
@@ -531,7 +531,7 @@ def evaluate(
         "settings": {
             **results["settings"],
             "device": resolved_device,
-            "dtype": dtype if not loaded else str(next(lm.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
             "lm_eval": lm_eval_tasks or None,
             "lm_eval_include": str(Path(include).resolve()) if include else None,
         },
@@ -606,7 +606,7 @@ def compare(
     max_length: int = 1024,
     seed: int = 0,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     out: PathLike | None = None,
     force: bool = False,
     progress: bool = False,
@@ -724,7 +724,7 @@ def compare(
             "max_length": max_length,
             "seed": seed,
             "device": resolved_device,
-            "dtype": dtype,
+            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
         },
         "seconds": round(time.time() - started, 3),
     }
@@ -858,11 +858,11 @@ def build_library(
     if premoe_ka is not None and premoe_ka <= 0:
         raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
     out = check_out(Path(out), force)
-    keep_dir = Path(profiles_dir) if profiles_dir is not None else None
-    if keep_dir is not None and not keep_dir.is_dir():
-        raise UserError(f"--profiles-dir '{keep_dir}' is not a folder", "create it first")
     name = model_source(model)
     path = resolve_model_dir(name)
+    keep_dir = None
+    if profiles_dir is not None:
+        keep_dir = _check_profiles_dir(Path(profiles_dir), specs, out, path, self_generate > 0, force)
     config = load_config(str(path))
     blocks = find_moe_blocks(build_on_meta(config))
     experts_to_keep(keep_value, blocks[0].num_experts, n_group=max(1, blocks[0].spec.n_group))
@@ -885,8 +885,9 @@ def build_library(
 
                         hf_logging.disable_progress_bar()
                     dev = resolve_device(device)
-                    dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
-                    loaded = load_model(str(path), dtype=dt, device=dev)
+                    loaded = load_model(str(path), dtype=dtype, device=dev)
+                if keep_dir is not None:
+                    keep_dir.mkdir(parents=True, exist_ok=True)  # checked above; made when first used
                 target = (keep_dir or Path(tmp)) / f"{task}.profile.safetensors"
                 if not quiet:
                     print(f"== task {task}: profiling {src}", file=sys.stderr)
@@ -914,14 +915,37 @@ def build_library(
     return lib
 
 
+def _check_profiles_dir(
+    folder: Path, tasks: dict[str, Path], library: Path, model_dir: Path, demos: bool, force: bool
+) -> Path:
+    """``--profiles-dir``, checked as every output before any work: it may exist (other files stay)
+    or is created; it is not the model's folder (a server would load the profiles as weights) nor
+    the library's, nor inside them; a profile (or demos file) it already holds is replaced only with
+    ``force`` and only if moeprune wrote it."""
+    from .outputs import check_output
+    from .profiling import demos_path
+
+    inputs = [("input model", model_dir), ("library folder", library)]
+    what = "--profiles-dir"
+    # the folder itself: an existing one is fine whatever it holds (force/owned let it through)
+    check_output(folder, inputs=inputs, folder=True, force=True, owned=lambda _: True, what=what, parents=True)
+    for task, src in tasks.items():
+        if src.name.endswith(".safetensors"):  # a given profile: nothing is written for it
+            continue
+        target = folder / f"{task}.profile.safetensors"
+        for file in [target, demos_path(target)] if demos else [target]:
+            check_output(file, inputs=inputs, force=force, folder=False, what=what, parents=True)
+    return folder.expanduser()
+
+
 def route(
     library: Any,
     queries: Sequence[str | tuple[str, str | None]],
     *,
     model: Any = None,
     key: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> tuple[Any, list[Any]]:
     """Route each query to the nearest task of a pattern library (a folder or a loaded
     :class:`~moeprune.library.Library`), as `moeprune library route`. A query is a text or

@@ -28,9 +28,63 @@ app = typer.Typer(
 )
 
 
+def version_lines() -> list[str]:
+    """moeprune's version, then torch's and transformers' (read from the installed metadata: no
+    import, so `moeprune --version` is instant)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    return [f"moeprune {__version__}", f"{installed('torch')}, {installed('transformers')}, python {python}"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print("\n".join(version_lines()))
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        is_eager=True,
+        expose_value=False,
+        callback=_print_version,
+        help="Print the versions of moeprune, torch and transformers and exit.",
+    ),
+) -> None:
     """Measure which experts a domain uses and write a smaller Mixture-of-Experts model."""
+
+
+def _flags_show_no_type() -> None:
+    """typer's rich --help prints a type after every flag (`--force <bool>`, `--help <bool>`), as if
+    the flag took a value; a flag takes none, so show nothing there (as click's plain help does)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_moeprune", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        return shown(self, ctx)  # type: ignore[arg-type]
+
+    display_type_rich._moeprune = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
 
 
 # Modules that register commands on `app`, in the order they appear in --help.

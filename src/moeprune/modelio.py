@@ -153,7 +153,9 @@ def load_model(
 
     path = resolve_model_dir(model)
     load_config(str(path))  # clear errors for broken configs before transformers' own
-    torch_dtype = parse_dtype(dtype)
+    from .device import resolve_dtype
+
+    torch_dtype = parse_dtype(resolve_dtype(dtype, device))
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation

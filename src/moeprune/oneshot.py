@@ -273,7 +273,7 @@ def evaluate_pair(model: Any, pruned: Path, tasks: list[Any], limit: int | None)
         if _is_loaded(path):
             lm, tok = path, _tokenizer_of(path, None)
         else:
-            lm, tok = load_model_and_tokenizer(path, device=device, dtype="float32")
+            lm, tok = load_model_and_tokenizer(path, device=device, dtype="auto")
         results[which] = run_tasks(lm, tok, tasks, limit=limit, progress=False)["tasks"]
         del lm, tok
         gc.collect()

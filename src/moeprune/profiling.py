@@ -11,28 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .device import resolve_device, resolve_dtype
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .profile import Profile
-
-
-def resolve_device(device: str) -> str:
-    """cpu, cuda, cuda:N or auto -> a device (``cuda`` under torchrun -> this rank's GPU)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"device '{device}' requested but CUDA is not available", "use --device cpu or auto"
-            )
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    elif device != "cpu":
-        raise UserError(f"unknown device '{device}'", "use cpu, cuda, cuda:N or auto")
-    return device
 
 
 def demos_path(out: Path) -> Path:
@@ -113,8 +96,7 @@ def run_profile(
     records, files = load_records(data, text_field)
     records = select_records(records, max_samples, seed)
     dev = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.startswith("cuda") else "float32"
+    dtype = resolve_dtype(dtype, dev)
     started_dist = False
     if wants_distributed():
         started_dist = not torch.distributed.is_initialized()

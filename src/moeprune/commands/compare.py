@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from moeprune.cli import app
+from moeprune.commands.options import device_option, dtype_option
 
 NOTE_WIDTH = 40  # columns of the terminal table's note column
 
@@ -54,8 +55,8 @@ def compare_command(
         1024, "--max-length", help="Truncate perplexity documents to this many tokens."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder for results.md/.csv/.json and plot_<task>.png."
     ),

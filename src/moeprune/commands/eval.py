@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from moeprune.cli import app
+from moeprune.commands.options import device_option, dtype_option
 from moeprune.outputs import json_safe
 
 TASK_HELP = (
@@ -40,8 +41,8 @@ def eval_command(
     ),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N records of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     max_new_tokens: int = typer.Option(
         24, "--max-new-tokens", help="Generation limit for exact-match tasks."
     ),
@@ -49,7 +50,7 @@ def eval_command(
         1024, "--max-length", help="Truncate perplexity documents to this many tokens."
     ),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="Write the results as JSON to this file."
+        None, "--output", "--out", "-o", help="Write the results as JSON to this file."
     ),
     allow_download: bool = typer.Option(
         False,

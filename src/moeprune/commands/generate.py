@@ -12,17 +12,18 @@ import typer
 
 from ..cli import app
 from ..errors import UserError
+from .options import device_option, dtype_option
 
 
 def _load(model: str, library: Path, dtype: str, device: str, task: str | None) -> Any:
     from ..adaptive import AdaptiveMoE
+    from ..device import resolve_device
     from ..library import Library
-    from ..profiling import resolve_device as _resolve_device
 
     lib = Library.load(library)
     if task is not None:
         lib.task(task)  # unknown task: clear error before loading
-    am = AdaptiveMoE.from_library(model, lib, dtype=dtype, device=_resolve_device(device))
+    am = AdaptiveMoE.from_library(model, lib, dtype=dtype, device=resolve_device(device))
     if am.tokenizer is None:
         raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
     return am
@@ -54,10 +55,10 @@ def generate(
         "does; --stop '' for the model's end-of-sequence token only).",
     ),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="Write prompts, tasks and outputs as JSON."
+        None, "--output", "--out", "-o", help="Write prompts, tasks and outputs as JSON."
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto (as stored)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
 ) -> None:
     """Route each prompt to the nearest task, load only its experts, and generate greedily."""
     from ..adaptive import query_ids
@@ -127,8 +128,8 @@ def chat(
     model: str = typer.Argument(..., help="The original model (directory or cached hub id)."),
     library: Path = typer.Option(..., "--library", "-l", help="Pattern library (`moeprune library build`)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generation limit per reply."),
-    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto (as stored)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
 ) -> None:
     """Interactive chat: each conversation is routed by its first message and runs with only that
     task's experts."""

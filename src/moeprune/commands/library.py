@@ -10,6 +10,7 @@ import typer
 
 from ..cli import app
 from ..errors import UserError
+from .options import device_option, dtype_option
 
 library_app = typer.Typer(
     no_args_is_help=True,
@@ -77,11 +78,14 @@ def build(
     profiles_dir: Path | None = typer.Option(
         None,
         "--profiles-dir",
-        help="Also keep the profiles made from data here (re-plan without recalibrating).",
+        help="Also keep the profiles made from data in this folder (created if missing), to re-plan "
+        "without recalibrating.",
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing library folder."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing library folder (and profiles in --profiles-dir)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Profile each task (or take its profile), plan its kept experts and store its retrieval keys."""
@@ -190,9 +194,9 @@ def route(
         "PreMoe's per-task key; both from a forward up to the first MoE router (no expert loaded). "
         "all: every MoE layer's statistics (loads the whole model).",
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    output: Path | None = typer.Option(None, "--output", "--out", "-o", help="Write the results as JSON."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
 ) -> None:
     """Find the nearest task of each query, the distances to all tasks, and how much of the
     query's own expert usage the chosen pattern keeps."""

@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from ..cli import app
 from ..errors import UserError
+from .options import device_option, dtype_option
 
 
 class _DefaultCreateGroup(TyperGroup):
@@ -49,7 +50,9 @@ def create(
     data: list[str] = typer.Option(
         ..., "--data", help="Calibration data: .jsonl, .txt, .parquet, .arrow, .json, .csv (repeatable)."
     ),
-    out: Path = typer.Option(..., "--out", help="Output profile, e.g. math.profile.safetensors."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output profile, e.g. math.profile.safetensors."
+    ),
     text_field: str | None = typer.Option(
         None,
         "--text-field",
@@ -83,10 +86,8 @@ def create(
         "--premoe-exact",
         help="Also keep PreMoe's per-token entries (the file grows with the tokens; lets plan lower --premoe-ka).",
     ),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="float32, bfloat16, float16 or auto (bfloat16 on CUDA, float32 on CPU)."
-    ),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
     offload: str = typer.Option(
         "none",
         "--offload",
@@ -121,7 +122,7 @@ def create(
 @profile_app.command("merge")
 def merge(
     profiles: list[Path] = typer.Argument(..., help="Profiles of the same model (two or more)."),
-    out: Path = typer.Option(..., "--out", help="Output profile."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output profile."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary."),
 ) -> None:
     """Merge profiles of the same model: the result is the profile of the union of their data."""

@@ -9,12 +9,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from moeprune.device import DTYPES, resolve_device, resolve_dtype
 from moeprune.errors import UserError
 
 __all__ = ["DTYPES", "load_model_and_tokenizer", "resolve_device", "resolve_model_path", "torch_dtype"]
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("cpu", "cuda", "auto")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -26,23 +25,6 @@ def torch_dtype(dtype: str) -> Any:
     if dtype not in table:
         raise UserError(f"unknown dtype '{dtype}'", "use float32, bfloat16 or float16")
     return table[dtype]
-
-
-def resolve_device(device: str) -> str:
-    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (cuda when available) -> a torch device string."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if re.fullmatch(r"cuda(:\d+)?", device):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"device '{device}' requested but CUDA is not available", "use --device cpu or auto"
-            )
-        return device
-    raise UserError(f"unknown device '{device}'", "use cpu, cuda or auto")
 
 
 def resolve_model_path(model: str) -> Path:
@@ -90,8 +72,8 @@ def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "floa
     from moeprune.load import from_pretrained
 
     path = resolve_model_path(model)
-    dt = torch_dtype(dtype)
     dev = resolve_device(device)
+    dt = torch_dtype(resolve_dtype(dtype, dev))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:

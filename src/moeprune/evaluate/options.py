@@ -6,8 +6,8 @@ Needs no torch: the commands call these before loading anything heavy.
 
 from __future__ import annotations
 
+from moeprune.device import check_device, check_dtype  # no torch
 from moeprune.errors import UserError
-from moeprune.evaluate.loading import DEVICES, DTYPES  # imports torch only inside its functions
 
 __all__ = ["check_device_and_dtype", "check_run_options"]
 
@@ -31,7 +31,5 @@ def check_run_options(*, limit: int | None, batch_size: int, max_new_tokens: int
 
 def check_device_and_dtype(device: str, dtype: str) -> None:
     """Reject an unknown --device or --dtype by name only (whether CUDA is there is checked on load)."""
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise UserError(f"unknown device '{device}'", "use --device cpu, cuda or auto")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'", "use --dtype float32, bfloat16 or float16")
+    check_device(device)
+    check_dtype(dtype)

@@ -1,0 +1,19 @@
+"""Options that several commands share, declared once so that they read the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from moeprune.device import DEVICE_HELP, DTYPE_HELP
+
+
+def device_option() -> Any:
+    """``--device``: auto (cuda when available, else cpu), resolved by :func:`moeprune.device.resolve_device`."""
+    return typer.Option("auto", "--device", help=DEVICE_HELP)
+
+
+def dtype_option() -> Any:
+    """``--dtype``: auto (bfloat16 on CUDA, float32 on CPU), resolved by :func:`moeprune.device.resolve_dtype`."""
+    return typer.Option("auto", "--dtype", help=DTYPE_HELP)
