@@ -122,7 +122,7 @@ def test_cli_route_single_query_and_file(library, tmp_path, capsys):
     assert set(first["distances"]) == {DATES, REVERSE} and 0.0 <= first["mean_coverage"] <= 1.0
     assert first["task"] == min(first["distances"], key=first["distances"].get)
     rc, out, err = run_cli(
-        capsys, "library", "route", library, "--file", queries, "--key", "all", "-o", result
+        capsys, "library", "route", library, "--file", queries, "--key", "all", "-o", result, "--force"
     )
     assert rc == 0, err
     assert len(json.loads(result.read_text())["results"][0]["coverage"]) == 3  # every MoE layer
