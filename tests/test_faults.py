@@ -630,3 +630,20 @@ def test_oneshot_logs_name_final_paths(lm, tmp_path, capsys):
     assert (out / "moeprune" / "profile.safetensors").is_file()
     plan = json.loads((out / "plan.json").read_text())
     assert plan["settings"]["profiles"][0]["path"] == str(out.resolve() / "moeprune" / "profile.safetensors")
+
+
+def test_oneshot_on_a_full_disk_is_refused_before_calibrating(lm, tmp_path, capsys, monkeypatch):
+    import moeprune.calibrate as calibrate
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibrated although the disk is too full for the output")
+
+    class Full:
+        f_bavail, f_frsize = 1, 4096
+
+    monkeypatch.setattr(calibrate, "calibrate", never)
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: Full())
+    args = ["prune", lm["model"], "--data", lm["data"], "-m", "frequency", "-k", "6", "--out", tmp_path / "one"]
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "needs", "free")
+    assert list(tmp_path.iterdir()) == []

@@ -204,6 +204,7 @@ def run_oneshot(
     reads = [("input model", src), *(("data file", d) for d in s.data), *inputs]
     reads += [("task file", t.source) for t in tasks if getattr(t, "source", None)]
     target = prepare_output(out, inputs=reads, force=s.force, kind="model")
+    target.need(_least_bytes(src, s.keep))  # a full disk is found now, not after the calibration
     final = target.path
     shown = out / PROVENANCE  # log lines name where files end up, not the temporary folder
 
@@ -260,6 +261,22 @@ def run_oneshot(
             encoding="utf-8",
         )
     return OneShotResult(out, prof, the_plan, rewrite, report, time.perf_counter() - start)
+
+
+def _least_bytes(src: Path, keep: str) -> int:
+    """A lower bound of the pruned checkpoint's size: the kept share of the experts times the whole
+    checkpoint (the other weights are all kept, so never more than the real size)."""
+    from .arch import find_moe_blocks
+    from .checkpoint import Checkpoint
+    from .modelio import build_on_meta, load_config
+    from .plan import parse_keep
+
+    value = parse_keep(str(keep))
+    if isinstance(value, float):
+        share = value
+    else:
+        share = value / find_moe_blocks(build_on_meta(load_config(str(src))))[0].num_experts
+    return int(min(max(share, 0.0), 1.0) * Checkpoint.open(src).total_bytes)
 
 
 def evaluate_pair(model: Any, pruned: Path, tasks: list[Any], limit: int | None) -> dict[str, Any]:
