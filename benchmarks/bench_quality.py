@@ -57,6 +57,7 @@ def main() -> int:
             "24",
             "--out",
             str(profile),
+            "--force",  # a profile of an earlier run is replaced
             "-q",
         )
         cmd = ["moeprune", "compare", model, "--profile", str(profile), "--limit", str(args.limit)]

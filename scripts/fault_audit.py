@@ -1147,8 +1147,9 @@ def classify(run: Run, before: dict, after: dict) -> None:
         if oks == 0:
             d.append(("refused", "no concurrent run succeeded"))
         bad = [rc for rc in run.rcs if rc not in (0, 2)]
+        # only the refused runs must print one line (a winner prints its progress)
         if any(rc == 2 for rc in run.rcs) and not all(
-            clean_error(e) for e in _split_stderr(run) if e.strip()
+            clean_error(e) for rc, e in zip(run.rcs, _split_stderr(run), strict=False) if rc == 2
         ):  # fmt: skip
             d.append(("unclean-error", _first_lines(run.stderr)))
         if valid is not True and not bad:

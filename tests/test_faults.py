@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -145,13 +146,22 @@ def test_files_are_replaced_only_with_force_and_only_moeprune_files(tmp_path):
 def test_report_force_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()
-    prof = sandbox / "code.profile.safetensors"
+    prof = tmp_path / "code.profile.safetensors"
     make_profile().save(prof)
     (sandbox / "keep.txt").write_text("x")
     before = _tree(sandbox)
     rc, _, err = run_cli(capsys, "report", prof, "--out", sandbox, "--force")
     assert_user_error(rc, err, "not written by moeprune")
     assert _tree(sandbox) == before and _hidden(sandbox) == [] and _hidden(tmp_path) == []
+    # a folder holding one of its inputs is refused even when moeprune wrote it
+    (sandbox / "keep.txt").unlink()
+    write_marker(sandbox, "report")
+    inner = sandbox / "code.profile.safetensors"
+    make_profile().save(inner)
+    before = _tree(sandbox)
+    rc, _, err = run_cli(capsys, "report", inner, "--out", sandbox, "--force")
+    assert_user_error(rc, err, "contains the profile")
+    assert _tree(sandbox) == before
 
 
 def test_prune_force_refuses_the_parent_of_its_input(model, tmp_path, capsys):
@@ -436,3 +446,204 @@ def test_writer_marker_is_moeprune_json(tmp_path):
     write_marker(tmp_path, "library")
     data = json.loads((tmp_path / MARKER).read_text())
     assert data["tool"] == "moeprune" and data["kind"] == "library" and data["version"]
+
+
+# --- every command, through the API: inputs, --force, locks, up-front checks (issue 11: 1, 3, 4, 10, 14;
+# --- issue 12 §5) -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model with a tokenizer, a data file, a profile of it and a plan (paths by name)."""
+    from moeprune import api
+    from moeprune.testing.tiny import byte_tokenizer, tiny_model
+
+    root = tmp_path_factory.mktemp("wired")
+    m = tiny_model("mixtral")
+    m.save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(4)))
+    prof = root / "p.profile.safetensors"
+    api.profile(root / "model", [data], out=prof)
+    api.plan(prof, "frequency", 6, out=root / "plan.json")
+    return {"root": root, "model": root / "model", "data": data, "profile": prof, "plan": root / "plan.json"}
+
+
+def _refusals(p: dict[str, Path]) -> list[tuple[list[Any], str]]:
+    """(command line, word of its one-line error): outputs that are, contain or sit inside an input."""
+    m, d, prof, plan, root = p["model"], p["data"], p["profile"], p["plan"], p["root"]
+    return [
+        (["profile", m, "--data", d, "--out", m / "model.safetensors", "--force"], "input model"),
+        (["profile", m, "--data", d, "--out", m / "config.json", "--force"], "input model"),
+        (["plan", prof, "-m", "frequency", "-k", "6", "--out", m / "config.json", "--force"], "model"),
+        (["plan", prof, "-m", "frequency", "-k", "6", "--out", prof, "--force"], "input profile"),
+        (["eval", m, "--task", d, "--output", m / "config.json", "--force"], "input model"),
+        (["eval", m, "--task", d, "--output", d, "--force"], "task file"),
+        (["compare", m, "--profile", prof, "--task", d, "--out", m, "--force"], "input model"),
+        (["compare", m, "--profile", prof, "--task", d, "--out", root, "--force"], "contains"),
+        (["report", prof, "--out", root, "--force"], "contains"),
+        (["library", "build", m, "--task", f"a={prof}", "--keep", "6", "--out", m, "--force"], "input model"),
+        (["library", "build", m, "--task", f"a={d}", "--keep", "6", "--out", root, "--force"], "contains"),
+        (["prune", m, "--plan", plan, "--out", root, "--force"], "contains"),
+        (["prune", m, "--data", d, "-m", "frequency", "-k", "6", "--out", root, "--force"], "contains"),
+        (["prune", m, "--data", d, "-m", "frequency", "-k", "6", "--out", m / "sub"], "input model"),
+        (["profile", "merge", prof, prof, "--out", prof, "--force"], "input profile"),
+    ]
+
+
+def test_no_command_writes_over_or_around_its_inputs(lm, capsys):
+    before = _tree(lm["root"])
+    for args, word in _refusals(lm):
+        rc, _, err = run_cli(capsys, *args)
+        assert_user_error(rc, err, word)
+        assert _tree(lm["root"]) == before, args
+        assert _hidden(lm["root"]) == [] and _hidden(lm["model"]) == [], args
+
+
+def test_api_applies_the_same_checks(lm):
+    from moeprune import api
+
+    m, d, prof = lm["model"], lm["data"], lm["profile"]
+    before = _tree(lm["root"])
+    with pytest.raises(UserError, match="model"):
+        api.plan(prof, "frequency", 6, out=m / "config.json", force=True)
+    with pytest.raises(UserError, match="task file"):
+        api.evaluate(m, [str(d)], out=d, force=True)
+    with pytest.raises(UserError, match="input model"):
+        api.profile(m, [d], out=m / "model.safetensors", force=True)
+    with pytest.raises(UserError, match="contains"):
+        api.report([prof], lm["root"], force=True)
+    with pytest.raises(UserError, match="input model"):
+        api.build_library(m, {"a": prof}, 6, m, force=True)
+    assert _tree(lm["root"]) == before
+
+
+def test_profile_plan_and_eval_replace_a_file_only_with_force(lm, tmp_path, capsys):
+    m, d, prof = lm["model"], lm["data"], lm["profile"]
+    cases = [
+        (["profile", m, "--data", d, "-q", "--out", tmp_path / "x.profile.safetensors"], "x.profile.safetensors"),
+        (["plan", prof, "-m", "frequency", "-k", "6", "--out", tmp_path / "plan.json"], "plan.json"),
+        (["eval", m, "--task", d, "--output", tmp_path / "eval.json"], "eval.json"),
+    ]
+    for args, name in cases:
+        assert run_cli(capsys, *args)[0] == 0
+        written = (tmp_path / name).read_bytes()
+        rc, _, err = run_cli(capsys, *args)
+        assert_user_error(rc, err, "already exists", "--force")
+        assert run_cli(capsys, *args, "--force")[0] == 0
+        assert (tmp_path / name).stat().st_size > 0 and len(written) > 0
+        (tmp_path / name).write_text("not moeprune's\n")
+        rc, _, err = run_cli(capsys, *args, "--force")
+        assert_user_error(rc, err, "not a moeprune file")
+        assert (tmp_path / name).read_text() == "not moeprune's\n"
+    assert _hidden(tmp_path) == []
+
+
+def test_a_second_run_into_a_locked_output_fails_at_once(lm, tmp_path, capsys, monkeypatch):
+    import moeprune.calibrate as calibrate
+
+    m, d, prof = lm["model"], lm["data"], lm["profile"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibrated although its output is locked")
+
+    monkeypatch.setattr(calibrate, "calibrate", never)
+    cases = [
+        ["profile", m, "--data", d, "--out", tmp_path / "x.profile.safetensors"],
+        ["report", prof, "--out", tmp_path / "report"],
+        ["compare", m, "--profile", prof, "--task", d, "--out", tmp_path / "cmp"],
+        ["library", "build", m, "--task", f"a={d}", "--keep", "6", "--out", tmp_path / "lib"],
+        ["plan", prof, "-m", "frequency", "-k", "6", "--out", tmp_path / "plan.json"],
+        ["eval", m, "--task", d, "--output", tmp_path / "eval.json"],
+        ["prune", m, "--data", d, "-m", "frequency", "-k", "6", "--out", tmp_path / "one"],
+    ]
+    for args in cases:
+        out = Path(args[args.index("--out" if "--out" in args else "--output") + 1])
+        lock = outputs._Lock(out, "--out", str(out))  # what a first run into ``out`` holds
+        lock.acquire()
+        try:
+            rc, _, err = run_cli(capsys, *args)
+        finally:
+            lock.release()
+        assert_user_error(rc, err, "another moeprune run", f"pid {os.getpid()}")
+        assert not out.exists(), args
+    assert _hidden(tmp_path) == []
+
+
+def test_read_only_outputs_are_found_before_any_work(lm, tmp_path, capsys, monkeypatch):
+    import moeprune.calibrate as calibrate
+    import moeprune.evaluate.runners as runners
+
+    m, d, prof = lm["model"], lm["data"], lm["profile"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("worked although its output is read-only")
+
+    monkeypatch.setattr(calibrate, "calibrate", never)
+    monkeypatch.setattr(runners, "evaluate", never)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _read_only(monkeypatch, ro)
+    for args in (
+        ["profile", m, "--data", d, "--out", ro / "x.profile.safetensors"],
+        ["plan", prof, "-m", "frequency", "-k", "6", "--out", ro / "plan.json"],
+        ["eval", m, "--task", d, "--output", ro / "eval.json"],
+        ["compare", m, "--profile", prof, "--task", d, "--out", ro / "cmp"],
+        ["report", prof, "--out", ro / "report"],
+        ["library", "build", m, "--task", f"a={d}", "--keep", "6", "--out", ro / "lib"],
+        ["prune", m, "--data", d, "-m", "frequency", "-k", "6", "--out", ro / "one"],
+        ["profile", "merge", prof, prof, "--out", ro / "m.profile.safetensors"],
+    ):
+        rc, _, err = run_cli(capsys, *args)
+        assert_user_error(rc, err, "read-only")
+    assert list(ro.iterdir()) == []
+
+
+def test_temporaries_of_killed_runs_are_removed_by_the_next(lm, tmp_path, capsys):
+    m, d = lm["model"], lm["data"]
+    dead = _dead_pid()
+    host = outputs._host()
+    cases = [
+        ("one", ["prune", m, "--data", d, "-m", "frequency", "-k", "6", "--out", tmp_path / "one"]),
+        ("lib", ["library", "build", m, "--task", f"a={d}", "--keep", "6", "-q", "--out", tmp_path / "lib"]),
+        ("eval.json", ["eval", m, "--task", d, "--output", tmp_path / "eval.json"]),
+        ("p.profile.safetensors", ["profile", m, "--data", d, "-q", "--out", tmp_path / "p.profile.safetensors"]),
+    ]
+    for name, args in cases:
+        stale = tmp_path / f".{name}.moeprune-tmp-{host}-{dead}-0badc0de"
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"partial")
+        rc, _, err = run_cli(capsys, *args)
+        assert rc == 0, err
+        assert not stale.exists(), name
+    assert _hidden(tmp_path) == []
+
+
+def test_oneshot_logs_name_final_paths(lm, tmp_path, capsys):
+    m, d = lm["model"], lm["data"]
+    out = tmp_path / "one"
+    rc, stdout, err = run_cli(capsys, "prune", m, "--data", d, "-m", "frequency", "-k", "6", "--out", out)
+    assert rc == 0, err
+    assert ".moeprune-" not in stdout + err and "/work/" not in err
+    assert f"wrote {out / 'moeprune' / 'profile.safetensors'}" in err
+    assert (out / "moeprune" / "profile.safetensors").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["settings"]["profiles"][0]["path"] == str(out.resolve() / "moeprune" / "profile.safetensors")
+
+
+def test_oneshot_on_a_full_disk_is_refused_before_calibrating(lm, tmp_path, capsys, monkeypatch):
+    import moeprune.calibrate as calibrate
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibrated although the disk is too full for the output")
+
+    class Full:
+        f_bavail, f_frsize = 1, 4096
+
+    monkeypatch.setattr(calibrate, "calibrate", never)
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: Full())
+    args = ["prune", lm["model"], "--data", lm["data"], "-m", "frequency", "-k", "6", "--out", tmp_path / "one"]
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "needs", "free")
+    assert list(tmp_path.iterdir()) == []

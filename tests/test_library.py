@@ -122,7 +122,7 @@ def test_cli_route_single_query_and_file(library, tmp_path, capsys):
     assert set(first["distances"]) == {DATES, REVERSE} and 0.0 <= first["mean_coverage"] <= 1.0
     assert first["task"] == min(first["distances"], key=first["distances"].get)
     rc, out, err = run_cli(
-        capsys, "library", "route", library, "--file", queries, "--key", "all", "-o", result
+        capsys, "library", "route", library, "--file", queries, "--key", "all", "-o", result, "--force"
     )
     assert rc == 0, err
     assert len(json.loads(result.read_text())["results"][0]["coverage"]) == 3  # every MoE layer
@@ -166,7 +166,7 @@ def test_cli_generate_shows_each_prompt_with_its_answer(library, tmp_path, capsy
         assert block == quoted + r["output"]
         assert r["output"].strip() and "\n" not in r["output"] and r["ended_by"] == "stop"
     # --stop '': only the model's end of sequence ends the answer (the testbed's: newline, EOS)
-    rc, out, err = run_cli(capsys, *args, "--prompt", prompts[0], "--stop", "", "-o", result)
+    rc, out, err = run_cli(capsys, *args, "--prompt", prompts[0], "--stop", "", "-o", result, "--force")
     assert rc == 0, err
     whole = json.loads(result.read_text())["results"][0]
     assert whole["ended_by"] == "eos" and whole["output"] == data[0]["output"] + "\n"
@@ -193,7 +193,7 @@ def test_cli_generate_ends_at_the_generation_config_eos(library, tmp_path, capsy
     gen = json.loads((model / "generation_config.json").read_text())
     gen["eos_token_id"] = [tok.eos_token_id, answer_ids[2]]  # ends after the answer's second token
     (model / "generation_config.json").write_text(json.dumps(gen))
-    rc, out, err = run_cli(capsys, *args, "-o", result)
+    rc, out, err = run_cli(capsys, *args, "-o", result, "--force")
     assert rc == 0, err
     r = json.loads(result.read_text())["results"][0]
     assert r["output"] == tok.decode(answer_ids[:2]) and r["ended_by"] == "eos"
@@ -263,7 +263,7 @@ def test_route_reports_the_distance_against_the_typical_one(library, tmp_path, c
     assert rc == 0, err
     near = json.loads(result.read_text())["results"][0]
     assert not near["far"] and "far from every task" not in out and "typical distance" in out
-    rc, out, err = run_cli(capsys, "library", "route", library, "import os, sys", "-o", result)
+    rc, out, err = run_cli(capsys, "library", "route", library, "import os, sys", "-o", result, "--force")
     assert rc == 0, err
     far = json.loads(result.read_text())["results"][0]
     assert far["far"] and "warning: the query is far from every task" in " ".join(out.split())
@@ -278,7 +278,7 @@ def test_route_reports_the_distance_against_the_typical_one(library, tmp_path, c
     shutil.copytree(library, old)
     tensors = {k: v for k, v in load_file(old / "keys.safetensors").items() if not k.endswith(".records")}
     save_file(tensors, old / "keys.safetensors", metadata={"format": "moeprune-library/1"})
-    rc, out, err = run_cli(capsys, "library", "route", old, "import os, sys", "-o", result)
+    rc, out, err = run_cli(capsys, "library", "route", old, "import os, sys", "-o", result, "--force")
     assert rc == 0, err
     assert "no per-record keys" in " ".join(out.split())
     assert not json.loads(result.read_text())["results"][0]["far"]

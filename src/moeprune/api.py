@@ -18,8 +18,10 @@ See docs/api.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +56,45 @@ def model_source(model: Any) -> str:
             "the loaded model has no name_or_path", "load it with from_pretrained, or pass its path"
         )
     return str(name)
+
+
+def model_input(model: Any) -> tuple[str, Path] | None:
+    """The checkpoint folder of ``model`` as an input of a command (an output may not be, contain or
+    sit inside it); None when it is not on disk (an error for the command to report itself)."""
+    from .modelio import resolve_model_dir
+
+    try:
+        return ("input model", resolve_model_dir(model_source(model)))
+    except UserError:
+        return None
+
+
+def _file_inputs(label: str, paths: Sequence[Any]) -> list[tuple[str, str]]:
+    return [(label, os.fspath(p)) for p in paths if p is not None]
+
+
+def json_output(
+    out: PathLike,
+    *,
+    inputs: Sequence[Any] = (),
+    force: bool = False,
+    what: str = "--output",
+    owned: Callable[[Path], bool] | None = None,
+) -> Any:
+    """A JSON file output, checked now (docs/outputs.md); write it later with :func:`write_json`."""
+    from .outputs import prepare_output
+
+    return prepare_output(out, inputs=inputs, force=force, folder=False, kind="json", what=what, owned=owned)
+
+
+def write_json(target: Any, data: Any) -> Path:
+    """Write ``data`` (non-finite floats as null) to the checked output ``target`` atomically."""
+    from .outputs import json_safe
+
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    with target as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(target.path)
 
 
 def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
@@ -104,6 +145,7 @@ def profile(
     dtype: str = "auto",
     device: str = "auto",
     offload: str = "none",
+    force: bool = False,
     quiet: bool = True,
     premoe_exact: bool = False,
 ) -> Profile:
@@ -113,7 +155,8 @@ def profile(
     with ``self_generate``, the model's answers beside it as ``<stem>.demos.jsonl``). A loaded model
     is used as it is (``dtype``/``device`` ignored); its tokenizer is loaded from its folder unless
     given. ``premoe_exact`` also keeps PreMoe's per-token entries (the profile then grows with the
-    tokens; the default histograms give the same ranking in a size bounded by the model)."""
+    tokens; the default histograms give the same ranking in a size bounded by the model). An existing ``out`` is
+    replaced only with ``force`` (docs/outputs.md)."""
     data = [os.fspath(d) for d in data]
     out_path = Path(out) if out is not None else None
     from .profiling import check_profile_args
@@ -153,6 +196,8 @@ def profile(
         premoe_exact=premoe_exact,
         quiet=quiet,
         loaded=loaded,
+        force=force,
+        inputs=[model_input(model), *_file_inputs("data file", data)],
     )
 
 
@@ -188,9 +233,11 @@ def plan(
     premoe_r: float | None = None,
     premoe_ka: int | None = None,
     out: PathLike | None = None,
+    force: bool = False,
 ) -> Plan:
     """Choose the experts every MoE layer keeps from one profile (or several of the same model:
-    EASY-EP mixed-domain), as `moeprune plan`; ``out`` also writes the plan (JSON)."""
+    EASY-EP mixed-domain), as `moeprune plan`; ``out`` also writes the plan (JSON; an existing
+    file is replaced only with ``force``, docs/outputs.md)."""
     from .plan import experts_to_keep, plan_from_profile, profile_routing
     from .profile import Profile
     from .score import combined_score, score
@@ -198,11 +245,10 @@ def plan(
     keep_value, options = check_plan_args(
         method, keep, scope=scope, per_group=per_group, seed=seed, premoe_r=premoe_r, premoe_ka=premoe_ka
     )
-    if out is not None:
-        check_file_out(Path(out), "--out", "plan.json")
+    given = [profiles] if isinstance(profiles, (Profile, str, os.PathLike)) else list(profiles)
+    target = plan_output(out, given, force) if out is not None else None
 
     # --- load, score, plan -------------------------------------------------------------------------
-    given = [profiles] if isinstance(profiles, (Profile, str, os.PathLike)) else list(profiles)
     loaded = [p if isinstance(p, Profile) else load_profile(p) for p in given]
     meta = loaded[0].meta
     if len(loaded) == 1:
@@ -232,9 +278,44 @@ def plan(
         per_group=per_group,
         settings=settings,
     )
-    if out is not None:
-        result.save(out)
+    if target is not None:
+        save_plan(result, target)
     return result
+
+
+def plan_output(out: PathLike, profiles: Sequence[Any], force: bool = False) -> Any:
+    """The plan file ``out``, checked now (docs/outputs.md): a file, never one of the ``profiles``
+    (paths or loaded profiles) nor inside a model folder, replaced only with ``force``."""
+    from .outputs import prepare_output
+    from .profile import Profile
+
+    check_file_out(Path(out), "--out", "plan.json")
+    paths = [p.path if isinstance(p, Profile) else p for p in profiles]
+    inputs = _file_inputs("input profile", paths) + _profile_models(paths)
+    return prepare_output(out, inputs=inputs, force=force, folder=False, kind="plan")
+
+
+def _profile_models(paths: Sequence[Any]) -> list[tuple[str, str]]:
+    """The model folders the profiles were made on (an output never goes into one)."""
+    models: list[tuple[str, str]] = []
+    for p in paths:
+        if p is None or not Path(p).is_file():
+            continue
+        try:
+            name = _profile_meta(Path(p)).get("model")
+        except UserError:
+            continue
+        if isinstance(name, str) and name and Path(name).expanduser().is_dir():
+            models.append(("model", name))
+    return models
+
+
+def save_plan(the_plan: Plan, target: Any) -> Path:
+    """Write ``the_plan`` to the output ``target`` (:func:`plan_output`)."""
+    text = the_plan.dumps()
+    with target as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(target.path)
 
 
 def check_plan_args(
@@ -297,12 +378,44 @@ def prune(
     ``model`` is a checkpoint folder or cached hub id; a loaded model is accepted for its
     ``name_or_path`` (the rewrite reads the checkpoint on disk, not the weights in memory).
     ``profile``: the plan's profile (kept as profile-meta.json; ``mode="novice"`` needs it); one
-    calibrated on other data than the plan's is refused unless ``allow_other_profile``."""
+    calibrated on other data than the plan's is refused unless ``allow_other_profile``. ``out`` is
+    never the model, the plan or the profile (or around them); an existing ``out`` is replaced
+    only with ``force`` and only if moeprune wrote it (docs/outputs.md)."""
+    return _prune(
+        model,
+        plan,
+        out,
+        mode=mode,
+        profile=profile,
+        pad_uniform=pad_uniform,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        allow_other_profile=allow_other_profile,
+    )
+
+
+def _prune(
+    model: Any,
+    plan: Plan | PathLike,
+    out: PathLike,
+    *,
+    mode: str = "remove",
+    profile: Profile | PathLike | None = None,
+    pad_uniform: bool = False,
+    force: bool = False,
+    max_shard_size: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    allow_other_profile: bool = False,
+    into: Path | None = None,
+) -> RewriteResult:
+    """:func:`prune`; ``into``: write into this existing folder instead (one-shot's output)."""
     from .checkpoint import parse_size
     from .modelio import load_config, resolve_model_dir
+    from .outputs import check_output
     from .plan import Plan
     from .profile import Profile
-    from .surgery import check_output_dir, rewrite_checkpoint
+    from .surgery import rewrite_checkpoint
 
     # --- check everything before writing anything --------------------------------------------------
     if mode not in MODES:
@@ -322,7 +435,10 @@ def prune(
     else:
         profile_meta = _profile_meta(Path(profile)) if profile is not None else None
     out = Path(out)
-    check_output_dir(src, out, force)
+    inputs = _file_inputs("plan", [None if isinstance(plan, Plan) else plan])
+    inputs += _file_inputs("profile", [None if isinstance(profile, Profile) else profile])
+    if into is None:
+        check_output(out, inputs=[("input model", src), *inputs], force=force)
     config = load_config(str(src))
     check_plan_matches(the_plan, config)
     novices = None
@@ -344,6 +460,8 @@ def prune(
         pad_uniform=pad_uniform,
         novices=novices,
         allow_other_profile=allow_other_profile,
+        inputs=inputs,
+        into=into,
     )
 
 
@@ -446,13 +564,17 @@ def evaluate(
     max_length: int = 1024,
     progress: bool = False,
     allow_download: bool | None = None,
+    out: PathLike | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a path, cached hub id or loaded model) on moeprune tasks (as
     ``moeprune eval --task``: PATH, NAME=PATH, kind:PATH, testbed[:NAME]) and lm-eval task names.
 
     Returns the report `moeprune eval --output` writes: model, settings, versions, seconds, tasks.
     lm-eval runs offline unless ``allow_download`` (or MOEPRUNE_ALLOW_DOWNLOAD=1); a task whose
-    dataset is not cached raises :class:`LmEvalDataMissing` whose ``report`` holds what finished."""
+    dataset is not cached raises :class:`LmEvalDataMissing` whose ``report`` holds what finished.
+    ``out`` also writes the report (JSON, what finished included), checked before any work: never
+    the model, a task file or inside them; an existing file replaced only with ``force``."""
     import time
 
     from .evaluate.options import check_device_and_dtype, check_run_options
@@ -479,6 +601,12 @@ def evaluate(
     resolved_device = str(next(model.parameters()).device) if loaded else resolve_device(device)
     task_list = resolve_tasks(list(tasks or []))
     include = os.fspath(lm_eval_include) if lm_eval_include else None
+    target = None
+    if out is not None:
+        check_file_out(Path(out), "--output", "results.json")
+        reads = [model_input(model), *_file_inputs("lm-eval include", [include])]
+        reads += _file_inputs("task file", [getattr(t, "source", None) for t in task_list])
+        target = json_output(out, inputs=reads, force=force)
     lm_eval_tasks: list[str] = []
     lm_eval_manager = None
     if lm_eval:
@@ -539,6 +667,8 @@ def evaluate(
         "seconds": round(time.time() - started, 3),
         "tasks": results["tasks"],
     }
+    if target is not None:
+        write_json(target, report)
     if missing is not None:
         missing.report = report
         raise missing
@@ -622,7 +752,6 @@ def compare(
     in ``OUT.partial.jsonl`` until ``out`` is written, and a rerun with the same model, profiles,
     tasks and settings reuses them (``on_resume(note, keys of the reused rows)`` says so); Ctrl-C
     then ends in one line saying where they are."""
-    import time
 
     from .compare import DEFAULT_KEEPS, check_keeps, default_methods
     from .evaluate.options import check_device_and_dtype, check_run_options
@@ -642,17 +771,65 @@ def compare(
         raise UserError("a --method is given twice", "pass each method once")
     keep_values: list[int | float] = [parse_keep(str(k)) for k in keeps] if keeps else list(DEFAULT_KEEPS)
     check_keeps(keep_values, None)  # fractions' range and duplicates now; counts again once E is known
-    if out is not None:
-        _check_dir_out(Path(out), force)
-
-    from .evaluate.loading import resolve_device
     from .evaluate.tasks import resolve_tasks
 
     task_list = resolve_tasks(list(tasks))
+    paths = [p.path if isinstance(p, Profile) else os.fspath(p) for p in profiles]
+    target = None
+    if out is not None:  # checked now, locked for the whole run (docs/outputs.md)
+        from .outputs import prepare_output
+
+        reads = [model_input(model), *_file_inputs("profile", paths)]
+        reads += _file_inputs("task file", [getattr(t, "source", None) for t in task_list])
+        target = prepare_output(out, inputs=reads, force=force, kind="compare")
+    with target if target is not None else contextlib.nullcontext() as tmp:
+        rows, report, partial = _compare(
+            model, profiles, paths, task_list, methods, keep_values, novice, tokenizer=tokenizer,
+            limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+            seed=seed, device=device, dtype=dtype, progress=progress, on_row=on_row,
+            out=Path(out) if out is not None else None, on_resume=on_resume,
+        )  # fmt: skip
+        if tmp is not None:
+            from .compare import write_results
+
+            write_results(tmp, rows, report)
+    if partial is not None:  # --out is written: the finished rows kept for a resume are done with
+        partial.remove()
+    return rows, report
+
+
+def _compare(
+    model: Any,
+    profiles: Sequence[Profile | PathLike],
+    paths: list[Any],
+    task_list: list[Any],
+    methods: list[str],
+    keep_values: list[int | float],
+    novice: bool,
+    *,
+    tokenizer: Any,
+    limit: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    max_length: int,
+    seed: int,
+    device: str,
+    dtype: str,
+    progress: bool,
+    on_row: Callable[[dict[str, Any]], None] | None,
+    out: Path | None = None,
+    on_resume: Callable[[str, set[str]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """:func:`compare` on checked arguments: (rows, report, the partial-rows file or None)."""
+    import time
+
+    from .compare import check_keeps
+    from .evaluate.loading import resolve_device
+    from .profile import Profile
+
     loaded = _is_loaded(model)
     name = model_source(model)
     resolved_device = str(next(model.parameters()).device) if loaded else resolve_device(device)
-    paths = [p.path if isinstance(p, Profile) else os.fspath(p) for p in profiles]
     profs = [p if isinstance(p, Profile) else load_profile(p) for p in profiles]
     names = _profile_names([Path(p or f"profile{i}") for i, p in enumerate(paths)])
     blocks = _check_profiles_model(name, profs)
@@ -728,29 +905,7 @@ def compare(
         },
         "seconds": round(time.time() - started, 3),
     }
-    if out is not None:
-        from .compare import write_results
-        from .outputs import write_dir_atomically
-
-        write_dir_atomically(Path(out).expanduser(), lambda tmp: write_results(tmp, rows, report))
-        if partial is not None:
-            partial.remove()
-    return rows, report
-
-
-def _check_dir_out(out: Path, force: bool) -> None:
-    """An output folder: absent or empty (or ``force``), in a folder that exists."""
-    out = out.expanduser()
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out '{out}' is a file", "pass a folder name")
-        if any(out.iterdir()) and not force:
-            raise UserError(
-                f"--out '{out}' already exists and is not empty", "pass another folder, or --force"
-            )
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"the folder of --out '{out}' does not exist", f"create {parent} first")
+    return rows, report, partial
 
 
 def _profile_names(paths: list[Path]) -> list[str]:
@@ -796,20 +951,25 @@ def report(
     check_method(method)
     if top is not None and top < 1:
         raise UserError(f"--top must be a positive number of experts, got {top}", "pass --top 1 or more")
-    if out is not None:
-        _check_dir_out(Path(out), force)
     paths = [Path(p.path or f"profile{i}") if isinstance(p, Profile) else Path(p) for i, p in enumerate(profiles)]
     resolved = [p.expanduser().resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
         raise UserError("the same profile is given twice", "pass each profile once")
+    target = None
+    if out is not None:  # checked now, locked until written (docs/outputs.md)
+        from .outputs import prepare_output
+
+        given = [p.path if isinstance(p, Profile) else p for p in profiles]
+        reads = _file_inputs("profile", given) + _profile_models(given)
+        target = prepare_output(out, inputs=reads, force=force, kind="report")
     loaded = [p if isinstance(p, Profile) else load_profile(p) for p in profiles]
     stems = [p.name.removesuffix(".safetensors").removesuffix(".profile") for p in paths]
     names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
-    rep = compute_report(loaded, names, method, top)
-    if out is not None:
-        from .outputs import write_dir_atomically
-
-        write_dir_atomically(Path(out).expanduser(), lambda tmp: write_report(tmp, rep))
+    if target is None:
+        return compute_report(loaded, names, method, top)
+    with target as tmp:
+        rep = compute_report(loaded, names, method, top)
+        write_report(tmp, rep)
     return rep
 
 
@@ -837,14 +997,15 @@ def build_library(
     """Write a pattern library to the folder ``out``, as `moeprune library build`: each task's data
     is profiled (or its ``*.profile.safetensors`` taken), its kept experts planned and its retrieval
     keys stored; ``profiles_dir`` keeps the profiles made from data. Returns the
-    :class:`~moeprune.library.Library`. A loaded model is profiled as it is."""
-    import tempfile
+    :class:`~moeprune.library.Library`. A loaded model is profiled as it is. ``out`` is never the
+    model, a task's file or around them; an existing one is replaced only with ``force`` and only
+    if moeprune wrote it (docs/outputs.md)."""
 
     from .arch import find_moe_blocks
     from .data import check_max_length
     from .library import build_library as make_library
-    from .library import check_out
     from .modelio import build_on_meta, load_config, load_model, resolve_model_dir
+    from .outputs import prepare_output
     from .plan import experts_to_keep, parse_keep
     from .profile import Profile
     from .profiling import resolve_device, run_profile
@@ -857,9 +1018,13 @@ def build_library(
     check_max_length(max_length)
     if premoe_ka is not None and premoe_ka <= 0:
         raise UserError(f"--premoe-ka must be positive, got {premoe_ka}", "pass a number of experts >= 1")
-    out = check_out(Path(out), force)
     name = model_source(model)
     path = resolve_model_dir(name)
+    reads = [("input model", path), *_file_inputs("task file", list(specs.values()))]
+    # the library: checked now, locked for the whole run (docs/outputs.md); the profiles kept in
+    # --profiles-dir are outputs too, checked now as well (the folder is made when first used)
+    target = prepare_output(out, inputs=reads, force=force, kind="library")
+    out = target.path
     keep_dir = None
     if profiles_dir is not None:
         keep_dir = _check_profiles_dir(Path(profiles_dir), specs, out, path, self_generate > 0, force)
@@ -872,7 +1037,8 @@ def build_library(
     loaded = (model, _tokenizer_of(model, None)) if _is_loaded(model) else None
     from .identity import checkpoint_router_digest
 
-    with tempfile.TemporaryDirectory(prefix=".moeprune-library-", dir=out.resolve().parent) as tmp:
+    with target as tmp:
+        work = tmp / ".profiles"  # profiles made from data and not kept: removed before the commit
         for task, src in specs.items():
             if src.name.endswith(".safetensors"):  # the task's profile
                 prof = Profile.load(src)
@@ -888,13 +1054,17 @@ def build_library(
                     loaded = load_model(str(path), dtype=dtype, device=dev)
                 if keep_dir is not None:
                     keep_dir.mkdir(parents=True, exist_ok=True)  # checked above; made when first used
-                target = (keep_dir or Path(tmp)) / f"{task}.profile.safetensors"
+                work.mkdir(exist_ok=True)
+                prof_path = (keep_dir or work) / f"{task}.profile.safetensors"
                 if not quiet:
                     print(f"== task {task}: profiling {src}", file=sys.stderr)
                 run_profile(
                     model=name,
                     data=[str(src)],
-                    out=target,
+                    out=prof_path,
+                    force=force,
+                    inputs=reads,
+                    shown=None if keep_dir is not None else f"the profile of task {task}",
                     max_length=max_length,
                     max_samples=max_samples,
                     seed=seed,
@@ -903,15 +1073,17 @@ def build_library(
                     quiet=quiet,
                     loaded=loaded,
                 )
-                prof = Profile.load(target)
+                prof = Profile.load(prof_path)
                 infos[task] = {"source": "data", "data_path": str(src.resolve())}
                 if keep_dir is not None:
-                    infos[task]["profile"] = str(target.resolve())
+                    infos[task]["profile"] = str(prof_path.resolve())
             profiles[task] = prof
         lib = make_library(
             profiles, model=str(path.resolve()), method=method, keep=keep_value, ka=premoe_ka, infos=infos
         )
-        lib.save(out, force=force)
+        shutil.rmtree(work, ignore_errors=True)
+        lib.write_into(tmp)
+    lib.path = out
     return lib
 
 
@@ -946,12 +1118,16 @@ def route(
     key: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
+    inputs: Sequence[Any] = (),
+    out: PathLike | None = None,
+    force: bool = False,
 ) -> tuple[Any, list[Any]]:
     """Route each query to the nearest task of a pattern library (a folder or a loaded
     :class:`~moeprune.library.Library`), as `moeprune library route`. A query is a text or
     (text, expected task). ``model`` defaults to the library's own; ``key``: records, first or all
     (the library's default when None). Returns (library, one :class:`~moeprune.retrieval.Routed` per
-    query)."""
+    query). ``out`` also writes them as JSON, checked before any work: never the library, the model
+    or a file read (``inputs``); an existing file replaced only with ``force``."""
     from .library import Library, check_key_kind
     from .profiling import resolve_device
     from .retrieval import route_query
@@ -961,8 +1137,36 @@ def route(
     lib = library if isinstance(library, Library) else Library.load(library)
     pairs = [(q, None) if isinstance(q, str) else (q[0], q[1]) for q in queries]
     key = key or lib.default_key
-    probe = _make_probe(lib, model_source(model) if model is not None else lib.model, key, dtype, resolve_device(device))
-    return lib, [route_query(lib, probe, text, key, label) for text, label in pairs]
+    name = model_source(model) if model is not None else lib.model
+    target = None
+    if out is not None:
+        check_file_out(Path(out), "--output", "routes.json")
+        reads = [("library", lib.path), model_input(name), *inputs]
+        target = json_output(out, inputs=reads, force=force, owned=_is_routes_json)
+    probe = _make_probe(lib, name, key, dtype, resolve_device(device))
+    results = [route_query(lib, probe, text, key, label) for text, label in pairs]
+    if target is not None:
+        write_json(target, routes_json(lib, key, results))
+    return lib, results
+
+
+def routes_json(lib: Any, key: str, results: Sequence[Any]) -> dict[str, Any]:
+    """What `library route --output` writes: the library, the key, each query's result and, with
+    expected tasks, the routing accuracy."""
+    data: dict[str, Any] = {"library": str(lib.path), "key": key, "results": [r.to_json() for r in results]}
+    labelled = [r for r in results if r.label is not None]
+    if labelled:
+        data["accuracy"] = sum(bool(r.correct) for r in labelled) / len(labelled)
+    return data
+
+
+def _is_routes_json(path: Path) -> bool:
+    """A JSON file of routing results (library route / generate write them): moeprune's own."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and set(data) >= {"library", "results"}
 
 
 def _make_probe(lib: Any, model: str, key: str, dtype: str, device: str) -> Any:

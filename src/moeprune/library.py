@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,56 +259,57 @@ class Library:
 
     # --- files ---------------------------------------------------------------------------------
 
-    def save(self, out: str | Path, *, force: bool = False) -> Path:
-        """Write the library folder atomically (nothing is left half-written)."""
-        from safetensors.torch import save_file
-
+    def save(self, out: str | Path, *, force: bool = False, inputs: Sequence[Any] = ()) -> Path:
+        """Write the library folder atomically (nothing is left half-written); ``out`` is checked
+        as :mod:`moeprune.outputs` says (never one of ``inputs``, replaced only with ``force``)."""
         from .outputs import prepare_output
 
-        target = prepare_output(out, force=force, kind="library")
+        target = prepare_output(out, inputs=inputs, force=force, kind="library")
         out = Path(out).expanduser()
-
-        def write(tmp: Path) -> None:
-            (tmp / "plans").mkdir()
-            tensors: dict[str, torch.Tensor] = {}
-            for name, t in self.tasks.items():
-                t.plan.save(tmp / "plans" / f"{name}.plan.json")
-                tensors[f"{name}.scores"] = t.scores.double().contiguous()
-                for kind, vec in t.keys.items():
-                    tensors[f"{name}.key.{kind}"] = vec.double().contiguous()
-            save_file(tensors, str(tmp / KEYS_NAME), metadata={"format": LIBRARY_FORMAT})
-            typical = self.typical_distances()
-            index = {
-                "format": LIBRARY_FORMAT,
-                "model": self.model,
-                "model_fingerprint": self.model_fingerprint,
-                **({"router_sha256": self.router_sha256} if self.router_sha256 else {}),
-                "model_fields": self.fields,
-                "method": self.method,
-                "keep": self.keep,
-                "premoe_ka": self.ka,
-                "key_statistic": "premoe",
-                "key_kinds": list(KEY_KINDS),
-                "layers": self.layers,
-                "num_experts": self.num_experts,
-                "settings": self.settings,
-                "tasks": [
-                    {
-                        "name": name,
-                        "plan": f"plans/{name}.plan.json",
-                        "kept_per_layer": self.keep,
-                        **t.info,
-                        "typical_distance": typical[name],
-                    }
-                    for name, t in self.tasks.items()
-                ],
-            }
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
         with target as tmp:
-            write(tmp)
+            self.write_into(tmp)
         self.path = out
         return out
+
+    def write_into(self, tmp: Path) -> None:
+        """Write the library's files into the folder ``tmp`` (an output being written)."""
+        from safetensors.torch import save_file
+
+        (tmp / "plans").mkdir()
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in self.tasks.items():
+            t.plan.save(tmp / "plans" / f"{name}.plan.json")
+            tensors[f"{name}.scores"] = t.scores.double().contiguous()
+            for kind, vec in t.keys.items():
+                tensors[f"{name}.key.{kind}"] = vec.double().contiguous()
+        save_file(tensors, str(tmp / KEYS_NAME), metadata={"format": LIBRARY_FORMAT})
+        typical = self.typical_distances()
+        index = {
+            "format": LIBRARY_FORMAT,
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            **({"router_sha256": self.router_sha256} if self.router_sha256 else {}),
+            "model_fields": self.fields,
+            "method": self.method,
+            "keep": self.keep,
+            "premoe_ka": self.ka,
+            "key_statistic": "premoe",
+            "key_kinds": list(KEY_KINDS),
+            "layers": self.layers,
+            "num_experts": self.num_experts,
+            "settings": self.settings,
+            "tasks": [
+                {
+                    "name": name,
+                    "plan": f"plans/{name}.plan.json",
+                    "kept_per_layer": self.keep,
+                    **t.info,
+                    "typical_distance": typical[name],
+                }
+                for name, t in self.tasks.items()
+            ],
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> Library:

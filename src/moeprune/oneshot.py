@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,35 +175,44 @@ class OneShotResult:
     seconds: float = 0.0
 
 
-def run_oneshot(s: OneShot, *, quiet: bool = False, loaded: Any = None) -> OneShotResult:
+def run_oneshot(
+    s: OneShot, *, quiet: bool = False, loaded: Any = None, inputs: Sequence[Any] = ()
+) -> OneShotResult:
     """Profile, plan and prune (and evaluate) as ``s`` says (:func:`moeprune.api.oneshot`);
-    ``loaded``: the model ``s.model`` names, already in memory."""
+    ``loaded``: the model ``s.model`` names, already in memory; ``inputs``: other files the run
+    reads (the recipe), which ``s.out`` may not be nor contain.
+
+    ``s.out`` is checked before any work (:mod:`moeprune.outputs`: never the model, a data or task
+    file; replaced only with ``force`` and only if moeprune wrote it) and locked for the whole run;
+    everything is written in its temporary folder, put in place at the end."""
     import time
 
     import yaml
 
-    from .api import _tokenizer_of, plan, prune
+    from .api import _prune, _tokenizer_of, plan
     from .evaluate.tasks import resolve_tasks
     from .modelio import resolve_model_dir
-    from .outputs import json_safe
+    from .outputs import json_safe, prepare_output
     from .profiling import demos_path, run_profile
     from .score import OPTIONS
-    from .surgery import _replace_dir, check_output_dir
 
     start = time.perf_counter()
     check_settings(s)
     src = resolve_model_dir(s.model)
     out = Path(s.out).expanduser()
-    check_output_dir(src, out, s.force)
     tasks = resolve_tasks(list(s.eval)) if s.eval else []
+    reads = [("input model", src), *(("data file", d) for d in s.data), *inputs]
+    reads += [("task file", t.source) for t in tasks if getattr(t, "source", None)]
+    target = prepare_output(out, inputs=reads, force=s.force, kind="model")
+    target.need(_least_bytes(src, s.keep))  # a full disk is found now, not after the calibration
+    final = target.path
+    shown = out / PROVENANCE  # log lines name where files end up, not the temporary folder
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeprune-", dir=out.resolve().parent))
-    try:
-        work = tmp / "work"
-        work.mkdir()
-        profile_path = work / "profile.safetensors"
-        plan_path = work / "plan.json"
-        model_dir = tmp / "model"
+    with target as tmp:
+        keep_dir = tmp / PROVENANCE
+        keep_dir.mkdir()
+        profile_path = keep_dir / "profile.safetensors"
+        plan_path = tmp / "plan.json"
         _say(quiet, "== profile")
         prof = run_profile(
             model=s.model,
@@ -215,7 +223,13 @@ def run_oneshot(s: OneShot, *, quiet: bool = False, loaded: Any = None) -> OneSh
             self_generate=s.self_generate,
             quiet=quiet,
             loaded=None if loaded is None else (loaded, _tokenizer_of(loaded, None)),
+            shown=str(shown / "profile.safetensors"),
         )
+        prof.path = str(final / PROVENANCE / "profile.safetensors")
+        demos = demos_path(profile_path)
+        if demos.is_file():
+            demos.rename(keep_dir / "demos.jsonl")
+            _say(quiet, f"demonstrations in {shown / 'demos.jsonl'}")
         _say(quiet, "== plan")
         the_plan = plan(
             profile_path,
@@ -227,35 +241,42 @@ def run_oneshot(s: OneShot, *, quiet: bool = False, loaded: Any = None) -> OneSh
         )
         # name the profile by where it ends up, not the temporary folder
         for entry in (the_plan.settings or {}).get("profiles") or []:
-            entry["path"] = str(out.resolve() / PROVENANCE / "profile.safetensors")
-        the_plan.save(plan_path)
+            entry["path"] = prof.path
+        plan_path.write_text(the_plan.dumps(), encoding="utf-8")
         _say(quiet, "== prune")
-        rewrite = prune(
-            s.model, plan_path, model_dir, mode=s.mode, pad_uniform=s.pad_uniform, profile=profile_path
+        rewrite = _prune(
+            s.model, plan_path, out, mode=s.mode, pad_uniform=s.pad_uniform, profile=profile_path, into=tmp
         )
-        keep_dir = model_dir / PROVENANCE
-        keep_dir.mkdir()
-        shutil.copy2(profile_path, keep_dir / "profile.safetensors")
-        shutil.copy2(plan_path, model_dir / "plan.json")
+        plan_path.write_text(the_plan.dumps(), encoding="utf-8")  # the plan as saved, not its JSON view
         report = None
-        demos = demos_path(profile_path)
-        if demos.is_file():
-            shutil.copy2(demos, keep_dir / "demos.jsonl")
         if tasks:
             _say(quiet, "== evaluate full and pruned")
-            report = evaluate_pair(loaded if loaded is not None else s.model, model_dir, tasks, s.eval_limit)
+            report = evaluate_pair(loaded if loaded is not None else s.model, tmp, tasks, s.eval_limit)
             (keep_dir / "eval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8")
-            card = model_dir / "README.md"
+            card = tmp / "README.md"
             card.write_text(card.read_text(encoding="utf-8") + "\n" + eval_section(report), encoding="utf-8")
         (keep_dir / "recipe.yaml").write_text(
             "# moeprune recipe of this run: `moeprune run recipe.yaml` makes it again\n"
             + yaml.safe_dump(recipe_dict(s), sort_keys=False),
             encoding="utf-8",
         )
-        _replace_dir(model_dir, out.resolve())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return OneShotResult(out, prof, the_plan, rewrite, report, time.perf_counter() - start)
+
+
+def _least_bytes(src: Path, keep: str) -> int:
+    """A lower bound of the pruned checkpoint's size: the kept share of the experts times the whole
+    checkpoint (the other weights are all kept, so never more than the real size)."""
+    from .arch import find_moe_blocks
+    from .checkpoint import Checkpoint
+    from .modelio import build_on_meta, load_config
+    from .plan import parse_keep
+
+    value = parse_keep(str(keep))
+    if isinstance(value, float):
+        share = value
+    else:
+        share = value / find_moe_blocks(build_on_meta(load_config(str(src))))[0].num_experts
+    return int(min(max(share, 0.0), 1.0) * Checkpoint.open(src).total_bytes)
 
 
 def evaluate_pair(model: Any, pruned: Path, tasks: list[Any], limit: int | None) -> dict[str, Any]:

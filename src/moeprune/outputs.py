@@ -321,6 +321,8 @@ def is_moeprune_file(path: Path) -> bool:
                 if n > 100_000_000:
                     return False
                 meta = json.loads(fh.read(n)).get("__metadata__") or {}
+                if isinstance(meta, dict) and isinstance(meta.get("meta"), str):
+                    meta = json.loads(meta["meta"])  # a profile keeps its format inside "meta"
             else:
                 if os.fstat(fh.fileno()).st_size > 200_000_000:
                     return False

@@ -4,6 +4,7 @@ reading it layer by layer), optional self-generation, and writing the profile wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -82,16 +83,100 @@ def run_profile(
     quiet: bool = False,
     loaded: tuple[Any, Any] | None = None,
     premoe_exact: bool = False,
+    force: bool = False,
+    inputs: Sequence[Any] = (),
+    shown: str | None = None,
 ) -> Profile:
     """:func:`profile` on checked arguments; ``loaded`` = (model, tokenizer) already in memory
-    (several profiles of one model without reloading it; ``model`` names it)."""
+    (several profiles of one model without reloading it; ``model`` names it).
+
+    ``out`` (and its demos file) is checked before any work and locked for the whole run
+    (:mod:`moeprune.outputs`: never one of ``inputs``, replaced only with ``force``); ``shown`` is
+    what the summary line names instead of ``out`` (when ``out`` is temporary; the caller then
+    names the demos file itself)."""
+    with contextlib.ExitStack() as stack:
+        writing = out is not None and int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun rank 0 writes
+        targets = _profile_outputs(out, self_generate, force, inputs) if writing else []
+        tmps = [stack.enter_context(t) for t in targets]  # lock now: a second run fails at once
+        prof, demos = _run_profile(
+            model=model,
+            data=data,
+            text_field=text_field,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            seed=seed,
+            self_generate=self_generate,
+            premoe_ka=premoe_ka,
+            per_sample=per_sample,
+            dtype=dtype,
+            device=device,
+            offload=offload,
+            quiet=quiet,
+            loaded=loaded,
+            premoe_exact=premoe_exact,
+        )
+        if not tmps or out is None:
+            return prof
+        prof.save(tmps[0])
+        if demos is not None:
+            lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in demos)
+            Path(tmps[1]).write_text(lines, encoding="utf-8")
+    prof.path = str(out)
+    if not quiet:
+        extra = f"; demonstrations in {demos_path(out)}" if demos is not None and shown is None else ""
+        print(f"wrote {shown or out}: {prof.summary()}{extra}", file=sys.stderr)
+    return prof
+
+
+def _profile_outputs(out: Path, self_generate: int, force: bool, inputs: Sequence[Any]) -> list[Any]:
+    """The profile file and, with self-generation, its demos file: checked now, written at the end."""
+    from .outputs import is_moeprune_file, prepare_output
+
+    # the profile's folder is created as before (runs/x.profile.safetensors); a file in its way is an error
+    targets = [
+        prepare_output(out, inputs=inputs, force=force, folder=False, kind="profile", what="--out", parents=True)
+    ]
+    if self_generate > 0:  # the demos of a profile moeprune wrote are moeprune's too
+
+        def owned(_: Path) -> bool:
+            return not out.exists() or is_moeprune_file(out)
+
+        targets.append(
+            prepare_output(
+                demos_path(out), inputs=inputs, force=force, folder=False, owned=owned, what="--out", parents=True
+            )
+        )
+    return targets
+
+
+def _run_profile(
+    *,
+    model: str,
+    data: list[str],
+    text_field: str | None,
+    max_length: int,
+    batch_size: int,
+    max_samples: int | None,
+    seed: int,
+    self_generate: int,
+    premoe_ka: int | None,
+    per_sample: bool | None,
+    dtype: str,
+    device: str,
+    offload: str,
+    quiet: bool,
+    loaded: tuple[Any, Any] | None,
+    premoe_exact: bool = False,
+) -> tuple[Profile, list[dict[str, Any]] | None]:
+    """The calibration pass: the profile and (with self-generation) the demonstrations."""
     import torch
 
     from .arch import find_moe_blocks
     from .calibrate import calibrate, dist_info, init_distributed, wants_distributed
     from .data import encode_prompt, load_records, pad_token_id, select_records, tokenize_records
     from .modelio import load_config, load_model, resolve_model_dir
-    from .profile import Profile, atomic_write
+    from .profile import Profile
 
     records, files = load_records(data, text_field)
     records = select_records(records, max_samples, seed)
@@ -224,21 +309,7 @@ def run_profile(
             data=[f.to_meta() for f in files],
             settings=settings,
         )
-        if out is None or info.rank != 0:  # under torchrun, rank 0 writes
-            return prof
-        if demos is not None:
-            lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in demos)
-            atomic_write(demos_path(out), lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-        try:
-            prof.save(out)
-        except BaseException:
-            if demos is not None:
-                demos_path(out).unlink(missing_ok=True)
-            raise
-        if not quiet:
-            extra = f"; demonstrations in {demos_path(out)}" if demos is not None else ""
-            print(f"wrote {out}: {prof.summary()}{extra}", file=sys.stderr)
-        return prof
+        return prof, demos
     finally:
         if started_dist and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

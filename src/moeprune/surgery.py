@@ -28,11 +28,12 @@ left behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -487,6 +488,8 @@ def rewrite_checkpoint(
     pad_uniform: bool = False,
     novices: dict[int, torch.Tensor] | None = None,
     allow_other_profile: bool = False,
+    inputs: Sequence[Any] = (),
+    into: Path | None = None,
 ) -> RewriteResult:
     """Write ``out_dir``: the checkpoint in ``src_dir`` keeping, in every MoE layer (decoder index ->
     sorted expert ids), only the experts ``kept``; ``top_k`` lowers the active experts per token.
@@ -501,6 +504,10 @@ def rewrite_checkpoint(
     checkpoint with other router weights (:mod:`moeprune.identity`), and the profile when it was
     calibrated on other data than the plan's profile (unless ``allow_other_profile``). ``progress(done_bytes, total_bytes)`` is called
     while the weights are copied.
+
+    ``out_dir`` is checked and written as :mod:`moeprune.outputs` says (never the input model nor
+    one of the other ``inputs``, replaced only with ``force``); ``into`` instead writes into that
+    existing folder, an output another writer owns (one-shot: its temporary output folder).
     """
     from .arch import find_moe_blocks
     from .modelio import build_on_meta, load_config
@@ -512,7 +519,9 @@ def rewrite_checkpoint(
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
     if not (src / "config.json").is_file():
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
-    target = prepare_output(out, inputs=[("input model", src)], force=force, kind="model")
+    target = None
+    if into is None:
+        target = prepare_output(out, inputs=[("input model", src), *inputs], force=force, kind="model")
     config = load_config(str(src))
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     _check_not_reshaped(config, src)
@@ -558,8 +567,9 @@ def rewrite_checkpoint(
         stock=stock,
     )
 
-    target.need(total)
-    with target as tmp:
+    if target is not None:
+        target.need(total)
+    with target if target is not None else contextlib.nullcontext(into) as tmp:
         done = 0
 
         def step(nbytes: int) -> None:

@@ -3,12 +3,8 @@ optionally lm-evaluation-harness tasks (``--lm-eval``)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +12,6 @@ import typer
 
 from moeprune.cli import app
 from moeprune.commands.options import device_option, dtype_option
-from moeprune.outputs import json_safe
 
 TASK_HELP = (
     "Task file: PATH, NAME=PATH, or with a forced kind kind:PATH (perplexity, exact_match, multiple_choice). "
@@ -58,12 +53,10 @@ def eval_command(
         help="Let lm-eval download datasets it needs (default: offline, local cache only; "
         "or MOEPRUNE_ALLOW_DOWNLOAD=1).",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output that moeprune wrote."),
 ) -> None:
     """Evaluate a model on perplexity, exact-match and multiple-choice tasks (and lm-eval tasks)."""
-    from moeprune.api import check_file_out, evaluate
-
-    if output is not None:
-        check_file_out(output, "--output", "results.json")
+    from moeprune.api import evaluate
     from moeprune.evaluate.lm_eval_bridge import LmEvalDataMissing
 
     missing = None
@@ -81,32 +74,18 @@ def eval_command(
             max_length=max_length,
             progress=True,
             allow_download=allow_download or None,
+            out=output,
+            force=force,
         )
     except LmEvalDataMissing as exc:  # report what ran, then the one-line error
         report, missing = exc.report, exc
     print_table(report)
     if output is not None:
-        write_json(output, report)
         from rich.console import Console
 
         Console(stderr=True).print(f"wrote {output}", highlight=False)
     if missing is not None:
         raise missing
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    path = path.expanduser()
-    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(value: Any) -> str:

@@ -59,6 +59,7 @@ def generate(
     ),
     dtype: str = dtype_option(),
     device: str = device_option(),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output that moeprune wrote."),
 ) -> None:
     """Route each prompt to the nearest task, load only its experts, and generate greedily."""
     from ..adaptive import query_ids
@@ -74,6 +75,13 @@ def generate(
     for p in prompts:
         if not p.strip():
             raise UserError("a prompt is empty", "pass some text")
+    target = None
+    if output is not None:  # checked before loading anything (docs/outputs.md)
+        from ..api import _is_routes_json, check_file_out, json_output, model_input
+
+        check_file_out(output, "--output", "generations.json")
+        reads = [("library", library), model_input(model), ("prompt file", file)]
+        target = json_output(output, inputs=reads, force=force, owned=_is_routes_json)
     am = _load(model, library, dtype, device, task)
     for p in prompts:  # every prompt must tokenise before any generation
         query_ids(am.tokenizer, p)
@@ -107,8 +115,10 @@ def generate(
                 "switch": None if sw is None else {**sw.__dict__},
             }
         )
-    if output is not None:
-        output.write_text(json.dumps({"library": str(library), "results": results}, indent=2) + "\n")
+    if target is not None:
+        text = json.dumps({"library": str(library), "results": results}, indent=2) + "\n"
+        with target as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
 
 def show_answer(prompt: str, answer: str) -> str:

@@ -197,6 +197,7 @@ def route(
     output: Path | None = typer.Option(None, "--output", "--out", "-o", help="Write the results as JSON."),
     dtype: str = dtype_option(),
     device: str = device_option(),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output that moeprune wrote."),
 ) -> None:
     """Find the nearest task of each query, the distances to all tasks, and how much of the
     query's own expert usage the chosen pattern keeps."""
@@ -218,16 +219,11 @@ def route(
         key=key,
         dtype=dtype,
         device=device,
+        inputs=[("query file", file)] if file is not None else [],
+        out=output,
+        force=force,
     )
     _print_routes(lib, results)
-    if output is not None:
-        data = {"library": str(lib.path), "key": key or lib.default_key, "results": [r.to_json() for r in results]}
-        labelled = [r for r in results if r.label is not None]
-        if labelled:
-            data["accuracy"] = sum(bool(r.correct) for r in labelled) / len(labelled)
-        from ..outputs import json_safe
-
-        output.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
 
 
 def _print_routes(lib: Any, results: list[Any]) -> None:

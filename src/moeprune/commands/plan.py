@@ -53,14 +53,20 @@ def plan_command(
     model: str | None = typer.Option(
         None, "--model", help="The model (directory or cached hub id): also show memory before/after."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing plan that moeprune wrote."),
 ) -> None:
     """Choose the experts every MoE layer keeps, from one or more profiles, and write a plan."""
-    from moeprune.api import check_file_out, check_plan_args, load_profile, plan
+    from moeprune.api import check_plan_args, load_profile, model_input, plan, plan_output, save_plan
     from moeprune.plan import plan_summary
 
     check_plan_args(method, keep, scope=scope, per_group=per_group, seed=seed, premoe_r=premoe_r, premoe_ka=premoe_ka)
-    check_file_out(out, "--out", "plan.json")
-    profiles = [load_profile(p) for p in [profile, *(more or [])]]
+    given = [profile, *(more or [])]
+    target = plan_output(out, given, force)
+    if model is not None:  # the plan never goes into the model it is shown against
+        from moeprune.outputs import check_output
+
+        check_output(out, inputs=[model_input(model)], force=force, folder=False)
+    profiles = [load_profile(p) for p in given]
     the_plan = plan(
         profiles,
         method,
@@ -75,7 +81,7 @@ def plan_command(
     memory = _memory_args(model, profiles[0]) if model is not None else {}
     # gate share: of the (first) profile; with several, of all of them summed
     summary = plan_summary(the_plan, _GateSum(profiles), **memory)
-    the_plan.save(out)
+    save_plan(the_plan, target)
     print_summary(the_plan, summary, out)
 
 

@@ -94,6 +94,7 @@ def create(
         help="none: load the whole model; sequential: read one decoder layer at a time from the "
         "safetensors files (models larger than memory).",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing profile that moeprune wrote."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Run one calibration pass of MODEL over the data and write the expert profile."""
@@ -114,6 +115,7 @@ def create(
         dtype=dtype,
         device=device,
         offload=offload,
+        force=force,
         quiet=quiet,
         premoe_exact=premoe_exact,
     )
@@ -123,16 +125,22 @@ def create(
 def merge(
     profiles: list[Path] = typer.Argument(..., help="Profiles of the same model (two or more)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output profile."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing profile that moeprune wrote."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary."),
 ) -> None:
     """Merge profiles of the same model: the result is the profile of the union of their data."""
+    from ..outputs import prepare_output
     from ..profile import Profile
 
     if out.is_dir():
         raise UserError(f"--out '{out}' is a directory", "pass a file name, e.g. all.profile.safetensors")
+    inputs = [("input profile", p) for p in profiles]
+    target = prepare_output(out, inputs=inputs, force=force, folder=False, kind="profile")
     loaded = [Profile.load(p) for p in profiles]
     merged = Profile.merge(loaded)
-    merged.save(out)
+    with target as tmp:
+        merged.save(tmp)
+    merged.path = str(out)
     if not quiet:
         import sys
 
