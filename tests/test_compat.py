@@ -202,3 +202,25 @@ def _no_cache_greedy(model, *prompts: list[int], n: int) -> list[list[int]]:
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         outs.append(new)
     return outs
+
+
+def test_loading_never_asks_for_hub_kernels(tmp_path, monkeypatch):
+    """transformers >= 5.2x kernelizes a model loaded onto CUDA by default, downloading kernels from
+    the Hub at run time (seen on a GPU: profile died on the kernels' trust check). Every moeprune
+    load opts out unless the caller asks; the flag is what transformers reads, so spy on it."""
+    from transformers import PreTrainedModel
+
+    from moeprune.modelio import load_model
+
+    d = _save(tiny_model("qwen3_moe"), tmp_path / "m")
+    asked: list = []
+    original = PreTrainedModel.set_use_kernels
+
+    def spy(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return original(self, use_kernels, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", spy)
+    load_model(str(d))
+    moeprune.load(d)
+    assert asked == [False, False]

@@ -155,6 +155,10 @@ def load(path: str | os.PathLike, **kwargs: Any):
     for key in [k for k in kwargs if k not in _LOADING_KWARGS and hasattr(config, k)]:
         setattr(config, key, kwargs.pop(key))  # config overrides, as stock from_pretrained takes them
     kwargs.setdefault("local_files_only", True)
+    # transformers >= 5.2x swaps modules (RMSNorm, activations) for kernels it downloads from the
+    # Hub on CUDA by default: a download at run time (refused offline or by the kernels' trust
+    # check) and modules moeprune's exact statistics were not written against. Opt in explicitly.
+    kwargs.setdefault("use_kernels", False)
     kwargs.pop("output_loading_info", None)
     try:
         model, info = cls.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
