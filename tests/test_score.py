@@ -312,3 +312,17 @@ def test_normalize_guards_zero_layers() -> None:
     assert torch.equal(n[0], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(n[1], torch.tensor([0.25, 0.75], dtype=torch.float64))
     assert n[2, 1] > n[2, 0]  # order kept even with negative scores
+
+
+def test_premoe_scores_stay_on_the_entries_device() -> None:
+    """A query's PreMoe entries come from the model's device (CUDA when serving): the scores are
+    made there, not on the CPU (an H200 run of `generate --library` died on the mixed devices).
+    The meta device stands in for a GPU: mixing it with the CPU fails the same way."""
+    from moeprune.score import premoe_scores, premoe_token_entries
+
+    logits = torch.randn(1, 7, 8, generator=torch.Generator().manual_seed(0))
+    q, f, idx = premoe_token_entries(logits.reshape(7, 8), 2)
+    ref = premoe_scores(q[None], f[None], idx[None], 8)
+    for r in (None, 0.3):
+        meta = premoe_scores(q[None].to("meta"), f[None].to("meta"), idx[None].to("meta"), 8, r=r)
+        assert meta.device.type == "meta" and meta.shape == ref.shape

@@ -259,13 +259,14 @@ class AdaptiveMoE:
             raise UserError(
                 f"model '{self.path}' has no tokenizer", "save a tokenizer in the model directory"
             )
-        logits = self.first_router_logits(query_ids(self.tokenizer, text))
+        # the library's keys and patterns live on the CPU: compare there whatever the model's device
+        logits = self.first_router_logits(query_ids(self.tokenizer, text)).float().cpu()
         q, f, idx = premoe_token_entries(logits, self.library.ka)
         key = query_keys((q[None], f[None], idx[None]), self.library.num_experts)["first"]
         first = self._full_blocks[0]
         bias_path = first.selection_bias_path
-        bias = None if bias_path is None else self._router_full[first.layer][bias_path][0]
-        r = route(first.spec, logits.float(), bias)
+        bias = None if bias_path is None else self._router_full[first.layer][bias_path][0].cpu()
+        r = route(first.spec, logits, bias)
         return key, r.top_k_index, r.top_k_weights
 
     def route(self, text: str) -> Match:

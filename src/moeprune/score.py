@@ -203,10 +203,11 @@ def premoe_scores(
 ) -> torch.Tensor:
     """(1/T) Σ_t Σ_j 1[idx_{t,j} = i ∧ q_{t,j} ≥ r_l] f_{t,j} from entries [L, T, Ka] -> [L, E]."""
     n_layers, n_tokens = int(q.shape[0]), int(q.shape[1])
-    out = torch.zeros(n_layers, n_experts, dtype=torch.float64)
+    # on the entries' device: a query's entries come from the model's device (a GPU in serving)
+    out = torch.zeros(n_layers, n_experts, dtype=torch.float64, device=idx.device)
     if n_tokens == 0:
         return out
-    thr = premoe_threshold(q) if r is None else torch.full((n_layers,), float(r), dtype=torch.float64)
+    thr = premoe_threshold(q) if r is None else torch.full((n_layers,), float(r), dtype=torch.float64, device=q.device)
     use = q.double() >= thr.view(-1, 1, 1)
     contrib = torch.where(use, f.double(), torch.zeros((), dtype=torch.float64))
     out.scatter_add_(1, idx.long().reshape(n_layers, -1), contrib.reshape(n_layers, -1))
