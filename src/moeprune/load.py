@@ -172,20 +172,42 @@ def load(path: str | os.PathLike, **kwargs: Any):
             else "if it is a ragged checkpoint written by another tool, it cannot be loaded"
         )
         raise UserError(f"cannot load '{directory}': {first}", hint) from None
+    refuse_inexact(directory, {what: info.get(what) for what in _INEXACT})
+    if not getattr(config, "quantization_config", None):  # packed quantized shapes differ by design
+        _check_shapes(model, config, layout, directory)
+    return model
+
+
+_INEXACT = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+
+
+def refuse_inexact(directory: Any, found: dict[str, Any]) -> None:
+    """One line naming a few keys of each non-empty kind in ``found`` ({"missing_keys": [...],
+    "unexpected_keys": [...], ...}): the check every loader of moeprune ends with (``load``, the
+    layer-by-layer ``--offload sequential`` and ``AdaptiveMoE``)."""
     problems = []
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        found = sorted(str(x) for x in info.get(what) or [])
-        if found:
-            problems.append(f"{len(found)} {what.replace('_', ' ')} (e.g. {', '.join(found[:3])})")
+    for what, keys in found.items():
+        names = sorted(str(x) for x in keys or [])
+        if names:
+            problems.append(f"{len(names)} {what.replace('_', ' ')} (e.g. {', '.join(names[:3])})")
     if problems:
         raise UserError(
             f"'{directory}' does not load exactly: {'; '.join(problems)}",
             "its config.json does not match the checkpoint's tensors (layers, experts, sizes): "
             "fix the config or re-download / re-write the model",
         )
-    if not getattr(config, "quantization_config", None):  # packed quantized shapes differ by design
-        _check_shapes(model, config, layout, directory)
-    return model
+
+
+def expected_unexpected(model: Any, keys: Any) -> set[str]:
+    """``keys`` without those the model's class declares harmless (transformers' own rules:
+    ``_keys_to_ignore_on_load_unexpected``, e.g. DeepSeek-V3's multi-token-prediction layer)."""
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(keys))
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:
+        adjust(info)
+    return set(info.unexpected_keys)
 
 
 def _check_shapes(model: Any, config: Any, layout: Any, directory: Any) -> None:
