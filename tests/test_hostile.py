@@ -116,15 +116,21 @@ def test_prune_refuses_a_corrupt_header(model_dir, plan_file, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "bad-header"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad-header", "entry-removed", "trailing-bytes"])
 @pytest.mark.parametrize("command", ["profile", "eval", "inspect"])
 def test_corrupt_weights_file(model_dir, tmp_path, capsys, damage, command):
+    """entry-removed: a header entry gone leaves a gap that safetensors refuses when it loads
+    ("invalid offset": a traceback in profile, issue 11 #11)."""
     src = _copy(model_dir, tmp_path)
     f = src / "model.safetensors"
     if damage == "truncated":
         f.write_bytes(f.read_bytes()[:1000])
     elif damage == "empty":
         f.write_bytes(b"")
+    elif damage == "entry-removed":
+        _edit_header(f, lambda h: h.pop(UP3))
+    elif damage == "trailing-bytes":
+        f.write_bytes(f.read_bytes() + b"\0" * 64)
     else:
         f.write_bytes(struct.pack("<Q", 16) + b"{bad header!!!!}")
     (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
