@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 from _cli import assert_user_error, run_cli
 from moeprune.testing.tiny import byte_tokenizer, tiny_model
@@ -252,3 +253,48 @@ def test_top_k_hint_names_a_value_that_works(plan_file, tmp_path, capsys, top_k,
         tmp_path / "x.json",
     )
     assert_user_error(rc, err, hint)
+
+
+def _retensor(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "what, edit, commands, words",
+    [
+        (
+            "extra-tensor",
+            lambda t: t.update(extra_weight=torch.zeros(3)),
+            ["prune"],
+            ["1 unexpected keys", "extra_weight"],
+        ),
+        (
+            "int8-expert",
+            lambda t: t.update({UP3: t[UP3].to(torch.int8)}),
+            ["prune", "profile"],
+            [UP3, "I8", "not quantized"],
+        ),
+    ],
+)
+def test_weights_that_would_not_load_as_written_are_refused(
+    model_dir, plan_file, tmp_path, capsys, what, edit, commands, words
+):
+    """Issue 11 #5/#7 (fault audit weights-extra-tensor-prune, weights-dtype-int8-expert-*): prune
+    copied a tensor that is no model tensor (its output then refused by every strict loader) and
+    int8 expert weights of a float model (cast on load without a word), exit 0."""
+    src = _copy(model_dir, tmp_path)
+    _retensor(src / "model.safetensors", edit)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    for command in commands:
+        out = tmp_path / f"out-{command}"
+        args = {
+            "prune": ["prune", src, "--plan", plan_file, "--out", out],
+            "profile": ["profile", src, "--data", tmp_path / "d.jsonl", "--out", out],
+        }[command]
+        rc, _, err = run_cli(capsys, *args)
+        assert_user_error(rc, err, *words)
+        assert not out.exists()
