@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,20 @@ def test_bad_expert_counts(model_dir, tmp_path, capsys, value, command):
     )
     rc, _, err = run_cli(capsys, *args)
     assert_user_error(rc, err, "'num_experts' is", "not a whole number >= 1")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("num_hidden_layers", 10**9), ("num_experts", 2**40), ("num_experts_per_tok", 2**40)]
+)
+def test_structure_counts_past_any_model_are_refused_at_once(model_dir, tmp_path, capsys, field, value):
+    """Fault audit huge-config-layers-1e9-inspect: a config claiming 10**9 layers hung inspect
+    (modules built one by one on the meta device); refused before anything is built."""
+    src = _copy(model_dir, tmp_path)
+    _edit_config(src, **{field: value})
+    t0 = time.perf_counter()
+    rc, _, err = run_cli(capsys, "inspect", src)
+    assert_user_error(rc, err, f"'{field}' is {value}", "more than any model has")
+    assert time.perf_counter() - t0 < 10
 
 
 def test_top_k_above_the_expert_count(model_dir, tmp_path, capsys):
