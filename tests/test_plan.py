@@ -484,3 +484,21 @@ def test_every_plan_hint_works(tmp_path: Path, capsys, profile_module, router, g
         args.update(alt)
         code, err2 = run([x for kv in args.items() for x in kv])
         assert code == 0, f"{err.strip()}\n  followed {alt}: {err2.strip()}"
+
+
+@pytest.mark.parametrize(
+    "meta, words",
+    [
+        ({"samples": 2**40}, "30 tokens from 1099511627776 samples"),
+        ({"samples": -1}, "samples <= tokens"),
+        ({"top_k": 2**40}, "top-k 1099511627776"),
+        ({"layers": [0, 0]}, "2 MoE layers"),
+        ({"layers": [0, "1"]}, "not a list of layer indices"),
+    ],
+)
+def test_profile_header_sizes_are_bounded(tmp_path: Path, capsys, profile_module, meta, words) -> None:
+    """Issue 11 #12: sizes read from a profile's header are bounded before use (a header claiming
+    2**40 samples, with no per-sample tensor to contradict it, loaded)."""
+    prof = write_profile(tmp_path / "p.safetensors", **meta)
+    with pytest.raises(UserError, match="is corrupted: .*" + re.escape(words)):
+        profile_module.Profile.load(prof)
