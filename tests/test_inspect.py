@@ -122,3 +122,23 @@ def test_inspect_rows_are_keeps_that_plan_accepts(model_type, tmp_path, capsys):
         assert "fewer than the 2 active" in eighth["refused"]
         code, out, err = run_cli(capsys, "inspect", str(tmp_path))
         assert code == 0 and "refused by `moeprune plan` at 12.5%" in out.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ({"num_experts": 0}, "'num_experts' is 0, not a whole number >= 1"),
+        ({"num_experts_per_tok": 16}, "16 experts active per token, more than the 8 experts"),
+        (b'{"model_type": "qwen3_moe", "name": "\xff\xfe"}', "is not UTF-8 text"),
+    ],
+)
+def test_inspect_hostile_configs_are_one_line(tmp_path, capsys, damage, words):
+    """Issue 11 #11: zero experts (ZeroDivisionError), top-k above the experts and a config.json
+    that is not UTF-8 each give one line from inspect."""
+    tiny_config("qwen3_moe").save_pretrained(tmp_path)
+    cfg = tmp_path / "config.json"
+    if isinstance(damage, bytes):
+        cfg.write_bytes(damage)
+    else:
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **damage}))
+    assert words in _one_line_error(capsys, "inspect", str(tmp_path))
