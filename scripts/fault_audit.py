@@ -584,7 +584,7 @@ case("nan-easyep-plan", C, P(PLAN_RUN), "error", setup=_nan_profile("easyep"), o
 case("inf-count-plan-frequency", C, P("plan {profile} -m frequency -k 0.5 --out {out}"), "error", setup=_nan_profile("count", math.inf), out="out.json")  # fmt: skip
 case("nan-easyep-report", C, P(REPORT_RUN), "error", setup=_nan_profile("easyep"))
 case("nan-profile-compare", C, P(COMPARE_RUN), "error", setup=_nan_profile("gate"))
-case("nan-profile-library", C, P(LIB_RUN), "error", setup=_nan_profile("premoe_q"))
+case("nan-profile-library", C, P(LIB_RUN), "error", setup=_nan_profile("premoe_hist_qf"))  # premoe_q: --premoe-exact only
 
 # 8. profiles
 C = "corrupt-profile"
@@ -600,8 +600,10 @@ PROFILES = {
     "meta-experts-2pow70": profile_meta(lambda m: m.update(num_experts=2**70)),
     "meta-experts-negative": profile_meta(lambda m: m.update(num_experts=-8)),
     "meta-deeply-nested": profile_meta(lambda m: m.update(routing={"x": json.loads(nested(900))})),
+    # an expert id past the 8 experts: in the exact per-token entries if the profile keeps them,
+    # else (format 2's default, bounded histograms) in the stored K_a
     "premoe-idx-99": tensors_edit(
-        "p.profile.safetensors", lambda t: t["premoe_idx"].view(-1).__setitem__(0, 99)
+        "p.profile.safetensors", lambda t: t["premoe_idx" if "premoe_idx" in t else "premoe_ka"].view(-1).__setitem__(0, 99)
     ),
     "count-wrong-shape": tensors_edit(
         "p.profile.safetensors", lambda t: t.update(count=t["count"][:, :4].clone())

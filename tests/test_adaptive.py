@@ -291,3 +291,28 @@ def test_bad_input(tmp_path):
     other_dir = _save(other, tmp_path / "other", "fused")
     with pytest.raises(UserError, match="was built for model"):
         AdaptiveMoE.from_library(other_dir, lib)
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path):
+    """Issue 11 #7: from_library loaded whatever matched (a config claiming 2 layers of a
+    3-layer checkpoint) and left missing non-expert tensors random: one line naming keys."""
+    from safetensors.torch import load_file, save_file
+
+    config_model = tiny_model("qwen3_moe", num_hidden_layers=2)
+    src = _save(tiny_model("qwen3_moe", num_hidden_layers=3), tmp_path / "src", "fused")
+    config_model.config.save_pretrained(src)  # config.json claims 2 layers
+    blocks = find_moe_blocks(config_model)
+    lib = _library(config_model, blocks, {"a": _kept(blocks, 0)})
+    with pytest.raises(
+        UserError, match=r"does not load exactly: \d+ unexpected keys \(e\.g\. model\.layers\.2\."
+    ):
+        AdaptiveMoE.from_library(src, lib, dtype="float32")
+    # a non-expert tensor missing from the checkpoint
+    src = _save(config_model, tmp_path / "missing", "fused")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        UserError, match=r"1 missing keys \(e\.g\. model\.layers\.1\.self_attn\.q_proj\.weight\)"
+    ):
+        AdaptiveMoE.from_library(src, lib, dtype="float32")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -551,3 +552,20 @@ def test_lm_eval_runs_offline_and_keeps_finished_results(tiny, tmp_path, capsys,
     # the offline switches are restored after the run
     assert "HF_HUB_OFFLINE" not in __import__("os").environ
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"text": "abc \\ud800 def"}', "lone surrogate (\\ud800) at character 4"),
+        ('{"prompt": "x", "choices": ["a", "b\\udc00"], "label": 0}', "lone surrogate (\\udc00)"),
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ],
+)
+def test_hostile_task_lines_are_one_line_errors(tmp_path, line, words):
+    """Issue 11 #11: a lone surrogate reached the tokenizer (TypeError) and deep nesting raised
+    RecursionError in `eval`; both name the file and line."""
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=rf"t\.jsonl:2: .*{re.escape(words)}"):
+        load_task_file(f)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _cli import assert_user_error, run_cli
 from moeprune.testing.tiny import byte_tokenizer, tiny_model
@@ -116,15 +118,21 @@ def test_prune_refuses_a_corrupt_header(model_dir, plan_file, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "bad-header"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad-header", "entry-removed", "trailing-bytes"])
 @pytest.mark.parametrize("command", ["profile", "eval", "inspect"])
 def test_corrupt_weights_file(model_dir, tmp_path, capsys, damage, command):
+    """entry-removed: a header entry gone leaves a gap that safetensors refuses when it loads
+    ("invalid offset": a traceback in profile, issue 11 #11)."""
     src = _copy(model_dir, tmp_path)
     f = src / "model.safetensors"
     if damage == "truncated":
         f.write_bytes(f.read_bytes()[:1000])
     elif damage == "empty":
         f.write_bytes(b"")
+    elif damage == "entry-removed":
+        _edit_header(f, lambda h: h.pop(UP3))
+    elif damage == "trailing-bytes":
+        f.write_bytes(f.read_bytes() + b"\0" * 64)
     else:
         f.write_bytes(struct.pack("<Q", 16) + b"{bad header!!!!}")
     (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
@@ -189,6 +197,20 @@ def test_bad_expert_counts(model_dir, tmp_path, capsys, value, command):
     assert_user_error(rc, err, "'num_experts' is", "not a whole number >= 1")
 
 
+@pytest.mark.parametrize(
+    "field, value", [("num_hidden_layers", 10**9), ("num_experts", 2**40), ("num_experts_per_tok", 2**40)]
+)
+def test_structure_counts_past_any_model_are_refused_at_once(model_dir, tmp_path, capsys, field, value):
+    """Fault audit huge-config-layers-1e9-inspect: a config claiming 10**9 layers hung inspect
+    (modules built one by one on the meta device); refused before anything is built."""
+    src = _copy(model_dir, tmp_path)
+    _edit_config(src, **{field: value})
+    t0 = time.perf_counter()
+    rc, _, err = run_cli(capsys, "inspect", src)
+    assert_user_error(rc, err, f"'{field}' is {value}", "more than any model has")
+    assert time.perf_counter() - t0 < 10
+
+
 def test_top_k_above_the_expert_count(model_dir, tmp_path, capsys):
     """Issue 11 #11: num_experts_per_tok above the experts (PreMoe's K_a) was a ValueError traceback."""
     src = _copy(model_dir, tmp_path)
@@ -246,3 +268,48 @@ def test_top_k_hint_names_a_value_that_works(plan_file, tmp_path, capsys, top_k,
         tmp_path / "x.json",
     )
     assert_user_error(rc, err, hint)
+
+
+def _retensor(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "what, edit, commands, words",
+    [
+        (
+            "extra-tensor",
+            lambda t: t.update(extra_weight=torch.zeros(3)),
+            ["prune"],
+            ["1 unexpected keys", "extra_weight"],
+        ),
+        (
+            "int8-expert",
+            lambda t: t.update({UP3: t[UP3].to(torch.int8)}),
+            ["prune", "profile"],
+            [UP3, "I8", "not quantized"],
+        ),
+    ],
+)
+def test_weights_that_would_not_load_as_written_are_refused(
+    model_dir, plan_file, tmp_path, capsys, what, edit, commands, words
+):
+    """Issue 11 #5/#7 (fault audit weights-extra-tensor-prune, weights-dtype-int8-expert-*): prune
+    copied a tensor that is no model tensor (its output then refused by every strict loader) and
+    int8 expert weights of a float model (cast on load without a word), exit 0."""
+    src = _copy(model_dir, tmp_path)
+    _retensor(src / "model.safetensors", edit)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    for command in commands:
+        out = tmp_path / f"out-{command}"
+        args = {
+            "prune": ["prune", src, "--plan", plan_file, "--out", out],
+            "profile": ["profile", src, "--data", tmp_path / "d.jsonl", "--out", out],
+        }[command]
+        rc, _, err = run_cli(capsys, *args)
+        assert_user_error(rc, err, *words)
+        assert not out.exists()

@@ -91,3 +91,54 @@ def test_unsupported_moe_type(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(table.UNSUPPORTED, "qwen3_moe", "for this test")
     monkeypatch.delitem(table.ARCH_TABLE, "qwen3_moe")
     assert "not supported" in _one_line_error(capsys, "inspect", str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "deepseek_v2", "qwen3_moe"])
+def test_inspect_rows_are_keeps_that_plan_accepts(model_type, tmp_path, capsys):
+    """Issue 12 §5: inspect showed a 12.5% row (max(top-k, E/8) experts) that plan then refused
+    ("keep at least 2"). Each row is now what plan makes of that fraction, or says why it refuses."""
+    from moeprune.errors import UserError
+    from moeprune.plan import make_plan
+
+    tiny_config(model_type).save_pretrained(tmp_path)
+    spec = find_moe_blocks(tiny_model(model_type))[0]
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    rows = json.loads(out)["keep"]
+    scores = torch.rand(3, spec.num_experts, dtype=torch.float64)
+    routing = {"n_group": max(1, spec.spec.n_group), "topk_group": max(1, spec.spec.topk_group)}
+    for row in rows:
+        try:
+            plan = make_plan(
+                scores, keep=row["fraction"], top_k=spec.top_k, group_score=spec.spec.group_score, **routing
+            )
+        except UserError as exc:
+            assert row["refused"] == exc.problem and row["params"] is None
+            continue
+        assert row["refused"] is None and plan.kept_counts() == [row["experts_per_layer"]] * 3
+    # 8 experts, top-2: 12.5% is one expert, fewer than the two active per token
+    if model_type == "mixtral":
+        eighth = next(r for r in rows if r["fraction"] == 0.125)
+        assert "fewer than the 2 active" in eighth["refused"]
+        code, out, err = run_cli(capsys, "inspect", str(tmp_path))
+        assert code == 0 and "refused by `moeprune plan` at 12.5%" in out.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ({"num_experts": 0}, "'num_experts' is 0, not a whole number >= 1"),
+        ({"num_experts_per_tok": 16}, "16 experts active per token, more than the 8 experts"),
+        (b'{"model_type": "qwen3_moe", "name": "\xff\xfe"}', "is not UTF-8 text"),
+    ],
+)
+def test_inspect_hostile_configs_are_one_line(tmp_path, capsys, damage, words):
+    """Issue 11 #11: zero experts (ZeroDivisionError), top-k above the experts and a config.json
+    that is not UTF-8 each give one line from inspect."""
+    tiny_config("qwen3_moe").save_pretrained(tmp_path)
+    cfg = tmp_path / "config.json"
+    if isinstance(damage, bytes):
+        cfg.write_bytes(damage)
+    else:
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **damage}))
+    assert words in _one_line_error(capsys, "inspect", str(tmp_path))

@@ -178,3 +178,44 @@ def test_quantized_checkpoint_is_a_user_error(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="quantized"):
         calibrate_sequential(tmp_path, _seqs([4]), batch_size=1)
+
+
+def test_extra_layers_in_the_checkpoint_are_a_user_error(saved, tmp_path):
+    """Issue 11 #7: a config claiming fewer layers than the checkpoint holds was profiled with
+    the extra tensors ignored; refused as moeprune.load refuses it, naming keys."""
+    import shutil
+
+    src = saved["qwen3_moe"]["fused"]
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] >= 2
+    config["num_hidden_layers"] -= 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    last = config["num_hidden_layers"]
+    with pytest.raises(
+        UserError, match=rf"does not load exactly: \d+ unexpected keys \(e\.g\. model\.layers\.{last}\."
+    ):
+        calibrate_sequential(tmp_path, _seqs([4, 6]), batch_size=2)
+
+
+def test_an_unknown_tensor_in_a_layer_is_a_user_error(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = saved["qwen3_moe"]["fused"]
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    ckpt = Checkpoint.open(tmp_path)
+    key = next(k for k in ckpt.tensors if k.startswith("model.layers.0.self_attn.q_proj"))
+    shard = ckpt.info(key).file
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.self_attn.extra.weight"] = Path(shard).name
+    index.write_text(json.dumps(data))
+    with pytest.raises(
+        UserError, match=r"1 unexpected keys \(e\.g\. model\.layers\.0\.self_attn\.extra\.weight\)"
+    ):
+        calibrate_sequential(tmp_path, _seqs([4, 6]), batch_size=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from _cli import run_cli
+from _cli import assert_user_error, run_cli
 from moeprune.errors import UserError
 from moeprune.plan import Plan, experts_to_keep, make_plan, parse_keep, plan_summary
 from moeprune.score import normalize_per_layer
@@ -431,3 +432,73 @@ def test_cli_corrupted_and_mismatched_profiles(tmp_path: Path, capsys, profile_m
     )
     assert code == 2 and "different models" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- hints that work (issue 12 §5) ----------------------------------------------------------------
+
+
+def _hinted(line: str) -> list[list[tuple[str, str]]]:
+    """The alternatives an error line's fix names, each as its (flag, value) pairs."""
+    fix = line.strip().split("; ", 1)[1].rstrip(".")
+    alternatives = [re.findall(r"(--[a-z-]+) ([\w.]+)", alt) for alt in re.split(r",? or ", fix)]
+    return [alt for alt in alternatives if alt]
+
+
+ROUTERS = {
+    "top2-sum groups (DeepSeek-V3)": {"top_k": 2, "n_group": 2, "topk_group": 1, "group_score": "top2_sum"},
+    "max groups, top 1 (DeepSeek-V2)": {"top_k": 2, "n_group": 2, "topk_group": 1, "group_score": "max"},
+    "4 groups, top 2": {"top_k": 2, "n_group": 4, "topk_group": 2, "group_score": "max"},
+    "no groups": {"top_k": 2},
+}
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--keep", "2"],
+        ["--keep", "3"],
+        ["--keep", "1"],
+        ["--keep", "0.125"],
+        ["--keep", "6", "--per-group", "free"],
+    ],
+)
+def test_every_plan_hint_works(tmp_path: Path, capsys, profile_module, router, given) -> None:
+    """`plan --keep 2` suggested --per-group free, which plan then refused for that router: every
+    flag a refusal names must give a plan when followed, and a refusal names at least one."""
+    prof = write_profile(tmp_path / "p.safetensors", 3, routing=ROUTERS[router])
+    out = tmp_path / "plan.json"
+
+    def run(args: list[str]) -> tuple[int, str]:
+        code, _, err = run_cli(capsys, "plan", prof, "--method", "gate", *args, "--out", out, "--force")
+        return code, err
+
+    code, err = run(given)
+    if code == 0:
+        return
+    assert_user_error(code, err)
+    alternatives = _hinted(err)
+    assert alternatives, err
+    for alt in alternatives:
+        args = dict(zip(given[::2], given[1::2], strict=True))
+        args.update(alt)
+        code, err2 = run([x for kv in args.items() for x in kv])
+        assert code == 0, f"{err.strip()}\n  followed {alt}: {err2.strip()}"
+
+
+@pytest.mark.parametrize(
+    "meta, words",
+    [
+        ({"samples": 2**40}, "30 tokens from 1099511627776 samples"),
+        ({"samples": -1}, "samples <= tokens"),
+        ({"top_k": 2**40}, "top-k 1099511627776"),
+        ({"layers": [0, 0]}, "2 MoE layers"),
+        ({"layers": [0, "1"]}, "not a list of layer indices"),
+    ],
+)
+def test_profile_header_sizes_are_bounded(tmp_path: Path, capsys, profile_module, meta, words) -> None:
+    """Issue 11 #12: sizes read from a profile's header are bounded before use (a header claiming
+    2**40 samples, with no per-sample tensor to contradict it, loaded)."""
+    prof = write_profile(tmp_path / "p.safetensors", **meta)
+    with pytest.raises(UserError, match="is corrupted: .*" + re.escape(words)):
+        profile_module.Profile.load(prof)

@@ -821,3 +821,41 @@ def test_cli_per_sample_data_by_default_within_a_size_bound(model_dir, data_file
     assert "per-sample gate sums left out: 4 samples" in capsys.readouterr().err
     assert _run(*base, "--out", tmp_path / "forced", "--per-sample", "-q") == 0
     assert "sample_gate" in Profile.load(tmp_path / "forced").tensors
+
+
+def test_self_generate_cuts_a_huge_prompt_before_tokenising(model_dir, ds_model, tmp_path, monkeypatch):
+    """Issue 11 #13: --self-generate tokenised each prompt whole (a 20 MB line: gigabytes) and
+    generated from all of it; it is cut by characters, then tokens, as calibration records are."""
+    import moeprune.calibrate
+    from moeprune.profiling import run_profile
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.longest = inner, 0
+
+        def __call__(self, text, **kwargs):
+            self.longest = max(self.longest, len(text))
+            return self.inner(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    seen: list[list[int]] = []
+
+    def fake_generate(lm, tok, prompts, n, **kwargs):
+        seen.extend(prompts)
+        return [[5] * n for _ in prompts]
+
+    monkeypatch.setattr(moeprune.calibrate, "self_generate", fake_generate)
+    data = tmp_path / "huge.jsonl"
+    huge = "abcdefgh " * (2_000_000 // 9)
+    data.write_text(json.dumps({"prompt": huge}) + "\n" + json.dumps({"prompt": "1 + 1 = "}) + "\n")
+    spy = Spy(byte_tokenizer())
+    prof = run_profile(
+        model=str(model_dir), data=[str(data)], out=None, max_length=16, self_generate=3, quiet=True,
+        loaded=(ds_model, spy),
+    )  # fmt: skip
+    assert spy.longest <= 16 * 32
+    assert [len(p) for p in seen] == [16, len(byte_tokenizer()("1 + 1 = ")["input_ids"])]
+    assert seen[0] == byte_tokenizer()(huge[:100])["input_ids"][:16]  # the prompt's own start
+    assert prof.tokens == 16 + len(seen[1]) + 3

@@ -37,6 +37,16 @@ from .library import Library, Match
 __all__ = ["AdaptiveMoE", "Completion", "Switch", "query_ids"]
 
 
+def _check_complete(lm: nn.Module, blocks: Sequence[Any], targets: set[str], path: Any) -> None:
+    """Every tensor of ``lm`` but the experts and routers (``targets``: loaded per task) came from
+    the checkpoint: a missing one is refused, as by moeprune.load, instead of running random."""
+    from .load import refuse_inexact
+
+    later = {id(p) for b in blocks for m in (b.experts(lm), b.router(lm)) for p in m.parameters()}
+    missing = [n for n, p in lm.named_parameters() if p.is_meta and id(p) not in later and n not in targets]
+    refuse_inexact(path, {"missing_keys": missing})
+
+
 class _StopForward(Exception):
     pass
 
@@ -174,6 +184,7 @@ class AdaptiveMoE:
         self._load(lm, rest, lc_model)
         stats.non_expert_bytes += sum(self.checkpoint.info(k).nbytes for k in rest)
         lm.tie_weights()  # a tied LM head is not in the checkpoint (a no-op for untied models)
+        _check_complete(lm, blocks, {ek.target for ek in self.keymap.keys.values() if ek.target}, path)
         _materialize_buffers(lm, lm, "", device)
         # 2. the full routers, kept aside (loaded into the E-sized skeleton, then taken out)
         self._load(full, router_keys, self._lc_full)

@@ -238,7 +238,7 @@ def plan(
     """Choose the experts every MoE layer keeps from one profile (or several of the same model:
     EASY-EP mixed-domain), as `moeprune plan`; ``out`` also writes the plan (JSON; an existing
     file is replaced only with ``force``, docs/outputs.md)."""
-    from .plan import experts_to_keep, plan_from_profile, profile_routing
+    from .plan import plan_from_profile
     from .profile import Profile
     from .score import combined_score, score
 
@@ -257,8 +257,6 @@ def plan(
         scores = combined_score(loaded, method, **options)
 
     source = f"profile '{loaded[0].name}'"
-    n_group = profile_routing(meta, source)["n_group"]
-    experts_to_keep(keep_value, int(scores.shape[1]), n_group=n_group, per_group=per_group)  # clear error
 
     settings: dict[str, Any] = {
         "profiles": [
@@ -1006,7 +1004,7 @@ def build_library(
     from .library import build_library as make_library
     from .modelio import build_on_meta, load_config, load_model, resolve_model_dir
     from .outputs import prepare_output
-    from .plan import experts_to_keep, parse_keep
+    from .plan import check_keep, parse_keep
     from .profile import Profile
     from .profiling import resolve_device, run_profile
     from .score import check_method
@@ -1030,7 +1028,15 @@ def build_library(
         keep_dir = _check_profiles_dir(Path(profiles_dir), specs, out, path, self_generate > 0, force)
     config = load_config(str(path))
     blocks = find_moe_blocks(build_on_meta(config))
-    experts_to_keep(keep_value, blocks[0].num_experts, n_group=max(1, blocks[0].spec.n_group))
+    spec = blocks[0].spec
+    check_keep(
+        keep_value,
+        blocks[0].num_experts,
+        top_k=blocks[0].top_k,
+        n_group=max(1, spec.n_group),
+        topk_group=max(1, spec.topk_group),
+        group_score=spec.group_score,
+    )
 
     profiles: dict[str, Profile] = {}
     infos: dict[str, dict[str, Any]] = {}

@@ -234,7 +234,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     for key, entry in header.items():
         info = _tensor_info(path, key, entry, base, size)
         tensors[key] = info
-    _check_no_overlap(path, tensors)
+    _check_no_overlap(path, tensors, base, size)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -266,13 +266,22 @@ def _whole(value: Any) -> int:
     return value
 
 
-def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
-    """No two tensors share bytes (a header that aliases them would be copied as nonsense)."""
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """No two tensors share bytes (a header that aliases them would be copied as nonsense), and
+    they fill the data section without a gap, as safetensors itself requires when it loads the
+    file (a header with an entry removed left a gap: "invalid offset", a traceback)."""
     last: TensorInfo | None = None
     for info in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start):
         if last is not None and info.start < last.end:
             raise _corrupt(path, f"tensors '{last.key}' and '{info.key}' overlap")
+        if info.start != (last.end if last is not None else base):
+            after = f"after '{last.key}'" if last is not None else "at the start of the data"
+            raise _corrupt(
+                path, f"a gap in the tensor data {after}, before '{info.key}' (a tensor is missing)"
+            )
         last = info
+    if (last.end if last is not None else base) != size:
+        raise _corrupt(path, "bytes after the last tensor (the header does not describe the whole file)")
 
 
 def _corrupt(path: Path, why: str) -> UserError:

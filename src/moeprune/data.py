@@ -19,6 +19,7 @@ tokens), so the prompt tokens are exactly those a generation would see.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -182,16 +183,16 @@ def _read_txt(path: Path) -> list[Record]:
     records = []
     block: list[str] = []
     start = 0
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for lineno, line in enumerate([*lines, ""], start=1):
-        if line.strip():
-            if not block:
-                start = lineno
-            block.append(line)
-        elif block:
-            records.append(Record(where=f"{path}:{start}", text="\n".join(block)))
-            block = []
+    with open(path, encoding="utf-8") as f:  # line by line: the file is never held twice
+        for lineno, line in enumerate(itertools.chain(f, [""]), start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                if not block:
+                    start = lineno
+                block.append(line)
+            elif block:
+                records.append(Record(where=f"{path}:{start}", text="\n".join(block)))
+                block = []
     return records
 
 
@@ -277,9 +278,15 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def encode_prompt(tokenizer: Any, record: Record) -> list[int]:
+def encode_prompt(tokenizer: Any, record: Record, max_chars: int | None = None) -> list[int]:
     """The token ids a generation starts from: the prompt (chat: all messages before a final
-    assistant turn, with the generation prompt). An EOS the tokenizer appends is dropped."""
+    assistant turn, with the generation prompt). An EOS the tokenizer appends is dropped. With
+    ``max_chars``, each text is cut to that many characters before tokenising, as in
+    :func:`encode_record` (callers truncate the tokens)."""
+
+    def cut(text: str) -> str:
+        return text if max_chars is None else text[:max_chars]
+
     if record.messages is not None:
         _require_template(tokenizer, record.where)
         msgs = list(record.messages)
@@ -287,21 +294,18 @@ def encode_prompt(tokenizer: Any, record: Record) -> list[int]:
             msgs.pop()
         if not msgs:
             raise UserError(f"{record.where}: the conversation has no user turn", "fix the record")
+        msgs = [{**m, "content": cut(m["content"])} for m in msgs]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return _ids(tokenizer, text, special=False)
+        return _ids(tokenizer, cut(text), special=False)
     if record.prompt is None:
         raise UserError(
             f"{record.where}: --self-generate needs records with a 'prompt' (or chat 'messages')",
             "give prompt records, or drop --self-generate",
         )
-    ids = _ids(tokenizer, record.prompt, special=True)
+    prompt = cut(record.prompt)
+    ids = _ids(tokenizer, prompt, special=True)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if (
-        ids
-        and eos is not None
-        and ids[-1] == eos
-        and _ids(tokenizer, record.prompt, special=False)[-1:] != [eos]
-    ):
+    if ids and eos is not None and ids[-1] == eos and _ids(tokenizer, prompt, special=False)[-1:] != [eos]:
         ids = ids[:-1]
     return ids
 
@@ -323,7 +327,7 @@ def encode_record(tokenizer: Any, record: Record, max_chars: int | None = None) 
     if record.prompt is not None:
         if not record.prompt.strip() and not (record.response or "").strip():
             return []
-        ids = encode_prompt(tokenizer, Record(record.where, prompt=cut(record.prompt)))
+        ids = encode_prompt(tokenizer, Record(record.where, prompt=record.prompt), max_chars)
         if record.response:
             ids += _ids(tokenizer, cut(record.response), special=False)
         return ids

@@ -515,7 +515,7 @@ def build_library(
 ) -> Library:
     """A library from one profile per task (all of the same model)."""
     from .identity import KEY, check_router
-    from .plan import experts_to_keep, plan_from_profile, profile_routing
+    from .plan import check_keep, plan_from_profile, profile_routing
     from .score import check_method, score
 
     if not profiles:
@@ -538,9 +538,8 @@ def build_library(
         )
     stored_ka = int(first.premoe_ka)
     ka = stored_ka if ka is None else int(ka)
-    n_group = profile_routing(meta)["n_group"]
     num_experts = int(first.num_experts)
-    keep_n = experts_to_keep(keep, num_experts, n_group=n_group, per_group="equal")
+    keep_n = check_keep(keep, num_experts, **profile_routing(meta))  # hints name only --keep
     layers = [int(x) for x in meta.get("layers") or range(first.num_layers)]
     tasks: dict[str, TaskPattern] = {}
     for name, p in profiles.items():

@@ -138,7 +138,9 @@ def load(path: str | os.PathLike, **kwargs: Any):
 
     directory = resolve_model_dir(str(path))
     config = load_config(str(directory))
-    Checkpoint.open(directory)  # headers only: a truncated or corrupt file is one clear line
+    ckpt = Checkpoint.open(directory)  # headers only: a truncated or corrupt file is one clear line
+    if not getattr(config, "quantization_config", None):
+        _check_float_storage(ckpt, directory)
     try:
         layout = PrunedLayout.of_config(config)
     except (ValueError, TypeError) as exc:
@@ -161,7 +163,8 @@ def load(path: str | os.PathLike, **kwargs: Any):
     kwargs.setdefault("use_kernels", False)
     kwargs.pop("output_loading_info", None)
     try:
-        model, info = cls.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
+        with _bar_on_terminal_only():
+            model, info = cls.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as exc:
         if "mismatched_sizes" in str(exc):  # transformers' own text points at a report it logged
             raise UserError(
@@ -176,20 +179,73 @@ def load(path: str | os.PathLike, **kwargs: Any):
             else "if it is a ragged checkpoint written by another tool, it cannot be loaded"
         )
         raise UserError(f"cannot load '{directory}': {first}", hint) from None
+    refuse_inexact(directory, {what: info.get(what) for what in _INEXACT})
+    if not getattr(config, "quantization_config", None):  # packed quantized shapes differ by design
+        _check_shapes(model, config, layout, directory)
+    return model
+
+
+@contextmanager
+def _bar_on_terminal_only() -> Iterator[None]:
+    """transformers' "Loading weights" bar only where a terminal redraws it: written to a file or
+    pipe it stays as a line, and a refused load then printed two lines, not one."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    hide = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _check_float_storage(ckpt: Any, directory: Any) -> None:
+    """A checkpoint that is not quantized stores its weights as floats: an integer tensor would be
+    cast on load without a word (old integer buffers that transformers ignores excepted)."""
+    for key, info in ckpt.tensors.items():
+        if info.dtype in ("U8", "I8", "I16", "U16", "I32", "U32") and not key.endswith(
+            ("position_ids", "inv_freq")
+        ):
+            raise UserError(
+                f"'{directory}': tensor '{key}' is stored as {info.dtype} in a checkpoint that is not quantized",
+                "the checkpoint is corrupted or mislabelled: re-download or re-save the model",
+            )
+
+
+_INEXACT = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+
+
+def refuse_inexact(directory: Any, found: dict[str, Any]) -> None:
+    """One line naming a few keys of each non-empty kind in ``found`` ({"missing_keys": [...],
+    "unexpected_keys": [...], ...}): the check every loader of moeprune ends with (``load``, the
+    layer-by-layer ``--offload sequential`` and ``AdaptiveMoE``)."""
     problems = []
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        found = sorted(str(x) for x in info.get(what) or [])
-        if found:
-            problems.append(f"{len(found)} {what.replace('_', ' ')} (e.g. {', '.join(found[:3])})")
+    for what, keys in found.items():
+        names = sorted(str(x) for x in keys or [])
+        if names:
+            problems.append(f"{len(names)} {what.replace('_', ' ')} (e.g. {', '.join(names[:3])})")
     if problems:
         raise UserError(
             f"'{directory}' does not load exactly: {'; '.join(problems)}",
             "its config.json does not match the checkpoint's tensors (layers, experts, sizes): "
             "fix the config or re-download / re-write the model",
         )
-    if not getattr(config, "quantization_config", None):  # packed quantized shapes differ by design
-        _check_shapes(model, config, layout, directory)
-    return model
+
+
+def expected_unexpected(model: Any, keys: Any) -> set[str]:
+    """``keys`` without those the model's class declares harmless (transformers' own rules:
+    ``_keys_to_ignore_on_load_unexpected``, e.g. DeepSeek-V3's multi-token-prediction layer)."""
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(keys))
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:
+        adjust(info)
+    return set(info.unexpected_keys)
 
 
 def _check_shapes(model: Any, config: Any, layout: Any, directory: Any) -> None:

@@ -91,6 +91,10 @@ _POSITIVE = (
 _EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
 _TOP_K = ("num_experts_per_tok", "moe_topk")
 _NON_NEGATIVE = ("num_key_value_heads", "n_shared_experts", "num_shared_experts", "n_group", "topk_group")
+# Counts that size the model's structure (modules built one by one, even on the meta device):
+# far above any real model (the largest have ~100 layers and a few hundred experts), so that a
+# config claiming 10**9 layers is one line instead of a hang building them.
+_AT_MOST = {"num_hidden_layers": 1 << 14, **dict.fromkeys((*_EXPERTS, *_TOP_K), 1 << 16)}
 
 
 def _check_counts(raw: dict[str, Any], where: Path) -> None:
@@ -108,6 +112,12 @@ def _check_counts(raw: dict[str, Any], where: Path) -> None:
             if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
                 raise UserError(
                     f"{where}: '{name}' is {json.dumps(value)[:40]}, not a whole number >= {low}",
+                    "fix or re-download the config",
+                )
+            high = _AT_MOST.get(name)
+            if high is not None and max(values) > high:
+                raise UserError(
+                    f"{where}: '{name}' is {max(values)}, more than any model has (at most {high})",
                     "fix or re-download the config",
                 )
         experts = next((section[n] for n in _EXPERTS if isinstance(section.get(n), int)), None)

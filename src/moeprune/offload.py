@@ -100,6 +100,7 @@ class KeyPlan:
     layers: dict[int, list[str]] = field(default_factory=dict)  # decoder-layer index -> keys
     prefix: list[str] = field(default_factory=list)  # text model outside its layers (embedding, norm)
     other: list[str] = field(default_factory=list)  # never loaded (LM head, towers, unknown keys)
+    unknown: list[str] = field(default_factory=list)  # the keys of ``other`` that are no model tensor
 
 
 def plan_keys(model: nn.Module, keys: Sequence[str], weight_mapping: list, layers_path: str) -> KeyPlan:
@@ -136,6 +137,8 @@ def plan_keys(model: nn.Module, keys: Sequence[str], weight_mapping: list, layer
             plan.prefix.append(key)
         else:
             plan.other.append(key)
+            if renamed not in meta_sd:
+                plan.unknown.append(key)
     return plan
 
 
@@ -171,8 +174,15 @@ def _load_tensors(model: nn.Module, reader: ShardReader, keys: Sequence[str], lo
     """Load ``keys`` into ``model`` with transformers' own renaming and conversion."""
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
+    from .load import expected_unexpected, refuse_inexact
+
     with reader.open(keys) as slices, _quiet_sync_loading():
         info, _ = convert_and_load_state_dict_in_model(model, slices, load_config)
+    # a checkpoint tensor that lands nowhere in the model (the config claims fewer layers or
+    # experts than the checkpoint holds) is an error, as in moeprune.load
+    refuse_inexact(
+        reader.checkpoint.directory, {"unexpected_keys": expected_unexpected(model, info.unexpected_keys)}
+    )
     if info.mismatched_keys:
         name, got, want = sorted(info.mismatched_keys, key=str)[0]
         raise UserError(
@@ -346,6 +356,7 @@ def calibrate_sequential(
     from .arch.blocks import layers_path as find_layers_path
     from .calibrate import Accumulator, _Progress, dist_info
     from .data import batches
+    from .load import expected_unexpected, refuse_inexact
     from .modelio import build_on_meta, load_config, quantization_method, resolve_model_dir
 
     device = torch.device(device)
@@ -372,6 +383,10 @@ def calibrate_sequential(
     absent = [i for i in range(last + 1) if i not in plan.layers]
     if absent:
         raise UserError(f"the checkpoint has no tensor of decoder layer {absent[0]}", "check the model")
+    # layers past the config's count, and keys that are no tensor of the model, are never loaded
+    # here: refuse them up front, as moeprune.load does
+    extra = [k for i, ks in plan.layers.items() if i >= len(layers) for k in ks] + plan.unknown
+    refuse_inexact(path, {"unexpected_keys": expected_unexpected(model, extra)})
 
     hidden_size = int(model.config.get_text_config().hidden_size)
     acc = Accumulator(

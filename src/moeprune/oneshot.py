@@ -91,6 +91,26 @@ def check_settings(s: OneShot) -> None:
             raise UserError(f"--out '{s.out}' is one of the data files", "pass another output folder")
 
 
+def _check_keep(model_dir: Path, s: OneShot) -> None:
+    """--keep and --top-k against the model's routing (its config), before the calibration pass;
+    a hint names only --keep or --top-k (one-shot has no --per-group)."""
+    from .arch import find_moe_blocks
+    from .modelio import build_on_meta, load_config
+    from .plan import check_keep, parse_keep
+
+    block = find_moe_blocks(build_on_meta(load_config(str(model_dir))))[0]
+    check_keep(
+        parse_keep(str(s.keep)),
+        block.num_experts,
+        top_k=block.top_k,
+        n_group=max(1, block.spec.n_group),
+        topk_group=max(1, block.spec.topk_group),
+        group_score=block.spec.group_score,
+        new_top_k=s.top_k,
+        can_change=("keep", "top_k"),
+    )
+
+
 def recipe_dict(s: OneShot) -> dict[str, Any]:
     """The recipe of a run, with absolute paths (a hub id stays as it is)."""
     model = s.model
@@ -200,6 +220,7 @@ def run_oneshot(
     check_settings(s)
     src = resolve_model_dir(s.model)
     out = Path(s.out).expanduser()
+    _check_keep(src, s)
     tasks = resolve_tasks(list(s.eval)) if s.eval else []
     reads = [("input model", src), *(("data file", d) for d in s.data), *inputs]
     reads += [("task file", t.source) for t in tasks if getattr(t, "source", None)]

@@ -345,13 +345,48 @@ def experts_to_keep(
             f"pass a count from 1 to {num_experts} or a fraction in (0, 1]",
         )
     if grouped and k % n_group:
-        lo, hi = (k // n_group) * n_group, (k // n_group + 1) * n_group
-        options = " or ".join(str(x) for x in (lo, hi) if 0 < x <= num_experts)
-        raise UserError(
-            f"cannot keep {k} experts per layer: the router splits experts into {n_group} equal groups",
-            f"keep a multiple of {n_group} ({options}), or ignore groups with --per-group free",
+        raise _Refused(
+            f"cannot keep {k} experts per layer: the router splits experts into {n_group} equal groups "
+            f"(a multiple of {n_group} is needed)",
+            f"keep a multiple of {n_group}",
         )
     return k
+
+
+class _Refused(UserError):
+    """A keep, top-k or grouping that the routing cannot honour. :func:`make_plan` replaces its fix
+    by the values it has checked to work for these scores (so that no hint is refused in turn)."""
+
+
+# what a caller lets the user change, and how each change is named in a hint
+CHANGES = ("keep", "top_k", "per_group")
+
+
+def check_keep(
+    keep: int | float,
+    num_experts: int,
+    *,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    new_top_k: int | None = None,
+    can_change: tuple[str, ...] = ("keep",),
+) -> int:
+    """K for ``keep`` under every rule of :func:`make_plan` with equal groups (none depends on the
+    scores), or the UserError that `moeprune plan` would give: for inspect, one-shot and library
+    build, before any scores exist."""
+    plan = make_plan(
+        torch.zeros(1, num_experts, dtype=torch.float64),
+        keep=keep,
+        top_k=top_k,
+        new_top_k=new_top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score=group_score,
+        can_change=can_change,
+    )
+    return int(plan.settings["experts_per_layer"])
 
 
 def make_plan(
@@ -371,8 +406,103 @@ def make_plan(
     method: str = "",
     settings: dict[str, Any] | None = None,
     router_sha256: str = "",
+    can_change: tuple[str, ...] = CHANGES,
 ) -> Plan:
-    """Choose the kept experts of every layer from ``scores`` [L, E] (higher = keep)."""
+    """Choose the kept experts of every layer from ``scores`` [L, E] (higher = keep).
+
+    A keep the routing cannot honour is a UserError whose fix names only changes that work for
+    these scores, among ``can_change`` (``keep``: another count, ``top_k``: fewer active experts,
+    ``per_group``: free groups): each suggested value is tried before it is named."""
+    args = dict(
+        keep=keep,
+        scope=scope,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score=group_score,
+        new_top_k=new_top_k,
+        per_group=per_group,
+        layers=layers,
+        model_fingerprint=model_fingerprint,
+        model_type=model_type,
+        method=method,
+        settings=settings,
+        router_sha256=router_sha256,
+    )
+    try:
+        return _make_plan(scores, **args)
+    except _Refused as exc:
+        fixes = _working_changes(scores, args, can_change)
+        raise UserError(exc.problem, f"pass {', or '.join(fixes)}" if fixes else exc.fix) from None
+
+
+def _works(scores: torch.Tensor, args: dict[str, Any]) -> bool:
+    try:
+        _make_plan(scores, **args)
+    except UserError:
+        return False
+    return True
+
+
+def _working_changes(scores: torch.Tensor, args: dict[str, Any], can_change: tuple[str, ...]) -> list[str]:
+    """Hints for a refused plan: the nearest keeps below and above, fewer active experts, or free
+    groups, each only if a plan with it succeeds (scores matter only for free groups)."""
+    n_experts = int(scores.shape[1])
+    fixes: list[str] = []
+    if "keep" in can_change:
+        keep = args["keep"]
+        want = keep if isinstance(keep, int) else max(1, round(float(keep) * n_experts))
+        # equal groups do not depend on the scores: one row of zeros sorts out the counts quickly
+        probe = torch.zeros(1, n_experts, dtype=torch.float64)
+        flat = {**args, "layers": None, "scope": "layer"}
+        below = [k for k in range(min(want, n_experts), 0, -1) if _works(probe, {**flat, "keep": k})]
+        above = [k for k in range(want, n_experts + 1) if _works(probe, {**flat, "keep": k})]
+        picks = [ks[0] for ks in (below, above) if ks]
+        picks = [k for k in dict.fromkeys(picks) if _works(scores, {**args, "keep": k})]
+        if picks:
+            fixes.append(" or ".join(f"--keep {k}" for k in sorted(picks)))
+    if "per_group" in can_change and args["per_group"] == "free":
+        if _works(scores, {**args, "per_group": "equal"}):
+            fixes.append("--per-group equal")
+        elif "keep" in can_change and not fixes:
+            fixes += [
+                f"--per-group equal {f}"
+                for f in _working_changes(scores, {**args, "per_group": "equal"}, ("keep",))
+            ]
+    active = args["new_top_k"] or args["top_k"]
+    if "top_k" in can_change:
+        lower = next((t for t in range(active - 1, 0, -1) if _works(scores, {**args, "new_top_k": t})), None)
+        if lower is not None:
+            fixes.append(f"--top-k {lower} (fewer active experts per token)")
+    free = {**args, "per_group": "free"}
+    if (
+        "per_group" in can_change
+        and args["per_group"] == "equal"
+        and args["n_group"] > 1
+        and _works(scores, free)
+    ):
+        fixes.append("--per-group free (groups ignored: prune writes such a plan in novice mode only)")
+    return fixes
+
+
+def _make_plan(
+    scores: torch.Tensor,
+    *,
+    keep: int | float,
+    scope: Scope,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    group_score: str,
+    new_top_k: int | None,
+    per_group: PerGroup,
+    layers: list[int] | None,
+    model_fingerprint: str,
+    model_type: str,
+    method: str,
+    settings: dict[str, Any] | None,
+    router_sha256: str,
+) -> Plan:
     if scores.dim() != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
         raise UserError(f"scores must be [layers, experts], got {list(scores.shape)}", "check the profile")
     scores = scores.to(torch.float64)
@@ -406,13 +536,13 @@ def make_plan(
         active = new_top_k
     if k_kept < active:
         if new_top_k is None:
-            raise UserError(
+            raise _Refused(
                 f"keeping {k_kept} experts per layer is fewer than the {top_k} active per token",
-                f"keep at least {top_k}, or lower the active experts explicitly (--top-k {k_kept} or less)",
+                f"keep at least {top_k} experts per layer",
             )
-        raise UserError(
+        raise _Refused(
             f"keeping {k_kept} experts per layer is fewer than the {active} active per token (--top-k)",
-            f"keep at least {active}, or lower --top-k",
+            f"keep at least {active} experts per layer",
         )
 
     grouped = n_group > 1 and per_group == "equal"
@@ -426,20 +556,20 @@ def make_plan(
         if topk_group < n_group:
             min_units = max(min_units, math.ceil(active / topk_group))
         if min_units > size:
-            raise UserError(
+            raise _Refused(
                 f"group-limited routing ({n_group} groups, top {topk_group}) cannot keep {active} active "
                 f"experts with {size} experts per group",
-                "ignore groups with --per-group free",
+                "check the routing fields of the model's config",
             )
     units = k_kept // g
     if units < min_units:
         need = _group_need(group_score, topk_group, n_group, active)
-        raise UserError(
+        raise _Refused(
             f"keeping {k_kept} experts per layer leaves {units} per group in {n_group} groups, but {need}",
             f"keep at least {min_units * g} experts per layer",
         )
     if per_group == "free" and n_group > 1 and group_score == "top2_sum" and topk_group < n_group:
-        raise UserError(
+        raise _Refused(
             "--per-group free cannot be used with a router that scores groups by their top two experts",
             "use --per-group equal",
         )
@@ -566,10 +696,10 @@ def _check_free_groups(
     """With unequal groups, the worst ``topk_group`` non-empty groups must hold ``active`` experts."""
     per = sorted(c for c in _group_counts(ids, n_group, size) if c)
     if sum(per[:topk_group]) < active:
-        raise UserError(
+        raise _Refused(
             f"layer {layer}: the kept experts per group {per} let a token reach fewer than {active} experts "
             f"in its {topk_group} groups",
-            "keep more experts, or use --per-group equal",
+            "keep more experts",
         )
 
 

@@ -159,6 +159,33 @@ class _Corrupt(Exception):
     pass
 
 
+# far above any model (layers, hidden size), like plan.MAX_EXPERTS for experts
+MAX_LAYERS = 1 << 14
+MAX_HIDDEN = 1 << 20
+
+
+def _check_meta_sizes(m: dict[str, Any], L: int, E: int, H: int, T: int, S: int) -> None:
+    """The sizes the header states, bounded before anything is compared or sized by them: no more
+    layers or experts than any model has (the tensors and the model are then checked against them),
+    no negative count, no more samples than tokens (every sample has at least one)."""
+    from .plan import MAX_EXPERTS
+
+    layers = m["layers"]
+    if not isinstance(layers, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
+        raise _Corrupt("metadata 'layers' is not a list of layer indices")
+    if not 1 <= L <= MAX_LAYERS or len(set(layers)) != L:
+        raise _Corrupt(f"metadata lists {L} MoE layers (expected 1..{MAX_LAYERS} distinct indices)")
+    if not 1 <= E <= MAX_EXPERTS:
+        raise _Corrupt(f"metadata says {E} experts per layer (expected 1..{MAX_EXPERTS})")
+    if not 1 <= H <= MAX_HIDDEN:
+        raise _Corrupt(f"metadata says hidden size {H} (expected 1..{MAX_HIDDEN})")
+    if T < 0 or S < 0 or S > T:
+        raise _Corrupt(f"metadata says {T} tokens from {S} samples (expected 0 <= samples <= tokens)")
+    top_k = m.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
+        raise _Corrupt(f"metadata says top-k {top_k!r} (expected 1..{E})")
+
+
 @dataclass
 class Profile:
     meta: dict[str, Any]
@@ -291,6 +318,7 @@ class Profile:
             T, S = int(m["tokens"]), int(m["samples"])
         except (TypeError, ValueError) as exc:
             raise _Corrupt(f"bad metadata ({exc})") from None
+        _check_meta_sizes(m, L, E, H, T, S)
         t = self.tensors
 
         def need(name: str, shape: tuple[int | None, ...], dtype: torch.dtype) -> torch.Tensor:

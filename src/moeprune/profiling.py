@@ -174,7 +174,14 @@ def _run_profile(
 
     from .arch import find_moe_blocks
     from .calibrate import calibrate, dist_info, init_distributed, wants_distributed
-    from .data import encode_prompt, load_records, pad_token_id, select_records, tokenize_records
+    from .data import (
+        MAX_CHARS_PER_TOKEN,
+        encode_prompt,
+        load_records,
+        pad_token_id,
+        select_records,
+        tokenize_records,
+    )
     from .modelio import load_config, load_model, resolve_model_dir
     from .profile import Profile
 
@@ -225,7 +232,10 @@ def _run_profile(
         if self_generate > 0:
             from .calibrate import self_generate as generate
 
-            prompts = [encode_prompt(tok, r) for r in records]
+            # cut by characters, then tokens, as calibration records are: a huge prompt line costs
+            # memory in proportion to max_length (tokens past it would be cut from the sequence)
+            cap = max_length * MAX_CHARS_PER_TOKEN
+            prompts = [encode_prompt(tok, r, max_chars=cap)[:max_length] for r in records]
             for r, p in zip(records, prompts, strict=True):
                 if not p:
                     raise UserError(f"{r.where}: the prompt is empty", "drop the record or give it a prompt")

@@ -131,15 +131,42 @@ def summarize(config: Any, model=None, checkpoint_dir: Any = None) -> ModelSumma
         params_per_expert=first.layout.params_per_expert(),
     )
     for frac in KEEP_FRACTIONS:
-        kept = max(first.top_k, round(first.num_experts * frac))
-        params = total - routed + routed * kept // first.num_experts
-        summary.keep.append(
-            {
-                "fraction": frac,
-                "experts_per_layer": kept,
-                "params": params,
-                "bytes": int(params * nbytes),
-                "share_of_full": params / total,
-            }
-        )
+        summary.keep.append(_keep_row(frac, first, total, routed, nbytes))
     return summary
+
+
+def _keep_row(frac: float, block: Any, total: int, routed: int, nbytes: float) -> dict[str, Any]:
+    """One row of the size table: the experts `moeprune plan --keep FRAC` keeps and the size then,
+    or (``refused``) why plan refuses that keep for this router (sizes None)."""
+    from .errors import UserError
+    from .plan import check_keep, experts_to_keep
+
+    spec = block.spec
+    try:
+        kept = check_keep(
+            frac,
+            block.num_experts,
+            top_k=block.top_k,
+            n_group=max(1, spec.n_group),
+            topk_group=max(1, spec.topk_group),
+            group_score=spec.group_score,
+            can_change=(),
+        )
+    except UserError as exc:
+        return {
+            "fraction": frac,
+            "experts_per_layer": experts_to_keep(frac, block.num_experts),
+            "params": None,
+            "bytes": None,
+            "share_of_full": None,
+            "refused": exc.problem,
+        }
+    params = total - routed + routed * kept // block.num_experts
+    return {
+        "fraction": frac,
+        "experts_per_layer": kept,
+        "params": params,
+        "bytes": int(params * nbytes),
+        "share_of_full": params / total,
+        "refused": None,
+    }

@@ -535,6 +535,7 @@ def rewrite_checkpoint(
     original_top_k = blocks[0].top_k
     ckpt = Checkpoint.open(src)
     keymap = map_expert_keys(meta_model, blocks, ckpt.shapes())
+    _check_copyable(ckpt, keymap, meta_model, src, config)
     del meta_model
     _check_provenance(ckpt, keymap, plan, metadata, allow_other_profile)
     rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
@@ -633,6 +634,27 @@ def _check_provenance(
         check_profile_data(plan.get("settings"), profile_meta, "the profile")
 
 
+_INTEGER_DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64")
+
+
+def _check_copyable(ckpt: Checkpoint, keymap: ExpertKeyMap, meta_model: Any, src: Path, config: Any) -> None:
+    """What would be copied loads as the pruned model: no tensor that is no model tensor (the
+    output would be refused by every strict loader, moeprune.load included), and, in a checkpoint
+    that is not quantized, no expert weight stored as integers (loaded by a silent cast)."""
+    from .load import expected_unexpected, refuse_inexact
+
+    refuse_inexact(src, {"unexpected_keys": expected_unexpected(meta_model, keymap.stray)})
+    if getattr(config, "quantization_config", None):
+        return
+    for key in keymap.keys:
+        dtype = ckpt.info(key).dtype
+        if dtype in _INTEGER_DTYPES:
+            raise UserError(
+                f"'{src}': expert tensor '{key}' is stored as {dtype} in a checkpoint that is not quantized",
+                "the checkpoint is corrupted or mislabelled: re-download or re-save the model",
+            )
+
+
 def _check_not_reshaped(config: Any, src: Path) -> None:
     """Refuse a source whose tensors are not what its config's counts say (ragged or novice)."""
     try:
@@ -674,4 +696,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     from .outputs import replace_dir
 
     replace_dir(tmp, out)
-

@@ -66,6 +66,8 @@ class ExpertKeyMap:
 
     blocks: list[MoEBlock]
     keys: dict[str, ExpertKey] = field(default_factory=dict)
+    # checkpoint keys that are no tensor of the model (nor experts): a loader would refuse them
+    stray: list[str] = field(default_factory=list)
 
     def of_block(self, index: int) -> list[ExpertKey]:
         return [k for k in self.keys.values() if k.block == index]
@@ -189,6 +191,8 @@ def map_expert_keys(
         renamed_only = normalise(apply_renamings(key, renamings))
         block = experts_module(renamed_only)
         if block is None:
+            if renamed not in meta_keys and not quantized:  # quantisation companions are no model tensor
+                found.stray.append(key)
             continue  # not an expert tensor: copied unchanged
         rest = renamed_only[len(block.experts_path) + 1 :]
         first, _, tail = rest.partition(".")

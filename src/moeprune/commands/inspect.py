@@ -79,7 +79,12 @@ def inspect(
         human_bytes(summary.total_bytes),
         "100%",
     )
+    refused = []
     for k in summary.keep:
+        if k["refused"]:  # plan refuses this keep for this router: no size to show
+            sizes.add_row(f"{100 * k['fraction']:g}%", str(k["experts_per_layer"]), "-", "-", "refused")
+            refused.append(f"{100 * k['fraction']:g}%: {k['refused']}")
+            continue
         sizes.add_row(
             f"{100 * k['fraction']:g}%",
             str(k["experts_per_layer"]),
@@ -88,3 +93,5 @@ def inspect(
             f"{100 * k['share_of_full']:.1f}%",
         )
     console.print(sizes)
+    for line in refused:
+        console.print(f"refused by `moeprune plan` at {line}", highlight=False, markup=False)

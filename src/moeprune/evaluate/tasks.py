@@ -168,13 +168,39 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                out.append((lineno, json.loads(line)))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(
                     f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})",
                     "write one JSON object per line",
                 ) from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: the JSON nests too deeply", "fix the line") from None
+            _check_unicode(row, f"{path}:{lineno}")
+            out.append((lineno, row))
     return out
+
+
+def _check_unicode(row: Any, where: str) -> None:
+    """No lone surrogate (a ``\\ud800`` escape without its pair) in any string of ``row``: a
+    tokenizer cannot encode one (it raised a TypeError). Iterative: rows may nest deeply."""
+    from ..data import _SURROGATE
+
+    stack = [row]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            bad = _SURROGATE.search(item)
+            if bad is not None:
+                raise UserError(
+                    f"{where}: a string holds a lone surrogate (\\u{ord(bad.group()):04x}) at character {bad.start()}",
+                    "write valid Unicode (a pair of \\u escapes or the character itself)",
+                )
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _read_txt(path: Path) -> list[str]:
