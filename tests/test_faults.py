@@ -407,6 +407,28 @@ def test_signals_while_writing_keep_the_old_output(model, tmp_path, capsys):
         assert _hidden(work) == [], sig
 
 
+# A Ctrl-C that lands in an exec/eval of a string (a dataclass being built during an import):
+# under `python -m` CPython then killed the process by SIGINT at exit (status -2, not 130).
+EXEC_PROBE = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import moeprune.cli as cli
+def register():
+    exec("os.kill(os.getpid(), signal.SIGINT)\\nimport time\\ntime.sleep(30)", {"os": os, "signal": signal})
+cli._register_commands = register
+cli.run()
+"""
+
+
+def test_ctrl_c_inside_an_exec_exits_130(tmp_path):
+    (tmp_path / "exec_probe.py").write_text(EXEC_PROBE)
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"}
+    cmd = [sys.executable, "-m", "exec_probe", "inspect", "x"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["moeprune: error: interrupted; nothing was written"]
+
+
 def test_two_runs_into_one_output_one_succeeds(model, tmp_path):
     src, plan = model
     out = tmp_path / "pruned"

@@ -16,6 +16,7 @@ try:
     from .errors import UserError
     from .outputs import received_signal
 except KeyboardInterrupt:  # Ctrl-C while Python imports the CLI: one line, no traceback
+    exec("pass", {})  # noqa: S102 - see _forget_interrupt (cannot be imported yet)
     print("moeprune: error: interrupted", file=sys.stderr)
     raise SystemExit(130) from None
 
@@ -145,7 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _forget_interrupt() -> None:
+    """Make the handled Ctrl-C stay handled. CPython notes a KeyboardInterrupt that escapes an
+    ``exec``/``eval`` of a string (dataclasses, namedtuples and many imports run one) and, under
+    ``python -m``, kills the process with SIGINT at exit whatever the exit code (status -2, not
+    130). Each string exec clears that note first, so a harmless one forgets it."""
+    exec("pass", {})  # noqa: S102 - a constant string
+
+
 def _interrupted(exc: BaseException | None) -> int:
+    _forget_interrupt()
     signum = getattr(exc, "signum", None) or received_signal()
     error_line(f"{'terminated' if signum else 'interrupted'}; nothing was written")
     return 128 + signum if signum else 130
