@@ -429,6 +429,22 @@ def test_ctrl_c_inside_an_exec_exits_130(tmp_path):
     assert proc.stderr.strip().splitlines() == ["moeprune: error: interrupted; nothing was written"]
 
 
+def test_ctrl_c_turned_into_another_error_exits_130(tmp_path):
+    """transformers' lazy import catches what a Ctrl-C left half-imported and raises
+    ModuleNotFoundError: still an interrupt, not a traceback with exit 1."""
+    probe = EXEC_PROBE.replace(
+        "cli._register_commands = register",
+        "def converted():\n    try:\n        register()\n    except KeyboardInterrupt:\n"
+        "        raise ModuleNotFoundError('Could not import module')\ncli._register_commands = converted",
+    )
+    (tmp_path / "convert_probe.py").write_text(probe)
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"}
+    cmd = [sys.executable, "-m", "convert_probe", "inspect", "x"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["moeprune: error: interrupted; nothing was written"]
+
+
 def test_two_runs_into_one_output_one_succeeds(model, tmp_path):
     src, plan = model
     out = tmp_path / "pruned"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 try:
     import typer
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    old_handler = _note_sigints()
     try:
         _register_commands()  # imports: a Ctrl-C here is an interrupt like any other
         result = app(args=argv, standalone_mode=False)
@@ -143,7 +146,34 @@ def main(argv: list[str] | None = None) -> int:
             raise
         show()
         return int(getattr(exc, "exit_code", 2))
+    except Exception:
+        if _SIGINTS:  # a library turned the Ctrl-C into its own error (transformers' lazy imports)
+            return _interrupted(None)
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     return 0
+
+
+_SIGINTS: list[int] = []
+
+
+def _count_sigint(signum: int, frame: object) -> None:
+    _SIGINTS.append(signum)
+    raise KeyboardInterrupt
+
+
+def _note_sigints() -> object | None:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is noted: an import that catches it and
+    raises another error must still end as an interrupt. Returns the handler to restore (None
+    when SIGINT is not Python's default, e.g. ignored, or off the main thread)."""
+    _SIGINTS.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, _count_sigint)
 
 
 def _forget_interrupt() -> None:
