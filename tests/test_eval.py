@@ -545,6 +545,7 @@ def test_lm_eval_runs_offline_and_keeps_finished_results(tiny, tmp_path, capsys,
     assert len(lines) == 1, err
     assert "moeprune_hub_mc" in lines[0] and "moeprune-tests/never-cached" in lines[0]
     assert "--allow-download" in lines[0]
+    assert f"the finished results are in {out}" in lines[0] and "wrote" not in err  # one line
     assert not attempts, attempts
     tasks = json.loads(out.read_text())["tasks"]
     assert set(tasks) == {"mc", "lm_eval:moeprune_tiny_mc"}

@@ -80,12 +80,14 @@ def eval_command(
     except LmEvalDataMissing as exc:  # report what ran, then the one-line error
         report, missing = exc.report, exc
     print_table(report)
+    if missing is not None:  # the error stays one line: it says where the finished results are
+        if output is not None:
+            missing.problem = f"{missing.problem.rstrip('.')} (the finished results are in {output})"
+        raise missing
     if output is not None:
         from rich.console import Console
 
         Console(stderr=True).print(f"wrote {output}", highlight=False)
-    if missing is not None:
-        raise missing
 
 
 def _fmt(value: Any) -> str:
