@@ -313,3 +313,17 @@ def test_weights_that_would_not_load_as_written_are_refused(
         rc, _, err = run_cli(capsys, *args)
         assert_user_error(rc, err, *words)
         assert not out.exists()
+
+
+def test_eval_refuses_non_finite_weights(model_dir, tmp_path, capsys):
+    """NaN or Inf weights make every eval score NaN: one line naming the tensor, not exit 0."""
+    src = _copy(model_dir, tmp_path)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello world " * 4}) + "\n")
+    args = ["eval", src, "--task", tmp_path / "d.jsonl"]
+    _retensor(src / "model.safetensors", lambda t: t["model.embed_tokens.weight"].view(-1).__setitem__(0, float("inf")))
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "'model.embed_tokens.weight' holds an infinite value")
+    _retensor(src / "model.safetensors", lambda t: t["model.embed_tokens.weight"].view(-1).__setitem__(0, 0.0))
+    _retensor(src / "model.safetensors", lambda t: t["model.norm.weight"].view(-1).__setitem__(3, float("nan")))
+    rc, _, err = run_cli(capsys, *args)
+    assert_user_error(rc, err, "'model.norm.weight' holds NaN")

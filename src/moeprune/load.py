@@ -26,6 +26,7 @@ from .errors import UserError
 
 __all__ = [
     "aux_loss_off",
+    "check_finite",
     "disable_aux_loss",
     "from_pretrained",
     "load",
@@ -266,6 +267,28 @@ def _check_shapes(model: Any, config: Any, layout: Any, directory: Any) -> None:
                 f"its config.json describes {list(want[key])}",
                 "the config does not match the checkpoint: fix the config or re-download the model",
             )
+
+
+_CHUNK = 1 << 24  # elements checked at a time: a bounded temporary, whatever the tensor's size
+
+
+def check_finite(model: Any, where: Any) -> None:
+    """Every floating-point tensor of ``model`` is finite (NaN or Inf weights make every result
+    NaN without an error); 8-bit floats and tensors left on the meta device are not checked."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.element_size() < 2 or t.device.type == "meta":
+            continue
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            if not bool(torch.isfinite(chunk).all()):
+                bad = "NaN" if bool(torch.isnan(chunk).any()) else "an infinite value"
+                raise UserError(
+                    f"'{where}': weight '{name}' holds {bad}",
+                    "the checkpoint is corrupt: re-download or re-write the model",
+                )
 
 
 def needs_moeprune_load(config: Any) -> bool:

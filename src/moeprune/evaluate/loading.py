@@ -69,7 +69,7 @@ def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "floa
     """Load a causal LM (eval mode, on ``device``) and its tokenizer; never downloads."""
     from transformers import AutoTokenizer
 
-    from moeprune.load import from_pretrained
+    from moeprune.load import check_finite, from_pretrained
 
     path = resolve_model_path(model)
     dev = resolve_device(device)
@@ -88,6 +88,7 @@ def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "floa
             f"cannot load '{model}' as a causal language model: {str(exc).strip().splitlines()[0][:200]}",
             "pass a transformers causal-LM checkpoint",
         ) from None
+    check_finite(lm, model)  # scores of a NaN model are NaN, not an answer
     lm.to(dev)
     lm.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
