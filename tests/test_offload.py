@@ -108,9 +108,9 @@ def test_one_layer_at_a_time(saved, model_type, monkeypatch):
     keys_read: list[str] = []
     original = offload._load_tensors
 
-    def spy(model, reader, keys, load_config):
+    def spy(model, reader, keys, load_config, *args):
         before = _materialised_layers(model)
-        out = original(model, reader, keys, load_config)
+        out = original(model, reader, keys, load_config, *args)
         loads.append(({_layer_of(k) for k in keys}, before, _materialised_layers(model)))
         keys_read.extend(keys)
         return out
@@ -137,9 +137,9 @@ def test_stops_after_last_moe_layer(tmp_path, monkeypatch):
     read: list[set] = []
     original = offload._load_tensors
 
-    def spy(model, reader, keys, load_config):
+    def spy(model, reader, keys, load_config, *args):
         read.append({_layer_of(k) for k in keys})
-        return original(model, reader, keys, load_config)
+        return original(model, reader, keys, load_config, *args)
 
     monkeypatch.setattr(offload, "_load_tensors", spy)
     seqs = _seqs([5, 9, 2])
@@ -176,7 +176,8 @@ def test_quantized_checkpoint_is_a_user_error(saved, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="quantized"):
+    # a float checkpoint labelled fp8 (a dequantized copy that kept the config) is mislabelled
+    with pytest.raises(UserError, match="says fp8 but the checkpoint holds no quantized tensor"):
         calibrate_sequential(tmp_path, _seqs([4]), batch_size=1)
 
 

@@ -16,7 +16,9 @@
    axis -- and converted to the model's layout by transformers' own loader, one layer at a time.
    Router rows are sliced from the kept-aside full routers; the rest of the model is never reread.
 
-Quantized checkpoints are not supported (no quantizer is applied).
+Quantized checkpoints (fp8 block-wise, mxfp4) are read as published and every weight is
+dequantized to the model's dtype when it is read (``AdaptiveMoE.quantization`` says so): the model
+holds only K experts per layer, so their float copies are what a pruned checkpoint would hold.
 """
 
 from __future__ import annotations
@@ -127,8 +129,9 @@ class AdaptiveMoE:
         from .arch.keys import map_expert_keys
         from .checkpoint import Checkpoint
         from .load import disable_aux_loss
-        from .modelio import build_on_meta, load_config, parse_dtype, quantization_method, resolve_model_dir
+        from .modelio import build_on_meta, load_config, parse_dtype, resolve_model_dir
         from .offload import ShardReader, _materialize_buffers, loader_config
+        from .quant import quant_format
         from .surgery import pruned_config
 
         t0 = time.perf_counter()
@@ -136,11 +139,10 @@ class AdaptiveMoE:
         lib = self.library
         path = resolve_model_dir(model)
         config = load_config(str(path))
-        method = quantization_method(config)
-        if method is not None:
-            raise UserError(
-                f"the adaptive model does not support quantized checkpoints ({method})", "dequantize it first"
-            )
+        # fp8 / mxfp4 checkpoints: every weight is dequantized when it is read (experts included:
+        # the adaptive model holds only K experts per layer); other methods are refused here
+        self.quant = quant_format(config)
+        self.quantization = None if self.quant is None else f"{self.quant.label}: dequantized when read"
         if isinstance(dtype, torch.dtype):
             torch_dtype = dtype
         else:  # auto: as every command (bfloat16 on CUDA, float32 on CPU)
@@ -164,6 +166,7 @@ class AdaptiveMoE:
         # the adaptive model: shaped like a checkpoint pruned to K experts per MoE layer
         num_experts = full_blocks[0].num_experts
         raw = config.to_dict()
+        raw.pop("quantization_config", None)  # the model in memory holds dequantized weights
         pruned = pruned_config(raw, config, num_experts, lib.keep, None)
         kconfig = type(config).from_dict(pruned)
         kconfig.dtype = torch_dtype
@@ -222,7 +225,7 @@ class AdaptiveMoE:
         from .offload import _load_tensors
 
         if keys:
-            _load_tensors(model, self.reader, list(keys), load_config)
+            _load_tensors(model, self.reader, list(keys), load_config, self.quant)
 
     # --- routing --------------------------------------------------------------------------------
 
@@ -349,6 +352,10 @@ class AdaptiveMoE:
                 parts = [slices[ek.key][(*lead, slice(a, b + 1))] for a, b in contiguous_runs(new_ids)]
                 state[ek.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
                 nbytes += info.entry_bytes(axis) * n
+            if self.quant is not None:  # fp8 weights with their scales -> floats, as unquantized keys
+                from .quant import dequantize_tensors
+
+                state = dequantize_tensors({k: v[:] for k, v in state.items()}, self.quant, self.dtype)
             with _quiet_sync_loading():
                 info, _ = convert_and_load_state_dict_in_model(self._full, state, self._lc_full)
             del state

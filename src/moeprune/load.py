@@ -163,9 +163,18 @@ def load(path: str | os.PathLike, **kwargs: Any):
     # check) and modules moeprune's exact statistics were not written against. Opt in explicitly.
     kwargs.setdefault("use_kernels", False)
     kwargs.pop("output_loading_info", None)
+    from .quant import quant_format
+
+    fmt = quant_format(config)  # an unsupported quantization method is one line here
+    dequantize = fmt is not None and not stock_quantizer_runs(fmt, kwargs)
     try:
         with _bar_on_terminal_only():
-            model, info = cls.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
+            if dequantize:
+                model, info = _load_dequantized(cls, directory, ckpt, config, fmt, kwargs)
+            else:
+                model, info = cls.from_pretrained(
+                    directory, config=config, output_loading_info=True, **kwargs
+                )
     except (RuntimeError, ValueError) as exc:
         if "mismatched_sizes" in str(exc):  # transformers' own text points at a report it logged
             raise UserError(
@@ -181,9 +190,65 @@ def load(path: str | os.PathLike, **kwargs: Any):
         )
         raise UserError(f"cannot load '{directory}': {first}", hint) from None
     refuse_inexact(directory, {what: info.get(what) for what in _INEXACT})
-    if not getattr(config, "quantization_config", None):  # packed quantized shapes differ by design
-        _check_shapes(model, config, layout, directory)
+    if fmt is None or dequantize:  # packed quantized shapes differ by design
+        _check_shapes(model, model.config, layout, directory)
+    if fmt is not None:
+        how = "dequantized on load by moeprune" if dequantize else "kept quantized by transformers"
+        model.moeprune_quantization = f"{fmt.label}: {how}"
     return model
+
+
+def stock_quantizer_runs(fmt: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether transformers' own quantizer would run ``fmt`` quantized for this load: fp8 on a
+    CUDA GPU of compute capability >= 8.9 with the ``kernels`` package (its fp8 matmuls are Hub
+    kernels). Everywhere else transformers dequantizes on load itself, with the block size derived
+    from the scale grid (wrong for partial edge blocks such as DeepSeek-V3's 576-row
+    ``kv_a_proj_with_mqa``), so moeprune dequantizes instead (:func:`_load_dequantized`)."""
+    import torch
+
+    if fmt.method != "fp8" or not torch.cuda.is_available():
+        return False
+    device_map = kwargs.get("device_map")
+    on_cuda = (isinstance(device_map, str) and device_map.startswith("cuda")) or (
+        isinstance(device_map, torch.device) and device_map.type == "cuda"
+    )
+    if not on_cuda:
+        return False
+    from transformers.utils import is_kernels_available
+
+    return torch.cuda.get_device_capability() >= (8, 9) and is_kernels_available()
+
+
+def _load_dequantized(cls: type, directory: Any, ckpt: Any, config: Any, fmt: Any, kwargs: dict[str, Any]):
+    """Load a quantized checkpoint as the float model it stands for: every tensor read, each
+    quantized weight dequantized with its scales (:func:`moeprune.quant.dequantize_tensors`) and
+    the result given to ``from_pretrained`` as a state dict of the unquantized model."""
+    import copy
+
+    import torch
+    from safetensors import safe_open
+
+    from .quant import check_quantized, dequantize_tensors
+
+    dtype = kwargs.pop("dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(config, "dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    raw: dict[str, torch.Tensor] = {}
+    for path in ckpt.shard_files:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                raw[key] = fh.get_tensor(key)
+    check_quantized(list(raw), fmt, directory)
+    state = dequantize_tensors(raw, fmt, dtype)
+    del raw
+    plain = copy.deepcopy(config)
+    del plain.quantization_config
+    model, info = cls.from_pretrained(
+        None, config=plain, state_dict=state, dtype=dtype, output_loading_info=True, **kwargs
+    )
+    model.name_or_path = model.config._name_or_path = str(directory)
+    return model, info
 
 
 @contextmanager

@@ -24,8 +24,12 @@ every record (tokens x hidden x dtype), and each batch's layer inputs (masks, po
 embeddings), kept on CPU. To keep the peak at about 1.7 x the largest layer above the resting
 RSS (docs/benchmarks.md, "Sequential offload"), shards are read with safetensors' ``pread``
 backend (no mapped pages), transformers converts one tensor group at a time (no loader threads,
-see ``ASYNC_LOAD``), and the heap is trimmed after each layer. Quantized checkpoints (fp8,
-mxfp4, ...) are not supported: no quantizer is applied.
+see ``ASYNC_LOAD``), and the heap is trimmed after each layer.
+
+Quantized checkpoints (fp8 block-wise, mxfp4; :mod:`moeprune.quant`): every quantized weight of
+a layer outside its routed experts is dequantized to the compute dtype when the layer is read; the
+routed experts stay as stored (fp8 bytes and scales) and each expert is dequantized when it runs
+(:mod:`moeprune.qexperts`), so a layer costs about its stored size, not its float size.
 """
 
 from __future__ import annotations
@@ -103,15 +107,21 @@ class KeyPlan:
     unknown: list[str] = field(default_factory=list)  # the keys of ``other`` that are no model tensor
 
 
-def plan_keys(model: nn.Module, keys: Sequence[str], weight_mapping: list, layers_path: str) -> KeyPlan:
+def plan_keys(
+    model: nn.Module, keys: Sequence[str], weight_mapping: list, layers_path: str, quantized: bool = False
+) -> KeyPlan:
     """Group checkpoint ``keys`` by the model tensor each becomes, with the renaming rules
-    ``from_pretrained`` applies (``weight_mapping`` = ``get_model_conversion_mapping(model)``)."""
+    ``from_pretrained`` applies (``weight_mapping`` = ``get_model_conversion_mapping(model)``).
+    In a ``quantized`` checkpoint a scale (``X.weight_scale_inv``, ``experts.down_proj_scales``)
+    goes where the weight it qualifies goes."""
     from transformers.core_model_loading import (
         WeightConverter,
         WeightRenaming,
         dot_natural_key,
         rename_source_key,
     )
+
+    from .quant import companion_of
 
     renamings = [w for w in weight_mapping if isinstance(w, WeightRenaming)]
     converters = [w for w in weight_mapping if isinstance(w, WeightConverter)]
@@ -123,9 +133,14 @@ def plan_keys(model: nn.Module, keys: Sequence[str], weight_mapping: list, layer
     layer_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
     plan = KeyPlan()
     for key in sorted(keys, key=dot_natural_key):  # the order transformers uses (stateful renamings)
-        renamed, _ = rename_source_key(key, renamings, converters, base_prefix, meta_sd)
-        if renamed not in meta_sd and key in meta_sd:
-            renamed = key
+        base = key
+        if quantized:
+            base = companion_of(key) or key
+            if key.endswith((".input_scale", ".activation_scale")):
+                base = key.rpartition(".")[0] + ".weight"
+        renamed, _ = rename_source_key(base, renamings, converters, base_prefix, meta_sd)
+        if renamed not in meta_sd and base in meta_sd:
+            renamed = base
         m = layer_re.match(renamed)
         if m:
             plan.layers.setdefault(int(m.group(1)), []).append(key)
@@ -170,14 +185,27 @@ def _quiet_sync_loading() -> Iterator[None]:
                 os.environ[env] = before
 
 
-def _load_tensors(model: nn.Module, reader: ShardReader, keys: Sequence[str], load_config: Any) -> Any:
-    """Load ``keys`` into ``model`` with transformers' own renaming and conversion."""
+def _load_tensors(
+    model: nn.Module,
+    reader: ShardReader,
+    keys: Sequence[str],
+    load_config: Any,
+    fmt: Any = None,
+    experts_paths: Sequence[str] = (),
+) -> Any:
+    """Load ``keys`` into ``model`` with transformers' own renaming and conversion. In a quantized
+    checkpoint (``fmt``), the routed experts of the modules at ``experts_paths`` stay as stored
+    (:mod:`moeprune.qexperts`, dequantized one expert at a time when they run) and every other
+    quantized weight is dequantized to the load dtype."""
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
     from .load import expected_unexpected, refuse_inexact
 
-    with reader.open(keys) as slices, _quiet_sync_loading():
-        info, _ = convert_and_load_state_dict_in_model(model, slices, load_config)
+    if fmt is None:
+        with reader.open(keys) as slices, _quiet_sync_loading():
+            info, _ = convert_and_load_state_dict_in_model(model, slices, load_config)
+    else:
+        info = _load_quantized(model, reader, keys, load_config, fmt, experts_paths)
     # a checkpoint tensor that lands nowhere in the model (the config claims fewer layers or
     # experts than the checkpoint holds) is an error, as in moeprune.load
     refuse_inexact(
@@ -194,6 +222,33 @@ def _load_tensors(model: nn.Module, reader: ShardReader, keys: Sequence[str], lo
         raise UserError(
             f"could not convert checkpoint tensor(s) for {first[0]}: {first[1]}", "check the model"
         )
+    return info
+
+
+def _load_quantized(
+    model: nn.Module, reader: ShardReader, keys: Sequence[str], load_config: Any, fmt: Any, experts_paths
+) -> Any:
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+    from . import qexperts
+    from .quant import dequantize_tensors
+
+    split = qexperts.split_expert_keys(
+        model, list(experts_paths), list(keys), fmt, load_config.weight_mapping
+    )
+    held = split.keys()
+    with reader.open(keys) as slices:
+        plain = dequantize_tensors({k: slices[k][:] for k in keys if k not in held}, fmt, load_config.dtype)
+        with _quiet_sync_loading():
+            info, _ = convert_and_load_state_dict_in_model(model, plain, load_config)
+        del plain
+        for path, entries in split.by_module.items():
+            tensors = {key: slices[key][:] for items in entries.values() for key, *_ in items}
+            ops = {name: split.operations.get((path, name), []) for name in entries}
+            module = model.get_submodule(path)
+            store = qexperts.build(fmt, entries, ops, tensors)
+            qexperts.check_complete(store, module, path)
+            qexperts.attach(module, store)
     return info
 
 
@@ -238,7 +293,12 @@ def loader_config(model: nn.Module, path: str | Path, device: torch.device, dtyp
 
 
 def _check_loaded(module: nn.Module, path: str, what: str) -> None:
-    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    from .qexperts import held_params
+
+    held = {
+        f"{name}.{p}".lstrip(".") for name, mod in module.named_modules() for p in held_params(mod)
+    }  # quantized experts kept as stored
+    missing = [n for n, p in module.named_parameters() if p.is_meta and n not in held]
     missing += [n for n, b in module.named_buffers() if b.is_meta]
     if missing:
         where = f"{path}.{missing[0]}" if path else missing[0]
@@ -250,6 +310,10 @@ def _check_loaded(module: nn.Module, path: str, what: str) -> None:
 
 def _free(module: nn.Module) -> None:
     """Put every tensor of ``module`` back on the meta device (the memory is released)."""
+    from .qexperts import detach
+
+    for mod in module.modules():
+        detach(mod)
     module.to_empty(device="meta")
     _trim_heap()
 
@@ -357,18 +421,16 @@ def calibrate_sequential(
     from .calibrate import Accumulator, _Progress, dist_info
     from .data import batches
     from .load import expected_unexpected, refuse_inexact
-    from .modelio import build_on_meta, load_config, quantization_method, resolve_model_dir
+    from .modelio import build_on_meta, load_config, resolve_model_dir
+    from .quant import check_quantized, quant_format
 
     device = torch.device(device)
     path = resolve_model_dir(str(model_dir))
     reader = ShardReader(path)
     config = load_config(str(path))
-    method = quantization_method(config)
-    if method is not None:
-        raise UserError(
-            f"--offload sequential does not support quantized checkpoints ({method})",
-            "dequantize the checkpoint first, or profile without offload",
-        )
+    fmt = quant_format(config)  # fp8 / mxfp4 read as stored; any other method is refused here
+    if fmt is not None:
+        check_quantized(reader.keys(), fmt, path)
     config.dtype = dtype  # build_on_meta (from_config) builds in config.dtype
     model = build_on_meta(config).eval()
     blocks = find_moe_blocks(model)
@@ -379,7 +441,7 @@ def calibrate_sequential(
     last = max(b.layer for b in blocks)
 
     load_config_ = loader_config(model, path, device, dtype)
-    plan = plan_keys(model, reader.keys(), load_config_.weight_mapping, lpath)
+    plan = plan_keys(model, reader.keys(), load_config_.weight_mapping, lpath, quantized=fmt is not None)
     absent = [i for i in range(last + 1) if i not in plan.layers]
     if absent:
         raise UserError(f"the checkpoint has no tensor of decoder layer {absent[0]}", "check the model")
@@ -401,7 +463,7 @@ def calibrate_sequential(
     n_tokens = sum(b.tokens for b in work)
 
     # --- before the first layer: embedding, masks, position embeddings ------------------------
-    _load_tensors(model, reader, plan.prefix, load_config_)
+    _load_tensors(model, reader, plan.prefix, load_config_, fmt)
     prefix_modules = [m for n, m in text_model.named_children() if m is not layers]
     for name, child in text_model.named_children():
         if child is not layers:
@@ -421,7 +483,8 @@ def calibrate_sequential(
     try:
         for i in range(last + 1):
             layer = layers[i]
-            _load_tensors(model, reader, plan.layers[i], load_config_)
+            experts_paths = [b.experts_path for b in blocks if b.layer == i]
+            _load_tensors(model, reader, plan.layers[i], load_config_, fmt, experts_paths)
             _materialize_buffers(model, layer, f"{lpath}.{i}", device)
             _check_loaded(layer, f"{lpath}.{i}", f"layer {i}")
             mine_blocks = [b for b in blocks if b.layer == i]

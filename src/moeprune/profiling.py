@@ -261,6 +261,9 @@ def _run_profile(
         per_sample, note = wants_per_sample(per_sample, len(seqs), len(blocks), blocks[0].num_experts)
         if note and not quiet and info.rank == 0:
             print(f"moeprune: {note}", file=sys.stderr)
+        quantized = _quantization_note(config, lm, offload)
+        if quantized and not quiet and info.rank == 0:
+            print(f"moeprune: {quantized}", file=sys.stderr)
         if lm is None:
             from .modelio import parse_dtype
             from .offload import calibrate_sequential
@@ -323,3 +326,18 @@ def _run_profile(
     finally:
         if started_dist and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _quantization_note(config: Any, lm: Any, offload: str) -> str | None:
+    """How a quantized checkpoint is computed with (kept quantized or dequantized, and where)."""
+    from .quant import quant_format
+
+    fmt = quant_format(config)
+    if fmt is None:
+        return None
+    if offload == "sequential":
+        return (
+            f"{fmt.label}: routed experts kept as stored and dequantized one expert at a time, "
+            "other weights dequantized layer by layer"
+        )
+    return getattr(lm, "moeprune_quantization", None) or fmt.label

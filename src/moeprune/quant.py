@@ -152,6 +152,18 @@ def quantized_keys(keys: list[str] | set[str], fmt: QuantFormat) -> dict[str, tu
     return out
 
 
+def check_quantized(keys: list[str] | set[str], fmt: QuantFormat, where: Any) -> None:
+    """A checkpoint whose config says it is quantized holds quantized tensors (a dequantized copy
+    that kept the config's ``quantization_config`` is mislabelled, and would be read wrongly)."""
+    if not quantized_keys(keys, fmt):
+        what = "weight_scale_inv" if fmt.method == "fp8" else "_blocks/_scales"
+        raise UserError(
+            f"'{where}': config.json says {fmt.method} but the checkpoint holds no quantized tensor "
+            f"(no {what} keys)",
+            "remove quantization_config from config.json if the weights are not quantized",
+        )
+
+
 # --- dequantization ---------------------------------------------------------------------------
 
 
@@ -161,7 +173,9 @@ def _scale_values(scale: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor
     if scale.dtype == torch.uint8 or (e8m0 is not None and scale.dtype == e8m0) or scale_fmt == "ue8m0":
         if e8m0 is not None and scale.dtype == e8m0:
             scale = scale.view(torch.uint8)
-        return torch.ldexp(torch.ones((), dtype=torch.float32, device=scale.device), scale.to(torch.int32) - 127)
+        return torch.ldexp(
+            torch.ones((), dtype=torch.float32, device=scale.device), scale.to(torch.int32) - 127
+        )
     return scale.to(torch.float32)
 
 
@@ -190,14 +204,23 @@ def dequantize_fp8(
         b0, b1 = math.ceil(rows / s.shape[-2]), math.ceil(cols / s.shape[-1])
         if (math.ceil(rows / b0), math.ceil(cols / b1)) != tuple(s.shape[-2:]):
             raise ValueError(f"fp8 scale grid {tuple(s.shape)} does not fit weight {tuple(w.shape)}")
-    full = s.repeat_interleave(b0, dim=-2)[..., :rows, :].repeat_interleave(b1, dim=-1)[..., :cols]
-    return (w * full).to(dtype)
+    nb0, nb1 = s.shape[-2:]
+    lead = w.shape[:-2]
+    if rows != nb0 * b0 or cols != nb1 * b1:  # partial edge blocks: pad, scale, cut
+        w = torch.nn.functional.pad(w, (0, nb1 * b1 - cols, 0, nb0 * b0 - rows))
+    out = w.view(*lead, nb0, b0, nb1, b1) * s.reshape(*lead, nb0, 1, nb1, 1)
+    out = out.view(*lead, nb0 * b0, nb1 * b1)
+    if out.shape[-2:] != (rows, cols):
+        out = out[..., :rows, :cols]
+    return out.to(dtype)
 
 
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """mxfp4 ``blocks`` [..., G, 16] uint8 with e8m0 ``scales`` [..., G] -> [..., G*32] in ``dtype``
     (the rows as stored: gpt-oss's model tensor is the transpose of the last two axes)."""
     if tuple(blocks.shape[:-1]) != tuple(scales.shape):
@@ -207,7 +230,11 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     lo = lut[(b & 0x0F).long()]
     hi = lut[(b >> 4).long()]
     vals = torch.stack((lo, hi), dim=-1).flatten(-2)  # [..., G, 32]
-    exp = scales.view(torch.uint8).to(torch.int32) - 127 if scales.dtype != torch.uint8 else scales.to(torch.int32) - 127
+    exp = (
+        scales.view(torch.uint8).to(torch.int32) - 127
+        if scales.dtype != torch.uint8
+        else scales.to(torch.int32) - 127
+    )
     out = torch.ldexp(vals, exp.unsqueeze(-1))
     return out.flatten(-2).to(dtype)
 

@@ -51,7 +51,11 @@ class ExpertsLayout:
     def of(cls, module: nn.Module) -> ExpertsLayout:
         from transformers.integrations.moe import _default_apply_gate
 
-        tensors = {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() >= 1}
+        tensors = {
+            name: tuple(p.shape)
+            for name, p in module.named_parameters(recurse=False)
+            if p.dim() >= 1 and not name.endswith(("_scale_inv", "_activation_scale"))  # fp8 scales
+        }
         # a novice experts module (arch.pruned.NoviceExperts) stores fewer experts than it routes
         num = getattr(module, "routed_experts", None) or next(iter(tensors.values()))[0]
         custom = getattr(type(module), "_apply_gate", None) is not _default_apply_gate
@@ -59,11 +63,12 @@ class ExpertsLayout:
             class_name=type(module).__name__,
             num_experts=int(num),
             tensors=tensors,
-            is_transposed=bool(module.is_transposed),
-            is_concatenated=bool(module.is_concatenated),
+            # transformers' FP8Experts (quantized on GPU) lacks the flags it cannot have
+            is_transposed=bool(getattr(module, "is_transposed", False)),
+            is_concatenated=bool(getattr(module, "is_concatenated", True)),
             has_bias=bool(module.has_bias),
             has_gate=bool(module.has_gate),
-            has_post_expert_norm=bool(module.has_post_expert_norm),
+            has_post_expert_norm=bool(getattr(module, "has_post_expert_norm", False)),
             custom_gate=custom,
         )
 
@@ -83,17 +88,25 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
 
 
 def single_expert_forward(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """Unweighted output of one expert of a fused experts module on tokens ``x`` [n, H]."""
-    t = module.is_transposed
+    """Unweighted output of one expert of a fused experts module on tokens ``x`` [n, H]. Weights
+    held quantized (transformers' ``FP8Experts``, or kept as stored by moeprune's offload) are
+    dequantized for this expert only (:func:`moeprune.quant.expert_tensor`)."""
+    from ..quant import expert_tensor
+
+    def weight(name: str) -> torch.Tensor:
+        return expert_tensor(module, name, expert, x.dtype)
+
+    t = getattr(module, "is_transposed", False)
+    has_bias = bool(getattr(module, "has_bias", False))
     if module.has_gate:
-        w, b = module.gate_up_proj[expert], (module.gate_up_proj_bias[expert] if module.has_bias else None)
+        w, b = weight("gate_up_proj"), (weight("gate_up_proj_bias") if has_bias else None)
         h = module._apply_gate(_linear(x, w, b, t))
     else:
-        w, b = module.up_proj[expert], (module.up_proj_bias[expert] if module.has_bias else None)
+        w, b = weight("up_proj"), (weight("up_proj_bias") if has_bias else None)
         h = module.act_fn(_linear(x, w, b, t))
-    b = module.down_proj_bias[expert] if module.has_bias else None
-    out = _linear(h, module.down_proj[expert], b, t)
-    if module.has_post_expert_norm:
+    b = weight("down_proj_bias") if has_bias else None
+    out = _linear(h, weight("down_proj"), b, t)
+    if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
     return out
 

@@ -215,8 +215,13 @@ def map_expert_keys(
                 suffix=f".{tail}",
             )
         elif len(shape) >= 1 and shape[0] == block.num_experts:
-            # e.g. quantisation companions of fused tensors ([E, ...] scales / blocks)
-            found.keys[key] = ExpertKey(key, block.index, block.layer, "fused", axis=0, target=None)
+            # e.g. quantisation companions of fused tensors ([E, ...] scales / blocks); mxfp4
+            # blocks + scales together are the model tensor they dequantize to
+            from ..quant import companion_of
+
+            base = companion_of(renamed_only)
+            target = base if base is not None and base in axis_of else None
+            found.keys[key] = ExpertKey(key, block.index, block.layer, "fused", axis=0, target=target)
         elif any(d != 1 for d in shape):
             raise UserError(
                 f"checkpoint tensor '{key}' {list(shape)} lies in the experts of layer {block.layer} "

@@ -87,7 +87,8 @@ def generate(
         query_ids(am.tokenizer, p)
     print(
         f"model: non-expert weights {am.load_stats.non_expert_bytes / 2**20:.1f} MiB read once; "
-        f"{am.library.keep}/{am.library.num_experts} experts per layer from library {library}",
+        f"{am.library.keep}/{am.library.num_experts} experts per layer from library {library}"
+        + (f"; {am.quantization}" if am.quantization else ""),
         file=sys.stderr,
     )
     stops = ["\n"] if stop is None else [s for s in stop if s]
