@@ -264,6 +264,19 @@ def test_transformers_loads_the_fixture_and_its_twin(name, block, tmp_path):
         torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=0)
 
 
+def test_ue8m0_scales_stored_as_float32_are_multipliers(tmp_path):
+    """DeepSeek-V3.1 says scale_fmt "ue8m0" and stores its power-of-two scales as float32: they
+    are multipliers (moeprune read them as exponent bytes, and every value came out wrong)."""
+    src = _write(tmp_path, "deepseek-fp8", (8, 8), scale_fmt="ue8m0")
+    assert json.loads((src / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    scale = read_tensors(src)["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
+    assert scale.dtype == torch.float32 and torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+    twin = dequantized_twin(src, tmp_path / "twin")
+    model, info = _load(src)
+    assert not info
+    torch.testing.assert_close(_logits(model), _logits(_load(twin)[0]), rtol=0, atol=0)
+
+
 def test_quantizers_round_trip():
     """Values an fp8 block / an mxfp4 block can hold come back exactly; others within half a step."""
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
