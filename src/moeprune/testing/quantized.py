@@ -361,12 +361,19 @@ LAYOUTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def quantized_tiny(model_type: str, out_dir: str | Path, fmt: str = "fp8", **kwargs: Any) -> Path:
-    """``tiny_model(model_type)`` written by :func:`write_fp8` (``fmt="fp8"``, ``kwargs`` passed
-    on) or :func:`write_mxfp4` (``fmt="mxfp4"``)."""
+def quantized_tiny(
+    model_type: str,
+    out_dir: str | Path,
+    fmt: str = "fp8",
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """``tiny_model(model_type, **model_kwargs)`` written by :func:`write_fp8` (``fmt="fp8"``,
+    ``kwargs`` passed on) or :func:`write_mxfp4` (``fmt="mxfp4"``)."""
     from .tiny import tiny_model
 
-    model = tiny_model(model_type)
+    model = tiny_model(model_type, **dict(model_kwargs or {}))
     if fmt == "fp8":
         return write_fp8(model, out_dir, **kwargs)
     if fmt == "mxfp4":
