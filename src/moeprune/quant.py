@@ -5,8 +5,8 @@ Two storage formats cover the MoE checkpoints people download quantized:
 - **fp8, block-wise** (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8, Qwen3-*-FP8, MiniMax-M2):
   ``quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128], ...}``. A linear
   weight ``X.weight`` is stored as ``float8_e4m3fn`` [out, in] beside ``X.weight_scale_inv``
-  [ceil(out/b0), ceil(in/b1)] (float32; bf16 in some releases; ``ue8m0`` exponent bytes when
-  ``scale_fmt`` says so). Its value is ``float(w) * s`` over each b0 x b1 block; edge blocks are
+  [ceil(out/b0), ceil(in/b1)] (float32; bf16 in some releases; ``scale_fmt: ue8m0`` scales are
+  powers of two, stored as float32 (DeepSeek-V3.1) or as uint8 exponent bytes). Its value is ``float(w) * s`` over each b0 x b1 block; edge blocks are
   partial (DeepSeek's ``weight_dequant``). A fused layout (what transformers saves from its
   ``FP8Experts``) stores ``experts.gate_up_proj`` [E, 2I, H] with ``experts.gate_up_proj_scale_inv``
   [E, ceil(2I/b0), ceil(H/b1)]. ``modules_to_not_convert`` lists what stays unquantized (the
@@ -67,7 +67,7 @@ class QuantFormat:
 
     method: str  # "fp8" | "mxfp4"
     block_size: tuple[int, int] | None = None  # fp8: rows x cols of one scale block
-    scale_fmt: str = "float"  # fp8: "float" or "ue8m0" (power-of-two exponent bytes)
+    scale_fmt: str = "float"  # fp8: "float" or "ue8m0" (power-of-two scales)
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -168,14 +168,14 @@ def check_quantized(keys: list[str] | set[str], fmt: QuantFormat, where: Any) ->
 
 
 def _scale_values(scale: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor:
-    """Scales as float32 multipliers (ue8m0 bytes are powers of two, exponent bias 127)."""
+    """Scales as float32 multipliers. Exponent bytes (uint8, ``float8_e8m0fnu``) are powers of two,
+    bias 127; a floating-point scale is a multiplier whatever ``scale_fmt`` says (DeepSeek-V3.1
+    declares ``ue8m0`` and stores its power-of-two scales as float32)."""
     e8m0 = getattr(torch, "float8_e8m0fnu", None)
-    if scale.dtype == torch.uint8 or (e8m0 is not None and scale.dtype == e8m0) or scale_fmt == "ue8m0":
-        if e8m0 is not None and scale.dtype == e8m0:
-            scale = scale.view(torch.uint8)
-        return torch.ldexp(
-            torch.ones((), dtype=torch.float32, device=scale.device), scale.to(torch.int32) - 127
-        )
+    if e8m0 is not None and scale.dtype == e8m0:
+        scale = scale.view(torch.uint8)
+    if scale.dtype == torch.uint8:
+        return torch.exp2(scale.to(torch.float32) - 127)
     return scale.to(torch.float32)
 
 

@@ -19,6 +19,11 @@ Modes (``shared/methods.md``, "Pruning modes"; ``docs/surgery.md``):
   ``pad_uniform``, experts with biases (gpt-oss) store a novice as zero weights with ē_i as down
   bias: a stock checkpoint, exact because the gated activation of 0 is 0.
 
+Quantized checkpoints (fp8 block-wise, mxfp4: :mod:`moeprune.quant`) are rewritten the same way,
+never dequantized: a kept expert's stored bytes travel with their scales (per-expert keys
+renumbered; fused weights, fp8 scale grids and mxfp4 blocks/scales sliced on the expert axis), and
+``quantization_config`` is kept as it is.
+
 The rewrite streams: it reads the shard headers, builds the output headers from them, and copies
 only the kept byte ranges (:mod:`moeprune.checkpoint`), one output shard at a time; padding and
 constant vectors are written from memory. It writes into a temporary folder beside the output and
@@ -69,6 +74,7 @@ from .checkpoint import (
 )
 from .errors import UserError
 from .model_files import SourceFiles, copy_source_files, inside, model_root
+from .quant import quant_format
 
 MODES = ("remove", "novice")
 
@@ -96,6 +102,7 @@ class RewriteResult:
     kept_counts: dict[int, int] = field(default_factory=dict)  # layer -> experts kept
     padded: bool = False  # pad_uniform: short layers padded with dead experts / novices in biases
     stock: bool = True  # stock transformers loads it (else moeprune.load)
+    quantization: str | None = None  # e.g. "fp8 (e4m3, 128x128 blocks)": kept experts copied as stored
 
     @property
     def ragged(self) -> bool:
@@ -524,6 +531,7 @@ def rewrite_checkpoint(
         target = prepare_output(out, inputs=[("input model", src), *inputs], force=force, kind="model")
     config = load_config(str(src))
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    quant = quant_format(config)  # fp8 / mxfp4 are copied as stored; other methods are refused
     _check_not_reshaped(config, src)
     meta_model = build_on_meta(config)
     blocks = find_moe_blocks(meta_model)
@@ -566,6 +574,7 @@ def rewrite_checkpoint(
         kept_counts=counts,
         padded=pad_uniform,
         stock=stock,
+        quantization=quant.label if quant is not None else None,
     )
 
     if target is not None:

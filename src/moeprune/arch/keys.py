@@ -32,6 +32,7 @@ from typing import Literal
 from torch import nn
 
 from ..errors import UserError
+from ..quant import companion_of, is_companion
 from .blocks import MoEBlock
 
 Kind = Literal["fused", "router", "per_expert"]
@@ -191,8 +192,8 @@ def map_expert_keys(
         renamed_only = normalise(apply_renamings(key, renamings))
         block = experts_module(renamed_only)
         if block is None:
-            if renamed not in meta_keys and not quantized:  # quantisation companions are no model tensor
-                found.stray.append(key)
+            if renamed not in meta_keys and not (quantized and is_companion(key)):
+                found.stray.append(key)  # (a quantized weight's scales are no model tensor, yet belong)
             continue  # not an expert tensor: copied unchanged
         rest = renamed_only[len(block.experts_path) + 1 :]
         first, _, tail = rest.partition(".")
@@ -215,12 +216,10 @@ def map_expert_keys(
                 suffix=f".{tail}",
             )
         elif len(shape) >= 1 and shape[0] == block.num_experts:
-            # e.g. quantisation companions of fused tensors ([E, ...] scales / blocks); mxfp4
-            # blocks + scales together are the model tensor they dequantize to
-            from ..quant import companion_of
-
-            base = companion_of(renamed_only)
-            target = base if base is not None and base in axis_of else None
+            # quantisation companions of fused tensors ([E, ...] fp8 scales, mxfp4 blocks / scales):
+            # together they store the model tensor they name (mxfp4 has no key of that name)
+            owner = companion_of(renamed_only)
+            target = owner if owner in axis_of else None
             found.keys[key] = ExpertKey(key, block.index, block.layer, "fused", axis=0, target=target)
         elif any(d != 1 for d in shape):
             raise UserError(
