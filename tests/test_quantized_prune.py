@@ -374,3 +374,39 @@ def test_cli_prunes_a_quantized_checkpoint(fixtures, tmp_path, capsys):
     _check_bytes(src, tmp_path / "out", kept)
     rc, _, err = run_cli(capsys, "prune", src, "--plan", tmp_path / "plan.json", "--out", tmp_path / "out")
     assert_user_error(rc, err, "not empty")
+
+
+def test_multi_token_prediction_layer_is_left_out(fixtures, tmp_path):
+    """DeepSeek-V3/R1 publish a multi-token-prediction layer (``model.layers.61``, its own 256
+    experts, ignored by transformers). No profile measures it, and copied whole it would contradict
+    the pruned expert count: the output leaves it out and says ``num_nextn_predict_layers: 0``."""
+    from safetensors.torch import save_file
+
+    src, _ = fixtures("deepseek-fp8")
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for p in src.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    tensors = read_tensors(copy)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    mine = {k: tensors[k] for k, v in index["weight_map"].items() if v == last}
+    mtp = {k.replace(".layers.2.", ".layers.61."): v.clone() for k, v in tensors.items() if ".layers.2." in k}
+    mtp["model.layers.61.eh_proj.weight"] = torch.zeros(4, 4).to(torch.float8_e4m3fn)
+    mtp["model.layers.61.eh_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file({**mine, **mtp}, str(copy / last), metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(mtp, last))
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (copy / "config.json").write_text(json.dumps(cfg))
+
+    result = rewrite_checkpoint(copy, tmp_path / "out", _kept("deepseek-fp8"))
+    assert result.dropped_mtp == len(mtp)
+    out_keys = set(Checkpoint.open(tmp_path / "out").tensors)
+    assert not any(".layers.61." in k for k in out_keys)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"layer left out ({len(mtp)} tensors" in card and "fp8 (e4m3, 16x16 blocks)" in card
+    plain = rewrite_checkpoint(src, tmp_path / "plain", _kept("deepseek-fp8"))
+    assert plain.dropped_mtp == 0 and set(Checkpoint.open(tmp_path / "plain").tensors) == out_keys

@@ -157,6 +157,16 @@ def model_card(
         ("checkpoint layout", f"{result.layout}, {len(result.shards)} shard(s)"),
         ("loads with", "stock transformers" if result.stock else "`moeprune.load`"),
     ]
+    if result.quantization:
+        rows.append(("quantization", f"{result.quantization}, kept experts copied as stored"))
+    if result.dropped_mtp:
+        rows.append(
+            (
+                "multi-token prediction",
+                f"layer left out ({result.dropped_mtp} tensors; its experts are not pruned by this plan), "
+                "`num_nextn_predict_layers: 0`",
+            )
+        )
     if plan:
         rows.append(("scoring method", text(plan.get("method", "?"))))
         settings = plan.get("settings") or {}

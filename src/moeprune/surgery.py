@@ -38,7 +38,7 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,7 @@ class RewriteResult:
     padded: bool = False  # pad_uniform: short layers padded with dead experts / novices in biases
     stock: bool = True  # stock transformers loads it (else moeprune.load)
     quantization: str | None = None  # e.g. "fp8 (e4m3, 128x128 blocks)": kept experts copied as stored
+    dropped_mtp: int = 0  # tensors of multi-token-prediction layers left out (DeepSeek-V3's layer 61)
 
     @property
     def ragged(self) -> bool:
@@ -334,7 +335,10 @@ def _generated_entry(
 
 
 def plan_tensors(
-    ckpt: Checkpoint, keymap: ExpertKeyMap, rewrites: dict[int, list[int]] | dict[int, BlockRewrite]
+    ckpt: Checkpoint,
+    keymap: ExpertKeyMap,
+    rewrites: dict[int, list[int]] | dict[int, BlockRewrite],
+    drop: set[str] | frozenset[str] = frozenset(),
 ) -> list[OutTensor]:
     """The output tensors in source order: expert tensors sliced, renumbered, padded or whole, the
     rest whole. ``rewrites`` maps a layer to its :class:`BlockRewrite` (or, for plain removal, to
@@ -348,6 +352,8 @@ def plan_tensors(
     buffers_done: set[int] = set()
     positions = {layer: rw.positions() for layer, rw in plans.items()}
     for key, info in ckpt.tensors.items():
+        if key in drop:
+            continue
         ek = keymap.get(key)
         if ek is None:
             tensors.append(OutTensor(key, info.dtype, info.shape, info.whole()))
@@ -547,14 +553,17 @@ def rewrite_checkpoint(
     del meta_model
     _check_provenance(ckpt, keymap, plan, metadata, allow_other_profile)
     rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
+    mtp = mtp_keys(ckpt.tensors, raw_config)
 
-    tensors = plan_tensors(ckpt, keymap, rewrites)
+    tensors = plan_tensors(ckpt, keymap, rewrites, mtp)
     limit = parse_size(max_shard_size) if max_shard_size is not None else ckpt.max_shard_bytes
     shards = split_shards(tensors, limit)
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total = sum(t.nbytes for t in tensors)
     new_config = pruned_config(raw_config, config, old_e, new_e, top_k, layout)
+    if mtp:
+        new_config["num_nextn_predict_layers"] = 0
     key_layout = "per-expert" if any(keymap.layout(b.index) == "per-expert" for b in blocks) else "fused"
     stock = mode == "remove" and len(set(layout.experts_per_layer.values())) == 1
     stock = stock or (mode == "novice" and pad_uniform)
@@ -575,6 +584,7 @@ def rewrite_checkpoint(
         padded=pad_uniform,
         stock=stock,
         quantization=quant.label if quant is not None else None,
+        dropped_mtp=len(mtp),
     )
 
     if target is not None:
@@ -617,6 +627,27 @@ def rewrite_checkpoint(
             model_card(src, result, kept, raw_config, plan, metadata, layout), encoding="utf-8"
         )
     return result
+
+
+def mtp_keys(keys: Iterable[str], raw_config: dict[str, Any]) -> set[str]:
+    """The keys of multi-token-prediction layers (``num_nextn_predict_layers``; DeepSeek-V3/R1's
+    ``model.layers.61``, GLM-4.5's last layer): decoder layers past ``num_hidden_layers`` that
+    transformers ignores on load. They hold their own full set of routed experts, which no profile
+    measures; copied whole they would disagree with the pruned expert count that the config now
+    declares (a server using them for speculative decoding would fail on the shapes), so the
+    output leaves them out and says ``num_nextn_predict_layers: 0``."""
+    import re
+
+    n_layers = raw_config.get("num_hidden_layers")
+    if not raw_config.get("num_nextn_predict_layers") or not isinstance(n_layers, int):
+        return set()
+    past = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    out = set()
+    for key in keys:
+        m = past.search(key)
+        if m and int(m.group(1)) >= n_layers:
+            out.add(key)
+    return out
 
 
 def _check_provenance(
