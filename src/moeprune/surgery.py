@@ -52,6 +52,7 @@ from .arch.pruned import (
     pad_uniform_problem,
     padding_slots,
 )
+from .arch.routing import top_k_problem
 from .arch.table import EXPERT_COUNT_ATTRS, TOP_K_ATTRS
 from .card import human_bytes as human_bytes  # re-exported: commands/prune.py imports it from here
 from .card import model_card
@@ -148,6 +149,10 @@ def check_kept(
             )
         out[b.layer] = sorted(int(i) for i in ids)
     counts = {layer: len(ids) for layer, ids in out.items()}
+    if top_k is not None:  # routers that cannot route another number of experts (PhiMoE: always 2)
+        why = top_k_problem(blocks[0].spec, top_k)
+        if why is not None:
+            raise UserError(f"cannot lower top-k to {top_k}: {why}", "make the plan without --top-k")
     if mode == "novice":
         return out, counts
     for b in blocks:

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
-from .routing import RoutingSpec
+from .routing import SPARSEMIXER_TOP_K, RoutingSpec
 
 SpecBuilder = Callable[[nn.Module, nn.Module, Any], RoutingSpec]
 
@@ -195,6 +195,19 @@ def softmax_statics() -> SpecBuilder:
     return build
 
 
+def sparsemixer_top2() -> SpecBuilder:
+    """PhiMoE: the inference-time sparsemixer (routing.sparsemixer): always two experts, each
+    weighted by a softmax over the logits near its own max (threshold ``router_jitter_noise``)."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        eps = _first_attr((router, config), ("router_jitter_noise",), 0.0)
+        return RoutingSpec(
+            top_k=SPARSEMIXER_TOP_K, score_fn="softmax", selector="sparsemixer", jitter_eps=float(eps)
+        )
+
+    return build
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -327,6 +340,10 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "deepseek_v2": ArchFacts(
         softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
     ),
+    # J. PhiMoE
+    "phimoe": ArchFacts(
+        sparsemixer_top2(), family="sparsemixer: top-2, each weighted by a softmax near its max (PhiMoE)"
+    ),
     # G. Ernie-4.5
     "ernie4_5_moe": ArchFacts(
         softmax_statics(),
@@ -338,7 +355,6 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
     "deepseek_v4": "its first layers use hash routing (a token-id -> expert table), which expert scores cannot describe",
-    "phimoe": "its sparsemixer router selects the second expert relative to the first with a jitter threshold",
     "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
     "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
     "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",

