@@ -94,3 +94,87 @@ def _keys(path) -> list[str]:
     from moeprune.checkpoint import Checkpoint
 
     return list(Checkpoint.open(path).tensors)
+
+
+# --- DBRX ------------------------------------------------------------------------------------------
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _masked(model, blocks, kept) -> torch.Tensor:
+    with torch.no_grad(), patch_moe(model, blocks, controls=kept_controls(blocks, kept)):
+        return model(_ids(), use_cache=False).logits
+
+
+@pytest.mark.parametrize("p", [2.0, None])
+def test_dbrx_routes_with_any_normalisation(p):
+    """moe_normalize_expert_weights: the p-norm of the chosen weights (default 1), or none."""
+    model = tiny_model("dbrx", ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2,
+                                           "moe_normalize_expert_weights": p})
+    blocks = find_moe_blocks(model)
+    assert blocks[0].spec.renorm_p == p
+    ffn = blocks[0].block(model)
+    logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    weights, index = ffn.route_tokens_to_experts(logits)
+    r = blocks[0].route(model, logits)
+    assert torch.equal(r.top_k_index, index)
+    torch.testing.assert_close(r.top_k_weights, weights, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        ref = model(_ids(), use_cache=False).logits
+        with patch_moe(model, blocks, reroute=True):
+            torch.testing.assert_close(model(_ids(), use_cache=False).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dbrx_checkpoint_slices_row_blocks_and_the_nested_config(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model("dbrx")
+    blocks = find_moe_blocks(model)
+    assert blocks[0].layout.rows_per_expert == 32 and blocks[0].prenorm_path.endswith("norm_attn_norm.norm_2")
+    model.save_pretrained(tmp_path / "src")
+    kept = {b.layer: [0, 3, 4, 7] for b in blocks}
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, top_k=1)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["ffn_config"]["moe_num_experts"] == 4 and config["ffn_config"]["moe_top_k"] == 1
+    name = f"transformer.blocks.{blocks[1].layer}.ffn.experts.mlp.w2"
+    with safe_open(tmp_path / "src" / "model.safetensors", "pt") as a, safe_open(
+        tmp_path / "out" / "model.safetensors", "pt"
+    ) as b:
+        full, pruned = a.get_tensor(name), b.get_tensor(name)
+    assert pruned.shape == (4 * 32, 64)
+    assert torch.equal(pruned, full.view(8, 32, 64)[[0, 3, 4, 7]].reshape(-1, 64))
+
+
+@pytest.mark.parametrize("model_type", ["dbrx", "phimoe"])
+def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
+    import moeprune
+    from moeprune.arch import BlockControl
+
+    model = tiny_model(model_type)
+    blocks = find_moe_blocks(model)
+    model.save_pretrained(tmp_path / "src", save_original_format=True)
+    kept = {b.layer: [1, 2, 5] if b.index % 2 else [0, 3, 4, 6, 7] for b in blocks}
+    gen = torch.Generator().manual_seed(7)
+    novices = {b.layer: torch.randn(8 - len(kept[b.layer]), 64, generator=gen) for b in blocks}
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    controls = {}
+    for b in blocks:
+        replaced = sorted(set(range(8)) - set(kept[b.layer]))
+        controls[b.index] = BlockControl(novices=dict(zip(replaced, novices[b.layer], strict=True)))
+    with torch.no_grad():
+        with patch_moe(model, blocks, controls=controls):
+            ref = model(_ids(), use_cache=False).logits
+        torch.testing.assert_close(loaded(_ids(), use_cache=False).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dbrx_pad_uniform_is_refused(tmp_path):
+    model = tiny_model("dbrx")
+    blocks = find_moe_blocks(model)
+    model.save_pretrained(tmp_path / "src")
+    kept = {b.layer: [0, 1, 2, 3, 4, 5][: 4 + b.index] for b in blocks}
+    with pytest.raises(UserError, match="no additive selection bias"):
+        rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, pad_uniform=True)
+    assert not (tmp_path / "out").exists()
