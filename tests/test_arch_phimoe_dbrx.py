@@ -178,3 +178,26 @@ def test_dbrx_pad_uniform_is_refused(tmp_path):
     with pytest.raises(UserError, match="no additive selection bias"):
         rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, pad_uniform=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_phimoe_one_shot_refuses_a_lowered_top_k_before_calibrating(tmp_path, capsys, monkeypatch):
+    import moeprune.calibrate as calibrate_module
+    from _cli import assert_user_error, run_cli
+    from moeprune.testing.tiny import byte_tokenizer
+
+    model = tiny_model("phimoe")
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "d.jsonl").write_text('{"text": "alpha beta gamma"}\n')
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before refusing --top-k")
+
+    monkeypatch.setattr(calibrate_module, "calibrate", no_calibration)
+    capsys.readouterr()  # the progress bar of save_pretrained
+    rc, _, err = run_cli(
+        capsys, "prune", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"),
+        "--method", "easyep", "--keep", "0.5", "--top-k", "1", "--out", str(tmp_path / "out"),
+    )
+    assert_user_error(rc, err, "top-k", "always selects 2")
+    assert not (tmp_path / "out").exists()
