@@ -201,3 +201,17 @@ def test_phimoe_one_shot_refuses_a_lowered_top_k_before_calibrating(tmp_path, ca
     )
     assert_user_error(rc, err, "top-k", "always selects 2")
     assert not (tmp_path / "out").exists()
+
+
+# --- JetMoE ----------------------------------------------------------------------------------------
+
+
+def test_jetmoe_attention_and_mlp_experts_share_one_count():
+    """Why JetMoE stays refused: the one config count sizes both expert sets, so a checkpoint with
+    fewer MLP experts than attention experts cannot be described by its config."""
+    model = tiny_model("jetmoe", num_local_experts=6)
+    layer = model.model.layers[0]
+    assert layer.mlp.input_linear.weight.shape[0] == 6
+    assert layer.self_attention.experts.input_linear.weight.shape[0] == 6
+    with pytest.raises(UserError, match="not supported: one num_local_experts sizes both"):
+        find_moe_blocks(model)

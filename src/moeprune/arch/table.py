@@ -393,7 +393,9 @@ UNSUPPORTED: dict[str, str] = {
     "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
     "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",
     "inkling_text": "its shared experts take part in the router's softmax (E+S router rows)",
-    "jetmoe": "its experts are custom parallel linear layers, and attention is a mixture of experts too",
+    "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
+    "own router), so no JetMoE checkpoint can hold fewer MLP experts than attention experts, and a "
+    "profile of the MLP experts does not say which attention experts to remove",
     "llama4": "its router scores scale the experts' input and every expert runs densely",
     "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
