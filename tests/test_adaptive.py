@@ -13,6 +13,7 @@ import torch
 
 from moeprune.adaptive import AdaptiveMoE
 from moeprune.arch import ARCH_TABLE, find_moe_blocks, kept_controls, patch_moe
+from moeprune.arch.pruned import expert_tensor
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
 from moeprune.library import Library, TaskPattern
@@ -143,7 +144,8 @@ def test_adaptive_model_equals_the_pruned_reference_and_switches(model_type, tmp
         new = sum(len(set(kept[layer]) - set(before.get(layer, []))) for layer in kept)
         assert (sw.read_experts, sw.reused_experts) == (new, sum(map(len, kept.values())) - new)
     for blk in am.blocks:  # K experts per layer, nothing left on the meta device
-        assert all(getattr(blk.experts(am.model), n).shape[0] == am.library.keep for n in blk.layout.tensors)
+        ex = blk.experts(am.model)
+        assert all(expert_tensor(ex, blk.layout, n).shape[0] == am.library.keep for n in blk.layout.tensors)
     assert not [n for n, p in am.model.named_parameters() if p.is_meta]
 
 

@@ -21,7 +21,7 @@ from moeprune.errors import UserError
 from moeprune.profile import FORMAT, Profile, atomic_write
 from moeprune.testing.tiny import byte_tokenizer
 
-MODEL_TYPES = ("deepseek_v3", "qwen3_moe")
+MODEL_TYPES = ("deepseek_v3", "qwen3_moe", "phimoe", "dbrx")  # phimoe: sparsemixer; dbrx: 2D experts
 LENGTHS = [7, 1, 40, 3, 19, 2, 28]  # very different lengths: batches carry a lot of padding
 
 
@@ -70,7 +70,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
             for b in blocks:
                 li = b.index
                 x, h = captured[("x", li)], captured[("h", li)].double()
-                logits = b.router(model)(x)[0].reshape(-1, E)
+                routed = b.router(model)(x)  # (logits, weights, index), or DBRX's logits alone
+                logits = (routed if isinstance(routed, torch.Tensor) else routed[0]).reshape(-1, E)
                 r = b.route(model, logits)
                 experts = b.experts(model)
                 for t in range(x.shape[0]):

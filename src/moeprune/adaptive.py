@@ -327,14 +327,13 @@ class AdaptiveMoE:
         and the checkpoint bytes read."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
-        from .arch.pruned import _resize
+        from .arch.pruned import expert_tensor, resize_experts
         from .checkpoint import contiguous_runs
         from .offload import _quiet_sync_loading
 
         ex = fb.experts(self._full)
         n = len(new_ids)
-        for name in fb.layout.tensors:
-            _resize(ex, name, 0, n)
+        resize_experts(ex, fb.layout, n)
         pos = {e: i for i, e in enumerate(new_ids)}
         wanted = [ek for ek in self.keymap.of_block(fb.index) if ek.kind != "router"]
         per_expert = [ek for ek in wanted if ek.kind == "per_expert" and ek.expert in pos]
@@ -347,11 +346,12 @@ class AdaptiveMoE:
                 nbytes += self.checkpoint.info(ek.key).nbytes
             for ek in fused:
                 info = self.checkpoint.info(ek.key)
-                axis = ek.axis or 0
+                axis, rows = ek.axis or 0, ek.rows  # DBRX: `rows` rows per expert
                 lead: list[Any] = [slice(None)] * axis
-                parts = [slices[ek.key][(*lead, slice(a, b + 1))] for a, b in contiguous_runs(new_ids)]
+                runs = contiguous_runs(new_ids)
+                parts = [slices[ek.key][(*lead, slice(a * rows, (b + 1) * rows))] for a, b in runs]
                 state[ek.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
-                nbytes += info.entry_bytes(axis) * n
+                nbytes += info.entry_bytes(axis) * n * rows
             if self.quant is not None:  # fp8 weights with their scales -> floats, as unquantized keys
                 from .quant import dequantize_tensors
 
@@ -367,7 +367,7 @@ class AdaptiveMoE:
             )
         out: dict[str, torch.Tensor] = {}
         for name in fb.layout.tensors:
-            t = getattr(ex, name)
+            t = expert_tensor(ex, fb.layout, name)
             if t.is_meta:
                 raise UserError(
                     f"the checkpoint gave no '{fb.experts_path}.{name}' for experts {new_ids[:4]}",
@@ -381,14 +381,14 @@ class AdaptiveMoE:
     ) -> None:
         """Slot s of every expert tensor gets expert ``kept[s]``: moved from its old slot, or taken
         from ``fresh`` (the experts just read, in ``new_ids`` order)."""
+        from .arch.pruned import expert_storage, expert_tensor
+
         ex = b.experts(self.model)
         pos_new = {e: i for i, e in enumerate(new_ids)}
         for name in b.layout.tensors:
-            cur = ex._parameters.get(name)
-            if cur is None:
-                cur = ex._buffers[name]
+            cur = expert_tensor(ex, b.layout, name)
             if new_ids == kept:  # nothing kept from before: the loaded tensor is already in order
-                _set_tensor(ex, name, fresh[name].to(self.device))
+                _set_tensor(*expert_storage(ex, b.layout, name, fresh[name].to(self.device)))
                 continue
             shape = list(cur.shape)
             shape[0] = len(kept)
@@ -397,7 +397,7 @@ class AdaptiveMoE:
             # one copy per slot: a plain memcpy, 2-3x faster on CPU than index_select + index_copy_
             for slot, e in enumerate(kept):
                 target[slot].copy_(cur[where[e]] if e in where else fresh[name][pos_new[e]])
-            _set_tensor(ex, name, target)
+            _set_tensor(*expert_storage(ex, b.layout, name, target))
 
     def _fill_router(self, b: Any, kept: list[int]) -> None:
         ids = torch.tensor(kept, dtype=torch.long)
@@ -483,18 +483,20 @@ class AdaptiveMoE:
 
     def expert_bytes(self, per_layer: int | None = None) -> int:
         """Bytes of ``per_layer`` (default K) experts in every MoE layer, in the loaded dtype."""
+        from .arch.pruned import expert_tensor
+
         k = self.library.keep if per_layer is None else per_layer
         total = 0
         for b in self.blocks:
             ex = b.experts(self.model)
             for name in b.layout.tensors:
-                t = getattr(ex, name)
+                t = expert_tensor(ex, b.layout, name)
                 total += t[0].numel() * self.dtype.itemsize * k if t.dim() else 0
         return total
 
     def non_expert_bytes(self) -> int:
         """Bytes of every tensor of the model that is not a routed expert (loaded dtype)."""
-        experts = {id(getattr(b.experts(self.model), n)) for b in self.blocks for n in b.layout.tensors}
+        experts = {id(b.experts(self.model).get_parameter(n)) for b in self.blocks for n in b.layout.tensors}
         seen: set[int] = set()
         total = 0
         for t in list(self.model.parameters()) + list(self.model.buffers()):

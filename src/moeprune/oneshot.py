@@ -95,6 +95,7 @@ def _check_keep(model_dir: Path, s: OneShot) -> None:
     """--keep and --top-k against the model's routing (its config), before the calibration pass;
     a hint names only --keep or --top-k (one-shot has no --per-group)."""
     from .arch import find_moe_blocks
+    from .arch.routing import top_k_problem
     from .modelio import build_on_meta, load_config
     from .plan import check_keep, parse_keep
 
@@ -109,6 +110,9 @@ def _check_keep(model_dir: Path, s: OneShot) -> None:
         new_top_k=s.top_k,
         can_change=("keep", "top_k"),
     )
+    why = top_k_problem(block.spec, s.top_k) if s.top_k is not None else None
+    if why is not None:  # PhiMoE's sparsemixer: refused before the calibration pass, not after it
+        raise UserError(f"cannot lower top-k to {s.top_k}: {why}", "drop --top-k")
 
 
 def recipe_dict(s: OneShot) -> dict[str, Any]:

@@ -109,7 +109,10 @@ def summarize(config: Any, model=None, checkpoint_dir: Any = None) -> ModelSumma
     router = f"{spec.score_fn}" + (" + selection bias" if spec.has_selection_bias else "")
     if spec.weight_from == "softmax_topk":
         router = "top-k logits -> softmax"
+    if spec.selector == "sparsemixer":
+        router = f"sparsemixer (top-2, threshold {spec.jitter_eps:g})"
     router += ", renormalised" if spec.renormalize else ""
+    router += f", divided by their {spec.renorm_p:g}-norm" if spec.renorm_p is not None else ""
     router += f", scaled x{spec.scaling:g}" if spec.scaling != 1.0 else ""
     summary = ModelSummary(
         model_type=text.model_type,

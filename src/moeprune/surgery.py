@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -57,7 +58,8 @@ from .arch.pruned import (
     pad_uniform_problem,
     padding_slots,
 )
-from .arch.table import EXPERT_COUNT_ATTRS, TOP_K_ATTRS
+from .arch.routing import top_k_problem
+from .arch.table import EXPERT_COUNT_ATTRS, NESTED_COUNT_CONFIGS, TOP_K_ATTRS
 from .card import human_bytes as human_bytes  # re-exported: commands/prune.py imports it from here
 from .card import model_card
 from .checkpoint import (
@@ -156,6 +158,10 @@ def check_kept(
             )
         out[b.layer] = sorted(int(i) for i in ids)
     counts = {layer: len(ids) for layer, ids in out.items()}
+    if top_k is not None:  # routers that cannot route another number of experts (PhiMoE: always 2)
+        why = top_k_problem(blocks[0].spec, top_k)
+        if why is not None:
+            raise UserError(f"cannot lower top-k to {top_k}: {why}", "make the plan without --top-k")
     if mode == "novice":
         return out, counts
     for b in blocks:
@@ -257,6 +263,8 @@ def pruned_config(
                 break
         else:
             targets.append((out.setdefault("text_config", {}), text))
+    for name in NESTED_COUNT_CONFIGS.get(_model_type(config), ()):  # DBRX: ffn_config
+        targets.append((out.setdefault(name, {}), getattr(text, name)))
     for d, cfg in targets:
         _set_count(d, cfg, EXPERT_COUNT_ATTRS, old_e, new_e)
         if top_k is not None:
@@ -383,12 +391,22 @@ def plan_tensors(
             for pos, src in enumerate(slots_src)
         ]
         shape = list(info.shape)
-        shape[axis] = len(slots)
-        tensors.append(OutTensor(key, info.dtype, tuple(shape), info.slot_pieces(axis, slots)))
+        shape[axis] = len(slots) * ek.rows
+        tensors.append(OutTensor(key, info.dtype, tuple(shape), _by_expert(info, ek).slot_pieces(axis, slots)))
     names = [t.key for t in tensors]
     if len(set(names)) != len(names):
         raise AssertionError("renumbering produced duplicate keys")
     return tensors
+
+
+def _by_expert(info: TensorInfo, ek: ExpertKey) -> TensorInfo:
+    """``info`` with one entry per expert along the key's axis: DBRX's [E * I, H] tensors hold each
+    expert as I consecutive rows, the same bytes as an [E, I, H] tensor."""
+    if ek.rows == 1:
+        return info
+    axis = ek.axis or 0
+    shape = (*info.shape[:axis], info.shape[axis] // ek.rows, ek.rows, *info.shape[axis + 1 :])
+    return dataclasses.replace(info, shape=shape)
 
 
 def _novice_buffer(ckpt: Checkpoint, keymap: ExpertKeyMap, ek: ExpertKey, rw: BlockRewrite) -> OutTensor:
@@ -396,6 +414,9 @@ def _novice_buffer(ckpt: Checkpoint, keymap: ExpertKeyMap, ek: ExpertKey, rw: Bl
     stored in the dtype of its router weight (never quantised)."""
     b = rw.block
     prefix = ek.prefix.rstrip(".") if ek.kind == "per_expert" else ek.key.rpartition(".")[0]
+    name = (ek.target or "")[len(b.experts_path) + 1 :]
+    if ek.kind == "fused" and "." in name and ek.key.endswith("." + name):  # DBRX: experts.mlp.w1
+        prefix = ek.key[: -len(name) - 1]
     dtype = "F32"
     for other in keymap.of_block(b.index):
         if other.target == b.router_weight_path and ckpt.info(other.key).dtype in _TORCH_DTYPES:

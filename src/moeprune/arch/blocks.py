@@ -40,6 +40,9 @@ class MoEBlock:
     selection_bias_path: str | None  # full path of the selection-bias tensor, if any
     router_tensors: dict[str, int] = field(default_factory=dict)  # router tensor name -> expert axis
     router_weight_path: str = ""  # full path of the router's [E, H] weight
+    # Block method turning router logits into (weights, index) when the router returns logits
+    # only (DBRX); None: the router returns (logits, weights, index) itself.
+    route_method: str | None = None
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
@@ -73,9 +76,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     config = model.config.get_text_config()
     n = getattr(config, "num_hidden_layers", None)
     candidates = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.endswith("layers") and (n is None or len(mod) == n):
-            candidates.append((name.count("."), name, mod))
+    for suffix in ("layers", "blocks"):  # DBRX: transformer.blocks (only when no "layers" list exists)
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.ModuleList) and name.endswith(suffix) and (n is None or len(mod) == n):
+                candidates.append((name.count("."), name, mod))
+        if candidates:
+            break
     if not candidates:
         raise UserError("could not find the decoder layers of this model", "it is not a supported causal LM")
     candidates.sort(key=lambda c: c[0])
@@ -104,6 +110,15 @@ def _find_router(block: nn.Module, experts_name: str, num_experts: int, facts: A
         f"could not find the router of {type(block).__name__}",
         "this MoE architecture is not supported yet (see docs/architectures.md)",
     )
+
+
+def _has_submodule(layer: nn.Module, path: str) -> bool:
+    """``layer`` has the submodule ``path`` (dotted: DBRX's ``norm_attn_norm.norm_2``)."""
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
@@ -153,7 +168,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                 if n.startswith("shared") and n != experts_name
             ]
             prenorm = None
-            if facts.prenorm_name and hasattr(layer, facts.prenorm_name):
+            if facts.prenorm_name and _has_submodule(layer, facts.prenorm_name):
                 prenorm = f"{lpath}.{layer_idx}.{facts.prenorm_name}"
             blocks.append(
                 MoEBlock(
@@ -171,6 +186,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                     selection_bias_path=bias_path,
                     router_tensors=router_tensors,
                     router_weight_path=f"{base}.{router_name}.{weight_name}",
+                    route_method=facts.route_method,
                 )
             )
     if not blocks:

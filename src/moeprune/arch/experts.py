@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dbrx
+
 FUSED_EXPERT_PARAMS = (
     "gate_up_proj",
     "up_proj",
@@ -27,10 +29,11 @@ FUSED_EXPERT_PARAMS = (
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """True for an experts module built by ``@use_experts_implementation`` (fused 3D tensors)."""
+    """True for an experts module built by ``@use_experts_implementation`` (fused 3D tensors), or
+    DBRX's, whose 2D tensors hold each expert as a block of rows (:mod:`.dbrx`)."""
     return (
         hasattr(type(module), "_apply_gate") and hasattr(module, "down_proj") and hasattr(module, "has_gate")
-    )
+    ) or dbrx.is_row_blocked_experts(module)
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,16 @@ class ExpertsLayout:
     has_gate: bool
     has_post_expert_norm: bool
     custom_gate: bool  # `_apply_gate` overridden (clamped / soft-capped SwiGLU, ...)
+    # Rows of axis 0 per expert: 1 for 3D tensors; DBRX's 2D [E * I, H] tensors hold I rows per
+    # expert (``tensors`` then gives the [E, I, H] view, and names are paths under the module).
+    rows_per_expert: int = 1
 
     @classmethod
     def of(cls, module: nn.Module) -> ExpertsLayout:
         from transformers.integrations.moe import _default_apply_gate
+
+        if dbrx.is_row_blocked_experts(module):
+            return cls._of_row_blocked(module)
 
         tensors = {
             name: tuple(p.shape)
@@ -72,6 +81,27 @@ class ExpertsLayout:
             custom_gate=custom,
         )
 
+    @classmethod
+    def _of_row_blocked(cls, module: nn.Module) -> ExpertsLayout:
+        rows = int(module.ffn_hidden_size)
+        tensors = {}
+        for name in dbrx.tensor_names():
+            shape = tuple(module.get_parameter(name).shape)
+            tensors[name] = (shape[0] // rows, rows, *shape[1:])
+        num = getattr(module, "routed_experts", None) or next(iter(tensors.values()))[0]
+        return cls(
+            class_name=type(module).__name__,
+            num_experts=int(num),
+            tensors=tensors,
+            is_transposed=False,
+            is_concatenated=False,
+            has_bias=False,
+            has_gate=True,
+            has_post_expert_norm=False,
+            custom_gate=False,
+            rows_per_expert=rows,
+        )
+
     def params_per_expert(self) -> int:
         total = 0
         for shape in self.tensors.values():
@@ -92,6 +122,9 @@ def single_expert_forward(module: nn.Module, expert: int, x: torch.Tensor) -> to
     held quantized (transformers' ``FP8Experts``, or kept as stored by moeprune's offload) are
     dequantized for this expert only (:func:`moeprune.quant.expert_tensor`)."""
     from ..quant import expert_tensor
+
+    if dbrx.is_row_blocked_experts(module):
+        return dbrx.single_expert_forward(module, expert, x)
 
     def weight(name: str) -> torch.Tensor:
         return expert_tensor(module, name, expert, x.dtype)

@@ -53,6 +53,7 @@ class ExpertKey:
     )
     prefix: str = ""  # per-expert key = prefix + str(expert) + suffix
     suffix: str = ""
+    rows: int = 1  # entries of ``axis`` per expert (DBRX's 2D experts: I rows each)
 
     def renumbered(self, new_id: int) -> str:
         """The same per-expert key for expert ``new_id`` (renumbering after a removal)."""
@@ -186,7 +187,10 @@ def map_expert_keys(
                     "this checkpoint layout is not supported yet",
                 )
             kind: Kind = "fused" if renamed.startswith(block.experts_path + ".") else "router"
-            found.keys[key] = ExpertKey(key, block.index, block.layer, kind, axis=axis, target=renamed)
+            rows = block.layout.rows_per_expert if kind == "fused" else 1
+            found.keys[key] = ExpertKey(
+                key, block.index, block.layer, kind, axis=axis, target=renamed, rows=rows
+            )
             continue
         # one key per expert: merged by a converter, or any tensor named experts.<i>.*
         renamed_only = normalise(apply_renamings(key, renamings))
@@ -242,7 +246,7 @@ def _check_complete(
         if k.axis is not None:
             block = found.blocks[k.block]
             shape = shapes[k.key]
-            if len(shape) <= k.axis or shape[k.axis] != block.num_experts:
+            if len(shape) <= k.axis or shape[k.axis] != block.num_experts * k.rows:
                 raise UserError(
                     f"checkpoint tensor '{k.key}' {list(shape)} does not hold the {block.num_experts} "
                     f"experts of layer {block.layer} that config.json declares",

@@ -108,6 +108,33 @@ def _router_forward(
     return forward
 
 
+def _route_method_forward(
+    model: nn.Module,
+    block: MoEBlock,
+    original: Callable,
+    state: _BlockState,
+    session: PatchSession,
+    reroute: bool,
+) -> Callable:
+    """For routers that return logits only (DBRX): the block's ``logits -> (weights, index)``."""
+
+    def forward(router_logits: torch.Tensor, *args, **kwargs):
+        state.logits = router_logits
+        control = session.controls.get(block.index)
+        steer = control is not None and (control.allowed is not None or control.top_k is not None)
+        if not (steer or reroute):
+            return original(router_logits, *args, **kwargs)
+        r = block.route(
+            model,
+            router_logits,
+            allowed=control.allowed if control else None,
+            top_k=control.top_k if control else None,
+        )
+        return r.top_k_weights.to(router_logits.dtype), r.top_k_index
+
+    return forward
+
+
 def _experts_forward(
     block: MoEBlock,
     module: nn.Module,
@@ -116,6 +143,8 @@ def _experts_forward(
     observer: Callable[[BlockEvent], None] | None,
 ) -> Callable:
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        shape = hidden_states.shape  # [T, H]; DBRX passes [B, S, H] and gets that shape back
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         control = session.controls.get(block.index)
         novices = control.novices if control is not None else None
         outputs = selected_expert_outputs(module, hidden_states, top_k_index, novices)
@@ -136,7 +165,7 @@ def _experts_forward(
                 )
             )
         weighted = outputs * top_k_weights.unsqueeze(-1).to(outputs.dtype)
-        return weighted.sum(dim=1).to(hidden_states.dtype)
+        return weighted.sum(dim=1).to(hidden_states.dtype).reshape(shape)
 
     return forward
 
@@ -151,19 +180,24 @@ def patch_moe(
 ) -> Iterator[PatchSession]:
     """Patch every block's router and experts (instances only) for the duration of the context."""
     session = PatchSession(blocks=blocks, controls=dict(controls or {}))
-    restore: list[tuple[nn.Module, bool, object]] = []
+    restore: list[tuple[nn.Module, str, bool, object]] = []
     handles = []
     try:
         for block in blocks:
             state = _BlockState()
             router = block.router(model)
             experts = block.experts(model)
-            for mod, new in (
-                (router, _router_forward(model, block, router.forward, state, session, reroute)),
-                (experts, _experts_forward(block, experts, state, session, observer)),
+            if block.route_method is None:
+                route_patch = (router, "forward", _router_forward)
+            else:  # the router returns logits only: steer the block's method that routes them
+                route_patch = (block.block(model), block.route_method, _route_method_forward)
+            owner, attr, make = route_patch
+            for mod, name, new in (
+                (owner, attr, make(model, block, getattr(owner, attr), state, session, reroute)),
+                (experts, "forward", _experts_forward(block, experts, state, session, observer)),
             ):
-                restore.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
-                mod.forward = new
+                restore.append((mod, name, name in mod.__dict__, mod.__dict__.get(name)))
+                setattr(mod, name, new)
             if block.prenorm_path is not None:
                 norm = model.get_submodule(block.prenorm_path)
 
@@ -176,8 +210,8 @@ def patch_moe(
     finally:
         for handle in handles:
             handle.remove()
-        for mod, had, old in reversed(restore):
+        for mod, name, had, old in reversed(restore):
             if had:
-                mod.forward = old
+                setattr(mod, name, old)
             else:
-                del mod.forward
+                delattr(mod, name)

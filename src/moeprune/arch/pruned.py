@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .blocks import MoEBlock
+from .experts import ExpertsLayout
 from .table import EXPERT_COUNT_ATTRS
 
 CHECKPOINT_FORMAT = "moeprune-checkpoint/1"
@@ -152,6 +153,28 @@ def _resize(owner: nn.Module, name: str, axis: int, n: int) -> None:
         owner.out_features = n
 
 
+def expert_tensor(module: nn.Module, layout: ExpertsLayout, name: str) -> torch.Tensor:
+    """Expert tensor ``name`` of an experts module with one entry per expert on axis 0 (a view
+    [E, I, H] of DBRX's [E * I, H] tensors; the tensor itself otherwise)."""
+    t = module.get_parameter(name)
+    rows = layout.rows_per_expert
+    return t if rows == 1 else t.view(-1, rows, *t.shape[1:])
+
+
+def expert_storage(module: nn.Module, layout: ExpertsLayout, name: str, value: torch.Tensor):
+    """(owner module, attribute, tensor as stored) for a value shaped like :func:`expert_tensor`."""
+    owner, leaf = _owner(module, name)
+    if layout.rows_per_expert != 1:
+        value = value.reshape(-1, *value.shape[2:])
+    return owner, leaf, value
+
+
+def resize_experts(module: nn.Module, layout: ExpertsLayout, n: int) -> None:
+    """Give every expert tensor of an experts module ``n`` experts (uninitialised, in place)."""
+    for name in layout.tensors:
+        _resize(*_owner(module, name), 0, n * layout.rows_per_expert)
+
+
 def _set_cached_counts(modules: list[nn.Module], old: int, new: int) -> None:
     for mod in modules:
         for attr in CACHED_COUNT_ATTRS:
@@ -162,16 +185,15 @@ def _set_cached_counts(modules: list[nn.Module], old: int, new: int) -> None:
 
 def _owner(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     owner_path, _, name = path.rpartition(".")
-    return model.get_submodule(owner_path), name
+    return model.get_submodule(owner_path) if owner_path else model, name
 
 
 def resize_block(model: nn.Module, block: MoEBlock, experts: int, router: int) -> None:
     """Give one MoE block ``experts`` expert weights and ``router`` routable experts (in place)."""
     old = block.num_experts
     ex = block.experts(model)
-    for name in block.layout.tensors:
-        _resize(ex, name, 0, experts)
-    _set_cached_counts([ex], old, experts)
+    resize_experts(ex, block.layout, experts)  # DBRX: a block of rows per expert, names under `mlp.`
+    _set_cached_counts(list(ex.modules()), old, experts)
     if router == old:
         return
     seen: set[str] = set()
@@ -237,9 +259,11 @@ class NoviceExperts:
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         from .experts import selected_expert_outputs
 
+        shape = hidden_states.shape  # [T, H]; DBRX passes [B, S, H] and gets that shape back
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         outputs = selected_expert_outputs(self, hidden_states, top_k_index)  # type: ignore[arg-type]
         weighted = outputs * top_k_weights.unsqueeze(-1).to(outputs.dtype)
-        return weighted.sum(dim=1).to(hidden_states.dtype)
+        return weighted.sum(dim=1).to(hidden_states.dtype).reshape(shape)
 
 
 _NOVICE_CLASSES: dict[type, type] = {}
@@ -257,7 +281,8 @@ def make_novice(module: nn.Module, routed: int, novice_ids: list[int], hidden_si
     (in place): kept = the router ids not in ``novice_ids``, in ascending order."""
     novice_ids = sorted(int(i) for i in novice_ids)
     kept = [i for i in range(routed) if i not in set(novice_ids)]
-    stored = next(iter(module.parameters())).shape[0]
+    layout = ExpertsLayout.of(module)
+    stored = next(iter(layout.tensors.values()))[0]
     if stored != len(kept):
         raise ValueError(f"the experts module holds {stored} experts, but {len(kept)} are kept")
     expert_map = [0] * routed
@@ -265,7 +290,7 @@ def make_novice(module: nn.Module, routed: int, novice_ids: list[int], hidden_si
         expert_map[i] = local
     for j, i in enumerate(novice_ids):
         expert_map[i] = len(kept) + j
-    ref = module.down_proj
+    ref = next(iter(module.parameters()))
     module.register_buffer(
         NOVICE_BUFFER, torch.zeros(len(novice_ids), hidden_size, dtype=ref.dtype, device=ref.device)
     )

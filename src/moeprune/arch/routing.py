@@ -20,6 +20,7 @@ import torch
 ScoreFn = Literal["softmax", "sigmoid", "identity"]
 WeightFrom = Literal["score", "softmax_topk"]
 GroupScore = Literal["max", "top2_sum"]
+Selector = Literal["topk", "sparsemixer"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class RoutingSpec:
     - ``scaling``: multiply the weights by this (``routed_scaling_factor``); ``scaling_site`` says
       whether the router applies it or the block applies it to the experts' summed output (same
       product, recorded so that observers report the weight the model really applies).
+    - ``renorm_p``: renormalise by the p-norm of the chosen weights instead of their sum (DBRX
+      ``moe_normalize_expert_weights``; p = 1 is the sum).
+    - ``selector``: ``sparsemixer`` replaces top-k and the weights by PhiMoE's inference-time
+      sparsemixer (always two experts; ``jitter_eps`` is its threshold, see :func:`sparsemixer`).
     """
 
     top_k: int
@@ -57,6 +62,9 @@ class RoutingSpec:
     scaling: float = 1.0
     scaling_site: Literal["router", "block"] = "router"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    renorm_p: float | None = None
+    selector: Selector = "topk"
+    jitter_eps: float = 0.0
 
     @property
     def group_limited(self) -> bool:
@@ -91,6 +99,9 @@ def route(
     number of active experts (used when a plan lowers it explicitly).
     """
     k = top_k or spec.top_k
+    why = top_k_problem(spec, k)
+    if why is not None:
+        raise ValueError(why)
     logits = logits.float()
     if allowed is not None:
         allowed = allowed.to(device=logits.device, dtype=torch.bool)
@@ -98,6 +109,10 @@ def route(
             raise ValueError(f"only {int(allowed.sum())} experts allowed but top-k is {k}")
         # -inf logits: softmax renormalises over the kept experts; sigmoid gives 0 for removed ones.
         logits = logits.masked_fill(~allowed, float("-inf"))
+
+    if spec.selector == "sparsemixer":
+        index, weights = sparsemixer(logits, spec.jitter_eps)
+        return Routing(probs=torch.softmax(logits, dim=-1), top_k_index=index, top_k_weights=weights)
 
     if spec.score_fn == "softmax":
         probs = torch.softmax(logits, dim=-1)
@@ -122,6 +137,8 @@ def route(
         weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
     else:
         weights = probs.gather(-1, chosen)
+    if spec.renorm_p is not None:
+        weights = weights / torch.norm(weights, p=spec.renorm_p, dim=-1, keepdim=True)
     if spec.renormalize:
         denom = weights.sum(dim=-1, keepdim=True)
         if spec.renorm_min is not None:
@@ -150,3 +167,42 @@ def _limit_to_groups(spec: RoutingSpec, choice: torch.Tensor) -> torch.Tensor:
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
     expert_mask = group_mask.unsqueeze(-1).expand(t, spec.n_group, per_group).reshape(t, e)
     return choice.masked_fill(~expert_mask, spec.group_fill)
+
+
+SPARSEMIXER_TOP_K = 2
+
+
+def top_k_problem(spec: RoutingSpec, k: int) -> str | None:
+    """Why a router cannot route ``k`` experts per token (None when it can)."""
+    if spec.selector == "sparsemixer" and k != SPARSEMIXER_TOP_K:
+        return (
+            f"its sparsemixer router always selects {SPARSEMIXER_TOP_K} experts per token "
+            "(the model ignores num_experts_per_tok)"
+        )
+    return None
+
+
+def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer as the model runs it at inference (transformers ``sparsemixer`` with
+    ``training=False``): expert 1 is the argmax; its weight is the softmax, taken at expert 1, over
+    the logits that lie within a relative distance ``2 * jitter_eps`` of the max (the others are
+    set to -inf); expert 2 is the argmax once expert 1 is set to -inf, weighted the same way
+    relative to the second max. Returns (index [T, 2], weights [T, 2]).
+
+    Removed experts carry -inf logits: they are never an argmax, and their threshold test
+    ((max - -inf) / inf = nan) is false, so they stay -inf and add 0 to every softmax, exactly as
+    if their router rows were gone."""
+    first, w1 = _sparsemixer_pick(logits, logits, jitter_eps)
+    rest = torch.scatter(logits, -1, first, float("-inf"))
+    second, w2 = _sparsemixer_pick(rest, logits, jitter_eps)
+    return torch.cat((first, second), dim=-1), torch.cat((w1, w2), dim=-1)
+
+
+def _sparsemixer_pick(
+    candidates: torch.Tensor, logits: torch.Tensor, jitter_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    top, index = candidates.max(dim=-1, keepdim=True)
+    factor = logits.abs().clamp(min=top)
+    far = ((top - logits) / factor) > (2 * jitter_eps)
+    gates = torch.softmax(candidates.masked_fill(far, float("-inf")), dim=-1)
+    return index, gates.gather(-1, index)

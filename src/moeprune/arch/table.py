@@ -16,13 +16,22 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
-from .routing import RoutingSpec
+from .routing import SPARSEMIXER_TOP_K, RoutingSpec
 
 SpecBuilder = Callable[[nn.Module, nn.Module, Any], RoutingSpec]
 
 # Config attribute names, most common first (shared/transformers-moe.md, "Config names for counts").
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_ATTRS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token")
+TOP_K_ATTRS = (
+    "num_experts_per_tok",
+    "moe_topk",
+    "moe_k",
+    "top_k_experts",
+    "num_experts_per_token",
+    "moe_top_k",  # DBRX (in its ffn_config)
+)
+# Sub-configs that hold the counts instead of the (text) config itself, by model type.
+NESTED_COUNT_CONFIGS: dict[str, tuple[str, ...]] = {"dbrx": ("ffn_config",)}
 SHARED_COUNT_ATTRS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
 
 
@@ -195,6 +204,34 @@ def softmax_statics() -> SpecBuilder:
     return build
 
 
+def softmax_topk_pnorm() -> SpecBuilder:
+    """DBRX: softmax over E, top-k, divided by the p-norm of the chosen weights
+    (``moe_normalize_expert_weights``; None: not normalised)."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        p = getattr(block, "moe_normalize_expert_weights", None)
+        return RoutingSpec(
+            top_k=_top_k(router, block, config),
+            score_fn="softmax",
+            renorm_p=float(p) if p is not None else None,
+        )
+
+    return build
+
+
+def sparsemixer_top2() -> SpecBuilder:
+    """PhiMoE: the inference-time sparsemixer (routing.sparsemixer): always two experts, each
+    weighted by a softmax over the logits near its own max (threshold ``router_jitter_noise``)."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        eps = _first_attr((router, config), ("router_jitter_noise",), 0.0)
+        return RoutingSpec(
+            top_k=SPARSEMIXER_TOP_K, score_fn="softmax", selector="sparsemixer", jitter_eps=float(eps)
+        )
+
+    return build
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -207,6 +244,9 @@ class ArchFacts:
     # (post-norm layers, where the residual stream itself feeds the MoE).
     prenorm_name: str | None = "post_attention_layernorm"
     family: str = ""
+    # Block method that turns the router's logits into (weights, index), for routers that return
+    # logits only (DBRX's ``route_tokens_to_experts``): what patch_moe steers instead of the router.
+    route_method: str | None = None
 
 
 _ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
@@ -327,6 +367,17 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "deepseek_v2": ArchFacts(
         softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
     ),
+    # H. DBRX (2D row-blocked experts, arch/dbrx.py)
+    "dbrx": ArchFacts(
+        softmax_topk_pnorm(),
+        prenorm_name="norm_attn_norm.norm_2",
+        family="softmax -> top-k, divided by the p-norm of the chosen weights (DBRX)",
+        route_method="route_tokens_to_experts",
+    ),
+    # J. PhiMoE
+    "phimoe": ArchFacts(
+        sparsemixer_top2(), family="sparsemixer: top-2, each weighted by a softmax near its max (PhiMoE)"
+    ),
     # G. Ernie-4.5
     "ernie4_5_moe": ArchFacts(
         softmax_statics(),
@@ -338,13 +389,13 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
     "deepseek_v4": "its first layers use hash routing (a token-id -> expert table), which expert scores cannot describe",
-    "phimoe": "its sparsemixer router selects the second expert relative to the first with a jitter threshold",
     "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
     "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
     "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",
     "inkling_text": "its shared experts take part in the router's softmax (E+S router rows)",
-    "dbrx": "its experts are stored as 2D [E*I, H] tensors outside the experts-implementation interface",
-    "jetmoe": "its experts are custom parallel linear layers, and attention is a mixture of experts too",
+    "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
+    "own router), so no JetMoE checkpoint can hold fewer MLP experts than attention experts, and a "
+    "profile of the MLP experts does not say which attention experts to remove",
     "llama4": "its router scores scale the experts' input and every expert runs densely",
     "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",

@@ -233,6 +233,10 @@ TINY_FIXES: dict[str, dict[str, Any]] = {
     # Nemotron-H: one mixer per block (Mamba / attention / MoE / MLP); the default 4-block
     # pattern ends in a dense MLP block: keep Mamba + MoE + attention.
     "nemotron_h": {"layer_types": ["linear_attention", "moe", "full_attention"]},
+    # PhiMoE: the sparsemixer weighs each of its two experts by a softmax over the logits within
+    # 2 * router_jitter_noise (relative) of that expert's logit; at the published 0.01 almost every
+    # tiny-model weight is exactly 1, at 0.3 the threshold keeps some neighbours and some not.
+    "phimoe": {"router_jitter_noise": 0.3},
     # Qwen4-Exp: the indexed-attention (QSA) indexer has no defaults; fields must all be set,
     # indexer_kv_heads must be 1 and budget divisible by compress ratio.
     "qwen4_exp": {
