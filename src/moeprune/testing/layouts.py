@@ -244,7 +244,12 @@ def _fp8(key: str, rows: int, cols: int, block: int = 128) -> Iterator[Tensor]:
 
 def _deepseek_r1(c: dict[str, Any]) -> Iterator[Tensor]:
     h, vocab = c["hidden_size"], c["vocab_size"]
-    heads, nope, rope, v = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    heads, nope, rope, v = (
+        c["num_attention_heads"],
+        c["qk_nope_head_dim"],
+        c["qk_rope_head_dim"],
+        c["v_head_dim"],
+    )
     q_rank, kv_rank = c["q_lora_rank"], c["kv_lora_rank"]
     n_exp, moe_i, dense_i = c["n_routed_experts"], c["moe_intermediate_size"], c["intermediate_size"]
     shared_i = moe_i * c["n_shared_experts"]
