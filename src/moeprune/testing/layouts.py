@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYOUTS", "PUBLISHED", "Published", "layout_tensors", "write_headers_only", "write_layout"]
+__all__ = [
+    "LAYOUTS",
+    "PUBLISHED",
+    "Published",
+    "headers_only_copy",
+    "layout_tensors",
+    "write_headers_only",
+    "write_layout",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 Tensor = tuple[str, str, tuple[int, ...]]  # key, safetensors dtype, shape
@@ -461,4 +469,28 @@ def write_layout(name: str, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     write_headers_only(layout_tensors(name), out, names)
     (out / "config.json").write_text(json.dumps(layout.config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def headers_only_copy(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A copy of the checkpoint in ``src_dir`` whose shards keep their headers byte for byte and
+    whose tensor data are holes, with the same config, index and other small files: what a dry run
+    sees is unchanged, and none of the data is there to be read."""
+    import shutil
+    import struct
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix != ".safetensors":
+            shutil.copyfile(path, out / path.name)
+            continue
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = fh.read(n)
+        with open(out / path.name, "wb") as fh:
+            fh.write(struct.pack("<Q", n) + header)
+        os.truncate(out / path.name, path.stat().st_size)
     return out
