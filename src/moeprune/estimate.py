@@ -83,6 +83,12 @@ def parse_bandwidth(text: str | float | int) -> float:
     s = str(text).strip()
     s = s[:-2] if s.lower().endswith("/s") else s
     try:
+        value = float(s)  # bytes per second, e.g. 1e9
+    except ValueError:
+        value = None
+    if value is not None:
+        return parse_bandwidth(value)
+    try:
         return float(parse_size(s))
     except UserError:
         raise UserError(
@@ -198,7 +204,9 @@ def uniform_kept(blocks: Sequence[Any], keep: int | float | str) -> dict[int, li
     """The same number of experts kept in every MoE layer, for a dry run without a plan: ``keep``
     experts per layer (an int) or a fraction of them (a float, or text as ``--keep`` takes it),
     rounded as `moeprune plan` rounds it; with group-limited routing, the same number in every
-    group (which experts does not change any size: every expert of a layer has the same bytes)."""
+    group. The first ones of each group are taken: every expert of a layer has the same bytes, so
+    any plan with this count gives the same output bytes (its shard boundaries may fall a tensor
+    apart, as the output keeps the source's tensor order)."""
     from .plan import experts_to_keep, parse_keep
 
     value = parse_keep(keep) if isinstance(keep, str) else keep
