@@ -460,7 +460,9 @@ def profile_estimate(
     notes = []
     largest = None
     if offload == "sequential":
-        layer_items, largest, read = _sequential(model, ckpt, blocks, fmt, path, dt, device, dtype_name)
+        layer_items, largest, read = _sequential(
+            model, ckpt, blocks, fmt, path, dt, dtype_name, activations, batch_tokens
+        )
         n_batches = math.ceil(records / batch_size)
         memory.append(("hidden states of every record (entering the next layer)", tokens * H * dt))
         heads = int(getattr(text, "num_attention_heads", 1) or 1)
@@ -469,7 +471,6 @@ def profile_estimate(
         pos = n_batches * batch_tokens * rope * dt * 2
         memory.append(("layer inputs of every batch (causal masks, position embeddings)", mask + pos))
         memory += layer_items
-        memory.append((f"one batch through one layer ({batch_tokens:,} tokens)", activations))
     else:
         from .surgery import mtp_keys
 
@@ -540,11 +541,20 @@ def _batch_activations(text: Any, k: int, tokens: int, dt: int, blocks: Sequence
 
 
 def _sequential(
-    model: Any, ckpt: Any, blocks: Sequence[Any], fmt: Any, path: Path, dt: int, device: str, dtype_name: str
+    model: Any,
+    ckpt: Any,
+    blocks: Sequence[Any],
+    fmt: Any,
+    path: Path,
+    dt: int,
+    dtype_name: str,
+    activations: int,
+    batch_tokens: int,
 ) -> tuple[list[tuple[str, int]], int, int]:
-    """The largest decoder layer's memory with --offload sequential (:mod:`moeprune.offload`), as
-    labelled items, that layer's index, and the bytes the pass reads (the text model outside its
-    layers but the LM head, and every layer up to the last MoE layer)."""
+    """The memory of the decoder layer that needs the most with --offload sequential
+    (:mod:`moeprune.offload`), at the larger of its two phases (loading it; running a batch
+    through it), as labelled items; that layer's index; and the bytes the pass reads (the text
+    model outside its layers but the LM head, and every layer up to the last MoE layer)."""
     import torch
 
     from .arch import decoder_layers
@@ -580,9 +590,13 @@ def _sequential(
         # the layer's own parameters in the compute dtype (quantized experts aside: kept as stored)
         held_params = _held_param_numel(model, experts_paths) if held else 0
         plain_float = (sum(p.numel() for p in layers[i].parameters()) - held_params) * dt
+        run = (f"one batch through layer {i} ({batch_tokens:,} tokens)", activations)
         if fmt is None:
-            items = [(f"decoder layer {i} while transformers loads it ({LOAD_FACTOR}x its {dtype_name} size)",
-                      int(LOAD_FACTOR * plain_float))]  # fmt: skip
+            # loading: transformers' conversion holds a transient copy (measured 1.7x the layer);
+            # running: the layer and one batch's activations
+            load = [(f"decoder layer {i} while transformers loads it ({LOAD_FACTOR}x its {dtype_name} size)",
+                     int(LOAD_FACTOR * plain_float))]  # fmt: skip
+            running = [(f"decoder layer {i} in {dtype_name}", plain_float), run]
         else:
             b = next((b for b in blocks if b.layer == i), None)
             expert = 0
@@ -590,13 +604,14 @@ def _sequential(
                 per = b.layout.params_per_expert()
                 rows = max(math.prod(s[1:]) for s in b.layout.tensors.values())
                 expert = per * dt * 2 + rows * 4  # one expert dequantized, its copy, a float32 temporary
-            load = max(plain_stored + plain_float, expert)  # read as stored, then dequantized
-            items = [
-                (f"decoder layer {i}: routed experts as stored ({fmt.label})", stored),
-                (f"decoder layer {i}: its other weights, stored and dequantized to {dtype_name}", load),
-            ]
-            if expert:
-                items.append(("one expert dequantized while it runs", expert))
+            experts = (f"decoder layer {i}: routed experts as stored ({fmt.label})", stored)
+            other = f"decoder layer {i}: its other weights in {dtype_name}"
+            # loading: the other weights read as stored and dequantized, then the experts read
+            load = [(other + " (and as stored, while dequantized)", plain_float + plain_stored)]
+            if stored > plain_stored:
+                load = [experts, (other, plain_float)]
+            running = [experts, (other, plain_float), ("one expert dequantized while it runs", expert), run]
+        items = max(load, running, key=lambda xs: sum(n for _, n in xs))
         total = sum(n for _, n in items)
         if best is None or total > sum(n for _, n in best[1]):
             best = (i, items)
