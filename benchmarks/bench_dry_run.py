@@ -145,7 +145,7 @@ def main() -> None:
         print(
             f"| {name} | {gb(p['source_tensor_bytes'])} in {pub.shards} shards | {kept} x {p['layers']} layers{mtp} "
             f"| {gb(p['output_tensor_bytes'])} | {len(p['shards'])} | {gb(p['bytes_read'])} | {gb(p['bytes_written'])} "
-            f"| {gb(p['peak_memory'])} | {minutes(p['seconds'])} | {ps:.1f} s ({gb(prss)}) |"
+            f"| {gb(p['peak_memory'])} | {minutes(p['seconds'])} | {ps:.1f} s ({p['plan_seconds']:.1f} s), {gb(prss)} |"
         )
     print(
         f"\nprofile --offload sequential --dtype bfloat16 --device cpu --dry-run, "
@@ -161,7 +161,8 @@ def main() -> None:
         )
         print(
             f"| {name} | {gb(q['profile_bytes'])} | {gb(q['bytes_read'])} | {gb(q['peak_memory'])} "
-            f"| {gb(layer)} (layer {q['largest_layer']}) | {minutes(q['read_seconds'])} | {qs:.1f} s ({gb(qrss)}) |"
+            f"| {gb(layer)} (layer {q['largest_layer']}) | {minutes(q['read_seconds'])} "
+            f"| {qs:.1f} s ({q['plan_seconds']:.1f} s), {gb(qrss)} |"
         )
     for name, *_rest, q, _qs, _qrss in rows:
         print(f"\n{name}: profile --dry-run memory items")
