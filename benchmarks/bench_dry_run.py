@@ -136,7 +136,7 @@ def main() -> None:
 
     print(f"\nprune --keep {args.keep} --dry-run, bandwidth {float(bandwidth) / 1e9:.2f} GB/s\n")
     print(
-        "| model | source | kept | output | shards | read | written | peak memory | rewrite time | dry run (its peak RSS) |"
+        "| model | source | kept | output | shards | read | written | peak memory | rewrite time | dry run: wall (planning), peak RSS |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, pub, _made, p, ps, prss, *_ in rows:
@@ -152,7 +152,7 @@ def main() -> None:
         f"{args.records} records x {args.max_length} tokens\n"
     )
     print(
-        "| model | profile | read | peak memory | of which the largest layer | time to read | dry run (its peak RSS) |"
+        "| model | profile | read | peak memory | of which the largest layer | time to read | dry run: wall (planning), peak RSS |"
     )
     print("|---|---|---|---|---|---|---|")
     for name, _pub, _made, _p, _ps, _prss, q, qs, qrss in rows:
