@@ -1,7 +1,8 @@
 """Dry runs: what `prune` and `profile` would read, write, hold in memory and take, before they run.
 
 Both work from a checkpoint's ``config.json`` and its shard headers alone (no tensor data is
-read), so a plan for DeepSeek-R1 (163 shards, 689 GB) takes seconds on a laptop.
+read), so a plan for DeepSeek-R1 (163 shards, 689 GB) takes under a minute with no GPU and no
+download of its weights (docs/benchmarks.md, "Plan at full scale").
 
 - :func:`prune_estimate` runs the rewrite's own planning (:func:`moeprune.surgery.plan_rewrite`:
   the same key mapping, slicing, multi-token-prediction drop and shard split), so the output's
@@ -14,10 +15,11 @@ read), so a plan for DeepSeek-R1 (163 shards, 689 GB) takes seconds on a laptop.
   and the calibration pass's memory from the code that runs it. With ``offload="sequential"``
   (:mod:`moeprune.offload`) that is: the imports, the accumulator's sums (float64 [L, E, H] MoNE
   moments and the PreMoe histograms), the hidden states of every record and each batch's layer
-  inputs, and the largest decoder layer: quantized routed experts as stored plus the layer's other
-  weights dequantized to the compute dtype, one expert dequantized at a time
-  (:mod:`moeprune.qexperts`), or, unquantized, the layer at 1.7x its size while transformers
-  converts it (measured, docs/benchmarks.md "Sequential offload"); plus one batch's activations
+  inputs, and the decoder layer that needs most, at the larger of its two phases. Loading: an
+  unquantized layer at 1.7x its size while transformers converts it (measured, docs/benchmarks.md
+  "Sequential offload"); a quantized one's other weights as stored and dequantized to the compute
+  dtype, then its routed experts as stored. Running a batch: the layer (quantized routed experts
+  as stored, one expert dequantized at a time, :mod:`moeprune.qexperts`) and one batch's activations
   through the layer. Without offload the whole model sits in memory in the compute dtype.
 
 Time: the bytes to read and write at a bandwidth, ``bandwidth`` bytes/s when given, else a quick
