@@ -267,7 +267,7 @@ def test_full_size_prune_plan(big, name, keep, groups, n_layers, mtp):
     limit = max(p.stat().st_size for p in d.glob("*.safetensors"))
     assert all(s.bytes <= limit + 10**6 for s in est.shards)
     assert est.seconds == pytest.approx((est.bytes_read + est.bytes_written) / 1e9)
-    assert est.peak_memory < 2e9  # the rewrite streams
+    assert est.peak_memory < 3e9  # the rewrite streams: nothing near the checkpoint's size
 
 
 def test_full_size_r1_offloaded_profile(big):

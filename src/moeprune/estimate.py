@@ -32,6 +32,7 @@ compute depends on the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -144,6 +145,13 @@ def _bandwidth(bandwidth: str | float | None, paths: Sequence[Path]) -> Bandwidt
     return measure_bandwidth(paths)
 
 
+def _reset_peak_rss() -> None:
+    """Start a new high-water mark at the current RSS (Linux: ``/proc/self/clear_refs``); a no-op
+    where that is not available."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_rss() -> int:
     """This process's peak resident memory so far (Linux: VmHWM; elsewhere ru_maxrss)."""
     try:
@@ -245,6 +253,7 @@ def prune_estimate(
 
     t0 = started if started is not None else time.perf_counter()
     path = Path(src)
+    _reset_peak_rss()  # the peak of planning, not of whatever this process did before
     rp = plan_rewrite(
         path,
         path.parent / f"{path.name}.dry-run",
