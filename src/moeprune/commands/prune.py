@@ -156,8 +156,7 @@ def prune_command(
         )
     if profile is not None:
         raise UserError(
-            "--profile does not apply with --data",
-            "leave it out: the profile is made and kept in --out/moeprune/",
+            "--profile does not apply with --data", "leave it out: the profile is made and kept in --out/moeprune/"
         )
     if max_shard_size is not None:
         raise UserError("--max-shard-size does not apply with --data", "leave it out")
@@ -282,15 +281,11 @@ def print_oneshot(result: Any) -> None:
     from moeprune.oneshot import PROVENANCE
     from moeprune.plan import plan_summary
 
-    print_summary(
-        result.plan, plan_summary(result.plan, _GateSum([result.profile])), result.out / "plan.json"
-    )
+    print_summary(result.plan, plan_summary(result.plan, _GateSum([result.profile])), result.out / "plan.json")
     print_result(result.rewrite, result.out, result.rewrite.mode, result.seconds)
     if result.eval is not None:
         print_pair_table(result.eval)
-    _console().print(
-        f"provenance (profile, recipe, evaluation) in {result.out / PROVENANCE}", highlight=False
-    )
+    _console().print(f"provenance (profile, recipe, evaluation) in {result.out / PROVENANCE}", highlight=False)
 
 
 def print_pair_table(report: dict[str, Any]) -> None:
@@ -304,9 +299,7 @@ def print_pair_table(report: dict[str, Any]) -> None:
 
     limit = report.get("limit")
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    console.print(
-        "full vs pruned" + (f" (first {limit} records of each task)" if limit else ""), highlight=False
-    )
+    console.print("full vs pruned" + (f" (first {limit} records of each task)" if limit else ""), highlight=False)
     table = Table()
     for col, justify in (("task", "left"), ("metric", "left"), ("full", "right"), ("pruned", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
