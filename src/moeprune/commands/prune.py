@@ -62,7 +62,10 @@ def prune_command(
         None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
     ),
     keep: str | None = typer.Option(
-        None, "--keep", "-k", help="One-shot: experts kept per MoE layer (e.g. 64) or a fraction (0.5)."
+        None,
+        "--keep",
+        "-k",
+        help="One-shot, or --dry-run without --plan: experts kept per MoE layer (e.g. 64) or a fraction (0.5).",
     ),
     self_generate: int | None = typer.Option(
         None, "--self-generate", help="One-shot: calibrate on the model's own answers (up to N new tokens)."
