@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 
 if TYPE_CHECKING:
+    from .estimate import ProfileEstimate, PruneEstimate
     from .oneshot import OneShotResult
     from .plan import Plan
     from .profile import Profile
@@ -461,6 +462,168 @@ def _prune(
         inputs=inputs,
         into=into,
     )
+
+
+def estimate_prune(
+    model: Any,
+    plan: Plan | PathLike | None = None,
+    *,
+    keep: int | float | str | None = None,
+    mode: str = "remove",
+    profile: Profile | PathLike | None = None,
+    pad_uniform: bool = False,
+    max_shard_size: str | None = None,
+    bandwidth: str | float | None = None,
+) -> PruneEstimate:
+    """The dry run of :func:`prune`: the output's shards and sizes (exactly those the rewrite would
+    write), the bytes read and written, the peak memory and a time estimate, from the checkpoint's
+    config and shard headers alone (:mod:`moeprune.estimate`). Nothing is written.
+
+    The experts kept come from ``plan`` (a plan or its file), or, without one, from ``keep``: the
+    same number of experts in every MoE layer (an int, or a fraction such as 0.5, rounded as
+    `moeprune plan` rounds it). Which experts a plan keeps changes no size. ``bandwidth`` (bytes/s,
+    or text such as ``"1.5GB/s"``) sets the time estimate; without it a quick read of the largest
+    shard measures it. The plan's and profile's provenance (made on this very checkpoint) is checked
+    by the real run, which reads the router weights for it; the dry run reads no tensor data."""
+    import time
+
+    from .estimate import prune_estimate, uniform_kept
+    from .modelio import build_on_meta, load_config, resolve_model_dir
+    from .plan import Plan
+
+    started = time.perf_counter()
+    if mode not in MODES:
+        raise UserError(f"unknown --mode '{mode}'", f"use --mode {' or '.join(MODES)}")
+    if (plan is None) == (keep is None):
+        raise UserError(
+            "a dry run of prune needs the experts to keep" if plan is None else "--plan and --keep are given together",
+            "pass --plan plan.json, or --keep K (experts per layer, or a fraction such as 0.5)",
+        )
+    src = resolve_model_dir(model_source(model))
+    config = load_config(str(src))
+    top_k = None
+    if plan is not None:
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        check_plan_matches(the_plan, config)
+        kept = the_plan.kept
+        top_k = the_plan.top_k if the_plan.top_k != _model_top_k(config) else None
+    else:
+        from .arch import find_moe_blocks
+
+        kept = uniform_kept(find_moe_blocks(build_on_meta(config)), keep)  # type: ignore[arg-type]
+    novices = None
+    if mode == "novice":
+        if profile is not None and plan is not None:
+            novices = _novice_vectors(profile, the_plan, config, str(src))
+        else:  # the sizes need only the vectors' count and width: zeros stand in for them
+            import torch
+
+            from .arch import find_moe_blocks
+
+            blocks = find_moe_blocks(build_on_meta(config))
+            hidden = int(config.get_text_config().hidden_size)
+            novices = {
+                b.layer: torch.zeros(b.num_experts - len(kept[b.layer]), hidden) for b in blocks if b.layer in kept
+            }
+    if max_shard_size is not None:
+        from .checkpoint import parse_size
+
+        parse_size(max_shard_size)
+    return prune_estimate(
+        src,
+        kept,
+        top_k=top_k,
+        mode=mode,
+        pad_uniform=pad_uniform,
+        novices=novices,
+        max_shard_size=max_shard_size,
+        bandwidth=bandwidth,
+        started=started,
+    )
+
+
+DRY_RUN_RECORDS = 128  # records a profile dry run assumes without --data or --max-samples
+
+
+def estimate_profile(
+    model: Any,
+    data: Sequence[PathLike] = (),
+    *,
+    text_field: str | None = None,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    seed: int = 0,
+    premoe_ka: int | None = None,
+    per_sample: bool | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    offload: str = "none",
+    premoe_exact: bool = False,
+    bandwidth: str | float | None = None,
+) -> ProfileEstimate:
+    """The dry run of :func:`profile`: the profile's size, the bytes read, the peak memory of the
+    calibration pass (``offload="sequential"``: one decoder layer at a time, as
+    :mod:`moeprune.offload` runs it) and the time to read the weights, from the checkpoint's config
+    and shard headers alone. Nothing is written and no tensor data is read.
+
+    With ``data`` the records are counted (and tokenized when the model folder has a tokenizer;
+    else each counts ``max_length`` tokens, an upper bound); without it ``max_samples`` records
+    (default 128) of ``max_length`` tokens are assumed. The estimate says which applies."""
+    import time
+
+    from .data import check_max_length, load_records, select_records, tokenize_records
+    from .estimate import profile_estimate
+    from .modelio import resolve_model_dir
+
+    started = time.perf_counter()
+    check_max_length(max_length)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}", "pass a number >= 1")
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"--max-samples must be positive, got {max_samples}", "pass a number >= 1")
+    src = resolve_model_dir(model_source(model))
+    if data:
+        records, _ = load_records([os.fspath(d) for d in data], text_field)
+        records = select_records(records, max_samples, seed)
+        tok = _dry_run_tokenizer(src)
+        if tok is not None:
+            seqs, _ = tokenize_records(tok, records, max_length)
+            n_records, tokens = len(seqs), sum(len(s) for s in seqs)
+            how = f"counted: {n_records} records tokenized"
+        else:
+            n_records, tokens = len(records), len(records) * max_length
+            how = f"{n_records} records x --max-length {max_length} (an upper bound: the model folder has no tokenizer)"
+    else:
+        n_records = max_samples or DRY_RUN_RECORDS
+        tokens = n_records * max_length
+        how = f"assumed: {n_records} records x --max-length {max_length} (pass --data to count them)"
+    return profile_estimate(
+        src,
+        records=n_records,
+        tokens=tokens,
+        tokens_source=how,
+        max_length=max_length,
+        batch_size=batch_size,
+        offload=offload,
+        dtype=dtype,
+        device=device,
+        per_sample=per_sample,
+        premoe_exact=premoe_exact,
+        premoe_ka=premoe_ka,
+        bandwidth=bandwidth,
+        started=started,
+    )
+
+
+def _dry_run_tokenizer(src: Path) -> Any:
+    """The model folder's tokenizer, or None when it has none (a headers-only layout)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _novice_vectors(profile: Profile | PathLike, plan: Plan, config: Any, model: str) -> dict[int, Any]:

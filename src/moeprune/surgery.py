@@ -507,55 +507,64 @@ def _aligned(shard: list[OutTensor]) -> list[OutTensor]:
     return sorted(shard, key=lambda t: -DTYPE_SIZES.get(t.dtype, 1))
 
 
-def rewrite_checkpoint(
-    src_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
+@dataclass
+class RewritePlan:
+    """Everything the rewrite will write, decided from the config and the shard headers alone
+    (:func:`plan_rewrite`): the output shards' tensors and the byte ranges they are copied from,
+    the new config, and the result to report. :mod:`moeprune.estimate` sizes a dry run from it."""
+
+    ckpt: Checkpoint
+    raw_config: dict[str, Any]
+    new_config: dict[str, Any]
+    layout: PrunedLayout
+    kept: dict[int, list[int]]
+    tensors: list[OutTensor]
+    shards: list[list[OutTensor]]
+    names: list[str]
+    result: RewriteResult
+
+    @property
+    def file_metadata(self) -> dict[str, str]:
+        return self.ckpt.file_metadata or {"format": "pt"}
+
+    def index_text(self) -> str:
+        """``model.safetensors.index.json`` of a sharded output."""
+        index_meta = dict(self.ckpt.index_metadata)
+        index_meta["total_size"] = self.result.bytes_out
+        if "total_parameters" in index_meta:
+            index_meta["total_parameters"] = sum(t.numel for t in self.tensors)
+        weight_map = {t.key: name for name, shard in zip(self.names, self.shards, strict=True) for t in shard}
+        index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
+        return json.dumps(index, indent=2) + "\n"
+
+    def shard_files(self) -> list[tuple[str, list[OutTensor]]]:
+        """(file name, tensors in the order they are written) of every output shard."""
+        return [(name, _aligned(shard)) for name, shard in zip(self.names, self.shards, strict=True)]
+
+
+def plan_rewrite(
+    src: Path,
+    out: Path,
     kept: dict[int, list[int]],
     top_k: int | None = None,
     metadata: dict[str, Any] | None = None,
-    force: bool = False,
     *,
     plan: dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
-    progress: Callable[[int, int], None] | None = None,
     mode: str = "remove",
     pad_uniform: bool = False,
     novices: dict[int, torch.Tensor] | None = None,
     allow_other_profile: bool = False,
-    inputs: Sequence[Any] = (),
-    into: Path | None = None,
-) -> RewriteResult:
-    """Write ``out_dir``: the checkpoint in ``src_dir`` keeping, in every MoE layer (decoder index ->
-    sorted expert ids), only the experts ``kept``; ``top_k`` lowers the active experts per token.
-
-    ``mode`` is ``remove`` or ``novice``; ``novices`` (novice mode) maps each layer to the constant
-    outputs [R, H] of its replaced experts, in ascending expert order. ``pad_uniform`` writes a
-    checkpoint stock transformers loads: ragged layers padded with dead experts (remove), or novices
-    stored as zeroed experts with a down bias (novice, experts with biases only).
-
-    ``plan`` (the plan's JSON) is kept as ``plan.json`` and ``metadata`` (the profile's ``meta``) as
-    ``profile-meta.json``; both feed the model card. Both are refused when they were made on a
-    checkpoint with other router weights (:mod:`moeprune.identity`), and the profile when it was
-    calibrated on other data than the plan's profile (unless ``allow_other_profile``). ``progress(done_bytes, total_bytes)`` is called
-    while the weights are copied.
-
-    ``out_dir`` is checked and written as :mod:`moeprune.outputs` says (never the input model nor
-    one of the other ``inputs``, replaced only with ``force``); ``into`` instead writes into that
-    existing folder, an output another writer owns (one-shot: its temporary output folder).
-    """
+) -> RewritePlan:
+    """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
+    config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases)."""
     from .arch import find_moe_blocks
     from .modelio import build_on_meta, load_config
-    from .outputs import prepare_output
 
-    src = Path(src_dir)
-    out = Path(out_dir).expanduser()
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
     if not (src / "config.json").is_file():
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
-    target = None
-    if into is None:
-        target = prepare_output(out, inputs=[("input model", src), *inputs], force=force, kind="model")
     config = load_config(str(src))
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     quant = quant_format(config)  # fp8 / mxfp4 are copied as stored; other methods are refused
@@ -608,6 +617,73 @@ def rewrite_checkpoint(
         dropped_mtp=len(mtp),
     )
 
+    return RewritePlan(ckpt, raw_config, new_config, layout, kept, tensors, shards, names, result)
+
+
+def rewrite_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kept: dict[int, list[int]],
+    top_k: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    force: bool = False,
+    *,
+    plan: dict[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    mode: str = "remove",
+    pad_uniform: bool = False,
+    novices: dict[int, torch.Tensor] | None = None,
+    allow_other_profile: bool = False,
+    inputs: Sequence[Any] = (),
+    into: Path | None = None,
+) -> RewriteResult:
+    """Write ``out_dir``: the checkpoint in ``src_dir`` keeping, in every MoE layer (decoder index ->
+    sorted expert ids), only the experts ``kept``; ``top_k`` lowers the active experts per token.
+
+    ``mode`` is ``remove`` or ``novice``; ``novices`` (novice mode) maps each layer to the constant
+    outputs [R, H] of its replaced experts, in ascending expert order. ``pad_uniform`` writes a
+    checkpoint stock transformers loads: ragged layers padded with dead experts (remove), or novices
+    stored as zeroed experts with a down bias (novice, experts with biases only).
+
+    ``plan`` (the plan's JSON) is kept as ``plan.json`` and ``metadata`` (the profile's ``meta``) as
+    ``profile-meta.json``; both feed the model card. Both are refused when they were made on a
+    checkpoint with other router weights (:mod:`moeprune.identity`), and the profile when it was
+    calibrated on other data than the plan's profile (unless ``allow_other_profile``). ``progress(done_bytes, total_bytes)`` is called
+    while the weights are copied.
+
+    ``out_dir`` is checked and written as :mod:`moeprune.outputs` says (never the input model nor
+    one of the other ``inputs``, replaced only with ``force``); ``into`` instead writes into that
+    existing folder, an output another writer owns (one-shot: its temporary output folder).
+    """
+    from .outputs import prepare_output
+
+    src = Path(src_dir)
+    out = Path(out_dir).expanduser()
+    if mode not in MODES:
+        raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
+    if not (src / "config.json").is_file():
+        raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
+    target = None
+    if into is None:
+        target = prepare_output(out, inputs=[("input model", src), *inputs], force=force, kind="model")
+    rp = plan_rewrite(
+        src,
+        out,
+        kept,
+        top_k,
+        metadata,
+        plan=plan,
+        max_shard_size=max_shard_size,
+        mode=mode,
+        pad_uniform=pad_uniform,
+        novices=novices,
+        allow_other_profile=allow_other_profile,
+    )
+    ckpt, names, result = rp.ckpt, rp.names, rp.result
+    raw_config, new_config, layout, kept = rp.raw_config, rp.new_config, rp.layout, rp.kept
+    total, n = result.bytes_out, len(names)
+
     if target is not None:
         target.need(total)
     with target if target is not None else contextlib.nullcontext(into) as tmp:
@@ -619,17 +695,10 @@ def rewrite_checkpoint(
             if progress is not None:
                 progress(done, total)
 
-        file_meta = ckpt.file_metadata or {"format": "pt"}
-        for name, shard in zip(names, shards, strict=True):
-            write_safetensors(tmp / name, _aligned(shard), file_meta, step)
+        for name, ordered in rp.shard_files():
+            write_safetensors(tmp / name, ordered, rp.file_metadata, step)
         if n > 1:
-            index_meta = dict(ckpt.index_metadata)
-            index_meta["total_size"] = total
-            if "total_parameters" in index_meta:
-                index_meta["total_parameters"] = sum(t.numel for t in tensors)
-            weight_map = {t.key: name for name, shard in zip(names, shards, strict=True) for t in shard}
-            index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (tmp / INDEX_NAME).write_text(rp.index_text(), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
         _self_check(tmp, layout, result.top_k)
 

@@ -47,11 +47,11 @@ app.add_typer(profile_app, name="profile")
 @profile_app.command("create")
 def create(
     model: str = typer.Argument(..., help="Local model directory or a hub id present in the local cache."),
-    data: list[str] = typer.Option(
-        ..., "--data", help="Calibration data: .jsonl, .txt, .parquet, .arrow, .json, .csv (repeatable)."
+    data: list[str] | None = typer.Option(
+        None, "--data", help="Calibration data: .jsonl, .txt, .parquet, .arrow, .json, .csv (repeatable)."
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output profile, e.g. math.profile.safetensors."
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output profile, e.g. math.profile.safetensors (not needed with --dry-run)."
     ),
     text_field: str | None = typer.Option(
         None,
@@ -96,9 +96,59 @@ def create(
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing profile that moeprune wrote."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Run nothing: print the profile's size, the bytes read, the peak memory and the time to read "
+        "the weights, from the config and shard headers alone (--data optional: without it, --max-samples "
+        "records, default 128, of --max-length tokens are assumed).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the estimate as JSON."),
+    bandwidth: str | None = typer.Option(
+        None,
+        "--bandwidth",
+        help="With --dry-run: disk bandwidth for the time estimate, e.g. 1.5GB/s (default: a quick "
+        "measured read of the largest shard).",
+    ),
 ) -> None:
     """Run one calibration pass of MODEL over the data and write the expert profile."""
     from ..api import profile
+
+    if dry_run:
+        from ..api import estimate_profile
+        from .dryrun import print_profile_estimate
+
+        est = estimate_profile(
+            model,
+            data or [],
+            text_field=text_field,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            seed=seed,
+            premoe_ka=premoe_ka,
+            per_sample=per_sample,
+            dtype=dtype,
+            device=device,
+            offload=offload,
+            premoe_exact=premoe_exact,
+            bandwidth=bandwidth,
+        )
+        print_profile_estimate(est, as_json)
+        return
+    if as_json or bandwidth is not None:
+        raise UserError(
+            "--json and --bandwidth only apply with --dry-run", "add --dry-run, or leave them out"
+        )
+    if not data:
+        raise UserError(
+            "no calibration data given", "pass --data FILE (or --dry-run to see the plan without running)"
+        )
+    if out is None:
+        raise UserError(
+            "no output profile given",
+            "pass --out P.profile.safetensors (or --dry-run to see the plan without running)",
+        )
 
     profile(
         model,

@@ -23,7 +23,9 @@ def prune_command(
     plan_path: Path | None = typer.Option(
         None, "--plan", "-p", help="Plan file (JSON) from `moeprune plan` (or give --data instead)."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the pruned model to."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder to write the pruned model to (not needed with --dry-run)."
+    ),
     mode: str = typer.Option(
         "remove",
         "--mode",
@@ -60,7 +62,10 @@ def prune_command(
         None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
     ),
     keep: str | None = typer.Option(
-        None, "--keep", "-k", help="One-shot: experts kept per MoE layer (e.g. 64) or a fraction (0.5)."
+        None,
+        "--keep",
+        "-k",
+        help="One-shot, or --dry-run without --plan: experts kept per MoE layer (e.g. 64) or a fraction (0.5).",
     ),
     self_generate: int | None = typer.Option(
         None, "--self-generate", help="One-shot: calibrate on the model's own answers (up to N new tokens)."
@@ -80,6 +85,20 @@ def prune_command(
     eval_limit: int | None = typer.Option(
         None, "--eval-limit", help="One-shot: evaluate only the first N records of each task."
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Write nothing: print the output's shards and sizes, the bytes read and written, the peak "
+        "memory and a time estimate, from the config and shard headers alone. Takes --plan, or --keep K "
+        "(the same count or fraction kept in every MoE layer).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the estimate as JSON."),
+    bandwidth: str | None = typer.Option(
+        None,
+        "--bandwidth",
+        help="With --dry-run: disk bandwidth for the time estimate, e.g. 1.5GB/s (default: a quick "
+        "measured read of the largest shard).",
+    ),
 ) -> None:
     """Write a smaller model that keeps only the experts of a plan (streams; never loads the model).
 
@@ -97,6 +116,17 @@ def prune_command(
         "--eval": eval_tasks or None,
         "--eval-limit": eval_limit,
     }
+    if dry_run:
+        _dry_run(model, plan_path, keep, mode, profile, pad_uniform, max_shard_size, bandwidth, as_json, data)
+        return
+    if as_json or bandwidth is not None:
+        raise UserError(
+            "--json and --bandwidth only apply with --dry-run", "add --dry-run, or leave them out"
+        )
+    if out is None:
+        raise UserError(
+            "no output folder given", "pass --out DIR (or --dry-run to see the plan without writing)"
+        )
     if plan_path is not None and data:
         raise UserError("--plan and --data are given together", "pass --plan PLAN or --data FILE, not both")
     if plan_path is None and not data:
@@ -155,6 +185,42 @@ def prune_command(
         )
     )
     print_oneshot(result)
+
+
+def _dry_run(
+    model: str,
+    plan_path: Path | None,
+    keep: str | None,
+    mode: str,
+    profile: Path | None,
+    pad_uniform: bool,
+    max_shard_size: str | None,
+    bandwidth: str | None,
+    as_json: bool,
+    data: list[str] | None,
+) -> None:
+    """`prune --dry-run`: :func:`moeprune.api.estimate_prune`, printed. With --data (one-shot) the
+    rewrite is sized for --keep in every layer; `profile --dry-run` sizes the calibration pass."""
+    from moeprune.api import estimate_prune
+    from moeprune.commands.dryrun import print_prune_estimate
+
+    if plan_path is not None and keep is not None:
+        raise UserError("--plan and --keep are given together", "pass one of them with --dry-run")
+    est = estimate_prune(
+        model,
+        plan_path,
+        keep=keep,
+        mode=mode,
+        profile=profile,
+        pad_uniform=pad_uniform,
+        max_shard_size=max_shard_size,
+        bandwidth=bandwidth,
+    )
+    if data:
+        est.notes.append(
+            "the calibration pass of one-shot pruning: see `moeprune profile MODEL --data ... --dry-run`"
+        )
+    print_prune_estimate(est, as_json)
 
 
 def prune_with_plan(
