@@ -232,6 +232,21 @@ def sparsemixer_top2() -> SpecBuilder:
     return build
 
 
+def sigmoid_input_gate() -> SpecBuilder:
+    """Llama-4: top-k on the logits, each chosen expert's *input* scaled by sigmoid(logit), never
+    renormalised (:mod:`.llama4`)."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        return RoutingSpec(
+            top_k=_top_k(router, block, config),
+            score_fn="sigmoid",
+            selection_on_logits=True,  # sigmoid saturates to equal 1.0s; the model ranks logits
+            gate_site="input",
+        )
+
+    return build
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -378,6 +393,13 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "phimoe": ArchFacts(
         sparsemixer_top2(), family="sparsemixer: top-2, each weighted by a softmax near its max (PhiMoE)"
     ),
+    # K. Llama-4: the gate scales the experts' input (arch/llama4.py)
+    "llama4": ArchFacts(
+        sigmoid_input_gate(), family="top-k logits -> sigmoid, scaling the expert's input (Llama-4)"
+    ),
+    "llama4_text": ArchFacts(
+        sigmoid_input_gate(), family="top-k logits -> sigmoid, scaling the expert's input (Llama-4)"
+    ),
     # G. Ernie-4.5
     "ernie4_5_moe": ArchFacts(
         softmax_statics(),
@@ -396,8 +418,6 @@ UNSUPPORTED: dict[str, str] = {
     "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
     "own router), so no JetMoE checkpoint can hold fewer MLP experts than attention experts, and a "
     "profile of the MLP experts does not say which attention experts to remove",
-    "llama4": "its router scores scale the experts' input and every expert runs densely",
-    "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
     "ergo": "its experts module holds a per-expert post-norm ([E, H]) and the block a residual gate, "
     "which moeprune does not slice yet (new in transformers 5.25)",
