@@ -140,6 +140,9 @@ def test_pruned_wrapper_loads_as_image_text_to_text(tmp_path):
     rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, top_k=1)
     pruned = _load_strict(AutoModelForImageTextToText, tmp_path / "out")
     assert type(pruned) is type(model)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`Qwen3VLMoeForConditionalGeneration.from_pretrained(path)`" in card
+    assert "vision/audio towers, projectors) is copied unchanged" in card
     torch.testing.assert_close(_logits(pruned), _masked(model, blocks, kept, top_k=1), **TOL)
 
 
@@ -210,3 +213,13 @@ def test_refused_wrappers_say_why(model_type):
 
     with pytest.raises(UserError, match="not supported: .{40,}"):
         build_on_meta(CONFIG_MAPPING[model_type]())
+
+
+def test_architectures_doc_lists_every_wrapper():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    assert f"## Multimodal wrappers: supported ({len(WRAPPED)} types)" in doc
+    for t in WRAPPED:
+        assert f"| {t} | {WRAPPED[t].cls} |" in doc, t
+    for t in MOE_WRAPPER_TYPES:
+        if t not in WRAPPED:
+            assert f"| {t} | " in doc, t

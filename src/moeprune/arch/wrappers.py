@@ -62,9 +62,9 @@ WRAPPED: dict[str, Wrapped] = {
 # Wrappers with routed experts that moeprune refuses, and why (their text types may be refused too:
 # those reasons are in UNSUPPORTED).
 WRAPPER_REFUSED: dict[str, str] = {
-    "ernie4_5_vl_moe": "each MoE layer holds two expert sets (text and vision experts, one "
-    "moe_intermediate_size each) with their own routers, chosen by token modality; a text "
-    "calibration never routes to the vision experts, so it cannot score them",
+    "ernie4_5_vl_moe": "each MoE layer holds two expert sets, text experts run on text tokens "
+    "and vision experts on image tokens, sized by one num_experts: pruning the text experts forces "
+    "removing as many vision experts, which a text calibration never routes to and cannot score",
     "qwen3_omni_moe": "it holds two MoE language models (the thinker and the talker, which "
     "generates speech codes from the thinker's hidden states); a text profile does not route the "
     "talker's experts: prune its thinker checkpoint (qwen3_omni_moe_thinker)",
