@@ -223,3 +223,49 @@ def test_architectures_doc_lists_every_wrapper():
     for t in MOE_WRAPPER_TYPES:
         if t not in WRAPPED:
             assert f"| {t} | " in doc, t
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "llama4"])
+def test_novice_wrapper_checkpoint(model_type, tmp_path):
+    """MoNE novices in a wrapper's language model load exactly with moeprune.load (Llama-4: refused,
+    its experts module never sees the routing)."""
+    import moeprune
+    from moeprune.arch import BlockControl
+
+    model, blocks = _model(model_type)
+    model.save_pretrained(tmp_path / "src")
+    kept = {b.layer: [0, 2, 3, 5, 6] for b in blocks}
+    gen = torch.Generator().manual_seed(7)
+    hidden = model.config.get_text_config().hidden_size
+    novices = {b.layer: torch.randn(3, hidden, generator=gen) for b in blocks}
+    if model_type == "llama4":
+        with pytest.raises(UserError, match="receives only the score-scaled inputs"):
+            rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+        return
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    assert type(loaded).__name__ == type(model).__name__
+    controls = {
+        b.index: BlockControl(novices=dict(zip([1, 4, 7], novices[b.layer], strict=True))) for b in blocks
+    }
+    with torch.no_grad(), patch_moe(model, blocks, controls=controls):
+        ref = model(input_ids=_ids(model), use_cache=False).logits
+    torch.testing.assert_close(_logits(loaded), ref, **TOL)
+
+
+@pytest.mark.parametrize("model_type", ["llama4", "qwen3_vl_moe"])
+def test_sequential_offload_profiles_a_wrapper_like_memory(model_type, tmp_path):
+    """--offload sequential reads a wrapper checkpoint one decoder layer at a time: same profile."""
+    from moeprune.profile import Profile
+    from test_profile import _run, assert_same
+
+    model, _ = _model(model_type)
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "alpha beta gamma delta"}\n{"text": "the quick brown fox jumps over"}\n')
+    full, seq = tmp_path / "full.profile.safetensors", tmp_path / "seq.profile.safetensors"
+    assert _run("profile", tmp_path / "m", "--data", data, "--out", full, "--per-sample", "-q") == 0
+    assert _run("profile", tmp_path / "m", "--data", data, "--out", seq, "--per-sample",
+                "--offload", "sequential", "-q") == 0
+    assert_same(Profile.load(full).tensors, Profile.load(seq).tensors)
