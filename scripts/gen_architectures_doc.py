@@ -9,7 +9,9 @@ import transformers
 
 from moeprune.arch import ARCH_TABLE, UNSUPPORTED, find_moe_blocks
 from moeprune.arch.pruned import pad_uniform_problem
+from moeprune.arch.wrappers import WRAPPED, WRAPPER_REFUSED
 from moeprune.testing.tiny import buildable_types, tiny_model
+from moeprune.testing.wrappers import MOE_WRAPPER_TYPES, tiny_wrapper, wrapper_config
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
@@ -20,13 +22,22 @@ def main() -> None:
     paddable: list[str] = []
     for model_type in sorted(ARCH_TABLE):
         by_family[ARCH_TABLE[model_type].family or "?"].append(model_type)
-    for model_type in buildable_types():
-        if model_type in ARCH_TABLE:
-            block = find_moe_blocks(tiny_model(model_type))[0]
-            path = block.selection_bias_path
-            bias_at[model_type] = path[len(block.path) + 1 :] if path else "-"
-            if pad_uniform_problem(block) is None:
-                paddable.append(model_type)
+    # the causal LMs, then the language models of the multimodal wrappers (by their text type)
+    models = [(t, lambda t=t: tiny_model(t)) for t in buildable_types() if t in ARCH_TABLE]
+    wrapper_text: dict[str, str] = {}
+    for wrapper in sorted(WRAPPED):
+        text_type = wrapper_config(wrapper).get_text_config().model_type
+        wrapper_text[wrapper] = text_type
+        if text_type not in bias_at and text_type not in [t for t, _ in models]:
+            models.append((text_type, lambda w=wrapper: tiny_wrapper(w)))
+    for model_type, make in models:
+        if model_type in bias_at:
+            continue
+        block = find_moe_blocks(make())[0]
+        path = block.selection_bias_path
+        bias_at[model_type] = path[len(block.path) + 1 :] if path else "-"
+        if pad_uniform_problem(block) is None:
+            paddable.append(model_type)
     lines = [
         "# Supported architectures",
         "",
@@ -34,14 +45,18 @@ def main() -> None:
         "Every MoE causal-LM type that transformers can build from a config is listed: supported types are",
         "tested (tests/test_arch.py) to reproduce the model's own routing and every MoE block's output",
         "exactly in float32, and pruned checkpoints to match the -inf reference (tests/test_surgery.py).",
+        "The types marked (wrapper LM) exist only as the language model of a multimodal wrapper",
+        "(see the last sections; tests/test_wrappers.py).",
         "",
         f"## Supported ({len(ARCH_TABLE)} types)",
         "",
         "| routing family | model types |",
         "|---|---|",
     ]
+    wrapper_lms = set(wrapper_text.values()) - set(buildable_types())
     for family, types in sorted(by_family.items()):
-        lines.append(f"| {family} | {', '.join(types)} |")
+        named = [f"{t} (wrapper LM)" if t in wrapper_lms else t for t in types]
+        lines.append(f"| {family} | {', '.join(named)} |")
     lines += [
         "",
         "Selection-bias tensors (sliced with the router rows):",
@@ -60,6 +75,32 @@ def main() -> None:
     ]
     for model_type, why in sorted(UNSUPPORTED.items()):
         lines.append(f"| {model_type} | {why} |")
+    lines += [
+        "",
+        f"## Multimodal wrappers: supported ({len(WRAPPED)} types)",
+        "",
+        "`*ForConditionalGeneration` checkpoints whose language model is a supported MoE: its routed",
+        "experts are profiled and pruned, every other tensor (vision/audio towers, projectors) is copied,",
+        "and the pruned checkpoint loads with the same stock class (tests/test_wrappers.py).",
+        "",
+        "| wrapper type | stock class | language model |",
+        "|---|---|---|",
+    ]
+    for wrapper in sorted(WRAPPED):
+        lines.append(f"| {wrapper} | {WRAPPED[wrapper].cls} | {wrapper_text[wrapper]} |")
+    by_text = sorted(t for t in MOE_WRAPPER_TYPES if t not in WRAPPED and t not in WRAPPER_REFUSED)
+    lines += [
+        "",
+        f"## Multimodal wrappers: not supported ({len(WRAPPER_REFUSED) + len(by_text)} types)",
+        "",
+        "| wrapper type | why |",
+        "|---|---|",
+    ]
+    for wrapper, why in sorted(WRAPPER_REFUSED.items()):
+        lines.append(f"| {wrapper} | {why} |")
+    for wrapper in by_text:
+        text_type = wrapper_config(wrapper).get_text_config().model_type
+        lines.append(f"| {wrapper} | its language model is {text_type}: see above |")
     lines.append("")
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeprune.arch import ARCH_TABLE, UNSUPPORTED, BlockControl, find_moe_blocks, patch_moe
+from moeprune.arch import ARCH_TABLE, UNSUPPORTED, BlockControl, find_moe_blocks, llama4, patch_moe
 from moeprune.errors import UserError
 from moeprune.testing.tiny import buildable_types, tiny_model
 
@@ -56,6 +56,9 @@ def test_router_semantics_reproduce_the_router(tiny):
             if isinstance(out, torch.Tensor):  # logits only (DBRX): the block's method routes them
                 weights, index = getattr(_b.block(_model), _b.route_method)(out)
                 out = (out, weights, index)
+            elif _b.spec.gate_site == "input":  # Llama-4: (scores [T, E], logits)
+                index, weights = llama4.model_routing(out[0], out[1], _b.top_k)
+                out = (out[1], weights, index)
             seen[_b.index] = tuple(o.detach().clone() for o in out[:3])
 
         hooks.append(b.router(model).register_forward_hook(hook))

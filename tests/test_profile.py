@@ -21,7 +21,8 @@ from moeprune.errors import UserError
 from moeprune.profile import FORMAT, Profile, atomic_write
 from moeprune.testing.tiny import byte_tokenizer
 
-MODEL_TYPES = ("deepseek_v3", "qwen3_moe", "phimoe", "dbrx")  # phimoe: sparsemixer; dbrx: 2D experts
+# phimoe: sparsemixer; dbrx: 2D experts; llama4: the gate scales the experts' input
+MODEL_TYPES = ("deepseek_v3", "qwen3_moe", "phimoe", "dbrx", "llama4")
 LENGTHS = [7, 1, 40, 3, 19, 2, 28]  # very different lengths: batches carry a lot of padding
 
 
@@ -71,7 +72,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                 li = b.index
                 x, h = captured[("x", li)], captured[("h", li)].double()
                 routed = b.router(model)(x)  # (logits, weights, index), or DBRX's logits alone
-                logits = (routed if isinstance(routed, torch.Tensor) else routed[0]).reshape(-1, E)
+                input_gate = b.spec.gate_site == "input"  # Llama-4 returns (scores, logits)
+                logits = (routed if isinstance(routed, torch.Tensor) else routed[int(input_gate)]).reshape(-1, E)
                 r = b.route(model, logits)
                 experts = b.experts(model)
                 for t in range(x.shape[0]):
@@ -80,7 +82,10 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                     for j in range(r.top_k_index.shape[1]):
                         i = int(r.top_k_index[t, j])
                         g = float(r.top_k_weights[t, j])
-                        e = single_expert_forward(experts, i, x[t : t + 1])[0].double()
+                        if input_gate:  # e = E(g x) / g: g * e is what the expert adds (docs/methods.md)
+                            e = single_expert_forward(experts, i, g * x[t : t + 1])[0].double() / g
+                        else:
+                            e = single_expert_forward(experts, i, x[t : t + 1])[0].double()
                         h_new += g * e
                         contrib.append((i, g, e))
                     cos = float((h[t] @ h_new) / (h[t].norm() * h_new.norm()))

@@ -115,6 +115,17 @@ def _mode_paragraph(result: RewriteResult, base: str, layout: PrunedLayout) -> s
     return text
 
 
+def _wrapper_class_name(raw_config: dict[str, Any]) -> str | None:
+    """The stock wrapper class of a multimodal checkpoint (:mod:`.arch.wrappers`), else None."""
+    from .arch.wrappers import WRAPPED
+
+    facts = WRAPPED.get(str(raw_config.get("model_type")))
+    archs = raw_config.get("architectures") or []
+    if facts is None or (archs and all(str(a).endswith("ForCausalLM") for a in archs)):
+        return None
+    return facts.cls
+
+
 def model_card(
     src: Path,
     result: RewriteResult,
@@ -197,8 +208,15 @@ def model_card(
         "`plan.json` lists the kept experts of every layer in the original numbering"
         + (" and `profile-meta.json` describes the calibration run." if profile_meta else "."),
     ]
+    wrapper = _wrapper_class_name(raw_config)
+    if wrapper is not None:  # a multimodal checkpoint: only the language model's experts were pruned
+        lines.append(
+            f"Only the language model's routed experts were pruned; the rest of this `{wrapper}` "
+            "checkpoint (vision/audio towers, projectors) is copied unchanged."
+        )
     if result.stock:
-        lines.append("Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`.")
+        cls = wrapper or "AutoModelForCausalLM"
+        lines.append(f"Load it with stock transformers: `{cls}.from_pretrained(path)`.")
     else:
         why = (
             "novice experts need moeprune's own experts module"

@@ -117,8 +117,15 @@ def pruned_model_class(cls: type) -> type:
 
 
 def _causal_lm_class(config: Any) -> type:
+    """The causal LM class of ``config``; the stock wrapper class of a multimodal checkpoint whose
+    language model moeprune prunes (:mod:`moeprune.arch.wrappers`)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .arch.wrappers import wrapper_class
+
+    wrapper = wrapper_class(config)
+    if wrapper is not None:
+        return wrapper
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:

@@ -139,12 +139,18 @@ def quantization_method(config: Any) -> str | None:
 
 
 def build_on_meta(config: Any):
-    """Instantiate the causal LM on the meta device: structure and shapes, no memory, no weights."""
+    """Instantiate the causal LM on the meta device: structure and shapes, no memory, no weights.
+    A multimodal wrapper's checkpoint is built as its stock wrapper class (:mod:`.arch.wrappers`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .arch.wrappers import wrapper_class
+
+    wrapper = wrapper_class(config)
     try:
         with torch.device("meta"):
+            if wrapper is not None:
+                return wrapper._from_config(config)
             return AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
         raise UserError(

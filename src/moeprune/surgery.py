@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .arch import llama4
 from .arch.blocks import MoEBlock
 from .arch.keys import ExpertKey, ExpertKeyMap, map_expert_keys
 from .arch.pruned import (
@@ -207,9 +208,14 @@ def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: 
     """Refuse a mode the architecture cannot do exactly (before anything is written)."""
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
+    mtype = _model_type(config)
+    if mode == "novice" and blocks[0].spec.gate_site == "input":
+        raise UserError(
+            f"cannot write a novice checkpoint of '{mtype}': {llama4.NOVICE_PROBLEM}",
+            "prune with --mode remove (moeprune compare --novice still evaluates novices in memory)",
+        )
     if not pad_uniform:
         return
-    mtype = _model_type(config)
     if mode == "remove":
         why = pad_uniform_problem(blocks[0])
         if why is not None:

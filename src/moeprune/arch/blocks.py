@@ -72,7 +72,13 @@ class MoEBlock:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (the ModuleList the text model iterates over)."""
+    """The decoder layers of a causal LM (the ModuleList the text model iterates over); of a
+    multimodal wrapper's language model (:mod:`.wrappers`)."""
+    from .wrappers import layers_path as wrapper_layers
+
+    known = wrapper_layers(model)
+    if known is not None:
+        return model.get_submodule(known)
     config = model.config.get_text_config()
     n = getattr(config, "num_hidden_layers", None)
     candidates = []
@@ -123,6 +129,9 @@ def _has_submodule(layer: nn.Module, path: str) -> bool:
 
 def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """All routed MoE blocks of ``model``, in layer order. Raises UserError for dense or unsupported models."""
+    from .wrappers import wrapped
+
+    wrapped(model.config)  # raises for a refused wrapper, naming the reason
     config = model.config.get_text_config()
     model_type = getattr(config, "model_type", None) or getattr(model.config, "model_type", "?")
     if model_type in UNSUPPORTED:

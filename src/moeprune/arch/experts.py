@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dbrx
+from . import dbrx, llama4
 
 FUSED_EXPERT_PARAMS = (
     "gate_up_proj",
@@ -33,7 +33,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     DBRX's, whose 2D tensors hold each expert as a block of rows (:mod:`.dbrx`)."""
     return (
         hasattr(type(module), "_apply_gate") and hasattr(module, "down_proj") and hasattr(module, "has_gate")
-    ) or dbrx.is_row_blocked_experts(module)
+    ) or dbrx.is_row_blocked_experts(module) or llama4.is_input_scaled_experts(module)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class ExpertsLayout:
 
         if dbrx.is_row_blocked_experts(module):
             return cls._of_row_blocked(module)
+        if llama4.is_input_scaled_experts(module):
+            return cls._of_input_scaled(module)
 
         tensors = {
             name: tuple(p.shape)
@@ -102,6 +104,23 @@ class ExpertsLayout:
             rows_per_expert=rows,
         )
 
+    @classmethod
+    def _of_input_scaled(cls, module: nn.Module) -> ExpertsLayout:
+        """Llama-4: ``gate_up_proj`` [E, H, 2I] (gate columns first), ``down_proj`` [E, I, H]."""
+        tensors = {name: tuple(module.get_parameter(name).shape) for name in llama4.WEIGHTS}
+        num = getattr(module, "routed_experts", None) or tensors["gate_up_proj"][0]
+        return cls(
+            class_name=type(module).__name__,
+            num_experts=int(num),
+            tensors=tensors,
+            is_transposed=True,
+            is_concatenated=True,
+            has_bias=False,
+            has_gate=True,
+            has_post_expert_norm=False,
+            custom_gate=False,
+        )
+
     def params_per_expert(self) -> int:
         total = 0
         for shape in self.tensors.values():
@@ -125,6 +144,8 @@ def single_expert_forward(module: nn.Module, expert: int, x: torch.Tensor) -> to
 
     if dbrx.is_row_blocked_experts(module):
         return dbrx.single_expert_forward(module, expert, x)
+    if llama4.is_input_scaled_experts(module):
+        return llama4.single_expert_forward(module, expert, x)
 
     def weight(name: str) -> torch.Tensor:
         return expert_tensor(module, name, expert, x.dtype)

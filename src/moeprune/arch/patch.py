@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import llama4
 from .blocks import MoEBlock
 from .experts import selected_expert_outputs
 
@@ -170,6 +171,55 @@ def _experts_forward(
     return forward
 
 
+def _input_gated_forwards(
+    model: nn.Module,
+    block: MoEBlock,
+    router: nn.Module,
+    experts: nn.Module,
+    state: _BlockState,
+    session: PatchSession,
+    observer: Callable[[BlockEvent], None] | None,
+    reroute: bool,
+) -> tuple[Callable, Callable]:
+    """Router and experts forwards of a block whose gate scales the experts' input (Llama-4)."""
+    gate = llama4.InputGatedState()
+
+    def control() -> BlockControl | None:
+        return session.controls.get(block.index)
+
+    def steer() -> bool:
+        c = control()
+        return reroute or (c is not None and (c.allowed is not None or c.top_k is not None))
+
+    def route(logits: torch.Tensor):
+        c = control()
+        return block.route(model, logits, allowed=c.allowed if c else None, top_k=c.top_k if c else None)
+
+    def novices() -> dict[int, torch.Tensor] | None:
+        c = control()
+        return c.novices if c is not None else None
+
+    def observe(hidden, index, weights, outputs) -> None:
+        if observer is not None:
+            observer(
+                BlockEvent(
+                    block=block,
+                    hidden=hidden,
+                    logits=state.logits,
+                    top_k_index=index,
+                    top_k_weights=weights,
+                    expert_outputs=outputs,
+                    residual=state.residual if block.prenorm_path is not None else hidden,
+                    token_mask=session.token_mask,
+                )
+            )
+
+    return (
+        llama4.router_forward(block, route, router.forward, state, gate, steer),
+        llama4.experts_forward(experts, gate, novices, observe),
+    )
+
+
 @contextmanager
 def patch_moe(
     model: nn.Module,
@@ -192,10 +242,14 @@ def patch_moe(
             else:  # the router returns logits only: steer the block's method that routes them
                 route_patch = (block.block(model), block.route_method, _route_method_forward)
             owner, attr, make = route_patch
-            for mod, name, new in (
-                (owner, attr, make(model, block, getattr(owner, attr), state, session, reroute)),
-                (experts, "forward", _experts_forward(block, experts, state, session, observer)),
-            ):
+            if block.spec.gate_site == "input":  # Llama-4: the gate scales the experts' input
+                route_fwd, experts_fwd = _input_gated_forwards(
+                    model, block, router, experts, state, session, observer, reroute
+                )
+            else:
+                route_fwd = make(model, block, getattr(owner, attr), state, session, reroute)
+                experts_fwd = _experts_forward(block, experts, state, session, observer)
+            for mod, name, new in ((owner, attr, route_fwd), (experts, "forward", experts_fwd)):
                 restore.append((mod, name, name in mod.__dict__, mod.__dict__.get(name)))
                 setattr(mod, name, new)
             if block.prenorm_path is not None:

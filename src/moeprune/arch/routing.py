@@ -45,6 +45,8 @@ class RoutingSpec:
       ``moe_normalize_expert_weights``; p = 1 is the sum).
     - ``selector``: ``sparsemixer`` replaces top-k and the weights by PhiMoE's inference-time
       sparsemixer (always two experts; ``jitter_eps`` is its threshold, see :func:`sparsemixer`).
+    - ``gate_site``: ``output`` = the block multiplies each expert's output by its weight (every
+      family but one); ``input`` = it multiplies the expert's input (Llama-4, :mod:`.llama4`).
     """
 
     top_k: int
@@ -65,6 +67,7 @@ class RoutingSpec:
     renorm_p: float | None = None
     selector: Selector = "topk"
     jitter_eps: float = 0.0
+    gate_site: Literal["output", "input"] = "output"
 
     @property
     def group_limited(self) -> bool:

@@ -232,6 +232,43 @@ def sparsemixer_top2() -> SpecBuilder:
     return build
 
 
+def softmax_group_top2() -> SpecBuilder:
+    """Mistral-Large-4: softmax over E; group-limited top-k (group score = sum of the group's top
+    two probabilities, dropped groups filled with 0.0); renormalised (+1e-20); scaled."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        objs = (router, block, config)
+        n_group = int(_first_attr(objs, ("num_group", "n_group"), 1) or 1)
+        return RoutingSpec(
+            top_k=_top_k(router, block, config),
+            score_fn="softmax",
+            n_group=n_group,
+            topk_group=int(_first_attr(objs, ("topk_group",), n_group) or n_group),
+            group_score="top2_sum",
+            group_fill=0.0,
+            renormalize=True,
+            renorm_eps=1e-20,
+            scaling=float(_first_attr(objs, ("routed_scaling_factor",), 1.0) or 1.0),
+        )
+
+    return build
+
+
+def sigmoid_input_gate() -> SpecBuilder:
+    """Llama-4: top-k on the logits, each chosen expert's *input* scaled by sigmoid(logit), never
+    renormalised (:mod:`.llama4`)."""
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        return RoutingSpec(
+            top_k=_top_k(router, block, config),
+            score_fn="sigmoid",
+            selection_on_logits=True,  # sigmoid saturates to equal 1.0s; the model ranks logits
+            gate_site="input",
+        )
+
+    return build
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -378,6 +415,34 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "phimoe": ArchFacts(
         sparsemixer_top2(), family="sparsemixer: top-2, each weighted by a softmax near its max (PhiMoE)"
     ),
+    # K. Llama-4: the gate scales the experts' input (arch/llama4.py)
+    "llama4": ArchFacts(
+        sigmoid_input_gate(), family="top-k logits -> sigmoid, scaling the expert's input (Llama-4)"
+    ),
+    "llama4_text": ArchFacts(
+        sigmoid_input_gate(), family="top-k logits -> sigmoid, scaling the expert's input (Llama-4)"
+    ),
+    # Language models of multimodal wrappers only (arch/wrappers.py): not causal-LM types themselves
+    "qwen3_vl_moe_text": _A_RENORM,
+    "qwen3_omni_moe_text": _A,
+    "glm4v_moe_text": _C,
+    "glm5_next_text": _C,
+    "hy_v4_vl_text": replace(_C, prenorm_name=None),  # hyper-connections around the block
+    "mistral_large4_text": ArchFacts(
+        softmax_group_top2(),
+        family="softmax, group-limited (top-2 sum) top-k, renormalised, scaled (Mistral-Large-4)",
+    ),
+    "step3p5": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, renorm_eps=0.0, scaling_site="block"),
+        _ROUTER_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised, scaled by the block",
+    ),
+    "deepseek_ocr2_text": ArchFacts(
+        softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
+    ),
+    "unlimited_ocr_text": ArchFacts(
+        softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
+    ),
     # G. Ernie-4.5
     "ernie4_5_moe": ArchFacts(
         softmax_statics(),
@@ -396,8 +461,6 @@ UNSUPPORTED: dict[str, str] = {
     "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
     "own router), so no JetMoE checkpoint can hold fewer MLP experts than attention experts, and a "
     "profile of the MLP experts does not say which attention experts to remove",
-    "llama4": "its router scores scale the experts' input and every expert runs densely",
-    "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
     "ergo": "its experts module holds a per-expert post-norm ([E, H]) and the block a residual gate, "
     "which moeprune does not slice yet (new in transformers 5.25)",
