@@ -229,6 +229,20 @@ def test_statistics_match_naive_float64_reference(model_type):
     assert (zero > 0) == (model_type == "longcat_flash")
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_layer_by_layer_pass_equals_the_whole_model_pass(model_type, tmp_path):
+    """The offloaded calibration (one decoder layer in memory) sees the same router columns."""
+    from moeprune.offload import calibrate_sequential
+
+    model, _ = _model(model_type)
+    model.save_pretrained(tmp_path, save_original_format=True, max_shard_size="100KB")
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(4, 256, (n,), generator=g).tolist() for n in (7, 1, 20, 3)]
+    kwargs = {"batch_size": 2, "pad_id": 0, "premoe_ka": 3, "per_sample": True}
+    got = calibrate_sequential(tmp_path, seqs, **kwargs)
+    assert_same(got, calibrate(model, seqs, **kwargs))
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 

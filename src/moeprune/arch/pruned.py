@@ -322,7 +322,7 @@ def pad_uniform_problem(block: MoEBlock) -> str | None:
     if block.spec.score_fn == "softmax" and not block.spec.selection_on_logits:
         return (
             "its router selects on softmax probabilities plus a bias, and a padding expert would still "
-            "enter the softmax denominator, rescaling every probability against the bias (Ernie-4.5)"
+            "enter the softmax denominator, rescaling every probability against the bias (Ernie-4.5, Longcat-Flash)"
         )
     return None
 
