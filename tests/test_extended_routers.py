@@ -347,8 +347,8 @@ def test_adaptive_model_equals_the_pruned_checkpoint(model_type, tmp_path):
         rewrite_checkpoint(src, tmp_path / f"pruned-{name}", lib.task(name).plan.kept)
         pruned = _load_stock(tmp_path / f"pruned-{name}")
         am.activate(name)
-        # bitwise equal for the text models; the composite gemma4 differs by ~1e-6 (float rounding)
-        torch.testing.assert_close(_logits(am.model), _logits(pruned), rtol=0, atol=1e-5)
+        # every parameter is bit-equal, but torch's CPU grouped_mm rounds the last bit by address
+        torch.testing.assert_close(_logits(am.model), _logits(pruned), rtol=1e-6, atol=1e-6)
     key, index, weights = am.query_statistics("the quick brown fox")
     assert key.shape == (8,) and index.shape[1] == blocks[0].top_k and bool((index < 8 + blocks[0].router_extra).all())
 
