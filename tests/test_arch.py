@@ -42,7 +42,7 @@ def test_blocks_found(tiny):
         assert b.num_experts * b.layout.rows_per_expert == stored
         assert 1 <= b.top_k < b.num_experts
         router_w = model.get_parameter(b.router_weight_path)
-        assert router_w.shape[0] == b.num_experts and router_w.shape[-1] == text.hidden_size
+        assert router_w.shape[0] == b.num_experts + b.router_extra and router_w.shape[-1] == text.hidden_size
 
 
 def test_router_semantics_reproduce_the_router(tiny):
@@ -52,14 +52,17 @@ def test_router_semantics_reproduce_the_router(tiny):
     hooks = []
     for b in blocks:
 
-        def hook(_mod, _args, out, _b=b, _model=model):
+        def hook(_mod, args, out, _b=b, _model=model):
             if isinstance(out, torch.Tensor):  # logits only (DBRX): the block's method routes them
                 weights, index = getattr(_b.block(_model), _b.route_method)(out)
                 out = (out, weights, index)
             elif _b.spec.gate_site == "input":  # Llama-4: (scores [T, E], logits)
                 index, weights = llama4.model_routing(out[0], out[1], _b.top_k)
                 out = (out[1], weights, index)
-            seen[_b.index] = tuple(o.detach().clone() for o in out[:3])
+            # the router's logits over all its columns (Gemma-4 returns probabilities, Inkling
+            # its routed columns only: arch/extended.py)
+            logits = _b.router_logits(_mod, args[0], out)
+            seen[_b.index] = tuple(o.detach().clone() for o in (logits, *out[1:3]))
 
         hooks.append(b.router(model).register_forward_hook(hook))
     try:
@@ -99,7 +102,7 @@ def test_rerouted_and_recomputed_blocks_reproduce_the_model(tiny):
     for e in events:
         t = e.hidden.shape[0]
         assert e.expert_outputs.shape == (t, e.block.top_k, e.hidden.shape[-1])
-        assert e.logits.shape == (t, e.block.num_experts)
+        assert e.logits.shape == (t, e.block.num_experts + e.block.router_extra)
         if e.block.prenorm_path is not None:
             assert e.residual is not None and e.residual.shape == e.hidden.shape
 

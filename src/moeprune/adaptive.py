@@ -259,7 +259,7 @@ class AdaptiveMoE:
         args = tuple(full.get(id(a), a) for a in captured["args"])
         kwargs = {k: full.get(id(v), v) for k, v in captured["kwargs"].items()}
         out = self._probe(*args, **kwargs)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
+        logits = self._full_blocks[0].router_logits(self._probe, args[0], out)  # all router columns
         return logits.reshape(-1, logits.shape[-1])
 
     def query_statistics(self, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,12 +275,17 @@ class AdaptiveMoE:
             )
         # the library's keys and patterns live on the CPU: compare there whatever the model's device
         logits = self.first_router_logits(query_ids(self.tokenizer, text)).float().cpu()
-        q, f, idx = premoe_token_entries(logits, self.library.ka)
-        key = query_keys((q[None], f[None], idx[None]), self.library.num_experts)["first"]
         first = self._full_blocks[0]
+        q, f, idx = premoe_token_entries(logits[:, : first.num_experts], self.library.ka)
+        key = query_keys((q[None], f[None], idx[None]), self.library.num_experts)["first"]
         bias_path = first.selection_bias_path
         bias = None if bias_path is None else self._router_full[first.layer][bias_path][0].cpu()
-        r = route(first.spec, logits, bias)
+        scale_path = first.weight_scale_path  # Gemma-4 per-expert / Inkling global weight scale
+        scale = None
+        if scale_path is not None:
+            held = self._router_full[first.layer].get(scale_path)
+            scale = held[0].cpu() if held is not None else self.model.get_parameter(scale_path).detach().cpu()
+        r = route(first.spec, logits, bias, weight_scale=scale)
         return key, r.top_k_index, r.top_k_weights
 
     def route(self, text: str) -> Match:
@@ -400,10 +405,12 @@ class AdaptiveMoE:
             _set_tensor(*expert_storage(ex, b.layout, name, target))
 
     def _fill_router(self, b: Any, kept: list[int]) -> None:
-        ids = torch.tensor(kept, dtype=torch.long)
         for target, (full, axis) in self._router_full[b.layer].items():
             owner_path, _, name = target.rpartition(".")
             owner = self.model.get_submodule(owner_path)
+            # non-prunable router rows (Longcat zero / Inkling shared experts) stay, last
+            extra = list(range(self._full_blocks[0].num_experts, full.shape[axis]))
+            ids = torch.tensor(list(kept) + extra, dtype=torch.long)
             value = full.index_select(axis, ids.to(full.device)).to(self.device).contiguous()
             _set_tensor(owner, name, value)
 

@@ -266,15 +266,24 @@ class Accumulator:
             raise ValueError(f"event has {t} real tokens, the declared batch {self._pos.numel()}")
         flat = idx.reshape(-1).long()
         g64 = g.double().reshape(-1)
+        ones = torch.ones_like(g64)
+        # Longcat's zero-expert slots (index -1, weight 0: arch/extended.py) are no selection of a
+        # prunable expert: counted nowhere (their ids are parked on expert 0 with a weight of 0)
+        zero_slots = event.block.spec.extra_role == "zero"
+        if zero_slots:
+            real = flat >= 0
+            flat, ones, g64 = flat.clamp(min=0), real.double(), torch.where(real, g64, 0.0)
         self.layer_tokens[li] += t
 
         # routing statistics
         # (index_add_ rather than bincount: bincount scans its input for the range first)
-        sums["count"][li].index_add_(0, flat, torch.ones_like(g64))
+        sums["count"][li].index_add_(0, flat, ones)
         sums["gate"][li].index_add_(0, flat, g64)
         s = logits.float()
         fn = event.block.spec.score_fn
         probs = torch.softmax(s, -1) if fn == "softmax" else torch.sigmoid(s) if fn == "sigmoid" else s
+        # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
+        s, probs = s[:, :E], probs[:, :E]
         sums["prob"][li] += probs.sum(0, dtype=f64)
         q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
         vals = torch.gather(s, -1, ids[:, :1])
@@ -291,6 +300,8 @@ class Accumulator:
         ef = e if e.dtype == torch.float32 else e.float()
         rows = ef.reshape(-1, H)
         key = idx_all.reshape(-1).long()
+        if zero_slots:
+            key = key.masked_fill(key < 0, E)
         if sel is not None:
             key = key.masked_fill(~self._mask.repeat_interleave(k), E)
         n_b = torch.zeros(E + 1, dtype=torch.long, device=dev).index_add_(0, key, torch.ones_like(key))[:E]

@@ -105,6 +105,7 @@ class FullModelProbe:
 
         def observe(event: Any) -> None:
             logits = event.logits.reshape(-1, event.logits.shape[-1])
+            logits = logits[:, : event.block.num_experts]  # the prunable experts' columns (arch/extended.py)
             entries[event.block.index] = premoe_token_entries(logits, self.ka)
             selected[event.block.layer] = event.top_k_index.detach().cpu()
 

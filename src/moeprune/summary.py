@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .arch import find_moe_blocks
+from .arch import decoder_layers, find_moe_blocks
 
 KEEP_FRACTIONS = (0.75, 0.5, 0.25, 0.125)
 
@@ -114,10 +114,14 @@ def summarize(config: Any, model=None, checkpoint_dir: Any = None) -> ModelSumma
     router += ", renormalised" if spec.renormalize else ""
     router += f", divided by their {spec.renorm_p:g}-norm" if spec.renorm_p is not None else ""
     router += f", scaled x{spec.scaling:g}" if spec.scaling != 1.0 else ""
+    router += f", x a learned {spec.weight_scale.replace('_', '-')} scale" if spec.weight_scale else ""
+    if spec.extra_role:  # non-prunable router columns (arch/extended.py)
+        what = "identity (zero) experts" if spec.extra_role == "zero" else "shared experts in the weights' sum"
+        router += f"; {spec.extra_columns} {what}, kept"
     summary = ModelSummary(
         model_type=text.model_type,
         architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
-        num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        num_layers=len(decoder_layers(model)),  # Longcat's num_hidden_layers counts sublayers
         moe_layers=[b.layer for b in blocks],
         num_moe_layers=len(blocks),
         num_experts=first.num_experts,

@@ -396,6 +396,8 @@ def plan_tensors(
             src if src is not None else _generated_entry(ek, info, rw, pos, ckpt, dead)
             for pos, src in enumerate(slots_src)
         ]
+        if ek.kind == "router":  # non-prunable router rows (Longcat zero / Inkling shared) stay, last
+            slots += list(range(rw.block.num_experts, info.shape[axis] // ek.rows))
         shape = list(info.shape)
         shape[axis] = len(slots) * ek.rows
         tensors.append(OutTensor(key, info.dtype, tuple(shape), _by_expert(info, ek).slot_pieces(axis, slots)))

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UserError
 from .experts import ExpertsLayout, is_fused_experts
+from .extended import RouterAdapter
 from .routing import RoutingSpec, route
 from .table import ARCH_TABLE, EXPERT_COUNT_ATTRS, UNSUPPORTED, ArchFacts, facts_for
 
@@ -43,6 +44,11 @@ class MoEBlock:
     # Block method turning router logits into (weights, index) when the router returns logits
     # only (DBRX); None: the router returns (logits, weights, index) itself.
     route_method: str | None = None
+    # Non-prunable router columns after the E experts (Longcat zero / Inkling shared experts),
+    # how to read the router's full logits and write its output, and the learned weight scale.
+    router_extra: int = 0
+    adapter: RouterAdapter | None = None
+    weight_scale_path: str | None = None
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
@@ -68,7 +74,16 @@ class MoEBlock:
         allowed: torch.Tensor | None = None,
         top_k: int | None = None,
     ):
-        return route(self.spec, logits, self.selection_bias(model), allowed=allowed, top_k=top_k)
+        scale = None if self.weight_scale_path is None else model.get_parameter_or_buffer(self.weight_scale_path)
+        return route(
+            self.spec, logits, self.selection_bias(model), allowed=allowed, top_k=top_k, weight_scale=scale
+        )
+
+    def router_logits(self, router: nn.Module, hidden: torch.Tensor, out) -> torch.Tensor:
+        """The router's logits over all its columns [T, E + router_extra], from its input and output."""
+        if self.adapter is not None and self.adapter.logits is not None:
+            return self.adapter.logits(router, hidden, out)
+        return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -81,10 +96,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(known)
     config = model.config.get_text_config()
     n = getattr(config, "num_hidden_layers", None)
+    # Longcat-Flash: num_hidden_layers counts attention sublayers (2 per layer); num_layers the layers
+    sizes = {n, getattr(config, "num_layers", None)} - {None}
     candidates = []
     for suffix in ("layers", "blocks"):  # DBRX: transformer.blocks (only when no "layers" list exists)
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.ModuleList) and name.endswith(suffix) and (n is None or len(mod) == n):
+            if isinstance(mod, nn.ModuleList) and name.endswith(suffix) and (not sizes or len(mod) in sizes):
                 candidates.append((name.count("."), name, mod))
         if candidates:
             break
@@ -149,7 +166,9 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             block_rel, _, experts_name = name.rpartition(".")
             block = layer.get_submodule(block_rel) if block_rel else layer
             layout = ExpertsLayout.of(mod)
-            router_name = _find_router(block, experts_name, layout.num_experts, facts)
+            extra = facts.adapter.extra(config) if facts.adapter is not None else 0
+            rows = layout.num_experts + extra  # router rows: experts, then non-prunable columns
+            router_name = _find_router(block, experts_name, rows, facts)
             router = block.get_submodule(router_name)
             base = f"{lpath}.{layer_idx}" + (f".{block_rel}" if block_rel else "")
             spec = facts.spec(router=router, block=block, config=config)
@@ -163,13 +182,13 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             router_tensors = {
                 f"{router_name}.{n}": 0
                 for n, p in list(router.named_parameters()) + list(router.named_buffers())
-                if p.dim() >= 1 and p.shape[0] == layout.num_experts
+                if p.dim() >= 1 and p.shape[0] in (layout.num_experts, rows)
             }
             for n, p in list(router.named_parameters()) + list(router.named_buffers()):
                 if p.dim() == 2 and p.shape[0] == 1 and p.shape[1] == layout.num_experts:
                     router_tensors[f"{router_name}.{n}"] = 1  # Ernie moe_statics [1, E]
             weight_name = next(
-                n for n, p in router.named_parameters() if p.dim() == 2 and p.shape[0] == layout.num_experts
+                n for n, p in router.named_parameters() if p.dim() == 2 and p.shape[0] == rows
             )
             shared = [
                 f"{base}.{n}"
@@ -196,6 +215,13 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                     router_tensors=router_tensors,
                     router_weight_path=f"{base}.{router_name}.{weight_name}",
                     route_method=facts.route_method,
+                    router_extra=extra,
+                    adapter=facts.adapter,
+                    weight_scale_path=(
+                        f"{base}.{facts.adapter.weight_scale}"
+                        if facts.adapter is not None and facts.adapter.weight_scale
+                        else None
+                    ),
                 )
             )
     if not blocks:

@@ -246,7 +246,10 @@ def _check_complete(
         if k.axis is not None:
             block = found.blocks[k.block]
             shape = shapes[k.key]
-            if len(shape) <= k.axis or shape[k.axis] != block.num_experts * k.rows:
+            held = {block.num_experts * k.rows}
+            if k.kind == "router":  # plus the non-prunable rows (Longcat zero / Inkling shared experts)
+                held.add((block.num_experts + block.router_extra) * k.rows)
+            if len(shape) <= k.axis or shape[k.axis] not in held:
                 raise UserError(
                     f"checkpoint tensor '{k.key}' {list(shape)} does not hold the {block.num_experts} "
                     f"experts of layer {block.layer} that config.json declares",

@@ -68,6 +68,7 @@ def kept_controls(
 class _BlockState:
     logits: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # the router's chosen columns (Longcat: >= E = zero expert)
 
 
 @dataclass
@@ -87,10 +88,13 @@ def _router_forward(
     session: PatchSession,
     reroute: bool,
 ) -> Callable:
+    router = block.router(model)
+
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         out = original(hidden_states, *args, **kwargs)
-        logits = out[0]
+        logits = block.router_logits(router, hidden_states, out)
         state.logits = logits
+        state.index = out[2] if block.spec.extra_role == "zero" else None
         control = session.controls.get(block.index)
         steer = control is not None and (control.allowed is not None or control.top_k is not None)
         if not (steer or reroute):
@@ -101,6 +105,10 @@ def _router_forward(
             allowed=control.allowed if control else None,
             top_k=control.top_k if control else None,
         )
+        if block.spec.extra_role == "zero":
+            state.index = r.top_k_index
+        if block.adapter is not None and block.adapter.output is not None:
+            return block.adapter.output(out, r, logits)
         weights = r.top_k_weights
         if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
             weights = weights / block.spec.scaling  # the block multiplies it back
@@ -148,6 +156,11 @@ def _experts_forward(
         hidden_states = hidden_states.reshape(-1, shape[-1])
         control = session.controls.get(block.index)
         novices = control.novices if control is not None else None
+        if block.spec.extra_role == "zero" and state.index is not None:
+            # Longcat hands its zero-expert slots to the experts as real ids with weight 0: they
+            # are no expert selection (the block adds the identity itself), so they become -1
+            identity = state.index.reshape(top_k_index.shape) >= block.num_experts
+            top_k_index = top_k_index.masked_fill(identity, -1)
         outputs = selected_expert_outputs(module, hidden_states, top_k_index, novices)
         if observer is not None:
             applied = top_k_weights

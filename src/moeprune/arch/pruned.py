@@ -39,7 +39,7 @@ CONFIG_KEY = "moeprune"  # config.json key holding the PrunedLayout
 NOVICE_BUFFER = "novice_outputs"  # [R, H] buffer of a NoviceExperts module
 DOWN_BIAS = "down_proj_bias"  # the fused experts' down-projection bias [E, H]
 # Integer attributes in which modules cache their expert count.
-CACHED_COUNT_ATTRS = (*EXPERT_COUNT_ATTRS, "total_experts", "n_experts")
+CACHED_COUNT_ATTRS = (*EXPERT_COUNT_ATTRS, "total_experts", "n_experts", "num_routed_experts")
 # The selection bias of a padding ("dead") expert: sigmoid scores lie in [0, 1] and trained
 # correction biases are O(1), so a dead expert's selection score (<= 1 - 1e4) is never in the top-k.
 DEAD_BIAS = -1.0e4
@@ -200,7 +200,9 @@ def resize_block(model: nn.Module, block: MoEBlock, experts: int, router: int) -
     for rel, axis in block.router_tensors.items():
         path = f"{block.path}.{rel}"
         seen.add(path)
-        _resize(*_owner(model, path), axis, router)
+        owner, name = _owner(model, path)
+        extra = getattr(owner, name).shape[axis] - old  # non-prunable rows (Longcat/Inkling), kept
+        _resize(owner, name, axis, router + max(extra, 0))
     if block.selection_bias_path is not None and block.selection_bias_path not in seen:
         owner, name = _owner(model, block.selection_bias_path)
         t = getattr(owner, name)
@@ -211,6 +213,8 @@ def resize_block(model: nn.Module, block: MoEBlock, experts: int, router: int) -
         m for n, m in blk.named_modules() if not f"{block.path}.{n}".startswith(shared) and m is not ex
     ]
     _set_cached_counts(modules, old, router)
+    if block.router_extra:  # Longcat's router caches E + Z
+        _set_cached_counts(modules, old + block.router_extra, router + block.router_extra)
 
 
 def apply_layout(model: nn.Module, layout: PrunedLayout) -> None:
@@ -318,7 +322,7 @@ def pad_uniform_problem(block: MoEBlock) -> str | None:
     if block.spec.score_fn == "softmax" and not block.spec.selection_on_logits:
         return (
             "its router selects on softmax probabilities plus a bias, and a padding expert would still "
-            "enter the softmax denominator, rescaling every probability against the bias (Ernie-4.5)"
+            "enter the softmax denominator, rescaling every probability against the bias (Ernie-4.5, Longcat-Flash)"
         )
     return None
 

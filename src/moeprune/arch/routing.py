@@ -21,6 +21,8 @@ ScoreFn = Literal["softmax", "sigmoid", "identity"]
 WeightFrom = Literal["score", "softmax_topk"]
 GroupScore = Literal["max", "top2_sum"]
 Selector = Literal["topk", "sparsemixer"]
+ExtraRole = Literal["", "zero", "sink"]
+WeightScale = Literal["", "per_expert", "global"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class RoutingSpec:
       sparsemixer (always two experts; ``jitter_eps`` is its threshold, see :func:`sparsemixer`).
     - ``gate_site``: ``output`` = the block multiplies each expert's output by its weight (every
       family but one); ``input`` = it multiplies the expert's input (Llama-4, :mod:`.llama4`).
+    - ``extra_columns``/``extra_role``: router columns after the E prunable experts that are no
+      prunable expert (never masked): ``zero`` = identity experts selected like the others (an
+      index >= E; Longcat-Flash), ``sink`` = never selected, but their scores join the weights'
+      normalisation and get weights of their own (``Routing.extra_weights``; Inkling's shared
+      experts). See :mod:`.extended`.
+    - ``weight_scale``: the chosen weights are multiplied by a learned tensor: ``per_expert`` [E]
+      gathered at the chosen experts (Gemma-4), ``global`` [1] (Inkling).
     """
 
     top_k: int
@@ -68,6 +77,9 @@ class RoutingSpec:
     selector: Selector = "topk"
     jitter_eps: float = 0.0
     gate_site: Literal["output", "input"] = "output"
+    extra_columns: int = 0
+    extra_role: ExtraRole = ""
+    weight_scale: WeightScale = ""
 
     @property
     def group_limited(self) -> bool:
@@ -87,6 +99,7 @@ class Routing:
     probs: torch.Tensor  # [T, E] router probabilities p_t (after score_fn, before any bias)
     top_k_index: torch.Tensor  # [T, k] selected experts
     top_k_weights: torch.Tensor  # [T, k] gate weights g the model applies (incl. scaling)
+    extra_weights: torch.Tensor | None = None  # [T, X] weights of ``sink`` columns (Inkling)
 
 
 def route(
@@ -95,17 +108,27 @@ def route(
     selection_bias: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
     top_k: int | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> Routing:
     """Route tokens from router logits exactly as the architecture does.
 
     ``allowed`` (bool [E]) forbids experts: the pruning reference semantics. ``top_k`` overrides the
-    number of active experts (used when a plan lowers it explicitly).
+    number of active experts (used when a plan lowers it explicitly). ``logits`` hold the router's
+    ``spec.extra_columns`` non-prunable columns last; ``allowed`` may leave them out (they are
+    always allowed). ``weight_scale``: the tensor ``spec.weight_scale`` names.
     """
     k = top_k or spec.top_k
     why = top_k_problem(spec, k)
     if why is not None:
         raise ValueError(why)
     logits = logits.float()
+    if allowed is not None and spec.extra_columns and allowed.shape[-1] == logits.shape[-1] - spec.extra_columns:
+        extra = torch.ones(spec.extra_columns, dtype=torch.bool, device=allowed.device)
+        allowed = torch.cat((allowed.to(torch.bool), extra))
+    if spec.extra_role == "sink":
+        from .extended import route_with_sinks
+
+        return route_with_sinks(spec, logits, selection_bias, allowed, k, weight_scale)
     if allowed is not None:
         allowed = allowed.to(device=logits.device, dtype=torch.bool)
         if int(allowed.sum()) < k:
@@ -149,6 +172,10 @@ def route(
         weights = weights / (denom + spec.renorm_eps)
     if spec.scaling != 1.0:
         weights = weights * spec.scaling
+    if spec.weight_scale and weight_scale is not None:
+        from .extended import apply_weight_scale
+
+        weights = apply_weight_scale(spec, weights, chosen, weight_scale)
     return Routing(probs=probs, top_k_index=chosen, top_k_weights=weights)
 
 

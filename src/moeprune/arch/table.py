@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
+from .extended import RouterAdapter, extended_facts
 from .routing import SPARSEMIXER_TOP_K, RoutingSpec
 
 SpecBuilder = Callable[[nn.Module, nn.Module, Any], RoutingSpec]
@@ -284,6 +285,9 @@ class ArchFacts:
     # Block method that turns the router's logits into (weights, index), for routers that return
     # logits only (DBRX's ``route_tokens_to_experts``): what patch_moe steers instead of the router.
     route_method: str | None = None
+    # Routers whose columns are not all prunable experts or whose output is not plain logits
+    # (Gemma-4, Longcat-Flash, Inkling): see :mod:`.extended`.
+    adapter: RouterAdapter | None = None
 
 
 _ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
@@ -456,18 +460,16 @@ UNSUPPORTED: dict[str, str] = {
     "deepseek_v4": "its first layers use hash routing (a token-id -> expert table), which expert scores cannot describe",
     "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
     "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
-    "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",
-    "inkling_text": "its shared experts take part in the router's softmax (E+S router rows)",
     "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
     "own router), so no JetMoE checkpoint can hold fewer MLP experts than attention experts, and a "
     "profile of the MLP experts does not say which attention experts to remove",
-    "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
     "ergo": "its experts module holds a per-expert post-norm ([E, H]) and the block a residual gate, "
     "which moeprune does not slice yet (new in transformers 5.25)",
     "inkling2_loop_text": "its published checkpoints store NVFP4/MXFP8 experts that transformers "
     "dequantizes on load, a conversion moeprune cannot slice (new in transformers 5.25)",
-    "gemma4_text": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
 }
+
+ARCH_TABLE.update(extended_facts())  # Gemma-4, Longcat-Flash, Inkling (arch/extended.py)
 
 
 def facts_for(model_type: str) -> ArchFacts:

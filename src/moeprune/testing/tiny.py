@@ -429,6 +429,10 @@ def _is_router(name: str, mod: torch.nn.Module) -> bool:
 # Names of tensors that bias expert *selection* (score-correction / load-balancing biases).
 _ROUTING_BIAS = ("correction_bias", "expert_bias", "statics", "balancing_bias")
 
+# Learned scales of the chosen weights (Gemma-4 per expert, Inkling global), 1 at init, where a
+# wrongly sliced or ignored scale could not show: U(0.5, 2).
+_ROUTER_WEIGHT_SCALES = ("per_expert_scale", "global_scale")
+
 ROUTER_WEIGHT_STD = 0.5  # at fan-in 64; scaled by 8 / sqrt(fan_in) for other widths
 ROUTING_BIAS_STD = 0.1
 OTHER_BIAS_STD = 0.02
@@ -446,6 +450,8 @@ def randomize_routing(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
       std 0.1 for routing biases (score correction, expert bias, Ernie statics, router biases),
       std 0.02 elsewhere (a larger constant attention/norm bias would dominate the tiny
       embeddings and send every token to the same experts);
+    * learned scales of the chosen weights (Gemma-4 ``per_expert_scale``, Inkling
+      ``global_scale``): U(0.5, 2);
     * integer hash-routing tables (DeepSeek-V4 ``tid2eid``, zeros at init): k distinct random
       experts per token id.
     """
@@ -469,7 +475,9 @@ def randomize_routing(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 p.copy_(perm[:, : p.shape[1]].to(p.dtype))
             continue
         in_router = name.startswith(routers)
-        if "bias" in leaf or "statics" in name:
+        if in_router and leaf in _ROUTER_WEIGHT_SCALES:
+            p.copy_(0.5 + 1.5 * torch.rand(p.shape, generator=gen).to(p.dtype))
+        elif "bias" in leaf or "statics" in name:
             std = ROUTING_BIAS_STD if in_router or any(k in name for k in _ROUTING_BIAS) else OTHER_BIAS_STD
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * std)
         elif in_router and p.dim() >= 2:
