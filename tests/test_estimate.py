@@ -346,3 +346,19 @@ def test_cli_mistakes_are_one_line(ckpt, tmp_path, capsys, args, words):
     capsys.readouterr()  # the fixture's own output (transformers' saving bar)
     rc, _, err = run_cli(capsys, *(a.format(**fill) for a in args))
     assert_user_error(rc, err, *words)
+
+
+def test_cli_one_shot_dry_run_sizes_the_rewrite(ckpt, tmp_path, capsys):
+    """`prune --data ... --method M --keep K --dry-run`: the rewrite sized for K in every layer,
+    nothing profiled or written, and the way to size the calibration pass said."""
+    src = ckpt("qwen3-bf16")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    capsys.readouterr()
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli(
+        capsys, "prune", src, "--data", data, "--method", "easyep", "--keep", "6", "--out", out, "--dry-run"
+    )
+    assert rc == 0, err
+    assert "keep 6/8 experts" in stdout and "profile MODEL --data ... --dry-run" in stdout
+    assert not out.exists()
