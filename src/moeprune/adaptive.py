@@ -197,7 +197,7 @@ class AdaptiveMoE:
         for ek in self.keymap.keys.values():
             if ek.kind == "router" and ek.target is not None:
                 full_tensor = full.get_parameter_or_buffer(ek.target).detach()
-                self._router_full[ek.layer][ek.target] = (full_tensor, ek.axis or 0)
+                self._router_full[ek.layer][ek.target] = (full_tensor, ek.model_axis)
         # the first MoE layer's full router module stays loaded: it scores queries
         self._probe = full_blocks[0].router(full)
         _complete_from(self._probe, blocks[0].router(lm))

@@ -363,6 +363,13 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         family="top-k on logits + bias, sigmoid weights",
     ),
     "flint": ArchFacts(sigmoid_topk(), family="sigmoid -> top-k"),
+    # Ergo: per-expert post-norm sliced with the experts (arch/variants.py)
+    "ergo": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("routed_scaling_factor", "moe_routed_scaling_factor")),
+        _ROUTER_BIAS,
+        prenorm_name="pre_feedforward_layernorm",
+        family="sigmoid + correction bias, top-k, renormalised, scaled; per-expert post-norm",
+    ),
     # D. DeepSeek-V2
     "deepseek_v2": ArchFacts(
         softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
@@ -399,8 +406,6 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "its router scores scale the experts' input and every expert runs densely",
     "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
-    "ergo": "its experts module holds a per-expert post-norm ([E, H]) and the block a residual gate, "
-    "which moeprune does not slice yet (new in transformers 5.25)",
     "inkling2_loop_text": "its published checkpoints store NVFP4/MXFP8 experts that transformers "
     "dequantizes on load, a conversion moeprune cannot slice (new in transformers 5.25)",
     "gemma4_text": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",

@@ -1,0 +1,62 @@
+"""MoE variants whose experts or routers carry one more piece than the common fused layout.
+
+- Ergo: its experts module holds a per-expert RMSNorm (``post_expert_norm.weight`` [E, H]) applied
+  to each expert's output before the gate weight; it is an expert tensor, sliced with the experts.
+  (Ergo's ``feedforward_residual_gate`` is per hidden unit, not per expert: nothing to slice.)
+- DeepSeek-V4: its first MoE layers route by a frozen token-id -> expert table (``tid2eid``); which
+  experts a token uses there does not depend on the router, so routing statistics cannot score
+  them and removing an expert leaves tokens whose table entry has no replacement. Those layers are
+  not prunable blocks: they are kept whole (all experts), and only the learned-router layers are
+  profiled and pruned. A pruned model then has different expert counts per layer (a ragged
+  checkpoint, loaded by :func:`moeprune.load`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Children of an experts module whose parameter has one row per expert (Ergo's post-expert norm).
+_PER_EXPERT_CHILDREN = ("post_expert_norm",)
+
+
+def per_expert_norm(module: nn.Module) -> nn.Module | None:
+    """The experts module's per-expert post-norm (weight [E, H], called with expert ids), if any.
+
+    transformers' own ``has_post_expert_norm`` flag means one shared norm called on the output
+    alone; this is the other kind (Ergo's ``ErgoExpertNorm``)."""
+    if getattr(module, "has_post_expert_norm", False):
+        return None
+    norm = getattr(module, "post_expert_norm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return norm
+    return None
+
+
+def expert_axis_children(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Tensors below the experts module's children that carry the expert axis (name -> shape)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for child in _PER_EXPERT_CHILDREN:
+        if child == "post_expert_norm" and per_expert_norm(module) is None:
+            continue
+        sub = getattr(module, child, None)
+        if isinstance(sub, nn.Module):
+            for name, p in sub.named_parameters():
+                out[f"{child}.{name}"] = tuple(p.shape)
+    return out
+
+
+def apply_per_expert_norm(module: nn.Module, expert: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [n, H] of expert ``expert`` through its own post-norm, where the module has one."""
+    norm = per_expert_norm(module)
+    if norm is None:
+        return out
+    ids = torch.full((out.shape[0],), expert, dtype=torch.long, device=out.device)
+    return norm(out, ids)
+
+
+def is_hash_routed(block: nn.Module) -> bool:
+    """A block that routes by a token-id -> expert table (DeepSeek-V4 ``hash_moe`` layers)."""
+    router = getattr(block, "gate", None)
+    return bool(getattr(block, "is_hash", False)) or isinstance(getattr(router, "tid2eid", None), torch.Tensor)
