@@ -110,3 +110,32 @@ def test_ergo_hub_layout_slices_the_transposed_router(tmp_path):
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", dtype=torch.float32).eval()
     assert torch.equal(_logits(am.model), _logits(pruned))
     torch.testing.assert_close(_logits(pruned), _masked(model, blocks, uniform), **TOL)
+
+
+# --- sequential offload of layers that hand state to the next layer -------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["hy_v4"])
+def test_sequential_offload_carries_the_state_layers_hand_on(model_type, tmp_path, capsys):
+    """HY-V4's decoder layers return (hidden, indexer top-k) and the next layer reads it as
+    ``prev_topk_indices``: `profile --offload sequential` used to crash unpacking the stubbed
+    layers; it now hands each layer's real extra outputs to the next and equals the in-memory pass."""
+    from _cli import run_cli
+    from moeprune.offload import calibrate_sequential
+    from moeprune.testing.tiny import byte_tokenizer
+
+    model = _deeper(model_type)
+    assert len(find_moe_blocks(model)) >= 2
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    seqs = _seqs(LENGTHS)
+    kwargs = {"batch_size": 3, "premoe_ka": 3, "per_sample": True}
+    assert_same(calibrate_sequential(tmp_path / "m", seqs, **kwargs), calibrate(model, seqs, **kwargs))
+    (tmp_path / "d.jsonl").write_text('{"text": "alpha beta gamma delta"}\n')
+    capsys.readouterr()
+    rc, _, err = run_cli(
+        capsys, "profile", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+        "--offload", "sequential", "--out", str(tmp_path / "p.profile.safetensors"), "-q",
+    )
+    assert rc == 0, err
+    assert (tmp_path / "p.profile.safetensors").exists()
