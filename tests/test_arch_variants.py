@@ -5,6 +5,8 @@ layers kept whole, the types that stay refused and why."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ import moeprune
 from moeprune.arch import find_moe_blocks, kept_controls, patch_moe
 from moeprune.calibrate import calibrate
 from moeprune.checkpoint import Checkpoint
+from moeprune.errors import UserError
 from moeprune.surgery import rewrite_checkpoint
 from moeprune.testing.tiny import tiny_model
 from test_profile import LENGTHS, _seqs, assert_same, naive_stats
@@ -45,7 +48,7 @@ def _deeper(model_type: str):
 # --- profile statistics -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["ergo"])
+@pytest.mark.parametrize("model_type", ["ergo", "deepseek_v4"])
 def test_statistics_match_naive_float64_reference(model_type):
     model = tiny_model(model_type)
     seqs = _seqs(LENGTHS)
@@ -139,3 +142,104 @@ def test_sequential_offload_carries_the_state_layers_hand_on(model_type, tmp_pat
     )
     assert rc == 0, err
     assert (tmp_path / "p.profile.safetensors").exists()
+
+
+# --- DeepSeek-V4 ----------------------------------------------------------------------------------
+
+
+def _v4(tmp_path, layout: str = "fused"):
+    """Four layers [hash, moe, hash, moe] with diverse hash tables, saved."""
+    model = _deeper("deepseek_v4")
+    g = torch.Generator().manual_seed(3)
+    hashed = []
+    for i, layer in enumerate(model.model.layers):
+        if layer.mlp.is_hash:
+            table = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(256)])
+            layer.mlp.gate.tid2eid.copy_(table)
+            hashed.append(i)
+    model.save_pretrained(tmp_path / "src", save_original_format=(layout == "hub"))
+    return model, find_moe_blocks(model), hashed
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["fused", "hub"])
+def test_deepseek_v4_hash_layers_are_kept_whole(layout, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, blocks, hashed = _v4(tmp_path, layout)
+    assert hashed == [0, 2] and [b.layer for b in blocks] == [1, 3]
+    assert blocks[0].spec.score_fn == "sqrtsoftplus" and blocks[0].prenorm_path is None
+    kept = {1: [0, 2, 3, 5, 6, 7], 3: [1, 2, 4, 5, 6, 7]}
+    result = rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept)
+    assert result.whole_layers == hashed and not result.stock
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["n_routed_experts"] == 8  # the hash layers' count
+    assert config["moeprune"]["experts_per_layer"] == {"0": 8, "1": 6, "2": 8, "3": 6}
+    before, after = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
+    for key, value in before.items():  # every tensor of a hash layer is copied unchanged
+        if any(key.startswith(f"{p}layers.{i}.") for i in hashed for p in ("", "model.")):
+            assert torch.equal(after[key], value), key
+    assert any("tid2eid" in k for k in after)
+    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    torch.testing.assert_close(_logits(loaded), _masked(model, blocks, kept), **TOL)
+    with pytest.raises((RuntimeError, ValueError)):  # ragged: stock loading refuses it
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "hash-routed" in card and "kept whole" in card
+
+
+def test_deepseek_v4_novice_checkpoint_loads_exactly(tmp_path):
+    from moeprune.arch import BlockControl
+
+    model, blocks, _ = _v4(tmp_path)
+    kept = {1: [0, 3, 4, 6, 7], 3: [1, 2, 5]}
+    gen = torch.Generator().manual_seed(7)
+    novices = {b.layer: torch.randn(8 - len(kept[b.layer]), 64, generator=gen) for b in blocks}
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    controls = {}
+    for b in blocks:
+        replaced = sorted(set(range(8)) - set(kept[b.layer]))
+        controls[b.index] = BlockControl(novices=dict(zip(replaced, novices[b.layer], strict=True)))
+    torch.testing.assert_close(_logits(loaded), _logits(model, blocks=blocks, controls=controls), **TOL)
+
+
+def test_deepseek_v4_pad_uniform_is_refused_in_one_line(tmp_path):
+    _, blocks, _ = _v4(tmp_path)
+    kept = {1: [0, 2, 3, 5, 6, 7], 3: [1, 2, 4, 5]}
+    with pytest.raises(UserError, match="hash-routed layers keep all their experts") as err:
+        rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, pad_uniform=True)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepseek_v4_with_only_hash_layers_is_refused():
+    model = tiny_model("deepseek_v4", mlp_layer_types=["hash_moe", "hash_moe"])
+    with pytest.raises(UserError, match="routes by a token-id -> expert table"):
+        find_moe_blocks(model)
+
+
+def test_sqrtsoftplus_routing_masks_like_removal():
+    """A removed expert (-inf logit) scores sqrt(softplus(-inf)) = 0 and is never chosen: routing
+    over the kept logits alone gives the same experts and weights."""
+    from moeprune.arch.routing import RoutingSpec, route
+
+    spec = RoutingSpec(top_k=2, score_fn="sqrtsoftplus", has_selection_bias=True, renormalize=True,
+                       renorm_eps=1e-20, scaling=1.5)
+    g = torch.Generator().manual_seed(0)
+    logits, bias = torch.randn(32, 8, generator=g), torch.randn(8, generator=g) * 0.1
+    kept = [0, 2, 3, 5, 6]
+    allowed = torch.zeros(8, dtype=torch.bool)
+    allowed[kept] = True
+    masked = route(spec, logits, bias, allowed=allowed)
+    alone = route(spec, logits[:, kept], bias[kept])
+    assert torch.equal(masked.top_k_index, torch.tensor(kept)[alone.top_k_index])
+    torch.testing.assert_close(masked.top_k_weights, alone.top_k_weights, rtol=0, atol=0)

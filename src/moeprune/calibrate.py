@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .arch import BlockEvent, MoEBlock
+from .arch.routing import scores
 from .errors import UserError
 from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins, premoe_edges, premoe_token_entries
 
@@ -274,7 +275,7 @@ class Accumulator:
         sums["gate"][li].index_add_(0, flat, g64)
         s = logits.float()
         fn = event.block.spec.score_fn
-        probs = torch.softmax(s, -1) if fn == "softmax" else torch.sigmoid(s) if fn == "sigmoid" else s
+        probs = scores(fn, s)
         sums["prob"][li] += probs.sum(0, dtype=f64)
         q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
         vals = torch.gather(s, -1, ids[:, :1])

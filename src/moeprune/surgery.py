@@ -106,6 +106,7 @@ class RewriteResult:
     stock: bool = True  # stock transformers loads it (else moeprune.load)
     quantization: str | None = None  # e.g. "fp8 (e4m3, 128x128 blocks)": kept experts copied as stored
     dropped_mtp: int = 0  # tensors of multi-token-prediction layers left out (DeepSeek-V3's layer 61)
+    whole_layers: list[int] = field(default_factory=list)  # hash-routed MoE layers kept whole (DeepSeek-V4)
 
     @property
     def ragged(self) -> bool:
@@ -544,6 +545,7 @@ def rewrite_checkpoint(
     existing folder, an output another writer owns (one-shot: its temporary output folder).
     """
     from .arch import find_moe_blocks
+    from .arch.variants import whole_layers
     from .modelio import build_on_meta, load_config
     from .outputs import prepare_output
 
@@ -563,6 +565,13 @@ def rewrite_checkpoint(
     meta_model = build_on_meta(config)
     blocks = find_moe_blocks(meta_model)
     check_mode(blocks, meta_model, mode, pad_uniform, config)
+    whole = whole_layers(meta_model)  # DeepSeek-V4 hash layers: every expert kept (arch/variants.py)
+    if whole and pad_uniform:
+        raise UserError(
+            "--pad-uniform cannot make this checkpoint stock: its hash-routed layers keep all their "
+            "experts, so every layer would be padded back to the original count (nothing saved)",
+            "drop --pad-uniform: the ragged checkpoint loads with moeprune.load",
+        )
     kept, counts = check_kept(blocks, kept, top_k, mode)
     old_e = blocks[0].num_experts
     if any(b.num_experts != old_e for b in blocks):
@@ -574,6 +583,9 @@ def rewrite_checkpoint(
     del meta_model
     _check_provenance(ckpt, keymap, plan, metadata, allow_other_profile)
     rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
+    if whole:  # recorded with their counts: the checkpoint is ragged unless nothing was removed
+        layout.experts_per_layer.update(whole)
+        new_e = max(new_e, *whole.values())
     mtp = mtp_keys(ckpt.tensors, raw_config)
 
     tensors = plan_tensors(ckpt, keymap, rewrites, mtp)
@@ -606,6 +618,7 @@ def rewrite_checkpoint(
         stock=stock,
         quantization=quant.label if quant is not None else None,
         dropped_mtp=len(mtp),
+        whole_layers=sorted(whole),
     )
 
     if target is not None:

@@ -232,6 +232,24 @@ def sparsemixer_top2() -> SpecBuilder:
     return build
 
 
+def deepseek_v4() -> SpecBuilder:
+    """DeepSeek-V4 learned-router layers: ``scoring_func`` scores (sqrt(softplus) by default),
+    selection on score + correction bias, no groups, always renormalised (+1e-20), scaled. Its
+    hash-routed layers are no prunable blocks (arch/variants.py)."""
+    base = sigmoid_biased(groups=False, renorm=True)
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        fn = getattr(config, "scoring_func", "sqrtsoftplus")
+        if fn not in ("sigmoid", "softmax", "sqrtsoftplus"):
+            raise UserError(
+                f"DeepSeek-V4 scoring_func '{fn}' is not one moeprune reproduces",
+                "supported: sqrtsoftplus, sigmoid, softmax",
+            )
+        return replace(base(router, block, config), score_fn=fn)
+
+    return build
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -312,6 +330,13 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "minicpm5_moe": _C,
     "axk2": replace(_C, spec=sigmoid_biased(group_fill=0.0)),
     "beam": replace(_C, spec=sigmoid_biased(scaling_site="block")),
+    # DeepSeek-V4: hash-routed layers kept whole, learned-router layers pruned (arch/variants.py)
+    "deepseek_v4": ArchFacts(
+        deepseek_v4(),
+        _ROUTER_BIAS,
+        prenorm_name=None,  # hyper-connections around the block: no single h_t
+        family="sqrt-softplus + correction bias, top-k, renormalised, scaled; hash layers kept whole",
+    ),
     # E. sigmoid + bias, no groups, always renormalised
     "minimax_m2": ArchFacts(
         sigmoid_biased(groups=False, renorm=True, renorm_eps=0.0, scaling_attrs=()),
@@ -395,7 +420,6 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "deepseek_v4": "its first layers use hash routing (a token-id -> expert table), which expert scores cannot describe",
     "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
     "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
     "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",

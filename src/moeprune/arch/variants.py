@@ -60,3 +60,20 @@ def is_hash_routed(block: nn.Module) -> bool:
     """A block that routes by a token-id -> expert table (DeepSeek-V4 ``hash_moe`` layers)."""
     router = getattr(block, "gate", None)
     return bool(getattr(block, "is_hash", False)) or isinstance(getattr(router, "tid2eid", None), torch.Tensor)
+
+
+def whole_layers(model: nn.Module) -> dict[int, int]:
+    """Decoder layer -> expert count of the MoE layers kept whole (hash-routed): every checkpoint
+    moeprune writes keeps all their experts, so it records them with the pruned layers' counts."""
+    from .blocks import decoder_layers
+    from .experts import ExpertsLayout, is_fused_experts
+
+    out: dict[int, int] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, mod in layer.named_modules():
+            if not name or not is_fused_experts(mod):
+                continue
+            parent = name.rpartition(".")[0]
+            if is_hash_routed(layer.get_submodule(parent) if parent else layer):
+                out[i] = ExpertsLayout.of(mod).num_experts
+    return out
