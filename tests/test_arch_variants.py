@@ -243,3 +243,23 @@ def test_sqrtsoftplus_routing_masks_like_removal():
     alone = route(spec, logits[:, kept], bias[kept])
     assert torch.equal(masked.top_k_index, torch.tensor(kept)[alone.top_k_index])
     torch.testing.assert_close(masked.top_k_weights, alone.top_k_weights, rtol=0, atol=0)
+
+
+# --- types that stay refused ------------------------------------------------------------------------
+
+
+def test_doge_experts_form_a_key_grid_and_its_router_mixes_tokens():
+    """Why Doge stays refused: expert ids are computed from a square key grid (so no checkpoint can
+    drop single experts), and one token's two key-score halves come from different tokens."""
+    model = tiny_model("doge")
+    moe = model.model.layers[0].mlp
+    assert moe.num_keys ** 2 == moe.num_experts == moe.down_embed.weight.shape[0]
+    x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, logits = moe(x)
+        _, changed = moe(torch.cat([x[:, :3], x[:, 3:] * 2], dim=1))
+    # token 0's scores change when only tokens 3..5 change: routing is not per token
+    assert not torch.allclose(logits[:, 0], changed[:, 0])
+    with pytest.raises(UserError, match="product-key grid") as err:
+        find_moe_blocks(model)
+    assert "\n" not in str(err.value)

@@ -421,7 +421,10 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
     "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
-    "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
+    "doge": "its experts are the cells of a sqrt(E) x sqrt(E) product-key grid whose ids the model "
+    "computes (row * sqrt(E) + column), so no checkpoint can hold a chosen subset of them, and its "
+    "router splits one token's key scores across tokens (view(2, T, -1)), so no per-token routing "
+    "exists to score experts by",
     "longcat_flash": "its identity 'zero' experts share the router with the real ones (E+Z rows)",
     "inkling_text": "its shared experts take part in the router's softmax (E+S router rows)",
     "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
