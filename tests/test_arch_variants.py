@@ -263,3 +263,79 @@ def test_doge_experts_form_a_key_grid_and_its_router_mixes_tokens():
     with pytest.raises(UserError, match="product-key grid") as err:
         find_moe_blocks(model)
     assert "\n" not in str(err.value)
+
+
+# --- Inkling2-Loop --------------------------------------------------------------------------------
+
+_LOOP = {
+    "num_hidden_layers": 3,
+    "n_layers_per_attn_res_block": 1,
+    "loop_layer_index_start": 1,
+    "loop_layer_index_end": 2,
+    "loop_num_passes": 2,
+    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+}
+
+
+def test_inkling2_loop_removal_is_exact_with_active_loops(tmp_path):
+    """Layer 1 runs twice per token (the same experts, two routings): masking equals removal at
+    every pass, and the pruned checkpoint loads in the stock class."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("inkling2_loop_text", **_LOOP)
+    blocks = find_moe_blocks(model)
+    assert [b.layer for b in blocks] == [0, 1, 2]
+    calls: list[int] = []
+    with torch.no_grad(), patch_moe(model, blocks, observer=lambda e: calls.append(e.block.layer), reroute=True):
+        rerouted = model(_ids(), use_cache=False).logits
+    assert calls.count(1) == 2 and calls.count(0) == 1  # the looped block runs once per pass
+    torch.testing.assert_close(rerouted, _logits(model), **TOL)
+    for layout in ("fused", "hub"):
+        model.save_pretrained(tmp_path / layout, save_original_format=(layout == "hub"))
+        kept = {b.layer: [[0, 1, 3, 4, 6, 7], [1, 2, 3, 5, 6, 7], [0, 2, 3, 4, 5, 6]][b.index] for b in blocks}
+        result = rewrite_checkpoint(tmp_path / layout, tmp_path / f"out-{layout}", kept)
+        assert result.stock
+        pruned = AutoModelForCausalLM.from_pretrained(tmp_path / f"out-{layout}", dtype=torch.float32).eval()
+        torch.testing.assert_close(_logits(pruned), _masked(model, blocks, kept), **TOL)
+
+
+def test_inkling2_loop_profile_of_looped_layers_is_refused_in_one_line(tmp_path, capsys):
+    from _cli import assert_user_error, run_cli
+    from moeprune.testing.tiny import byte_tokenizer
+
+    model = tiny_model("inkling2_loop_text", **_LOOP)
+    with pytest.raises(UserError, match="MoE layers 1-1 are looped"):
+        calibrate(model, _seqs([4, 6]))
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text('{"text": "alpha beta gamma"}\n')
+    for extra in ((), ("--offload", "sequential")):
+        capsys.readouterr()
+        rc, _, err = run_cli(
+            capsys, "profile", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+            "--out", str(tmp_path / "p.profile.safetensors"), *extra,
+        )
+        assert_user_error(rc, err, "cannot profile", "looped")
+    assert not (tmp_path / "p.profile.safetensors").exists()
+    # without active loops (the tiny default) it profiles like Inkling2
+    assert calibrate(tiny_model("inkling2_loop_text"), _seqs([4, 6]))["tokens"].item() == 10
+
+
+@pytest.mark.parametrize(("suffix", "fmt"), [("_weight_scale", "MXFP8"), ("_weight_amax", "NVFP4")])
+def test_inkling2_loop_quantized_experts_are_refused_in_one_line(suffix, fmt, tmp_path):
+    """The published checkpoints store NVFP4 / MXFP8 experts (w13_weight + scales), which
+    transformers dequantizes on load and moeprune cannot slice as stored: refused, one line."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("inkling2_loop_text")
+    blocks = find_moe_blocks(model)
+    model.save_pretrained(tmp_path / "src", save_original_format=True)
+    weights = load_file(str(tmp_path / "src" / "model.safetensors"))
+    w13 = next(k for k in weights if k.endswith("mlp.experts.w13_weight"))
+    weights[w13[: -len("_weight")] + suffix] = torch.ones(8, 4)
+    save_file(weights, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    kept = {b.layer: [0, 1, 2, 3, 4, 5] for b in blocks}
+    with pytest.raises(UserError, match=f"stored in {fmt}") as err:
+        rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -509,6 +509,15 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_profilable(config: Any, blocks: Sequence[MoEBlock]) -> None:
+    """Refuse, before any work, MoE layers a profile cannot describe (Inkling2-Loop's looped layers)."""
+    from .arch.variants import profile_problem
+
+    why = profile_problem(config, [b.layer for b in blocks])
+    if why is not None:
+        raise UserError(f"cannot profile this model: {why}", "see docs/architectures.md")
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -532,6 +541,7 @@ def calibrate(
     from .load import aux_loss_off
 
     blocks = list(blocks) if blocks is not None else find_moe_blocks(model)
+    check_profilable(model.config, blocks)
     device = _model_device(model)
     hidden = int(model.config.get_text_config().hidden_size)
     acc = Accumulator(

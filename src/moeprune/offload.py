@@ -460,7 +460,7 @@ def calibrate_sequential(
     rank+world, ... and all ranks return the combined tensors."""
     from .arch import decoder_layers, find_moe_blocks, patch_moe
     from .arch.blocks import layers_path as find_layers_path
-    from .calibrate import Accumulator, _Progress, dist_info
+    from .calibrate import Accumulator, _Progress, check_profilable, dist_info
     from .data import batches
     from .load import expected_unexpected, refuse_inexact
     from .modelio import build_on_meta, load_config, resolve_model_dir
@@ -476,6 +476,7 @@ def calibrate_sequential(
     config.dtype = dtype  # build_on_meta (from_config) builds in config.dtype
     model = build_on_meta(config).eval()
     blocks = find_moe_blocks(model)
+    check_profilable(config, blocks)
     layers = decoder_layers(model)
     lpath = find_layers_path(model)
     text_path = lpath.rpartition(".")[0]

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import UserError
 from ..quant import companion_of, is_companion
 from .blocks import MoEBlock
+from .variants import IDENTITY_ON_FLOAT_OPS, quantized_experts_problem
 
 Kind = Literal["fused", "router", "per_expert"]
 
@@ -119,6 +120,8 @@ def _axis_on_disk(converter, axis: int) -> int | None:
     from transformers.core_model_loading import Chunk, Concatenate, Interleave, Split, Transpose
 
     for op in reversed(getattr(converter, "operations", [])):
+        if type(op).__name__ in IDENTITY_ON_FLOAT_OPS:
+            continue
         if isinstance(op, Transpose):
             axis = op.dim1 if axis == op.dim0 else op.dim0 if axis == op.dim1 else axis
         elif isinstance(op, (Concatenate, Chunk, Interleave, Split)):
@@ -150,6 +153,12 @@ def map_expert_keys(
         rename_source_key,
     )
 
+    why = quantized_experts_problem(str(getattr(model.config, "model_type", "")), list(shapes))
+    if why is not None:
+        raise UserError(
+            f"this checkpoint cannot be pruned: {why}",
+            "save a float copy first (from_pretrained, then save_pretrained)",
+        )
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

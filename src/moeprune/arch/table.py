@@ -374,6 +374,12 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         _ROUTER_BIAS,
         family="sigmoid + correction bias, top-k, renormalised, scaled",
     ),
+    # Inkling2-Loop: Inkling2's router; its loop layers run one MoE block several times per token
+    "inkling2_loop_text": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("route_scale", "routed_scaling_factor")),
+        _ROUTER_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised, scaled; looped layers",
+    ),
     "lfm2_moe": ArchFacts(
         lfm2(), ("expert_bias",), prenorm_name="ffn_norm", family="sigmoid (+ expert bias), top-k"
     ),
@@ -433,8 +439,6 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "its router scores scale the experts' input and every expert runs densely",
     "llama4_text": "its router scores scale the experts' input and every expert runs densely",
     "gemma4": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
-    "inkling2_loop_text": "its published checkpoints store NVFP4/MXFP8 experts that transformers "
-    "dequantizes on load, a conversion moeprune cannot slice (new in transformers 5.25)",
     "gemma4_text": "its router returns probabilities (not logits) and scales each expert by a learned per-expert factor",
 }
 

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -77,3 +79,51 @@ def whole_layers(model: nn.Module) -> dict[int, int]:
             if is_hash_routed(layer.get_submodule(parent) if parent else layer):
                 out[i] = ExpertsLayout.of(mod).num_experts
     return out
+
+
+# Load-time converter operations that leave a float checkpoint tensor as it is: Inkling2-Loop's
+# expert dequantization returns its only source unchanged when no scales come with it (a float
+# checkpoint); with scales (NVFP4 / MXFP8) the checkpoint is refused by :func:`quantized_experts_problem`.
+IDENTITY_ON_FLOAT_OPS = ("Inkling2LoopDequantizeExperts",)
+# Expert companions of Inkling2-Loop's published NVFP4 / MXFP8 experts.
+_LOOP_QUANT_SUFFIXES = ("_weight_scale", "_weight_amax", "_weight_outer_scale_denominator")
+
+
+def quantized_experts_problem(model_type: str, keys: list[str]) -> str | None:
+    """Why the checkpoint's experts cannot be sliced (None when they can): Inkling2-Loop's
+    published checkpoints store NVFP4 / MXFP8 experts that transformers dequantizes on load."""
+    if not model_type.startswith("inkling2_loop"):
+        return None
+    for key in keys:
+        if ".experts.w" in key and key.endswith(_LOOP_QUANT_SUFFIXES):
+            fmt = "NVFP4" if key.endswith(("_amax", "_denominator")) or any(
+                k.endswith("_weight_amax") for k in keys
+            ) else "MXFP8"
+            return f"its experts are stored in {fmt} ('{key}'), which moeprune cannot read"
+    return None
+
+
+def looped_layers(config: Any) -> dict[int, int]:
+    """Decoder layer -> passes, for layers the model runs more than once per token (Inkling2-Loop:
+    layers ``loop_layer_index_start`` .. ``end - 1``, ``loop_num_passes`` times each)."""
+    text = config.get_text_config()
+    passes = int(getattr(text, "loop_num_passes", 1) or 1)
+    start, end = getattr(text, "loop_layer_index_start", None), getattr(text, "loop_layer_index_end", None)
+    if passes <= 1 or start is None or end is None:
+        return {}
+    n = int(getattr(text, "num_hidden_layers", 0) or 0)
+    return {i: passes for i in range(int(start), min(int(end), n))}
+
+
+def profile_problem(config: Any, layers: list[int]) -> str | None:
+    """Why the MoE layers ``layers`` cannot be profiled (None when they can): a looped layer routes
+    each token once per pass through the same experts, and a profile holds one routing per token
+    and MoE layer (its PreMoe thresholds are means over tokens), so it has no place for them."""
+    looped = sorted(set(looped_layers(config)) & set(layers))
+    if not looped:
+        return None
+    passes = looped_layers(config)[looped[0]]
+    return (
+        f"its MoE layers {looped[0]}-{looped[-1]} are looped: the model runs each of them {passes} times "
+        "per token, and a profile holds one routing per token and layer, so moeprune cannot profile them yet"
+    )
