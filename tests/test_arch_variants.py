@@ -339,3 +339,27 @@ def test_inkling2_loop_quantized_experts_are_refused_in_one_line(suffix, fmt, tm
         rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_names_the_hash_layers_kept_whole(tmp_path, capsys):
+    from _cli import run_cli
+    from moeprune.testing.tiny import tiny_config
+    from test_surgery_modes import _deeper_overrides
+
+    tiny_config("deepseek_v4", **_deeper_overrides("deepseek_v4")).save_pretrained(tmp_path)
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["moe_layers"] == [1, 3] and report["whole_moe_layers"] == [0, 2]
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path))
+    assert code == 0 and "hash-routed MoE layers" in out
+
+
+def test_zaya_router_rows_include_the_skip_class():
+    """Zaya stays refused (not yet done): its router has E + 1 rows, the last one 'skip'."""
+    model = tiny_model("zaya")
+    gate = model.model.layers[0].mlp.gate
+    assert gate.router_mlp.out_proj.weight.shape[0] == gate.balancing_biases.shape[0] == gate.num_experts + 1 == 9
+    with pytest.raises(UserError, match="'skip' class") as err:
+        find_moe_blocks(model)
+    assert "\n" not in str(err.value)

@@ -426,7 +426,9 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
+    "zaya": "its router MLP scores E experts plus a 'skip' class (E+1 rows, one softmax) and hands its "
+    "state to the next layer's router; removal is defined (mask expert logits, keep the skip row) but "
+    "moeprune's routing, profile and key mapping assume one router row per expert (not yet done)",
     "doge": "its experts are the cells of a sqrt(E) x sqrt(E) product-key grid whose ids the model "
     "computes (row * sqrt(E) + column), so no checkpoint can hold a chosen subset of them, and its "
     "router splits one token's key scores across tokens (view(2, T, -1)), so no per-token routing "
