@@ -118,11 +118,12 @@ def test_ergo_hub_layout_slices_the_transposed_router(tmp_path):
 # --- sequential offload of layers that hand state to the next layer -------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["hy_v4"])
+@pytest.mark.parametrize("model_type", ["hy_v4", "deepseek_v4", "ergo"])
 def test_sequential_offload_carries_the_state_layers_hand_on(model_type, tmp_path, capsys):
     """HY-V4's decoder layers return (hidden, indexer top-k) and the next layer reads it as
     ``prev_topk_indices``: `profile --offload sequential` used to crash unpacking the stubbed
-    layers; it now hands each layer's real extra outputs to the next and equals the in-memory pass."""
+    layers; it now hands each layer's real extra outputs to the next and equals the in-memory pass
+    (also for DeepSeek-V4, whose hash layers read input_ids, and Ergo)."""
     from _cli import run_cli
     from moeprune.offload import calibrate_sequential
     from moeprune.testing.tiny import byte_tokenizer
