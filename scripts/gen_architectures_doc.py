@@ -9,6 +9,7 @@ import transformers
 
 from moeprune.arch import ARCH_TABLE, UNSUPPORTED, find_moe_blocks
 from moeprune.arch.pruned import pad_uniform_problem
+from moeprune.arch.variants import TYPE_NOTES, whole_layers
 from moeprune.testing.tiny import buildable_types, tiny_model
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -22,10 +23,11 @@ def main() -> None:
         by_family[ARCH_TABLE[model_type].family or "?"].append(model_type)
     for model_type in buildable_types():
         if model_type in ARCH_TABLE:
-            block = find_moe_blocks(tiny_model(model_type))[0]
+            model = tiny_model(model_type)
+            block = find_moe_blocks(model)[0]
             path = block.selection_bias_path
             bias_at[model_type] = path[len(block.path) + 1 :] if path else "-"
-            if pad_uniform_problem(block) is None:
+            if pad_uniform_problem(block) is None and not whole_layers(model):
                 paddable.append(model_type)
     lines = [
         "# Supported architectures",
@@ -50,6 +52,10 @@ def main() -> None:
         "",
         "`moeprune prune --pad-uniform` (docs/surgery.md) can pad layers with exactly dead experts for:",
         ", ".join(sorted(paddable)) + ".",
+        "",
+        "Notes on individual types:",
+        "",
+        *(f"- {t}: {note}." for t, note in sorted(TYPE_NOTES.items()) if t in ARCH_TABLE),
         "",
         f"## Not supported ({len(UNSUPPORTED)} types)",
         "",

@@ -127,3 +127,17 @@ def profile_problem(config: Any, layers: list[int]) -> str | None:
         f"its MoE layers {looped[0]}-{looped[-1]} are looped: the model runs each of them {passes} times "
         "per token, and a profile holds one routing per token and layer, so moeprune cannot profile them yet"
     )
+
+
+# What a user of these types should know beyond the routing family (docs/architectures.md).
+TYPE_NOTES: dict[str, str] = {
+    "deepseek_v4": "hash-routed MoE layers (a token-id -> expert table, `tid2eid`) are kept whole with "
+    "all their experts, since routing statistics cannot score them and a removed expert has no "
+    "replacement in the table; only the learned-router layers are profiled and pruned, so a pruned "
+    "checkpoint is ragged (`config.moeprune`) and loads with `moeprune.load`; `--pad-uniform` is refused",
+    "ergo": "the per-expert post-norm (`experts.post_expert_norm.weight` [E, H]) is sliced with the "
+    "experts; the router published as `gate_kernel` [H, E] is sliced on its axis 1",
+    "inkling2_loop_text": "float checkpoints only: the published NVFP4 / MXFP8 expert checkpoints are "
+    "refused (save a float copy first); removal is exact with active loop layers, but a model whose "
+    "loop runs more than one pass cannot be profiled yet (a profile holds one routing per token and layer)",
+}
