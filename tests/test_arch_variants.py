@@ -364,3 +364,24 @@ def test_zaya_router_rows_include_the_skip_class():
     with pytest.raises(UserError, match="'skip' class") as err:
         find_moe_blocks(model)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", ["ergo", "inkling2_loop_text"])
+def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
+    """MoNE novices: Ergo's kept experts keep their own post-norm rows; the novice constants
+    replace the whole expert output (norm included)."""
+    from moeprune.arch import BlockControl
+
+    model = _deeper(model_type)
+    blocks = find_moe_blocks(model)
+    model.save_pretrained(tmp_path / "src")
+    kept = {b.layer: [[0, 3, 4, 6, 7], [1, 2, 5], [0, 1, 2, 4, 5, 6]][b.index % 3] for b in blocks}
+    gen = torch.Generator().manual_seed(7)
+    novices = {b.layer: torch.randn(8 - len(kept[b.layer]), 64, generator=gen) for b in blocks}
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
+    controls = {}
+    for b in blocks:
+        replaced = sorted(set(range(8)) - set(kept[b.layer]))
+        controls[b.index] = BlockControl(novices=dict(zip(replaced, novices[b.layer], strict=True)))
+    torch.testing.assert_close(_logits(loaded), _logits(model, blocks=blocks, controls=controls), **TOL)

@@ -418,6 +418,11 @@ def _novice_buffer(ckpt: Checkpoint, keymap: ExpertKeyMap, ek: ExpertKey, rw: Bl
     name = (ek.target or "")[len(b.experts_path) + 1 :]
     if ek.kind == "fused" and "." in name and ek.key.endswith("." + name):  # DBRX: experts.mlp.w1
         prefix = ek.key[: -len(name) - 1]
+    leaf = b.experts_path.rpartition(".")[2]
+    if ek.kind == "fused" and not prefix.endswith(leaf) and "." not in name:
+        # the experts' keys are renamed on load (Ergo: feed_forward.up_proj -> mlp.experts.up_proj),
+        # so a buffer named after them would land nowhere: use the model's own name
+        prefix = b.experts_path
     dtype = "F32"
     for other in keymap.of_block(b.index):
         if other.target == b.router_weight_path and ckpt.info(other.key).dtype in _TORCH_DTYPES:
