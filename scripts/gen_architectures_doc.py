@@ -9,6 +9,7 @@ import transformers
 
 from moeprune.arch import ARCH_TABLE, UNSUPPORTED, find_moe_blocks
 from moeprune.arch.pruned import pad_uniform_problem
+from moeprune.arch.variants import TYPE_NOTES, whole_layers
 from moeprune.arch.wrappers import WRAPPED, WRAPPER_REFUSED
 from moeprune.testing.tiny import buildable_types, tiny_model
 from moeprune.testing.wrappers import MOE_WRAPPER_TYPES, tiny_wrapper, wrapper_config
@@ -33,10 +34,11 @@ def main() -> None:
     for model_type, make in models:
         if model_type in bias_at:
             continue
-        block = find_moe_blocks(make())[0]
+        model = make()
+        block = find_moe_blocks(model)[0]
         path = block.selection_bias_path
         bias_at[model_type] = path[len(block.path) + 1 :] if path else "-"
-        if pad_uniform_problem(block) is None:
+        if pad_uniform_problem(block) is None and not whole_layers(model):
             paddable.append(model_type)
     lines = [
         "# Supported architectures",
@@ -65,6 +67,10 @@ def main() -> None:
         "",
         "`moeprune prune --pad-uniform` (docs/surgery.md) can pad layers with exactly dead experts for:",
         ", ".join(sorted(paddable)) + ".",
+        "",
+        "Notes on individual types:",
+        "",
+        *(f"- {t}: {note}." for t, note in sorted(TYPE_NOTES.items()) if t in ARCH_TABLE),
         "",
         f"## Not supported ({len(UNSUPPORTED)} types)",
         "",

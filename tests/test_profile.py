@@ -57,7 +57,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
             captured[("h", _l)] = args[0].reshape(-1, args[0].shape[-1])
 
         handles.append(model.get_submodule(b.path).register_forward_pre_hook(grab_x))
-        handles.append(model.get_submodule(b.prenorm_path).register_forward_pre_hook(grab_h))
+        # no single norm before the block (hyper-connections): the block input is the residual
+        handles.append(model.get_submodule(b.prenorm_path or b.path).register_forward_pre_hook(grab_h))
     f64 = torch.float64
     out = {
         n: torch.zeros(L, E, dtype=f64) for n in ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")

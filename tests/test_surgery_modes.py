@@ -76,16 +76,19 @@ def _tiny(model_type: str):
 
 @cache
 def _bias_types() -> list[str]:
-    """Supported types whose router has an additive selection bias (pad-uniform applies)."""
+    """Supported types whose router has an additive selection bias (pad-uniform applies), and no
+    layers kept whole (DeepSeek-V4's hash layers: refused, tests/test_arch_variants.py)."""
+    from moeprune.arch.variants import whole_layers
     from moeprune.modelio import build_on_meta
 
     out = []
     for t in TYPES:
         try:
-            blocks = find_moe_blocks(build_on_meta(tiny_config(t)))
+            meta = build_on_meta(tiny_config(t))
+            blocks = find_moe_blocks(meta)
         except UserError:
             continue
-        if pad_uniform_problem(blocks[0]) is None:
+        if pad_uniform_problem(blocks[0]) is None and not whole_layers(meta):
             out.append(t)
     return out
 
@@ -155,7 +158,10 @@ def _check_ragged(model_type: str, layout: str, tmp_path: Path) -> None:
     result = rewrite_checkpoint(src, tmp_path / "out", kept)
     assert result.ragged and not result.stock and result.kept_counts == counts
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["moeprune"]["experts_per_layer"] == {str(k): v for k, v in counts.items()}
+    from moeprune.arch.variants import whole_layers
+
+    recorded = {**whole_layers(model), **counts}  # hash-routed layers (DeepSeek-V4) are kept whole
+    assert config["moeprune"]["experts_per_layer"] == {str(k): v for k, v in recorded.items()}
     pruned = moeprune.load(tmp_path / "out", dtype=torch.float32)
     assert {b.layer: b.num_experts for b in find_moe_blocks(pruned)} == counts
     torch.testing.assert_close(_logits(pruned), _ragged_reference(model_type, 0), **TOL)

@@ -127,6 +127,8 @@ class AdaptiveMoE:
 
         from .arch import find_moe_blocks
         from .arch.keys import map_expert_keys
+        from .arch.pruned import PrunedLayout, apply_layout
+        from .arch.variants import whole_layers
         from .checkpoint import Checkpoint
         from .load import disable_aux_loss
         from .modelio import build_on_meta, load_config, parse_dtype, resolve_model_dir
@@ -167,10 +169,17 @@ class AdaptiveMoE:
         num_experts = full_blocks[0].num_experts
         raw = config.to_dict()
         raw.pop("quantization_config", None)  # the model in memory holds dequantized weights
-        pruned = pruned_config(raw, config, num_experts, lib.keep, None)
+        whole = whole_layers(full)  # hash-routed layers (DeepSeek-V4) keep all their experts
+        layout = None
+        if whole:
+            per_layer = {**{b.layer: lib.keep for b in full_blocks}, **whole}
+            layout = PrunedLayout(mode="remove", experts_per_layer=per_layer, original_experts=num_experts)
+        pruned = pruned_config(raw, config, num_experts, num_experts if whole else lib.keep, None, layout)
         kconfig = type(config).from_dict(pruned)
         kconfig.dtype = torch_dtype
         lm = build_on_meta(kconfig).eval()
+        if layout is not None:
+            apply_layout(lm, layout)
         blocks = find_moe_blocks(lm)
         if [b.layer for b in blocks] != [b.layer for b in full_blocks]:
             raise RuntimeError("the pruned model has other MoE layers than the original")
@@ -197,7 +206,7 @@ class AdaptiveMoE:
         for ek in self.keymap.keys.values():
             if ek.kind == "router" and ek.target is not None:
                 full_tensor = full.get_parameter_or_buffer(ek.target).detach()
-                self._router_full[ek.layer][ek.target] = (full_tensor, ek.axis or 0)
+                self._router_full[ek.layer][ek.target] = (full_tensor, ek.model_axis)
         # the first MoE layer's full router module stays loaded: it scores queries
         self._probe = full_blocks[0].router(full)
         _complete_from(self._probe, blocks[0].router(lm))

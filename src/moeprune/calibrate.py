@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .arch import BlockEvent, MoEBlock
+from .arch.routing import scores
 from .errors import UserError
 from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins, premoe_edges, premoe_token_entries
 
@@ -281,7 +282,7 @@ class Accumulator:
         sums["gate"][li].index_add_(0, flat, g64)
         s = logits.float()
         fn = event.block.spec.score_fn
-        probs = torch.softmax(s, -1) if fn == "softmax" else torch.sigmoid(s) if fn == "sigmoid" else s
+        probs = scores(fn, s)
         # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
         s, probs = s[:, :E], probs[:, :E]
         sums["prob"][li] += probs.sum(0, dtype=f64)
@@ -519,6 +520,15 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_profilable(config: Any, blocks: Sequence[MoEBlock]) -> None:
+    """Refuse, before any work, MoE layers a profile cannot describe (Inkling2-Loop's looped layers)."""
+    from .arch.variants import profile_problem
+
+    why = profile_problem(config, [b.layer for b in blocks])
+    if why is not None:
+        raise UserError(f"cannot profile this model: {why}", "see docs/architectures.md")
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -542,6 +552,7 @@ def calibrate(
     from .load import aux_loss_off
 
     blocks = list(blocks) if blocks is not None else find_moe_blocks(model)
+    check_profilable(model.config, blocks)
     device = _model_device(model)
     hidden = int(model.config.get_text_config().hidden_size)
     acc = Accumulator(

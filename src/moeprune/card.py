@@ -101,6 +101,14 @@ def _mode_paragraph(result: RewriteResult, base: str, layout: PrunedLayout) -> s
         "the original one with the removed experts' router logits set to -inf. Shared experts, attention "
         "and dense layers are unchanged."
     )
+    if result.whole_layers:
+        text += (
+            f" The {len(result.whole_layers)} hash-routed MoE layers (decoder layers "
+            f"{', '.join(map(str, result.whole_layers))}) choose experts by a fixed token-id -> expert "
+            f"table, not by their router: they are kept whole, with all {e} experts and their table, so "
+            "`moeprune.experts_per_layer` records them beside the pruned layers and the model is built "
+            "by `moeprune.load`."
+        )
     if result.ragged and result.padded:
         text += (
             f" Layers differ in their counts; every layer is padded to {max(counts)} experts with *dead* "
@@ -170,6 +178,14 @@ def model_card(
     ]
     if result.quantization:
         rows.append(("quantization", f"{result.quantization}, kept experts copied as stored"))
+    if result.whole_layers:
+        rows.append(
+            (
+                "hash-routed layers",
+                f"{len(result.whole_layers)} kept whole (all {e} experts): they route by a token-id -> "
+                "expert table that routing statistics cannot score",
+            )
+        )
     if result.dropped_mtp:
         rows.append(
             (

@@ -342,6 +342,32 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+class _Carried:
+    """Stands, during the capture, for the j-th extra output of a decoder layer that the text
+    model hands to the next layer (HY-V4: the sparse-attention indexer's ``topk_indices``, passed
+    on as ``prev_topk_indices``); replaced by the real output layer by layer."""
+
+    def __init__(self, j: int) -> None:
+        self.j = j
+
+
+# extra outputs a decoder layer may return besides its hidden states (tried in turn by the capture)
+_MAX_EXTRA_OUTPUTS = 3
+
+
+def _with_carried(obj: Any, carried: tuple) -> Any:
+    """``obj`` (captured layer args/kwargs) with each :class:`_Carried` replaced by its real value."""
+    if isinstance(obj, _Carried):
+        return carried[obj.j]
+    if isinstance(obj, tuple):
+        return tuple(_with_carried(x, carried) for x in obj)
+    if isinstance(obj, list):
+        return [_with_carried(x, carried) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _with_carried(v, carried) for k, v in obj.items()}
+    return obj
+
+
 @dataclass
 class _Batch:
     indices: list[int]
@@ -350,6 +376,7 @@ class _Batch:
     tokens: int
     hidden: torch.Tensor | None = None  # [B, S, H] entering the next layer (CPU)
     inputs: dict[int, tuple[tuple, dict]] = field(default_factory=dict)  # layer -> (args, kwargs)
+    carried: tuple = ()  # the previous layer's extra outputs (CPU), see _Carried
 
 
 def _forward_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -359,10 +386,25 @@ def _forward_kwargs(module: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _capture(text_model: nn.Module, layers: nn.ModuleList, last: int, batch: _Batch, device) -> None:
+def _capture(text_model: nn.Module, layers: nn.ModuleList, last: int, batch: _Batch, device) -> int:
     """Run the text model's own forward up to layer ``last`` with every layer stubbed: records each
-    layer's (args, kwargs) and the hidden states entering layer 0."""
+    layer's (args, kwargs) and the hidden states entering layer 0. Returns how many extra outputs
+    the layers return besides their hidden states (the model unpacks them: tried 0, 1, ...)."""
+    for extra in range(_MAX_EXTRA_OUTPUTS + 1):
+        try:
+            _capture_with(text_model, layers, last, batch, device, extra)
+        except (ValueError, TypeError) as exc:
+            if "unpack" not in str(exc) or extra == _MAX_EXTRA_OUTPUTS:
+                raise
+            batch.inputs.clear()
+            continue
+        return extra
+    raise AssertionError("unreachable")
 
+
+def _capture_with(
+    text_model: nn.Module, layers: nn.ModuleList, last: int, batch: _Batch, device, extra: int
+) -> None:
     def stub(i: int):
         def forward(*args, **kwargs):
             if args:
@@ -374,7 +416,7 @@ def _capture(text_model: nn.Module, layers: nn.ModuleList, last: int, batch: _Ba
             batch.inputs[i] = (_to(rest, torch.device("cpu")), _to(kwargs, torch.device("cpu")))
             if i == last:
                 raise _StopForward
-            return hidden
+            return (hidden, *(_Carried(j) for j in range(extra))) if extra else hidden
 
         return forward
 
@@ -418,7 +460,7 @@ def calibrate_sequential(
     rank+world, ... and all ranks return the combined tensors."""
     from .arch import decoder_layers, find_moe_blocks, patch_moe
     from .arch.blocks import layers_path as find_layers_path
-    from .calibrate import Accumulator, _Progress, dist_info
+    from .calibrate import Accumulator, _Progress, check_profilable, dist_info
     from .data import batches
     from .load import expected_unexpected, refuse_inexact
     from .modelio import build_on_meta, load_config, resolve_model_dir
@@ -434,6 +476,7 @@ def calibrate_sequential(
     config.dtype = dtype  # build_on_meta (from_config) builds in config.dtype
     model = build_on_meta(config).eval()
     blocks = find_moe_blocks(model)
+    check_profilable(config, blocks)
     layers = decoder_layers(model)
     lpath = find_layers_path(model)
     text_path = lpath.rpartition(".")[0]
@@ -473,8 +516,9 @@ def calibrate_sequential(
     for name, p in text_model.named_parameters(recurse=False):
         if p.is_meta:
             raise UserError(f"the checkpoint has no tensor for '{text_path}.{name}'", "check the model")
+    extra = 0
     for batch in work:
-        _capture(text_model, layers, last, batch, device)
+        extra = _capture(text_model, layers, last, batch, device)
     for child in prefix_modules:
         _free(child)
 
@@ -490,12 +534,13 @@ def calibrate_sequential(
             mine_blocks = [b for b in blocks if b.layer == i]
             with patch_moe(model, mine_blocks, observer=acc.observe) as session:
                 for batch in work:
-                    args, kwargs = batch.inputs.pop(i)
+                    args, kwargs = _with_carried(batch.inputs.pop(i), batch.carried)
                     mask = batch.mask.to(device)
                     session.token_mask = mask.reshape(-1).bool()
                     acc.set_batch(batch.indices, mask)
                     out = layer(batch.hidden.to(device), *_to(args, device), **_to(kwargs, device))
                     if isinstance(out, (tuple, list)):
+                        batch.carried = _to(tuple(out[1 : 1 + extra]), torch.device("cpu")) if i < last else ()
                         out = out[0]
                     batch.hidden = out.to("cpu") if i < last else None
                     bar.advance(batch.tokens)

@@ -32,6 +32,8 @@ class ModelSummary:
     other_params: int
     params_per_expert: int
     keep: list[dict[str, Any]] = field(default_factory=list)
+    # MoE layers kept whole, not counted as prunable (DeepSeek-V4's hash-routed layers)
+    whole_moe_layers: list[int] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -137,6 +139,9 @@ def summarize(config: Any, model=None, checkpoint_dir: Any = None) -> ModelSumma
         other_params=total - routed,
         params_per_expert=first.layout.params_per_expert(),
     )
+    from .arch.variants import whole_layers
+
+    summary.whole_moe_layers = sorted(whole_layers(model))
     for frac in KEEP_FRACTIONS:
         summary.keep.append(_keep_row(frac, first, total, routed, nbytes))
     return summary

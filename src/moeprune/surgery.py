@@ -107,6 +107,7 @@ class RewriteResult:
     stock: bool = True  # stock transformers loads it (else moeprune.load)
     quantization: str | None = None  # e.g. "fp8 (e4m3, 128x128 blocks)": kept experts copied as stored
     dropped_mtp: int = 0  # tensors of multi-token-prediction layers left out (DeepSeek-V3's layer 61)
+    whole_layers: list[int] = field(default_factory=list)  # hash-routed MoE layers kept whole (DeepSeek-V4)
 
     @property
     def ragged(self) -> bool:
@@ -425,6 +426,11 @@ def _novice_buffer(ckpt: Checkpoint, keymap: ExpertKeyMap, ek: ExpertKey, rw: Bl
     name = (ek.target or "")[len(b.experts_path) + 1 :]
     if ek.kind == "fused" and "." in name and ek.key.endswith("." + name):  # DBRX: experts.mlp.w1
         prefix = ek.key[: -len(name) - 1]
+    leaf = b.experts_path.rpartition(".")[2]
+    if ek.kind == "fused" and not prefix.endswith(leaf) and "." not in name:
+        # the experts' keys are renamed on load (Ergo: feed_forward.up_proj -> mlp.experts.up_proj),
+        # so a buffer named after them would land nowhere: use the model's own name
+        prefix = b.experts_path
     dtype = "F32"
     for other in keymap.of_block(b.index):
         if other.target == b.router_weight_path and ckpt.info(other.key).dtype in _TORCH_DTYPES:
@@ -567,6 +573,7 @@ def plan_rewrite(
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
     config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases)."""
     from .arch import find_moe_blocks
+    from .arch.variants import whole_layers
     from .modelio import build_on_meta, load_config
 
     if mode not in MODES:
@@ -580,6 +587,13 @@ def plan_rewrite(
     meta_model = build_on_meta(config)
     blocks = find_moe_blocks(meta_model)
     check_mode(blocks, meta_model, mode, pad_uniform, config)
+    whole = whole_layers(meta_model)  # DeepSeek-V4 hash layers: every expert kept (arch/variants.py)
+    if whole and pad_uniform:
+        raise UserError(
+            "--pad-uniform cannot make this checkpoint stock: its hash-routed layers keep all their "
+            "experts, so every layer would be padded back to the original count (nothing saved)",
+            "drop --pad-uniform: the ragged checkpoint loads with moeprune.load",
+        )
     kept, counts = check_kept(blocks, kept, top_k, mode)
     old_e = blocks[0].num_experts
     if any(b.num_experts != old_e for b in blocks):
@@ -591,6 +605,9 @@ def plan_rewrite(
     del meta_model
     _check_provenance(ckpt, keymap, plan, metadata, allow_other_profile)
     rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
+    if whole:  # recorded with their counts: the checkpoint is ragged unless nothing was removed
+        layout.experts_per_layer.update(whole)
+        new_e = max(new_e, *whole.values())
     mtp = mtp_keys(ckpt.tensors, raw_config)
 
     tensors = plan_tensors(ckpt, keymap, rewrites, mtp)
@@ -623,6 +640,7 @@ def plan_rewrite(
         stock=stock,
         quantization=quant.label if quant is not None else None,
         dropped_mtp=len(mtp),
+        whole_layers=sorted(whole),
     )
 
     return RewritePlan(ckpt, raw_config, new_config, layout, kept, tensors, shards, names, result)

@@ -17,6 +17,7 @@ from .experts import ExpertsLayout, is_fused_experts
 from .extended import RouterAdapter
 from .routing import RoutingSpec, route
 from .table import ARCH_TABLE, EXPERT_COUNT_ATTRS, UNSUPPORTED, ArchFacts, facts_for
+from .variants import is_hash_routed
 
 
 def _has_expert_config(config) -> bool:
@@ -157,6 +158,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     layers = decoder_layers(model)
     lpath = layers_path(model)
     blocks: list[MoEBlock] = []
+    hash_layers: list[int] = []
     for layer_idx, layer in enumerate(layers):
         for name, mod in layer.named_modules():
             if not name or not is_fused_experts(mod):
@@ -165,6 +167,9 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                 facts = facts_for(model_type)  # a MoE was found: now it must be a known type
             block_rel, _, experts_name = name.rpartition(".")
             block = layer.get_submodule(block_rel) if block_rel else layer
+            if is_hash_routed(block):  # kept whole, never a prunable block (arch/variants.py)
+                hash_layers.append(layer_idx)
+                continue
             layout = ExpertsLayout.of(mod)
             extra = facts.adapter.extra(config) if facts.adapter is not None else 0
             rows = layout.num_experts + extra  # router rows: experts, then non-prunable columns
@@ -224,6 +229,12 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                     ),
                 )
             )
+    if not blocks and hash_layers:
+        raise UserError(
+            f"every MoE layer of this '{model_type}' model routes by a token-id -> expert table "
+            "(hash routing), which moeprune keeps whole: there is nothing to prune",
+            "prune a model with learned-router MoE layers",
+        )
     if not blocks:
         if model_type in UNSUPPORTED or (model_type not in ARCH_TABLE and _has_expert_config(config)):
             facts_for(model_type)  # raises: a MoE type that moeprune does not (yet) support

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dbrx, llama4
+from . import dbrx, llama4, variants
 
 FUSED_EXPERT_PARAMS = (
     "gate_up_proj",
@@ -67,6 +67,7 @@ class ExpertsLayout:
             for name, p in module.named_parameters(recurse=False)
             if p.dim() >= 1 and not name.endswith(("_scale_inv", "_activation_scale"))  # fp8 scales
         }
+        tensors.update(variants.expert_axis_children(module))  # Ergo's per-expert post-norm
         # a novice experts module (arch.pruned.NoviceExperts) stores fewer experts than it routes
         num = getattr(module, "routed_experts", None) or next(iter(tensors.values()))[0]
         custom = getattr(type(module), "_apply_gate", None) is not _default_apply_gate
@@ -162,7 +163,7 @@ def single_expert_forward(module: nn.Module, expert: int, x: torch.Tensor) -> to
     out = _linear(h, weight("down_proj"), b, t)
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
-    return out
+    return variants.apply_per_expert_norm(module, expert, out)
 
 
 def selected_expert_outputs(

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import UserError
 from ..quant import companion_of, is_companion
 from .blocks import MoEBlock
+from .variants import IDENTITY_ON_FLOAT_OPS, quantized_experts_problem
 
 Kind = Literal["fused", "router", "per_expert"]
 
@@ -54,6 +55,13 @@ class ExpertKey:
     prefix: str = ""  # per-expert key = prefix + str(expert) + suffix
     suffix: str = ""
     rows: int = 1  # entries of ``axis`` per expert (DBRX's 2D experts: I rows each)
+    # expert axis of the model tensor ``target`` where a transpose on load moves it (Ergo's
+    # [H, E] router on disk); None: the same as ``axis``
+    target_axis: int | None = None
+
+    @property
+    def model_axis(self) -> int:
+        return self.target_axis if self.target_axis is not None else (self.axis or 0)
 
     def renumbered(self, new_id: int) -> str:
         """The same per-expert key for expert ``new_id`` (renumbering after a removal)."""
@@ -105,6 +113,25 @@ def _keeps_axis0(converter) -> bool:
     return True
 
 
+def _axis_on_disk(converter, axis: int) -> int | None:
+    """The stored tensor's axis that becomes the model tensor's expert ``axis`` (None when a
+    converter operation splits or merges it, or is one moeprune does not know). A transpose
+    moves it: Ergo stores its router as [H, E] (``gate_kernel``), the model holds [E, H]."""
+    from transformers.core_model_loading import Chunk, Concatenate, Interleave, Split, Transpose
+
+    for op in reversed(getattr(converter, "operations", [])):
+        if type(op).__name__ in IDENTITY_ON_FLOAT_OPS:
+            continue
+        if isinstance(op, Transpose):
+            axis = op.dim1 if axis == op.dim0 else op.dim0 if axis == op.dim1 else axis
+        elif isinstance(op, (Concatenate, Chunk, Interleave, Split)):
+            if getattr(op, "dim", 0) == axis:
+                return None
+        else:
+            return None
+    return axis
+
+
 def _merges_experts(converter) -> bool:
     from transformers.core_model_loading import MergeModulelist
 
@@ -126,6 +153,12 @@ def map_expert_keys(
         rename_source_key,
     )
 
+    why = quantized_experts_problem(str(getattr(model.config, "model_type", "")), list(shapes))
+    if why is not None:
+        raise UserError(
+            f"this checkpoint cannot be pruned: {why}",
+            "save a float copy first (from_pretrained, then save_pretrained)",
+        )
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -181,15 +214,26 @@ def map_expert_keys(
         hit = axis_of.get(renamed)
         if hit is not None and (pattern is None or not _merges_experts(by_pattern[pattern])):
             block, axis = hit
+            model_axis = axis
             if pattern is not None and not _keeps_axis0(by_pattern[pattern]):
-                raise UserError(
-                    f"checkpoint tensor '{key}' is converted on load in a way moeprune cannot slice",
-                    "this checkpoint layout is not supported yet",
-                )
+                disk_axis = _axis_on_disk(by_pattern[pattern], axis)
+                if disk_axis is None:
+                    raise UserError(
+                        f"checkpoint tensor '{key}' is converted on load in a way moeprune cannot slice",
+                        "this checkpoint layout is not supported yet",
+                    )
+                axis = disk_axis
             kind: Kind = "fused" if renamed.startswith(block.experts_path + ".") else "router"
             rows = block.layout.rows_per_expert if kind == "fused" else 1
             found.keys[key] = ExpertKey(
-                key, block.index, block.layer, kind, axis=axis, target=renamed, rows=rows
+                key,
+                block.index,
+                block.layer,
+                kind,
+                axis=axis,
+                target=renamed,
+                rows=rows,
+                target_axis=model_axis if model_axis != axis else None,
             )
             continue
         # one key per expert: merged by a converter, or any tensor named experts.<i>.*

@@ -220,12 +220,17 @@ def resize_block(model: nn.Module, block: MoEBlock, experts: int, router: int) -
 def apply_layout(model: nn.Module, layout: PrunedLayout) -> None:
     """Shape a freshly built model (normally on the meta device) as ``layout`` says, in place."""
     from .blocks import find_moe_blocks
+    from .variants import whole_layers
 
     blocks = find_moe_blocks(model)
     layers = {b.layer for b in blocks}
-    unknown = sorted(set(layout.experts_per_layer) - layers)
+    whole = whole_layers(model)  # hash-routed layers: recorded with all their experts, as built
+    unknown = sorted(set(layout.experts_per_layer) - layers - set(whole))
     if unknown:
         raise ValueError(f"config.{CONFIG_KEY} names layer(s) {unknown}, which are not MoE layers")
+    wrong = [i for i, n in whole.items() if layout.experts_per_layer.get(i, n) != n]
+    if wrong:
+        raise ValueError(f"config.{CONFIG_KEY} gives hash-routed layer {wrong[0]} fewer experts than it holds")
     hidden = int(model.config.get_text_config().hidden_size)
     for b in blocks:
         n = layout.experts_per_layer.get(b.layer, b.num_experts)

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-ScoreFn = Literal["softmax", "sigmoid", "identity"]
+ScoreFn = Literal["softmax", "sigmoid", "identity", "sqrtsoftplus"]
 WeightFrom = Literal["score", "softmax_topk"]
 GroupScore = Literal["max", "top2_sum"]
 Selector = Literal["topk", "sparsemixer"]
@@ -29,7 +29,7 @@ WeightScale = Literal["", "per_expert", "global"]
 class RoutingSpec:
     """What a router does with its logits ``s_t`` (shape [T, E]).
 
-    - ``score_fn``: p_t = softmax(s_t) | sigmoid(s_t) | s_t.
+    - ``score_fn``: p_t = softmax(s_t) | sigmoid(s_t) | s_t | sqrt(softplus(s_t)) (DeepSeek-V4).
     - ``selection_bias``: added to p_t for *selection only* (DeepSeek-V3 ``e_score_correction_bias``,
       Ernie ``moe_statics``); weights still come from the unbiased p_t. ``selection_on_logits``:
       the bias is added to the raw logits instead (Kolibri-1).
@@ -140,13 +140,7 @@ def route(
         index, weights = sparsemixer(logits, spec.jitter_eps)
         return Routing(probs=torch.softmax(logits, dim=-1), top_k_index=index, top_k_weights=weights)
 
-    if spec.score_fn == "softmax":
-        probs = torch.softmax(logits, dim=-1)
-    elif spec.score_fn == "sigmoid":
-        probs = torch.sigmoid(logits)
-    else:
-        probs = logits
-
+    probs = scores(spec.score_fn, logits)
     choice = logits if spec.selection_on_logits else probs
     if spec.has_selection_bias and selection_bias is not None:
         choice = choice + selection_bias.float().reshape(1, -1)
@@ -177,6 +171,17 @@ def route(
 
         weights = apply_weight_scale(spec, weights, chosen, weight_scale)
     return Routing(probs=probs, top_k_index=chosen, top_k_weights=weights)
+
+
+def scores(score_fn: ScoreFn, logits: torch.Tensor) -> torch.Tensor:
+    """Router probabilities p_t from logits [T, E] (a removed expert's -inf logit scores 0)."""
+    if score_fn == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score_fn == "sigmoid":
+        return torch.sigmoid(logits)
+    if score_fn == "sqrtsoftplus":  # DeepSeek-V4
+        return torch.nn.functional.softplus(logits).sqrt()
+    return logits
 
 
 def _limit_to_groups(spec: RoutingSpec, choice: torch.Tensor) -> torch.Tensor:

@@ -270,6 +270,24 @@ def sigmoid_input_gate() -> SpecBuilder:
     return build
 
 
+def deepseek_v4() -> SpecBuilder:
+    """DeepSeek-V4 learned-router layers: ``scoring_func`` scores (sqrt(softplus) by default),
+    selection on score + correction bias, no groups, always renormalised (+1e-20), scaled. Its
+    hash-routed layers are no prunable blocks (arch/variants.py)."""
+    base = sigmoid_biased(groups=False, renorm=True)
+
+    def build(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+        fn = getattr(config, "scoring_func", "sqrtsoftplus")
+        if fn not in ("sigmoid", "softmax", "sqrtsoftplus"):
+            raise UserError(
+                f"DeepSeek-V4 scoring_func '{fn}' is not one moeprune reproduces",
+                "supported: sqrtsoftplus, sigmoid, softmax",
+            )
+        return replace(base(router, block, config), score_fn=fn)
+
+    return build
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -353,6 +371,13 @@ ARCH_TABLE: dict[str, ArchFacts] = {
     "minicpm5_moe": _C,
     "axk2": replace(_C, spec=sigmoid_biased(group_fill=0.0)),
     "beam": replace(_C, spec=sigmoid_biased(scaling_site="block")),
+    # DeepSeek-V4: hash-routed layers kept whole, learned-router layers pruned (arch/variants.py)
+    "deepseek_v4": ArchFacts(
+        deepseek_v4(),
+        _ROUTER_BIAS,
+        prenorm_name=None,  # hyper-connections around the block: no single h_t
+        family="sqrt-softplus + correction bias, top-k, renormalised, scaled; hash layers kept whole",
+    ),
     # E. sigmoid + bias, no groups, always renormalised
     "minimax_m2": ArchFacts(
         sigmoid_biased(groups=False, renorm=True, renorm_eps=0.0, scaling_attrs=()),
@@ -390,6 +415,12 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         _ROUTER_BIAS,
         family="sigmoid + correction bias, top-k, renormalised, scaled",
     ),
+    # Inkling2-Loop: Inkling2's router; its loop layers run one MoE block several times per token
+    "inkling2_loop_text": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("route_scale", "routed_scaling_factor")),
+        _ROUTER_BIAS,
+        family="sigmoid + correction bias, top-k, renormalised, scaled; looped layers",
+    ),
     "lfm2_moe": ArchFacts(
         lfm2(), ("expert_bias",), prenorm_name="ffn_norm", family="sigmoid (+ expert bias), top-k"
     ),
@@ -404,6 +435,13 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         family="top-k on logits + bias, sigmoid weights",
     ),
     "flint": ArchFacts(sigmoid_topk(), family="sigmoid -> top-k"),
+    # Ergo: per-expert post-norm sliced with the experts (arch/variants.py)
+    "ergo": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, scaling_attrs=("routed_scaling_factor", "moe_routed_scaling_factor")),
+        _ROUTER_BIAS,
+        prenorm_name="pre_feedforward_layernorm",
+        family="sigmoid + correction bias, top-k, renormalised, scaled; per-expert post-norm",
+    ),
     # D. DeepSeek-V2
     "deepseek_v2": ArchFacts(
         softmax_group_greedy(), family="softmax, group-limited greedy, scaled (DeepSeek-V2)"
@@ -457,16 +495,16 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "deepseek_v4": "its first layers use hash routing (a token-id -> expert table), which expert scores cannot describe",
-    "zaya": "its router is an MLP with a 'skip' class and router state carried between layers",
-    "doge": "it retrieves experts by product keys, so expert ids are tied to a key grid and cannot be sliced",
+    "zaya": "its router MLP scores E experts plus a 'skip' class (E+1 rows, one softmax) and hands its "
+    "state to the next layer's router; removal is defined (mask expert logits, keep the skip row) but "
+    "moeprune's routing, profile and key mapping assume one router row per expert (not yet done)",
+    "doge": "its experts are the cells of a sqrt(E) x sqrt(E) product-key grid whose ids the model "
+    "computes (row * sqrt(E) + column), so no checkpoint can hold a chosen subset of them, and its "
+    "router splits one token's key scores across tokens (view(2, T, -1)), so no per-token routing "
+    "exists to score experts by",
     "jetmoe": "one num_local_experts sizes both its MLP experts and its attention experts (JetMoeMoA, "
     "own router), so no JetMoE checkpoint can hold fewer MLP experts than attention experts, and a "
     "profile of the MLP experts does not say which attention experts to remove",
-    "ergo": "its experts module holds a per-expert post-norm ([E, H]) and the block a residual gate, "
-    "which moeprune does not slice yet (new in transformers 5.25)",
-    "inkling2_loop_text": "its published checkpoints store NVFP4/MXFP8 experts that transformers "
-    "dequantizes on load, a conversion moeprune cannot slice (new in transformers 5.25)",
 }
 
 ARCH_TABLE.update(extended_facts())  # Gemma-4, Longcat-Flash, Inkling (arch/extended.py)

@@ -66,6 +66,8 @@ def inspect(
         ),
         ("everything else", f"{human_count(summary.other_params)}"),
     ]
+    if summary.whole_moe_layers:
+        rows.insert(2, ("hash-routed MoE layers", f"{summary.whole_moe_layers} (kept whole, in 'everything else')"))
     for k, v in rows:
         info.add_row(k, v)
     console.print(info)
