@@ -288,6 +288,27 @@ def test_pruned_checkpoint_equals_the_masked_original(model_type, layout, tmp_pa
 
 
 @pytest.mark.parametrize("model_type", TYPES)
+def test_lowered_top_k_equals_the_masked_original(model_type, tmp_path):
+    model, blocks = _model(model_type)
+    src = _save(model, tmp_path / "src", "fused")
+    kept = _kept(blocks)
+    rewrite_checkpoint(src, tmp_path / "out", kept, top_k=1)
+    pruned = _load_stock(tmp_path / "out")
+    assert [b.top_k for b in find_moe_blocks(pruned)] == [1] * len(blocks)
+    ref = _logits(model, blocks=blocks, controls=kept_controls(blocks, kept, top_k=1))
+    torch.testing.assert_close(_logits(pruned), ref, **TOL)
+
+
+def test_sink_router_refuses_fewer_allowed_experts_than_top_k():
+    model, blocks = _model("inkling_text")
+    b = blocks[0]
+    allowed = torch.zeros(8, dtype=torch.bool)
+    allowed[0] = True  # one routed expert; the shared column does not count
+    with pytest.raises(ValueError, match="only 1 experts allowed but top-k is 2"):
+        b.route(model, torch.randn(4, 9), allowed=allowed)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
 def test_ragged_checkpoint_loads_exactly(model_type, tmp_path):
     model, blocks = _model(model_type)
     src = _save(model, tmp_path / "src", "hub")

@@ -87,6 +87,8 @@ def route_with_sinks(
     e = logits.shape[-1] - spec.extra_columns
     routed, sink = logits[:, :e], logits[:, e:]
     if allowed is not None:
+        if int(allowed[:e].sum()) < k:
+            raise ValueError(f"only {int(allowed[:e].sum())} experts allowed but top-k is {k}")
         routed = routed.masked_fill(~allowed[:e].to(routed.device), float("-inf"))
     probs = torch.sigmoid(torch.cat((routed, sink), dim=-1))
     choice = probs[:, :e]
