@@ -28,6 +28,12 @@ def _model(model_type: str):
     return model, find_moe_blocks(model)
 
 
+def _stock(model_type: str) -> type:
+    import transformers
+
+    return getattr(transformers, WRAPPED[model_type].cls)
+
+
 def _ids(model) -> torch.Tensor:
     vocab = model.config.get_text_config().vocab_size
     return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -71,11 +77,27 @@ def test_every_moe_wrapper_is_classified():
     assert set(WRAPPED) <= set(MOE_WRAPPER_TYPES)
 
 
+def test_the_wrapper_class_is_the_one_the_checkpoint_names(tmp_path):
+    """A checkpoint whose architectures name the wrapper is built as the wrapper; a composite config
+    naming no class (or the text-only causal LM) is built as the causal LM, as before."""
+    from moeprune.modelio import build_on_meta, load_config
+
+    model, _ = _model("llama4")
+    model.save_pretrained(tmp_path / "m")
+    config = load_config(str(tmp_path / "m"))
+    assert wrapper_class(config) is _stock("llama4")
+    assert type(build_on_meta(config)).__name__ == "Llama4ForConditionalGeneration"
+    for archs in (None, ["Llama4ForCausalLM"]):
+        config.architectures = archs
+        assert wrapper_class(config) is None
+        assert type(build_on_meta(config)).__name__ == "Llama4ForCausalLM"
+
+
 @pytest.mark.parametrize("model_type", TYPES)
 def test_wrapper_routes_and_recomputes_exactly(model_type):
     """The language model's blocks: route() = the router, recomputed experts reproduce the logits."""
     model, blocks = _model(model_type)
-    assert type(model) is wrapper_class(model.config)
+    assert type(model) is _stock(model_type)
     assert all(b.path.startswith(WRAPPED[model_type].layers) for b in blocks)
     seen = {}
     hooks = []
@@ -114,7 +136,7 @@ def test_pruned_wrapper_loads_in_the_stock_class(model_type, layout, tmp_path):
     kept = _kept(blocks)
     result = rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept)
     assert result.bytes_out < result.bytes_in
-    pruned = _load_strict(wrapper_class(model.config), tmp_path / "out")
+    pruned = _load_strict(_stock(model_type), tmp_path / "out")
     # everything but the routed experts and routers (towers, projectors, the rest of the LM) is copied
     moe = tuple(p + "." for b in blocks for p in (b.experts_path, b.router_path))
     original = dict(model.named_parameters())
@@ -178,7 +200,7 @@ def test_adaptive_wrapper_equals_the_pruned_checkpoint(tmp_path):
     a = _kept(blocks)
     am = AdaptiveMoE.from_library(tmp_path / "src", _library(model, blocks, {"a": a}), dtype="float32", task="a")
     rewrite_checkpoint(tmp_path / "src", tmp_path / "out", a)
-    pruned = _load_strict(wrapper_class(model.config), tmp_path / "out")
+    pruned = _load_strict(_stock("qwen3_vl_moe"), tmp_path / "out")
     torch.testing.assert_close(_logits(am.model), _logits(pruned), **TOL)
 
 

@@ -129,7 +129,7 @@ def _wrapper_class_name(raw_config: dict[str, Any]) -> str | None:
 
     facts = WRAPPED.get(str(raw_config.get("model_type")))
     archs = raw_config.get("architectures") or []
-    if facts is None or (archs and all(str(a).endswith("ForCausalLM") for a in archs)):
+    if facts is None or facts.cls not in archs:
         return None
     return facts.cls
 

@@ -79,20 +79,17 @@ WRAPPER_REFUSED: dict[str, str] = {
 }
 
 
-def _names_causal_lm(config: Any) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return bool(archs) and all(str(a).endswith("ForCausalLM") for a in archs)
-
-
 def wrapped(config: Any) -> Wrapped | None:
-    """The wrapper facts when ``config`` is a supported wrapper's (None for a causal LM, and for a
-    composite config whose ``architectures`` name the text-only causal LM)."""
+    """The wrapper facts when ``config`` is a supported wrapper checkpoint's: its ``architectures``
+    name the wrapper class, as ``save_pretrained`` writes them. None otherwise: a causal LM, or a
+    composite config that names the text-only causal LM or no class at all (then built as the
+    causal LM, as before wrappers were supported)."""
     mt = getattr(config, "model_type", None)
     if mt in WRAPPER_REFUSED:
         raise UserError(f"model type '{mt}' is not supported: {WRAPPER_REFUSED[mt]}",
                         "see docs/architectures.md for the supported types")
     facts = WRAPPED.get(str(mt))
-    if facts is None or _names_causal_lm(config):
+    if facts is None or facts.cls not in (getattr(config, "architectures", None) or []):
         return None
     return facts
 
