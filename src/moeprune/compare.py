@@ -221,7 +221,7 @@ def compare(
         with torch.no_grad():
             if controls is None:
                 return task_metrics(evaluate(model, tokenizer, task_list, progress=progress, **kwargs))
-            with patch_moe(model, blocks, controls=controls):
+            with patch_moe(model, blocks, controls=controls, stock_experts=True):
                 return task_metrics(evaluate(model, tokenizer, task_list, progress=progress, **kwargs))
 
     def mask_controls(plan: Any) -> dict[int, Any]:
