@@ -6,6 +6,8 @@ with the plan's removed experts masked out of routing (:func:`moeprune.arch.patc
 ``BlockControl(allowed=...)``: the pruning reference semantics, so the numbers equal those of the
 checkpoint ``moeprune prune`` would write). With ``novice=True`` it also evaluates MoNE's novice
 mode: the router is unchanged and each replaced expert outputs its calibration mean ``mone_mean``.
+Only the router is steered: the experts run their own forward (``stock_experts``, the model's
+fastest implementation, as the pruned checkpoint runs it), novices added as gate-weighted constants.
 
 Several profiles: one plan per profile (each domain's own experts), and the mixed-domain plan
 (EASY-EP: per-layer-normalised scores averaged over the domains), every one evaluated on all tasks.
