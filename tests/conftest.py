@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# `--dtype auto` is bfloat16 on CPUs with bf16 units (moeprune.device); the suite checks every
+# surgery and statistic exactly in float32, so auto means float32 here, in this process and in the
+# subprocesses it starts (environment inherited). Tests of the detection set it themselves.
+os.environ["MOEPRUNE_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="module", autouse=True)

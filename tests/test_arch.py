@@ -126,6 +126,32 @@ def test_masking_forbids_experts(tiny):
     assert not torch.allclose(masked, reference)
 
 
+def test_stock_experts_under_a_masked_router_equal_the_per_slot_forward(tiny):
+    """`compare`'s fast path (the experts module's own forward, router steered; novices as
+    gate-weighted constants) gives the logits of moeprune's per-slot forward, for masks and novices."""
+    model_type, model, blocks = tiny
+    x = _inputs(model)
+    E, H = blocks[0].num_experts, model.config.get_text_config().hidden_size
+    per_group = E // max(blocks[0].spec.n_group, 1)
+    allowed = torch.ones(E, dtype=torch.bool)
+    allowed[::per_group] = False  # one expert per group: every group can still route
+    g = torch.Generator().manual_seed(3)
+    novices = {i: torch.randn(H, generator=g) for i in range(0, E, 2)}
+    for controls in (
+        {b.index: BlockControl(allowed=allowed) for b in blocks},
+        {b.index: BlockControl(novices=novices) for b in blocks},
+        {b.index: BlockControl(allowed=allowed, novices=novices) for b in blocks},
+    ):
+        with torch.no_grad():
+            with patch_moe(model, blocks, controls=controls):
+                slots = model(x, use_cache=False).logits
+            with patch_moe(model, blocks, controls=controls, stock_experts=True):
+                stock = model(x, use_cache=False).logits
+        torch.testing.assert_close(stock, slots, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError), patch_moe(model, blocks, observer=print, stock_experts=True):
+        pass
+
+
 @pytest.mark.parametrize("model_type", REFUSED)
 def test_unsupported_types_are_refused_clearly(model_type):
     model = tiny_model(model_type)

@@ -114,13 +114,32 @@ def test_every_dtype_option_is_the_same():
     assert set(dtypes.values()) == {("auto", DTYPE_HELP)}, dtypes
 
 
+def test_auto_dtype_is_bf16_on_cpus_with_bf16_units(monkeypatch):
+    import moeprune.device as device
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n"
+    avx = "flags\t\t: fpu avx512f avx512_bf16\n"
+    plain = "flags\t\t: fpu sse avx2 avx512f\nbugs\t\t: amx_bf16\n"  # only the flags line counts
+    assert device.cpu_flags_have_bf16(amx) and device.cpu_flags_have_bf16(avx)
+    assert not device.cpu_flags_have_bf16(plain) and not device.cpu_flags_have_bf16("")
+    monkeypatch.setenv("MOEPRUNE_CPU_BF16", "1")
+    assert resolve_dtype("auto", "cpu") == "bfloat16" and resolve_dtype("float32", "cpu") == "float32"
+    monkeypatch.setenv("MOEPRUNE_CPU_BF16", "0")
+    assert resolve_dtype("auto", "cpu") == "float32"
+    monkeypatch.delenv("MOEPRUNE_CPU_BF16")
+    monkeypatch.setattr(device, "_cpuinfo_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(device, "_cpuinfo_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "cuda") == "bfloat16"
+
+
 def test_one_device_and_dtype_resolution():
     import moeprune.evaluate.loading as loading
     import moeprune.profiling as profiling
 
     assert profiling.resolve_device is resolve_device and loading.resolve_device is resolve_device
     assert resolve_device("auto") in ("cpu", "cuda") and resolve_device("cpu") == "cpu"
-    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cpu") == "float32"  # conftest: MOEPRUNE_CPU_BF16=0
     assert resolve_dtype("auto", "cuda:1") == "bfloat16"
     assert resolve_dtype("bf16", "cpu") == "bfloat16" and resolve_dtype("float16", "cuda") == "float16"
     check_device("cuda:3")  # by name; whether it exists is checked when resolved

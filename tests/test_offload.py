@@ -130,6 +130,60 @@ def test_one_layer_at_a_time(saved, model_type, monkeypatch):
     assert sorted(keys_read) == sorted(k for k in all_keys if not k.startswith("lm_head."))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
+def test_reader_reads_each_tensor_as_safetensors_does(tmp_path, dtype):
+    """`ShardReader.read` (preadv of each byte range, what the prefetch thread runs) gives exactly
+    the tensors safetensors gives, in several shards, empty tensors included."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (3, 5), "b": (0, 4), "c": (7,), "d": (2, 3, 4)}
+    tensors = {k: (torch.randn(*s, generator=g) * 50).to(dtype) for k, s in shapes.items()}
+    save_file({k: tensors[k] for k in "ab"}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: tensors[k] for k in "cd"}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (k in 'cd')}-of-00002.safetensors" for k in shapes}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = offload.ShardReader(tmp_path).read(list(shapes))
+    assert set(got) == set(shapes)
+    for k, want in tensors.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], want), k
+
+
+def test_prefetch_reads_one_layer_ahead_and_changes_nothing(saved, monkeypatch):
+    """With PREFETCH layer i+1 is read while layer i computes, never further ahead (submitted
+    after layer i is converted); the tensors equal those of lazy reading; timings are reported."""
+    directory = saved["deepseek_v3"]["hub"]
+    events: list[tuple[str, int | None]] = []
+    submit, load = offload._Prefetch.submit, offload._load_tensors
+
+    def spy_submit(self, keys):
+        events.append(("read", _layer_of(keys[0])))
+        return submit(self, keys)
+
+    def spy_load(model, reader, keys, *args):
+        out = load(model, reader, keys, *args)
+        events.append(("convert", _layer_of(keys[0])))
+        return out
+
+    monkeypatch.setattr(offload._Prefetch, "submit", spy_submit)
+    monkeypatch.setattr(offload, "_load_tensors", spy_load)
+    seqs, kwargs = _seqs(LENGTHS, seed=2), {"batch_size": 2, "premoe_ka": 3, "per_sample": True}
+    timings: dict[str, float] = {}
+    ahead = calibrate_sequential(directory, seqs, timings=timings, **kwargs)
+    n = tiny.tiny_config("deepseek_v3").num_hidden_layers
+    want = [("convert", None), ("read", 0)]
+    for i in range(n):
+        want += [("convert", i)] + ([("read", i + 1)] if i + 1 < n else [])
+    assert events == want
+    assert set(timings) == {"read", "wait", "convert", "compute"} and timings["read"] > 0 < timings["compute"]
+    monkeypatch.setattr(offload, "PREFETCH", False)
+    events.clear()
+    lazy = calibrate_sequential(directory, seqs, **kwargs)
+    assert [e for e in events if e[0] == "read"] == []
+    for name, t in lazy.items():
+        assert torch.equal(ahead[name], t), name
+
+
 def test_stops_after_last_moe_layer(tmp_path, monkeypatch):
     """Layers after the last MoE layer are never read."""
     model = tiny.tiny_model("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[2])

@@ -770,6 +770,23 @@ def test_bfloat16_model_calibrates():
     assert all(bool(torch.isfinite(v.double()).all()) for v in got.values())
 
 
+def test_cli_auto_dtype_is_recorded_and_bf16_stays_close(model_dir, data_files, tmp_path, monkeypatch):
+    """`--dtype auto` on a CPU with bf16 units calibrates in bfloat16 and says so in the profile; the
+    statistics (summed in float64) stay close to the float32 profile's; float32 is recorded as such."""
+    a = data_files / "a.jsonl"
+    f32, bf16 = tmp_path / "f32.profile.safetensors", tmp_path / "bf16.profile.safetensors"
+    assert _run("profile", model_dir, "--data", a, "--out", f32, "-q") == 0  # conftest: auto = float32
+    monkeypatch.setenv("MOEPRUNE_CPU_BF16", "1")
+    assert _run("profile", model_dir, "--data", a, "--out", bf16, "-q") == 0
+    p32, p16 = Profile.load(f32), Profile.load(bf16)
+    assert p32.meta["settings"]["dtype"] == "float32" and p16.meta["settings"]["dtype"] == "bfloat16"
+    assert p16.tokens == p32.tokens
+    for name in ("gate", "easyep", "reap_sum"):
+        x, y = p32.tensors[name], p16.tensors[name]
+        assert y.dtype == torch.float64 and not torch.equal(x, y)  # computed in bf16, summed in float64
+        assert torch.allclose(x, y, rtol=0.2, atol=0.05 * float(x.abs().max())), name
+
+
 def test_cli_sequential_offload_gives_the_same_profile(model_dir, data_files, tmp_path):
     """`--offload sequential` (one decoder layer in memory at a time) writes the same profile."""
     a = data_files / "a.jsonl"

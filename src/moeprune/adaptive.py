@@ -147,7 +147,7 @@ class AdaptiveMoE:
         self.quantization = None if self.quant is None else f"{self.quant.label}: dequantized when read"
         if isinstance(dtype, torch.dtype):
             torch_dtype = dtype
-        else:  # auto: as every command (bfloat16 on CUDA, float32 on CPU)
+        else:  # auto: as every command (moeprune.device.resolve_dtype)
             from .device import resolve_dtype
 
             torch_dtype = parse_dtype(resolve_dtype(str(dtype), str(device)))

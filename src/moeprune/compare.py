@@ -6,6 +6,9 @@ with the plan's removed experts masked out of routing (:func:`moeprune.arch.patc
 ``BlockControl(allowed=...)``: the pruning reference semantics, so the numbers equal those of the
 checkpoint ``moeprune prune`` would write). With ``novice=True`` it also evaluates MoNE's novice
 mode: the router is unchanged and each replaced expert outputs its calibration mean ``mone_mean``.
+In mask rows only the router is steered: the experts run their own forward (``stock_experts``,
+the model's fastest implementation, as the pruned checkpoint runs it); novice rows use the per-slot
+forward, which does not compute the replaced experts (docs/benchmarks.md, "compare rows").
 
 Several profiles: one plan per profile (each domain's own experts), and the mixed-domain plan
 (EASY-EP: per-layer-normalised scores averaged over the domains), every one evaluated on all tasks.
@@ -221,7 +224,11 @@ def compare(
         with torch.no_grad():
             if controls is None:
                 return task_metrics(evaluate(model, tokenizer, task_list, progress=progress, **kwargs))
-            with patch_moe(model, blocks, controls=controls):
+            # mask rows: the experts' own forward (as fast as the pruned checkpoint); novice rows
+            # keep the per-slot forward, which skips the replaced experts' computation (the stock
+            # forward would compute them at weight 0: slower when many are replaced)
+            stock = not any(c.novices for c in controls.values())
+            with patch_moe(model, blocks, controls=controls, stock_experts=stock):
                 return task_metrics(evaluate(model, tokenizer, task_list, progress=progress, **kwargs))
 
     def mask_controls(plan: Any) -> dict[int, Any]:

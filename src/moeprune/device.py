@@ -1,12 +1,18 @@
 """``--device`` and ``--dtype``: one meaning for every command and API function.
 
-``auto`` device: cuda when available, else cpu. ``auto`` dtype: bfloat16 on CUDA, float32 on CPU
-(CPU kernels are fastest and exact in float32; on a GPU 16-bit halves the memory, as vLLM and
-lm-eval do). No torch import at module level: the CLI reads the help texts before any heavy import.
+``auto`` device: cuda when available, else cpu. ``auto`` dtype: the fastest dtype the device runs
+well: bfloat16 on CUDA (16-bit halves the memory, as vLLM and lm-eval do) and on CPUs with bf16
+matrix units (AMX-bf16 or AVX512-bf16: on a 2-core Xeon with AMX, bf16 matmuls run ~8x faster than
+float32), float32 on other CPUs (without those units bf16 is emulated and slower). Statistics are
+accumulated in float64 whatever the compute dtype (:mod:`moeprune.calibrate`); docs/benchmarks.md
+measures what bf16 changes in the rankings. ``MOEPRUNE_CPU_BF16=0`` (or ``1``) overrides the CPU
+detection; the test suite sets 0 so that its exactness checks run in float32. No torch import at
+module level: the CLI reads the help texts before any heavy import.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -16,7 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda if available, else cpu)."
-DTYPE_HELP = "float32, bfloat16, float16 or auto (bfloat16 on CUDA, else float32)."
+DTYPE_HELP = "float32, bfloat16, float16 or auto (bfloat16 on CUDA and on CPUs with AMX/AVX512-bf16, else float32)."
 
 
 def check_device(device: str) -> None:
@@ -48,9 +54,41 @@ def resolve_device(device: str) -> str:
     return device
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_BF16_ENV = "MOEPRUNE_CPU_BF16"
+
+
+def cpu_flags_have_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text lists a bf16 matrix unit (AMX-bf16 or AVX512-bf16) on its flags line."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return any(f in CPU_BF16_FLAGS for f in line.split(":", 1)[1].split())
+    return False
+
+
+@functools.cache
+def _cpuinfo_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_flags_have_bf16(f.read())
+    except OSError:  # not Linux: no detection, float32 (always correct, maybe slower)
+        return False
+
+
+def cpu_runs_bf16_fast() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (``MOEPRUNE_CPU_BF16`` = 0/1 overrides)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _cpuinfo_bf16()
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
-    """A --dtype for a resolved ``device``: auto -> bfloat16 on CUDA, float32 elsewhere."""
+    """A --dtype for a resolved ``device``: auto -> bfloat16 on CUDA and on CPUs with bf16 units
+    (:func:`cpu_runs_bf16_fast`), float32 elsewhere."""
     name = check_dtype(dtype)
     if name == "auto":
-        return "bfloat16" if str(device).startswith("cuda") else "float32"
+        if str(device).startswith("cuda") or (str(device).startswith("cpu") and cpu_runs_bf16_fast()):
+            return "bfloat16"
+        return "float32"
     return name

@@ -26,6 +26,11 @@ RSS (docs/benchmarks.md, "Sequential offload"), shards are read with safetensors
 backend (no mapped pages), transformers converts one tensor group at a time (no loader threads,
 see ``ASYNC_LOAD``), and the heap is trimmed after each layer.
 
+Reading overlaps computing (``PREFETCH``): while layer i runs over every batch, a background thread
+reads layer i+1's byte ranges from the shards (``os.preadv`` into fresh buffers, which releases
+the GIL), never more than one layer ahead; layer i+1 is then converted from those tensors. The
+price is one layer's stored bytes more at the peak.
+
 Quantized checkpoints (fp8 block-wise, mxfp4; :mod:`moeprune.quant`): every quantized weight of
 a layer outside its routed experts is dequantized to the compute dtype when the layer is read; the
 routed experts stay as stored (fp8 bytes and scales) and each expert is dequantized when it runs
@@ -36,8 +41,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +95,40 @@ class ShardReader:
                     slices[name] = fh.get_slice(name)
             yield slices
 
+    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for ``keys``, read now: each tensor's byte range with ``os.preadv``
+        into a fresh buffer (no mapped pages; the GIL is released while the kernel copies, so a
+        background thread reads while torch computes). Dtypes torch has no plain equivalent for
+        are read through safetensors."""
+        out: dict[str, torch.Tensor] = {}
+        rest: list[str] = []
+        fds: dict[Path, int] = {}
+        try:
+            for key in keys:
+                info = self.checkpoint.info(key)
+                dtype = _TORCH_DTYPES.get(info.dtype)
+                if dtype is None:
+                    rest.append(key)
+                    continue
+                if info.file not in fds:
+                    fds[info.file] = os.open(info.file, os.O_RDONLY)
+                buf = bytearray(info.nbytes)
+                done = 0
+                while done < info.nbytes:
+                    n = os.preadv(fds[info.file], [memoryview(buf)[done:]], info.start + done)
+                    if n <= 0:
+                        raise UserError(f"'{info.file}' ends inside tensor '{key}'", "re-download the model")
+                    done += n
+                flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+                out[key] = flat.view(dtype).reshape(info.shape)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if rest:
+            with self.open(rest) as slices:
+                out.update({k: slices[k][:] for k in rest})
+        return out
+
     def _open(self, safe_open, path: Path):
         if self.backend != "mmap":
             try:
@@ -95,6 +136,50 @@ class ShardReader:
             except TypeError:  # safetensors < 0.7: no backend argument
                 self.backend = "mmap"
         return safe_open(str(path), framework="pt")
+
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+PREFETCH = True  # read layer i+1 on a background thread while layer i computes (module docstring)
+
+
+class _Prefetch:
+    """At most one layer's tensors read ahead on one background thread; ``seconds`` adds up the
+    time the reads took (for the timings of :func:`calibrate_sequential`)."""
+
+    def __init__(self, reader: ShardReader) -> None:
+        self.reader = reader
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeprune-prefetch")
+        self.seconds = 0.0
+
+    def _read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return self.reader.read(keys)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def submit(self, keys: Sequence[str]) -> Future:
+        return self.pool.submit(self._read, list(keys))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -192,20 +277,23 @@ def _load_tensors(
     load_config: Any,
     fmt: Any = None,
     experts_paths: Sequence[str] = (),
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Any:
     """Load ``keys`` into ``model`` with transformers' own renaming and conversion. In a quantized
     checkpoint (``fmt``), the routed experts of the modules at ``experts_paths`` stay as stored
     (:mod:`moeprune.qexperts`, dequantized one expert at a time when they run) and every other
-    quantized weight is dequantized to the load dtype."""
+    quantized weight is dequantized to the load dtype. ``tensors``: the keys already read
+    (:class:`_Prefetch`); otherwise they are read lazily, one conversion at a time."""
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
     from .load import expected_unexpected, refuse_inexact
 
+    source = nullcontext(tensors) if tensors is not None else reader.open(keys)
     if fmt is None:
-        with reader.open(keys) as slices, _quiet_sync_loading():
+        with source as slices, _quiet_sync_loading():
             info, _ = convert_and_load_state_dict_in_model(model, slices, load_config)
     else:
-        info = _load_quantized(model, reader, keys, load_config, fmt, experts_paths)
+        info = _load_quantized(model, source, keys, load_config, fmt, experts_paths)
     # a checkpoint tensor that lands nowhere in the model (the config claims fewer layers or
     # experts than the checkpoint holds) is an error, as in moeprune.load
     refuse_inexact(
@@ -226,7 +314,7 @@ def _load_tensors(
 
 
 def _load_quantized(
-    model: nn.Module, reader: ShardReader, keys: Sequence[str], load_config: Any, fmt: Any, experts_paths
+    model: nn.Module, source: Any, keys: Sequence[str], load_config: Any, fmt: Any, experts_paths
 ) -> Any:
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
@@ -237,7 +325,7 @@ def _load_quantized(
         model, list(experts_paths), list(keys), fmt, load_config.weight_mapping
     )
     held = split.keys()
-    with reader.open(keys) as slices:
+    with source as slices:  # {key: slice or tensor}: both read with [:]
         plain = dequantize_tensors({k: slices[k][:] for k in keys if k not in held}, fmt, load_config.dtype)
         with _quiet_sync_loading():
             info, _ = convert_and_load_state_dict_in_model(model, plain, load_config)
@@ -453,11 +541,16 @@ def calibrate_sequential(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     premoe_exact: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The profile tensors of :func:`moeprune.calibrate.calibrate` for the model in ``model_dir``
     (a local directory or cached hub id with safetensors weights), computed one decoder layer at
     a time (see the module docstring). Under torch.distributed, each rank takes records rank,
-    rank+world, ... and all ranks return the combined tensors."""
+    rank+world, ... and all ranks return the combined tensors.
+
+    ``timings``, when given, receives the seconds the layers spent in each phase: ``read`` (bytes
+    read from the shards, on the background thread with ``PREFETCH``), ``wait`` (the calibration
+    waiting for a read), ``convert`` (into the model's layout) and ``compute`` (the forwards)."""
     from .arch import decoder_layers, find_moe_blocks, patch_moe
     from .arch.blocks import layers_path as find_layers_path
     from .calibrate import Accumulator, _Progress, check_profilable, dist_info
@@ -524,11 +617,24 @@ def calibrate_sequential(
 
     # --- layer by layer -----------------------------------------------------------------------
     bar = _Progress(progress and info.rank == 0, "calibrating (sequential)", n_tokens * (last + 1))
+    spent = dict.fromkeys(("read", "wait", "convert", "compute"), 0.0)
+    prefetch = _Prefetch(reader) if PREFETCH else None
+    pending = prefetch.submit(plan.layers[0]) if prefetch is not None else None
     try:
         for i in range(last + 1):
             layer = layers[i]
             experts_paths = [b.experts_path for b in blocks if b.layer == i]
-            _load_tensors(model, reader, plan.layers[i], load_config_, fmt, experts_paths)
+            t0 = time.perf_counter()
+            tensors = pending.result() if pending is not None else None
+            pending = None  # the future would keep the layer's bytes alive
+            t1 = time.perf_counter()
+            _load_tensors(model, reader, plan.layers[i], load_config_, fmt, experts_paths, tensors)
+            del tensors  # what the model keeps, it holds itself
+            if prefetch is not None and i < last:  # one layer ahead: read i+1 while i computes
+                pending = prefetch.submit(plan.layers[i + 1])
+            t2 = time.perf_counter()
+            spent["wait"] += t1 - t0
+            spent["convert"] += t2 - t1
             _materialize_buffers(model, layer, f"{lpath}.{i}", device)
             _check_loaded(layer, f"{lpath}.{i}", f"layer {i}")
             mine_blocks = [b for b in blocks if b.layer == i]
@@ -544,8 +650,14 @@ def calibrate_sequential(
                         out = out[0]
                     batch.hidden = out.to("cpu") if i < last else None
                     bar.advance(batch.tokens)
+            spent["compute"] += time.perf_counter() - t2
             _free(layer)
     finally:
         bar.close()
+        if prefetch is not None:
+            prefetch.close()
+            spent["read"] = prefetch.seconds
+    if timings is not None:
+        timings.update(spent)
     acc.reduce()
     return acc.tensors()

@@ -218,6 +218,8 @@ def _run_profile(
             else:
                 lm, tok = load_model(str(resolve_model_dir(model)), dtype=dtype, device=dev)
             blocks = find_moe_blocks(lm)
+            # the dtype the statistics were computed in (a model passed in loaded keeps its own)
+            dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
         if tok is None:
             raise UserError(f"model '{model}' has no tokenizer", "save a tokenizer in the model directory")
         n_experts = blocks[0].num_experts

@@ -11,7 +11,11 @@ restored on exit), the forward of each block's router and experts module:
   (MoNE novices), hands everything to an observer, and returns the gate-weighted sum exactly as the
   model's own implementations do.
 
-Calibration, masked evaluation and the architecture tests are all built on this.
+Calibration, masked evaluation and the architecture tests are all built on this. Evaluation, which
+needs no per-slot outputs, can keep the experts module's own forward (``stock_experts``: the
+fastest implementation the device has, as the pruned checkpoint would run it): only the router is
+steered, and novices are added as gate-weighted constants to the output of the real experts with
+the novices' gate weights zeroed.
 """
 
 from __future__ import annotations
@@ -233,6 +237,31 @@ def _input_gated_forwards(
     )
 
 
+def _stock_experts_forward(block: MoEBlock, original: Callable, session: PatchSession) -> Callable:
+    """The experts module's own forward; a block with novices gets, for each slot routed to a
+    novice, gate weight x its constant instead of the expert's output (weight 0 in the module's
+    own forward, so that the expert adds nothing)."""
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        control = session.controls.get(block.index)
+        if control is None or not control.novices:
+            return original(hidden_states, top_k_index, top_k_weights)
+        ids = sorted(control.novices)
+        table = torch.zeros(
+            block.num_experts, hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device
+        )
+        table[ids] = torch.stack([control.novices[i].to(table) for i in ids])
+        is_novice = torch.zeros(block.num_experts, dtype=torch.bool, device=top_k_index.device)
+        is_novice[ids] = True
+        slot = is_novice[top_k_index]  # [T, k]
+        out = original(hidden_states, top_k_index, top_k_weights.masked_fill(slot, 0))
+        weights = top_k_weights.float().masked_fill(~slot, 0)
+        constant = (weights.unsqueeze(-1) * table[top_k_index]).sum(dim=1)
+        return out + constant.to(out.dtype).reshape(out.shape)
+
+    return forward
+
+
 @contextmanager
 def patch_moe(
     model: nn.Module,
@@ -240,8 +269,13 @@ def patch_moe(
     observer: Callable[[BlockEvent], None] | None = None,
     controls: dict[int, BlockControl] | None = None,
     reroute: bool = False,
+    stock_experts: bool = False,
 ) -> Iterator[PatchSession]:
-    """Patch every block's router and experts (instances only) for the duration of the context."""
+    """Patch every block's router and experts (instances only) for the duration of the context.
+    ``stock_experts`` (without ``observer``): the experts keep their own forward (module docstring);
+    an experts module that routes novices itself (a novice checkpoint's) keeps the per-slot one."""
+    if stock_experts and observer is not None:
+        raise ValueError("stock_experts gives no per-slot outputs to observe")
     session = PatchSession(blocks=blocks, controls=dict(controls or {}))
     restore: list[tuple[nn.Module, str, bool, object]] = []
     handles = []
@@ -261,7 +295,12 @@ def patch_moe(
                 )
             else:
                 route_fwd = make(model, block, getattr(owner, attr), state, session, reroute)
-                experts_fwd = _experts_forward(block, experts, state, session, observer)
+                # the stock forward indexes E experts only: routers with extra columns (Longcat's
+                # zero experts) keep the per-slot forward
+                if stock_experts and getattr(experts, "novice_route", None) is None and not block.router_extra:
+                    experts_fwd = _stock_experts_forward(block, experts.forward, session)
+                else:
+                    experts_fwd = _experts_forward(block, experts, state, session, observer)
             for mod, name, new in ((owner, attr, route_fwd), (experts, "forward", experts_fwd)):
                 restore.append((mod, name, name in mod.__dict__, mod.__dict__.get(name)))
                 setattr(mod, name, new)
