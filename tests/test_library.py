@@ -57,7 +57,7 @@ def library(tmp_path_factory, profiles) -> Path:
 
 def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
     from moeprune.plan import make_plan
-    from moeprune.score import score_premoe
+    from moeprune.score import break_ties, score_easyep, score_premoe
 
     loaded = {t: Profile.load(p) for t, p in profiles.items()}
     lib = build_library(loaded, model=str(MODEL_DIR), method="premoe", keep=KEEP)
@@ -69,7 +69,7 @@ def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
         )
         routing = prof.meta["routing"]
         ref = make_plan(
-            peu, keep=KEEP, top_k=prof.top_k, n_group=routing["n_group"], topk_group=routing["topk_group"],
+            break_ties(peu, score_easyep(prof)), keep=KEEP, top_k=prof.top_k, n_group=routing["n_group"], topk_group=routing["topk_group"],
             group_score=routing["group_score"], layers=prof.layers,
         )  # fmt: skip
         assert pattern.plan.kept == ref.kept

@@ -238,9 +238,9 @@ def plan(
     """Choose the experts every MoE layer keeps from one profile (or several of the same model:
     EASY-EP mixed-domain), as `moeprune plan`; ``out`` also writes the plan (JSON; an existing
     file is replaced only with ``force``, docs/outputs.md)."""
-    from .plan import plan_from_profile
+    from .plan import plan_from_profile, sparse_warning
     from .profile import Profile
-    from .score import combined_score, score
+    from .score import combined_score, nonzero_per_layer, score
 
     keep_value, options = check_plan_args(
         method, keep, scope=scope, per_group=per_group, seed=seed, premoe_r=premoe_r, premoe_ka=premoe_ka
@@ -275,7 +275,11 @@ def plan(
         new_top_k=top_k,
         per_group=per_group,
         settings=settings,
+        nonzero=nonzero_per_layer(loaded, method, **options),
     )
+    warning = sparse_warning(result)
+    if warning:
+        print(warning, file=sys.stderr)
     if target is not None:
         save_plan(result, target)
     return result
