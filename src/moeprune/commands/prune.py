@@ -80,6 +80,12 @@ def prune_command(
     eval_limit: int | None = typer.Option(
         None, "--eval-limit", help="One-shot: evaluate only the first N records of each task."
     ),
+    target: float | None = typer.Option(
+        None,
+        "--target",
+        help="One-shot: instead of --method/--keep, search for the smallest model that keeps this share of "
+        "the full model on held-out demonstrations (as `moeprune search`; its results go to OUT.search/).",
+    ),
 ) -> None:
     """Write a smaller model that keeps only the experts of a plan (streams; never loads the model).
 
@@ -96,6 +102,7 @@ def prune_command(
         "--seed": seed,
         "--eval": eval_tasks or None,
         "--eval-limit": eval_limit,
+        "--target": target,
     }
     if plan_path is not None and data:
         raise UserError("--plan and --data are given together", "pass --plan PLAN or --data FILE, not both")
@@ -121,6 +128,9 @@ def prune_command(
             profile=profile,
             allow_other_profile=allow_other_profile,
         )
+        return
+    if target is not None:
+        _prune_by_search(model, data, out, target, oneshot, mode, force)
         return
     missing = [flag for flag in ("--method", "--keep") if oneshot[flag] is None]
     if missing:
@@ -285,3 +295,34 @@ class _progress:
         if self._task is None:
             self._task = self._bar.add_task("write", total=total)
         self._bar.update(self._task, completed=done)
+
+
+def _prune_by_search(
+    model: str, data: list[str], out: Path, target: float, oneshot: dict[str, Any], mode: str, force: bool
+) -> None:
+    """`prune --data D --target T --out OUT`: `moeprune search` with its results in OUT.search/ and
+    the chosen checkpoint in OUT (the search picks method, keep, scope and mode)."""
+    chosen = [f for f in ("--method", "--keep", "--scope", "--top-k", "--eval-limit") if oneshot[f] is not None]
+    if chosen or mode != "remove":
+        flags = chosen + (["--mode"] if mode != "remove" else [])
+        raise UserError(
+            f"{', '.join(flags)} cannot be given with --target: the search chooses them",
+            "leave them out, or drop --target and choose them yourself",
+        )
+    from moeprune.search_run import run_search
+
+    out = Path(out)
+    run_search(
+        model,
+        list(data),
+        out.with_name(out.name + ".search"),
+        target=target,
+        test_tasks=oneshot["--eval"] or [],
+        self_generate=oneshot["--self-generate"] or 0,
+        max_length=oneshot["--max-length"] or 2048,
+        seed=oneshot["--seed"] or 0,
+        prune=True,
+        model_out=out,
+        force=force,
+        quiet=False,
+    )
