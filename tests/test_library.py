@@ -88,12 +88,13 @@ def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
 def test_cli_build_and_show(library, profiles, capsys):
     index = json.loads((library / "library.json").read_text())
     assert [t["name"] for t in index["tasks"]] == [DATES, REVERSE]
-    assert index["keep"] == KEEP and index["key_statistic"] == "premoe"
+    # the default method is the measured best (mone); the keys stay PreMoe's statistic
+    assert index["keep"] == KEEP and index["key_statistic"] == "premoe" and index["method"] == "mone"
     assert index["tasks"][0]["source"] == "data" and index["tasks"][1]["source"] == "profile"
     assert not any(p.suffix == ".safetensors" and p.stat().st_size > 100_000 for p in library.rglob("*"))
     lib = Library.load(library)
     same = build_library(
-        {REVERSE: Profile.load(profiles[REVERSE])}, model=str(MODEL_DIR), method="premoe", keep=KEEP
+        {REVERSE: Profile.load(profiles[REVERSE])}, model=str(MODEL_DIR), method="mone", keep=KEEP
     )
     assert lib.task(REVERSE).plan.kept == same.task(REVERSE).plan.kept
     rc, _, err = run_cli(capsys, "library", "show", library)

@@ -1053,7 +1053,7 @@ def build_library(
     keep: int | float | str,
     out: PathLike,
     *,
-    method: str = "premoe",
+    method: str = "mone",
     self_generate: int = 0,
     max_length: int = 2048,
     max_samples: int | None = None,

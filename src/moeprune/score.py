@@ -406,6 +406,11 @@ def nonzero_per_layer(
     return [int(n) for n in nz.sum(dim=1).tolist()]
 
 
+# The method a command uses when none is named (library build, one-shot prune, recipes): MoNE's
+# score measured best on the project's quality benchmark, for removal and novices alike
+# (docs/methods.md, "Which method by default").
+DEFAULT_METHOD = "mone"
+
 SCORES: dict[str, ScoreFn] = {
     "random": score_random,
     "frequency": score_frequency,

@@ -57,7 +57,7 @@ def prune_command(
         "plan kept in --out (the profile and recipe in --out/moeprune/). Needs --method and --keep.",
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
+        None, "--method", "-m", help="One-shot: the score (as `moeprune plan`; default mone, docs/methods.md)."
     ),
     keep: str | None = typer.Option(
         None, "--keep", "-k", help="One-shot: experts kept per MoE layer (e.g. 64) or a fraction (0.5)."
@@ -132,11 +132,8 @@ def prune_command(
     if target is not None:
         _prune_by_search(model, data, out, target, oneshot, mode, force)
         return
-    missing = [flag for flag in ("--method", "--keep") if oneshot[flag] is None]
-    if missing:
-        raise UserError(
-            f"one-shot pruning (--data) needs {' and '.join(missing)}", "e.g. --method easyep --keep 0.5"
-        )
+    if keep is None:
+        raise UserError("one-shot pruning (--data) needs --keep", "e.g. --keep 0.5, or --target 0.99 to search")
     if profile is not None:
         raise UserError(
             "--profile does not apply with --data", "leave it out: the profile is made and kept in --out/moeprune/"
@@ -144,12 +141,13 @@ def prune_command(
     if max_shard_size is not None:
         raise UserError("--max-shard-size does not apply with --data", "leave it out")
     from moeprune.oneshot import OneShot, run_oneshot
+    from moeprune.score import DEFAULT_METHOD
 
     result = run_oneshot(
         OneShot(
             model=model,
             data=list(data or []),
-            method=str(method),
+            method=method or DEFAULT_METHOD,
             keep=str(keep),
             out=str(out),
             self_generate=self_generate or 0,
