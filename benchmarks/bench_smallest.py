@@ -78,7 +78,9 @@ def run_domain(lm: Any, tok: Any, model: str, task: str, args: Any, out: Path) -
     def test_q(plan: Any, mode: str) -> float:
         return relative_quality(full_test, on_test(plan, mode), kinds)
 
-    for method in METHODS:
+    methods = args.method or list(METHODS)
+    targets = sorted(float(t) for t in (args.target or TARGETS))
+    for method in methods:
         scores = score(prof, method)
         for mode in MODES:
             # K up to half the experts: there every output-aware method keeps 100% of the testbed's
@@ -88,7 +90,7 @@ def run_domain(lm: Any, tok: Any, model: str, task: str, args: Any, out: Path) -
             ]
             row: dict[str, Any] = {}
             start = 0
-            for tgt in sorted(TARGETS):  # bisection on the test set: smallest K that keeps tgt
+            for tgt in targets if args.bisect else []:  # bisection on the test set: smallest K that keeps tgt
                 lo, hi, found = start, len(feasible), None
                 while lo < hi:
                     mid = (lo + hi) // 2
@@ -112,8 +114,8 @@ def run_domain(lm: Any, tok: Any, model: str, task: str, args: Any, out: Path) -
     full_dev = on_dev(None)
     sizes = sizes_of(load_config(model), prof)
     picks = {}
-    for tgt in TARGETS:
-        res = search_plans(on_dev, full_dev, {"dev": EXACT_MATCH}, prof, sizes, target=tgt, methods=METHODS)
+    for tgt in targets:
+        res = search_plans(on_dev, full_dev, {"dev": EXACT_MATCH}, prof, sizes, target=tgt, methods=methods)
         if res.best is None:
             picks[tgt] = None
             continue
@@ -122,7 +124,7 @@ def run_domain(lm: Any, tok: Any, model: str, task: str, args: Any, out: Path) -
         # the best fixed method (layer scope, either mode) at the same K, measured on the test set
         best_fixed = max(
             (test_q(p, mode), f"{m} {mode}")
-            for m in METHODS
+            for m in methods
             for mode in MODES
             if (p := make_variant(score(prof, m), meta, m, mode, "layer", b.experts)) is not None
         )
@@ -156,7 +158,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         n = r["num_experts"]
         for name, row in r["rows"].items():
             method, mode = name.split()
-            ks = [f"{row[f'k{t}']}/{n}" if row.get(f"k{t}") else f"> {n // 2}/{n}" for t in TARGETS]
+            ks = [
+                "-" if f"k{t}" not in row else f"{row[f'k{t}']}/{n}" if row[f"k{t}"] else f"> {n // 2}/{n}"
+                for t in TARGETS
+            ]
             lines.append(f"| {task} | {method} | {mode} | {ks[0]} | {ks[1]} | {fmt_q(row['q0.25'])} | {fmt_q(row['q0.125'])} |")
         for key, p in r["search"].items():
             tgt = float(key)  # a str key once read back from JSON
@@ -184,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dev", type=int, default=25, help="calibration records held out as the dev set")
     ap.add_argument("--task", action="append", help="domains (default: every exact-match task)")
     ap.add_argument("--append", type=Path)
+    ap.add_argument("--method", action="append", help="methods (default: mone easyep reap premoe)")
+    ap.add_argument("--target", action="append", help="targets (default 0.99 0.95)")
+    ap.add_argument("--no-bisect", dest="bisect", action="store_false",
+                    help="only the test quality at 25%% and 12.5%%, not the smallest K per method")  # fmt: skip
     ap.add_argument("--from-json", type=Path, action="append",
                     help="only print the table of earlier runs' smallest.json (one per domain run apart)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -205,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - started
     text = (
         "## Smallest model per domain (`--smallest`)\n\n"
-        f"Command: `python benchmarks/bench_quality.py --smallest --limit {args.limit} --demos {args.demos} "
-        f"--dev {args.dev}` ({took / 60:.0f} min on the shared CPUs)\n\n" + table(results)
+        f"Command: `python benchmarks/bench_quality.py --smallest {' '.join(sys.argv[1:])}` "
+        f"({took / 60:.0f} min on the shared CPUs)\n\n" + table(results)
     )
     print(text)
     if args.append:
