@@ -514,3 +514,14 @@ def test_library_plan_symlink_out_of_the_folder(library, tmp_path):
     plan.symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(UserError, match="outside the library folder"):
         Library.load(copy)
+
+
+def test_nan_keys_are_refused_whatever_the_method(profiles):
+    """The keys are PreMoe's statistic even when another method picks the experts (mone by default):
+    a NaN there is one error, not a library that routes every query nowhere."""
+    prof = Profile.load(profiles[REVERSE])
+    name = "premoe_hist_f" if "premoe_hist_f" in prof.tensors else "premoe_f"
+    prof.tensors[name] = prof.tensors[name].clone()
+    prof.tensors[name][0, 0] = float("nan")  # every bin (entry) of one expert (token): some count
+    with pytest.raises(UserError, match="retrieval keys"):
+        build_library({REVERSE: prof}, model=str(MODEL_DIR), method="mone", keep=KEEP)

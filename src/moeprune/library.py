@@ -469,6 +469,11 @@ def task_keys(profile: Any, ka: int) -> dict[str, torch.Tensor]:
     from .score import premoe_entries, premoe_scores, score_premoe, stored_ka
 
     peu = score_premoe(profile, ka=ka)  # [L, E]
+    if not bool(torch.isfinite(peu).all()):  # checked here too: the plan may use another method
+        raise UserError(
+            "the PreMoe statistics of the profile (the retrieval keys) contain NaN or infinite values",
+            "the profile is corrupted; re-run `moeprune profile`",
+        )
     keys = {"first": peu[0].clone(), "all": peu.reshape(-1).clone()}
     lengths = profile.tensors.get("sample_tokens")
     per_record = profile.tensors.get("sample_premoe")  # [S, E] sums, each record with its own r
