@@ -7,6 +7,10 @@ the text domains; the full model is the first row. Results go to OUT/<task>/resu
 --append, into docs/benchmarks.md.
 
     python benchmarks/bench_quality.py --limit 100 --out runs/quality --append docs/benchmarks.md
+
+With ``--smallest`` it runs benchmarks/bench_smallest.py instead: per domain, the smallest experts
+kept at which each method and `moeprune search` keep >= 99% / >= 95% of the full model on a test set
+disjoint from the dev set.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def run(*args: str) -> None:
 
 
 def main() -> int:
+    if "--smallest" in sys.argv[1:]:  # the smallest-model benchmark (bench_smallest.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_smallest import main as smallest
+
+        return smallest([a for a in sys.argv[1:] if a != "--smallest"])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--limit", type=int, default=100, help="records per evaluation task")

@@ -66,10 +66,10 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_docs_example_runs(index, tmp_path, monkeypatch, capsys):
     blocks = _python_blocks(ROOT / "docs" / "api.md")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[index], f"docs/api.md block {index}", "exec"), {})
     out = capsys.readouterr().out
@@ -77,8 +77,10 @@ def test_docs_example_runs(index, tmp_path, monkeypatch, capsys):
         for name in ("dates.profile.safetensors", "dates-pruned/config.json", "dates-oneshot/moeprune/eval.json"):
             assert (tmp_path / name).is_file(), name
         assert out.startswith("easyep") and "accuracy" in out
-    else:
+    elif index == 1:
         assert (tmp_path / "dates-frequency" / "plan.json").is_file() and "accuracy" in out
+    else:
+        assert (tmp_path / "search" / "recipe.yaml").is_file() and out.splitlines()[-1].startswith("mone novice layer")
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def _options(command: Any) -> list[TyperOption]:
 
 def test_every_command_is_walked():
     names = {" ".join(path) for path, _ in COMMANDS}
-    assert {"eval", "plan", "prune", "compare", "report", "profile create", "profile merge"} <= names
+    assert {"eval", "plan", "prune", "compare", "search", "report", "profile create", "profile merge"} <= names
     assert {"library build", "library route", "generate", "chat", "run", "inspect"} <= names
 
 
@@ -57,7 +57,7 @@ def test_every_output_option_is_out_with_short_o():
                 assert "-o" in opt.opts and "--out" in opt.opts, (path, opt.opts)
     # every command that writes a file or folder named by an option
     assert sorted(outputs) == sorted(
-        ["eval", "plan", "prune", "compare", "report", "generate", "profile create", "profile merge",
+        ["eval", "plan", "prune", "compare", "search", "report", "generate", "profile create", "profile merge",
          "library build", "library route"]
     )  # fmt: skip
 
@@ -104,7 +104,9 @@ def _shared(name: str) -> dict[str, tuple[Any, str]]:
 
 def test_every_device_option_is_the_same():
     devices = _shared("device")
-    assert set(devices) == {"eval", "compare", "generate", "chat", "profile create", "library build", "library route"}
+    assert set(devices) == {
+        "eval", "compare", "search", "generate", "chat", "profile create", "library build", "library route"
+    }  # fmt: skip
     assert set(devices.values()) == {("auto", DEVICE_HELP)}, devices
 
 

@@ -57,7 +57,7 @@ def library(tmp_path_factory, profiles) -> Path:
 
 def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
     from moeprune.plan import make_plan
-    from moeprune.score import score_premoe
+    from moeprune.score import break_ties, score_easyep, score_premoe
 
     loaded = {t: Profile.load(p) for t, p in profiles.items()}
     lib = build_library(loaded, model=str(MODEL_DIR), method="premoe", keep=KEEP)
@@ -69,7 +69,7 @@ def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
         )
         routing = prof.meta["routing"]
         ref = make_plan(
-            peu, keep=KEEP, top_k=prof.top_k, n_group=routing["n_group"], topk_group=routing["topk_group"],
+            break_ties(peu, score_easyep(prof)), keep=KEEP, top_k=prof.top_k, n_group=routing["n_group"], topk_group=routing["topk_group"],
             group_score=routing["group_score"], layers=prof.layers,
         )  # fmt: skip
         assert pattern.plan.kept == ref.kept
@@ -88,12 +88,13 @@ def test_library_from_profiles_holds_plans_and_premoe_keys(profiles, tmp_path):
 def test_cli_build_and_show(library, profiles, capsys):
     index = json.loads((library / "library.json").read_text())
     assert [t["name"] for t in index["tasks"]] == [DATES, REVERSE]
-    assert index["keep"] == KEEP and index["key_statistic"] == "premoe"
+    # the default method is the measured best (mone); the keys stay PreMoe's statistic
+    assert index["keep"] == KEEP and index["key_statistic"] == "premoe" and index["method"] == "mone"
     assert index["tasks"][0]["source"] == "data" and index["tasks"][1]["source"] == "profile"
     assert not any(p.suffix == ".safetensors" and p.stat().st_size > 100_000 for p in library.rglob("*"))
     lib = Library.load(library)
     same = build_library(
-        {REVERSE: Profile.load(profiles[REVERSE])}, model=str(MODEL_DIR), method="premoe", keep=KEEP
+        {REVERSE: Profile.load(profiles[REVERSE])}, model=str(MODEL_DIR), method="mone", keep=KEEP
     )
     assert lib.task(REVERSE).plan.kept == same.task(REVERSE).plan.kept
     rc, _, err = run_cli(capsys, "library", "show", library)
@@ -513,3 +514,14 @@ def test_library_plan_symlink_out_of_the_folder(library, tmp_path):
     plan.symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(UserError, match="outside the library folder"):
         Library.load(copy)
+
+
+def test_nan_keys_are_refused_whatever_the_method(profiles):
+    """The keys are PreMoe's statistic even when another method picks the experts (mone by default):
+    a NaN there is one error, not a library that routes every query nowhere."""
+    prof = Profile.load(profiles[REVERSE])
+    name = "premoe_hist_f" if "premoe_hist_f" in prof.tensors else "premoe_f"
+    prof.tensors[name] = prof.tensors[name].clone()
+    prof.tensors[name][0, 0] = float("nan")  # every bin (entry) of one expert (token): some count
+    with pytest.raises(UserError, match="retrieval keys"):
+        build_library({REVERSE: prof}, model=str(MODEL_DIR), method="mone", keep=KEEP)

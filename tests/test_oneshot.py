@@ -147,7 +147,7 @@ BAD = {
         "run",
         _recipe(r, model=str(m), data=[str(d)], method="easyep", keep=2, kep=1),
     ],
-    "missing-key": lambda m, d, r: ["run", _recipe(r, model=str(m), data=[str(d)], keep=2)],
+    "missing-key": lambda m, d, r: ["run", _recipe(r, model=str(m), data=[str(d)], method="easyep")],
     "not-a-mapping": lambda m, d, r: ["run", _write(r / "list.yaml", "- a\n- b\n")],
     "bad-yaml": lambda m, d, r: ["run", _write(r / "bad.yaml", "model: [\n")],
     "bad-type": lambda m, d, r: [
@@ -182,7 +182,7 @@ def test_bad_input_one_line_nothing_written(case, model_dir, data_file, tmp_path
     if case == "unknown-key":
         assert "kep" in err[0]
     if case == "missing-key":
-        assert "method" in err[0] and "out" not in err[0].split("lacks")[1].split(";")[0]
+        assert "keep" in err[0] and "out" not in err[0].split("lacks")[1].split(";")[0]
 
 
 def test_failure_in_profile_leaves_nothing(model_dir, tmp_path, capsys):
@@ -204,3 +204,14 @@ def test_example_recipe_parses():
 
     if (ROOT / "runs").is_dir():  # out's parent must exist for the full checks
         check_settings(s)
+
+
+def test_method_defaults_to_mone(model_dir, data_file, tmp_path):
+    """One-shot and recipes without a method use moeprune's measured default (docs/methods.md)."""
+    from moeprune.score import DEFAULT_METHOD
+
+    assert DEFAULT_METHOD == "mone"
+    assert _run("prune", model_dir, "--data", data_file, "--keep", "0.5", "--out", tmp_path / "o") == 0
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["method"] == "mone"
+    recipe = _recipe(tmp_path, model=str(model_dir), data=[str(data_file)], keep=2)
+    assert load_recipe(recipe).method == "mone"

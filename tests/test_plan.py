@@ -502,3 +502,26 @@ def test_profile_header_sizes_are_bounded(tmp_path: Path, capsys, profile_module
     prof = write_profile(tmp_path / "p.safetensors", **meta)
     with pytest.raises(UserError, match="is corrupted: .*" + re.escape(words)):
         profile_module.Profile.load(prof)
+
+
+def test_router_unchanged_plans_any_count_in_any_group() -> None:
+    """Novice mode keeps the router whole: fewer experts than top-k, unequal groups, and the plan
+    file says so and reads back; the routed rule refuses the same keep."""
+    from moeprune.plan import Plan, make_plan
+
+    scores = torch.arange(16, dtype=torch.float64).flip(0).repeat(2, 1)  # expert 0 best
+    routing = dict(top_k=4, n_group=4, topk_group=2, group_score="top2_sum")
+    with pytest.raises(UserError):
+        make_plan(scores, keep=2, **routing)
+    plan = make_plan(scores, keep=2, router="unchanged", **routing)
+    assert plan.kept == {0: [0, 1], 1: [0, 1]}  # both in group 0: groups are not equalised
+    assert plan.top_k == 4 and plan.settings["router"] == "unchanged"
+    back = Plan.from_json(json.loads(plan.dumps()))
+    assert back.kept == plan.kept and back.top_k == 4
+    glob = make_plan(scores * torch.tensor([[1.0], [3.0]]), keep=3, scope="global", router="unchanged", **routing)
+    assert sum(glob.kept_counts()) == 6 and min(glob.kept_counts()) >= 1
+    # a routed plan file with fewer than top-k experts is still refused
+    data = json.loads(plan.dumps())
+    data["settings"].pop("router")
+    with pytest.raises(UserError, match="fewer than top_k"):
+        Plan.from_json(data)

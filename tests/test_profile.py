@@ -883,3 +883,16 @@ def test_self_generate_cuts_a_huge_prompt_before_tokenising(model_dir, ds_model,
     assert [len(p) for p in seen] == [16, len(byte_tokenizer()("1 + 1 = ")["input_ids"])]
     assert seen[0] == byte_tokenizer()(huge[:100])["input_ids"][:16]  # the prompt's own start
     assert prof.tokens == 16 + len(seen[1]) + 3
+
+
+def test_self_generate_into_its_own_data_file_is_one_clear_line(model_dir, data_files, tmp_path, capsys):
+    """Profiling a demos file again with --self-generate: the answers would go beside --out into the
+    very file being read; the error names --out and why (it named only the demos file before)."""
+    import shutil
+
+    data = tmp_path / "run.demos.jsonl"
+    shutil.copy(data_files / "b.jsonl", data)
+    out = tmp_path / "run.profile.safetensors"
+    rc, _, err = run_cli(capsys, "profile", model_dir, "--data", data, "--out", out, "--self-generate", "4")
+    assert_user_error(rc, err, "--self-generate", "run.profile.safetensors", "data file being read", "another --out")
+    assert not out.exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moeprune.errors import UserError
-from moeprune.score import SCORES, combined_score, normalize_per_layer, score
+from moeprune.score import SCORES, TIE_BREAK, break_ties, combined_score, normalize_per_layer, score
 
 L, E, K, H, KA = 3, 8, 2, 5, 4
 
@@ -243,6 +243,8 @@ def test_every_method_has_a_reference() -> None:
 def test_score_matches_per_token_reference(method: str, data: TokenData, profile: FakeProfile) -> None:
     got = score(profile, method)
     assert got.dtype == torch.float64 and got.shape == (L, E)
+    if method in TIE_BREAK:  # the method's own score, before its ties are broken (tested below)
+        got = SCORES[method](profile).to(torch.float64)
     want = REFERENCES[method](data)
     # float32 profile tensors (premoe, mone) limit the precision
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
@@ -257,11 +259,15 @@ def test_zero_count_experts_score_zero(profile: FakeProfile) -> None:
 
 
 def test_premoe_lower_ka_and_fixed_r(data: TokenData, profile: FakeProfile) -> None:
+    peu = SCORES["premoe"]  # before ties are broken
     for ka in (1, 2, 3):
-        torch.testing.assert_close(
-            score(profile, "premoe", ka=ka), ref_premoe(data, ka=ka), rtol=2e-5, atol=1e-6
-        )
-    torch.testing.assert_close(score(profile, "premoe", r=0.3), ref_premoe(data, r=0.3), rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(peu(profile, ka=ka), ref_premoe(data, ka=ka), rtol=2e-5, atol=1e-6)
+        # score() orders only PEU's exact ties (by EASY-EP), never its strict ranking
+        want = ref_premoe(data, ka=ka)
+        got = score(profile, "premoe", ka=ka)
+        strict = want.unsqueeze(2) > want.unsqueeze(1) + 1e-9
+        assert (got.unsqueeze(2) > got.unsqueeze(1))[strict].all()
+    torch.testing.assert_close(peu(profile, r=0.3), ref_premoe(data, r=0.3), rtol=2e-5, atol=1e-6)
     # r = 0 keeps every candidate
     assert score(profile, "premoe", r=0.0).sum() > score(profile, "premoe").sum()
     with pytest.raises(UserError, match="K_a=5"):
@@ -326,3 +332,62 @@ def test_premoe_scores_stay_on_the_entries_device() -> None:
     for r in (None, 0.3):
         meta = premoe_scores(q[None].to("meta"), f[None].to("meta"), idx[None].to("meta"), 8, r=r)
         assert meta.device.type == "meta" and meta.shape == ref.shape
+
+
+# --- ties: PreMoe's sparse PEU is completed by EASY-EP's score ------------------------------------
+
+
+def test_break_ties_keeps_strict_order_and_orders_ties() -> None:
+    primary = torch.tensor([[0.0, 0.0, 3.0, 0.0, 1.0, 1.0, 0.0, 2.0]], dtype=torch.float64)
+    secondary = torch.tensor([[1.0, 5.0, 0.0, 3.0, 2.0, 9.0, 4.0, 100.0]], dtype=torch.float64)
+    out = break_ties(primary, secondary)
+    order = sorted(range(8), key=lambda i: (-float(out[0, i]), i))
+    # strict PEU order first (3 > 2 > 1 > 0), ties by the secondary score (descending)
+    assert order == [2, 7, 5, 4, 1, 6, 3, 0]
+    # a layer without ties is left exactly as it is
+    distinct = torch.tensor([[0.5, 0.1, 0.3]], dtype=torch.float64)
+    assert torch.equal(break_ties(distinct, torch.tensor([[9.0, 8.0, 7.0]])), distinct)
+
+
+def _sparse_premoe(data: TokenData) -> FakeProfile:
+    """A profile whose PEU is non-zero for experts 5 and 6 only: every token's top candidate is
+    one of them with q = 1 (r_l = 1), the other candidates have q = 0."""
+    prof = build_profile(data)
+    q, idx = prof.tensors["premoe_q"].clone(), prof.tensors["premoe_idx"].clone()
+    q[..., 0], q[..., 1:] = 1.0, 0.0
+    n_tokens = q.shape[1]
+    idx[..., 0] = torch.tensor([5 + t % 2 for t in range(n_tokens)], dtype=idx.dtype)
+    idx[..., 1:] = torch.tensor([0, 1, 2], dtype=idx.dtype)  # zero q: never counted
+    prof.tensors.update(premoe_q=q, premoe_idx=idx)
+    return prof
+
+
+def test_premoe_plan_completes_sparse_layers_by_easyep(data: TokenData) -> None:
+    from moeprune.plan import plan_from_profile, sparse_warning
+    from moeprune.score import nonzero_per_layer
+
+    prof = _sparse_premoe(data)
+    raw = SCORES["premoe"](prof)
+    assert ((raw != 0).sum(dim=1) == 2).all()  # the collapse: 2 non-zero of 8 in every layer
+    peu = score(prof, "premoe")
+    easyep = score(prof, "easyep")
+    keep = 4
+    plan = plan_from_profile(
+        peu, prof.meta, keep=keep, method="premoe", nonzero=nonzero_per_layer(prof, "premoe")
+    )
+    for row, layer in enumerate(plan.layers):
+        rest = sorted(set(range(E)) - {5, 6}, key=lambda i, r=row: (-float(easyep[r, i]), i))
+        want = sorted({5, 6, *rest[:2]})
+        assert plan.kept[layer] == want
+        # lowest id among the tied zeros would have kept 0 and 1 with 5 and 6
+        assert want != [0, 1, 5, 6]
+        # PEU's strict ranking is kept: the non-zero experts stay first, in PEU order
+        top = sorted(range(E), key=lambda i, r=row: -float(peu[r, i]))[:2]
+        assert sorted(top) == [5, 6]
+        assert (float(peu[row, 5]) > float(peu[row, 6])) == (float(raw[row, 5]) > float(raw[row, 6]))
+    assert plan.settings["sparse_layers"] == {str(layer): 2 for layer in plan.layers}
+    warning = sparse_warning(plan)
+    assert warning is not None and "2 of 4" in warning and "easyep" in warning
+    # enough non-zero scores: no warning
+    plain = plan_from_profile(peu, prof.meta, keep=2, method="premoe", nonzero=nonzero_per_layer(prof, "premoe"))
+    assert "sparse_layers" not in plain.settings and sparse_warning(plain) is None

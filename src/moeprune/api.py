@@ -235,13 +235,15 @@ def plan(
     premoe_ka: int | None = None,
     out: PathLike | None = None,
     force: bool = False,
+    router: str = "routed",
 ) -> Plan:
     """Choose the experts every MoE layer keeps from one profile (or several of the same model:
     EASY-EP mixed-domain), as `moeprune plan`; ``out`` also writes the plan (JSON; an existing
-    file is replaced only with ``force``, docs/outputs.md)."""
-    from .plan import plan_from_profile
+    file is replaced only with ``force``, docs/outputs.md). ``router="unchanged"``: a plan for
+    novice mode, which keeps the router whole, so any count (even below top-k) in any group."""
+    from .plan import plan_from_profile, sparse_warning
     from .profile import Profile
-    from .score import combined_score, score
+    from .score import combined_score, nonzero_per_layer, score
 
     keep_value, options = check_plan_args(
         method, keep, scope=scope, per_group=per_group, seed=seed, premoe_r=premoe_r, premoe_ka=premoe_ka
@@ -276,7 +278,12 @@ def plan(
         new_top_k=top_k,
         per_group=per_group,
         settings=settings,
+        nonzero=nonzero_per_layer(loaded, method, **options),
+        router=router,
     )
+    warning = sparse_warning(result)
+    if warning:
+        print(warning, file=sys.stderr)
     if target is not None:
         save_plan(result, target)
     return result
@@ -879,6 +886,72 @@ def oneshot(
 
 
 
+# --- search ---------------------------------------------------------------------------------------
+
+
+def search(
+    model: Any,
+    data: Sequence[PathLike],
+    out: PathLike,
+    *,
+    target: float = 0.99,
+    eval_tasks: Sequence[str] = (),
+    test_tasks: Sequence[str] = (),
+    dev: float | int = 0.3,
+    metric: str = "auto",
+    methods: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None,
+    scopes: Sequence[str] | None = None,
+    objective: str = "bytes",
+    self_generate: int = 0,
+    max_length: int = 2048,
+    seed: int = 0,
+    limit: int | None = None,
+    max_new_tokens: int = 24,
+    prune: bool = False,
+    force: bool = False,
+    quiet: bool = True,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> Any:
+    """The smallest pruned model whose quality on a dev set is >= ``target`` x the full model's, as
+    `moeprune search`: ``dev`` of the demonstrations held out (a share or a count; or
+    ``eval_tasks`` as the dev set), one profile of the rest, a bisection on the experts kept for
+    every method x mode (remove, novice) x scope (layer, global). Writes the frontier, plot, plan
+    and recipe into the folder ``out`` (and with ``prune`` the checkpoint into ``out/model``,
+    evaluated on ``test_tasks``). Returns the :class:`~moeprune.search.SearchResult` (``best``,
+    ``plan``, ``frontier()``, ``test``). A loaded model is used as it is."""
+    from .search import DEFAULT_METHODS, MODES, SCOPES
+    from .search_run import run_search
+
+    loaded = (model, _tokenizer_of(model, None)) if _is_loaded(model) else None
+    return run_search(
+        model_source(model),
+        [os.fspath(d) for d in data],
+        Path(out),
+        target=target,
+        eval_tasks=list(eval_tasks),
+        test_tasks=list(test_tasks),
+        dev=dev,
+        metric=metric,
+        methods=list(methods or DEFAULT_METHODS),
+        modes=list(modes or MODES),
+        scopes=list(scopes or SCOPES),
+        objective=objective,
+        self_generate=self_generate,
+        max_length=max_length,
+        seed=seed,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        prune=prune,
+        force=force,
+        quiet=quiet,
+        loaded=loaded,
+        dtype=dtype,
+        device=device,
+    )
+
+
 # --- compare --------------------------------------------------------------------------------------
 
 
@@ -1143,7 +1216,7 @@ def build_library(
     keep: int | float | str,
     out: PathLike,
     *,
-    method: str = "premoe",
+    method: str = "mone",
     self_generate: int = 0,
     max_length: int = 2048,
     max_samples: int | None = None,

@@ -99,6 +99,7 @@ COMMAND_MODULES = [
     "prune",
     "run",
     "compare",
+    "search",
     "report",
     "library",
     "generate",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,6 +469,11 @@ def task_keys(profile: Any, ka: int) -> dict[str, torch.Tensor]:
     from .score import premoe_entries, premoe_scores, score_premoe, stored_ka
 
     peu = score_premoe(profile, ka=ka)  # [L, E]
+    if not bool(torch.isfinite(peu).all()):  # checked here too: the plan may use another method
+        raise UserError(
+            "the PreMoe statistics of the profile (the retrieval keys) contain NaN or infinite values",
+            "the profile is corrupted; re-run `moeprune profile`",
+        )
     keys = {"first": peu[0].clone(), "all": peu.reshape(-1).clone()}
     lengths = profile.tensors.get("sample_tokens")
     per_record = profile.tensors.get("sample_premoe")  # [S, E] sums, each record with its own r
@@ -515,8 +521,8 @@ def build_library(
 ) -> Library:
     """A library from one profile per task (all of the same model)."""
     from .identity import KEY, check_router
-    from .plan import check_keep, plan_from_profile, profile_routing
-    from .score import check_method, score
+    from .plan import check_keep, plan_from_profile, profile_routing, sparse_warning
+    from .score import check_method, nonzero_per_layer, score
 
     if not profiles:
         raise UserError("no task given", "pass --task NAME=DATA at least once")
@@ -550,7 +556,17 @@ def build_library(
             )
         scores = score(p, method, **(options or {}))
         settings = {"task": name, "options": options or {}, "library": True}
-        plan = plan_from_profile(scores, meta, keep=keep_n, method=method, settings=settings)
+        plan = plan_from_profile(
+            scores,
+            meta,
+            keep=keep_n,
+            method=method,
+            settings=settings,
+            nonzero=nonzero_per_layer(p, method, **(options or {})),
+        )
+        warning = sparse_warning(plan)
+        if warning:
+            print(f"{warning} (task '{name}')", file=sys.stderr)
         info = {"tokens": p.meta.get("tokens"), "samples": p.meta.get("samples"), "data": p.meta.get("data")}
         info.update((infos or {}).get(name, {}))
         tasks[name] = TaskPattern(name, plan, scores.double(), task_keys(p, ka), info)

@@ -100,6 +100,11 @@ def _check_keep(model_dir: Path, s: OneShot) -> None:
     from .plan import check_keep, parse_keep
 
     block = find_moe_blocks(build_on_meta(load_config(str(model_dir))))[0]
+    if s.mode == "novice" and s.top_k is None:  # the router stays whole: any count from 1 works
+        from .plan import experts_to_keep
+
+        experts_to_keep(parse_keep(str(s.keep)), block.num_experts)
+        return
     check_keep(
         parse_keep(str(s.keep)),
         block.num_experts,
@@ -263,6 +268,8 @@ def run_oneshot(
             scope=s.scope,
             top_k=s.top_k,
             seed=s.seed if "seed" in OPTIONS.get(s.method, ()) else None,
+            # novices keep the router whole: no routing rule limits their kept sets
+            router="unchanged" if s.mode == "novice" and s.top_k is None else "routed",
         )
         # name the profile by where it ends up, not the temporary folder
         for entry in (the_plan.settings or {}).get("profiles") or []:

@@ -6,7 +6,8 @@ decoder index of every MoE layer, the experts kept there (sorted ids) and the co
 
 Budgets:
 
-- ``scope='layer'``: the top K experts of every layer (ties: the lower expert id wins).
+- ``scope='layer'``: the top K experts of every layer (exact ties: the lower expert id wins; the
+  scores of PreMoe break their ties first, :data:`moeprune.score.TIE_BREAK`).
 - ``scope='global'``: one ranking of per-layer-normalised scores across layers, K x L experts in
   all, at least max(top-k, 1) per layer.
 
@@ -39,6 +40,11 @@ MAX_EXPERTS = 1 << 16
 
 Scope = Literal["layer", "global"]
 PerGroup = Literal["equal", "free"]
+# "routed": the pruned model routes among the kept experts (remove mode), so the kept sets must
+# suit its routing (top-k, groups). "unchanged": the router stays whole (MoNE's novice mode), a
+# token still picks among all experts and the replaced ones answer with their constant, so any
+# count from 1 expert up works, in any group.
+Router = Literal["routed", "unchanged"]
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -192,8 +198,10 @@ class Plan:
             out = [x for x in ids if not 0 <= x < num_experts]
             if out:
                 raise bad(f"layer {layer} keeps expert(s) {out} outside 0..{num_experts - 1}")
-            if len(ids) < top_k:
+            if len(ids) < (1 if settings.get("router") == "unchanged" else top_k):
                 raise bad(f"layer {layer} keeps {len(ids)} experts, fewer than top_k={top_k}")
+            if not ids:
+                raise bad(f"layer {layer} keeps no expert")
             kept[layer] = sorted(ids)
         replaced_raw = data.get("replaced")
         if replaced_raw is not None:
@@ -407,12 +415,18 @@ def make_plan(
     settings: dict[str, Any] | None = None,
     router_sha256: str = "",
     can_change: tuple[str, ...] = CHANGES,
+    nonzero: list[int] | None = None,
+    router: Router = "routed",
 ) -> Plan:
     """Choose the kept experts of every layer from ``scores`` [L, E] (higher = keep).
 
     A keep the routing cannot honour is a UserError whose fix names only changes that work for
     these scores, among ``can_change`` (``keep``: another count, ``top_k``: fewer active experts,
-    ``per_group``: free groups): each suggested value is tried before it is named."""
+    ``per_group``: free groups): each suggested value is tried before it is named.
+
+    ``nonzero``: how many experts of each layer the method scored above zero before its ties were
+    broken (:func:`moeprune.score.nonzero_per_layer`); a layer that keeps more is recorded in
+    ``settings["sparse_layers"]`` ({layer: non-zero count}; :func:`sparse_warning` says it)."""
     args = dict(
         keep=keep,
         scope=scope,
@@ -429,11 +443,44 @@ def make_plan(
         settings=settings,
         router_sha256=router_sha256,
     )
+    if router not in ("routed", "unchanged"):
+        raise UserError(f"unknown router rule '{router}'", "use 'routed' or 'unchanged'")
+    if router == "unchanged":
+        # no routing constraint applies: one group, no floor from top-k (see Router)
+        args.update(n_group=1, topk_group=1, group_score="max", per_group="free", new_top_k=None)
+        args["settings"] = {**(settings or {}), "router": "unchanged"}
     try:
-        return _make_plan(scores, **args)
+        plan = _make_plan(scores, **args, unchanged=router == "unchanged")
     except _Refused as exc:
         fixes = _working_changes(scores, args, can_change)
         raise UserError(exc.problem, f"pass {', or '.join(fixes)}" if fixes else exc.fix) from None
+    if nonzero is not None:
+        sparse = {
+            str(layer): int(n)
+            for layer, n in zip(plan.layers, nonzero, strict=True)
+            if int(n) < len(plan.kept[layer])
+        }
+        if sparse:
+            plan.settings["sparse_layers"] = sparse
+    return plan
+
+
+def sparse_warning(plan: Plan) -> str | None:
+    """One line when some layer keeps more experts than its method scored above zero: the rest
+    of its kept set was chosen by the tie-break score only (or by lowest id, without one)."""
+    sparse = plan.settings.get("sparse_layers")
+    if not isinstance(sparse, dict) or not sparse:
+        return None
+    from .score import TIE_BREAK
+
+    worst = min(sparse.items(), key=lambda kv: kv[1])
+    by = TIE_BREAK.get(plan.method)
+    how = f"by the {by} score" if by else "by lowest expert id"
+    return (
+        f"moeprune: warning: '{plan.method}' scores fewer experts above zero than the plan keeps in "
+        f"{len(sparse)} of {len(plan.layers)} layer(s) (layer {worst[0]}: {worst[1]} of "
+        f"{len(plan.kept[int(worst[0])])}); the rest were chosen {how}"
+    )
 
 
 def _works(scores: torch.Tensor, args: dict[str, Any]) -> bool:
@@ -502,6 +549,7 @@ def _make_plan(
     method: str,
     settings: dict[str, Any] | None,
     router_sha256: str,
+    unchanged: bool = False,
 ) -> Plan:
     if scores.dim() != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
         raise UserError(f"scores must be [layers, experts], got {list(scores.shape)}", "check the profile")
@@ -534,6 +582,8 @@ def _make_plan(
                 f"{fix}, or leave it out",
             )
         active = new_top_k
+    if unchanged:
+        active = 1  # the router is whole: a layer may keep fewer experts than a token uses
     if k_kept < active:
         if new_top_k is None:
             raise _Refused(
@@ -610,7 +660,7 @@ def _make_plan(
         model_type=model_type,
         layers=list(layers),
         num_experts=n_experts,
-        top_k=active,
+        top_k=top_k if unchanged else active,
         method=method,
         kept=kept,
         original_top_k=top_k,
@@ -643,7 +693,7 @@ def plan_from_profile(
     **options: Any,
 ) -> Plan:
     """:func:`make_plan` of ``scores`` [L, E] with the routing groups, MoE layers and model identity
-    a profile's metadata records; ``options``: scope, new_top_k, per_group, settings."""
+    a profile's metadata records; ``options``: scope, new_top_k, per_group, settings, nonzero."""
     return make_plan(
         scores,
         keep=keep,

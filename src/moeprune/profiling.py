@@ -138,6 +138,16 @@ def _profile_outputs(out: Path, self_generate: int, force: bool, inputs: Sequenc
         prepare_output(out, inputs=inputs, force=force, folder=False, kind="profile", what="--out", parents=True)
     ]
     if self_generate > 0:  # the demos of a profile moeprune wrote are moeprune's too
+        demos = demos_path(out)
+        for item in inputs:
+            path = item[1] if isinstance(item, tuple) else item
+            if path is not None and Path(path).expanduser().resolve() == demos.expanduser().resolve():
+                # the user named only --out: say that the answers go beside it, into their data file
+                raise UserError(
+                    f"with --self-generate the model's answers are written to '{demos}' (beside --out "
+                    f"'{out}'), which is the data file being read",
+                    f"pass another --out, e.g. '{out.with_name('run2.profile.safetensors')}', or copy the data file",
+                )
 
         def owned(_: Path) -> bool:
             return not out.exists() or is_moeprune_file(out)

@@ -4,7 +4,7 @@ Keys (the options of `moeprune prune MODEL --data ...`)::
 
     model: path/to/model          # required: a model folder or a cached hub id
     data: [demos.jsonl]           # required: calibration files (a single string works too)
-    method: easyep                # required
+    method: mone                  # optional (default mone, docs/methods.md)
     keep: 0.5                     # required: a count or a fraction
     out: pruned/                  # required: the output folder
     self_generate: 0              # optional, and: scope, mode, eval (list), eval_limit,
@@ -23,8 +23,9 @@ from typing import Any
 from .errors import UserError
 from .fileio import read_yaml
 from .oneshot import OneShot
+from .score import DEFAULT_METHOD
 
-REQUIRED = ("model", "data", "method", "keep", "out")
+REQUIRED = ("model", "data", "keep", "out")
 _INT = ("self_generate", "eval_limit", "max_length", "seed", "top_k")
 _BOOL = ("force", "pad_uniform")
 _STR = ("method", "scope", "mode")
@@ -68,6 +69,7 @@ def parse_recipe(raw: Any, *, base: Path, name: str = "recipe") -> OneShot:
         values["model"] = _path(base, model)
     if "eval" in values:
         values["eval"] = [_task(base, t) for t in values["eval"]]
+    values.setdefault("method", DEFAULT_METHOD)
     return OneShot(**values)
 
 

@@ -360,6 +360,57 @@ def score_mone_code(profile: ProfileLike) -> torch.Tensor:
     return freq * mone_variation(profile, "mone-code")
 
 
+# --- ties ----------------------------------------------------------------------------------------
+
+
+def break_ties(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """``primary`` [L, E] with its exact ties ordered by ``secondary`` [L, E]; its strict order kept.
+
+    Each layer adds to ``primary`` a quarter of its smallest gap between distinct values, times
+    ``secondary`` rescaled to [0, 1]: no expert can pass one with a strictly higher primary score
+    (it gains less than the gap), while tied experts are ordered by the secondary score. Without
+    it a plan picks among ties by lowest expert id, an arbitrary choice."""
+    primary = primary.to(torch.float64)
+    secondary = secondary.to(torch.float64)
+    out = primary.clone()
+    for row in range(primary.shape[0]):
+        p = primary[row]
+        values = torch.unique(p)  # sorted ascending
+        if values.numel() == p.numel():
+            continue  # no tie in this layer
+        # every score equal: any step works, one of the scores' own size
+        gap = float((values[1:] - values[:-1]).min()) if values.numel() > 1 else float(p.abs().max()) or 1.0
+        s = secondary[row] - secondary[row].min()
+        top = float(s.max())
+        frac = s / top if top > 0 else torch.zeros_like(s)
+        out[row] = p + 0.25 * gap * frac
+    return out
+
+
+# PreMoe's PEU gives a non-zero score to only a few experts per layer on small models (a token
+# counts only for candidates with q >= r_l, usually its top one or two): the rest of a kept set
+# would be chosen among exact zeros by lowest id (a PreMoe plan answered 0.00 where EASY-EP kept
+# 1.00). Such ties are broken by EASY-EP's score from the same profile, which ranks every expert a
+# token reached. PEU's own ranking stays where it is strict.
+TIE_BREAK: dict[str, str] = {"premoe": "easyep", "premoe-v1": "easyep"}
+
+
+def nonzero_per_layer(
+    profiles: ProfileLike | Sequence[ProfileLike], method: str, **options: Any
+) -> list[int]:
+    """How many experts of each layer the method scores above zero before its ties are broken
+    (in any of several profiles: what their mixed-domain score sees)."""
+    group = list(profiles) if isinstance(profiles, Sequence) else [profiles]
+    opts = {k: v for k, v in options.items() if v is not None}
+    nz = torch.stack([SCORES[method](p, **opts) != 0 for p in group]).any(dim=0)
+    return [int(n) for n in nz.sum(dim=1).tolist()]
+
+
+# The method a command uses when none is named (library build, one-shot prune, recipes): MoNE's
+# score measured best on the project's quality benchmark, for removal and novices alike
+# (docs/methods.md, "Which method by default").
+DEFAULT_METHOD = "mone"
+
 SCORES: dict[str, ScoreFn] = {
     "random": score_random,
     "frequency": score_frequency,
@@ -383,7 +434,8 @@ def check_method(method: str) -> None:
 
 
 def score(profile: ProfileLike, method: str, **options: Any) -> torch.Tensor:
-    """The ``method`` score of every expert, float64 [L, E]; higher = keep.
+    """The ``method`` score of every expert, float64 [L, E]; higher = keep. For the methods of
+    :data:`TIE_BREAK`, exact ties are ordered by the named secondary score (:func:`break_ties`).
 
     Options left at ``None`` are ignored; an option the method does not take is an error.
     """
@@ -397,6 +449,8 @@ def score(profile: ProfileLike, method: str, **options: Any) -> torch.Tensor:
             f"it takes {', '.join(allowed) if allowed else 'no options'}",
         )
     out = SCORES[method](profile, **opts).to(torch.float64)
+    if method in TIE_BREAK and bool(torch.isfinite(out).all()):
+        out = break_ties(out, SCORES[TIE_BREAK[method]](profile))
     if not bool(torch.isfinite(out).all()):
         raise UserError(
             f"the '{method}' scores contain NaN or infinite values",

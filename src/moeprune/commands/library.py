@@ -63,7 +63,9 @@ def build(
         ..., "--keep", "-k", help="Experts kept per MoE layer (e.g. 64) or a fraction (0.5)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Library folder to write."),
-    method: str = typer.Option("premoe", "--method", "-m", help="Score that picks each task's experts."),
+    method: str = typer.Option(
+        "mone", "--method", "-m", help="Score that picks each task's experts (default mone: docs/methods.md)."
+    ),
     self_generate: int = typer.Option(
         0, "--self-generate", help="Calibrate on each prompt + the model's own greedy answer (N new tokens)."
     ),

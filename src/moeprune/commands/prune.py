@@ -59,7 +59,7 @@ def prune_command(
         "plan kept in --out (the profile and recipe in --out/moeprune/). Needs --method and --keep.",
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="One-shot: the score (as `moeprune plan`)."
+        None, "--method", "-m", help="One-shot: the score (as `moeprune plan`; default mone, docs/methods.md)."
     ),
     keep: str | None = typer.Option(
         None,
@@ -99,6 +99,12 @@ def prune_command(
         help="With --dry-run: disk bandwidth for the time estimate, e.g. 1.5GB/s (default: a quick "
         "measured read of the largest shard).",
     ),
+    target: float | None = typer.Option(
+        None,
+        "--target",
+        help="One-shot: instead of --method/--keep, search for the smallest model that keeps this share of "
+        "the full model on held-out demonstrations (as `moeprune search`; its results go to OUT.search/).",
+    ),
 ) -> None:
     """Write a smaller model that keeps only the experts of a plan (streams; never loads the model).
 
@@ -115,6 +121,7 @@ def prune_command(
         "--seed": seed,
         "--eval": eval_tasks or None,
         "--eval-limit": eval_limit,
+        "--target": target,
     }
     if dry_run:
         _dry_run(model, plan_path, keep, mode, profile, pad_uniform, max_shard_size, bandwidth, as_json, data)
@@ -152,11 +159,11 @@ def prune_command(
             allow_other_profile=allow_other_profile,
         )
         return
-    missing = [flag for flag in ("--method", "--keep") if oneshot[flag] is None]
-    if missing:
-        raise UserError(
-            f"one-shot pruning (--data) needs {' and '.join(missing)}", "e.g. --method easyep --keep 0.5"
-        )
+    if target is not None:
+        _prune_by_search(model, data, out, target, oneshot, mode, force)
+        return
+    if keep is None:
+        raise UserError("one-shot pruning (--data) needs --keep", "e.g. --keep 0.5, or --target 0.99 to search")
     if profile is not None:
         raise UserError(
             "--profile does not apply with --data", "leave it out: the profile is made and kept in --out/moeprune/"
@@ -164,12 +171,13 @@ def prune_command(
     if max_shard_size is not None:
         raise UserError("--max-shard-size does not apply with --data", "leave it out")
     from moeprune.oneshot import OneShot, run_oneshot
+    from moeprune.score import DEFAULT_METHOD
 
     result = run_oneshot(
         OneShot(
             model=model,
             data=list(data or []),
-            method=str(method),
+            method=method or DEFAULT_METHOD,
             keep=str(keep),
             out=str(out),
             self_generate=self_generate or 0,
@@ -351,3 +359,34 @@ class _progress:
         if self._task is None:
             self._task = self._bar.add_task("write", total=total)
         self._bar.update(self._task, completed=done)
+
+
+def _prune_by_search(
+    model: str, data: list[str], out: Path, target: float, oneshot: dict[str, Any], mode: str, force: bool
+) -> None:
+    """`prune --data D --target T --out OUT`: `moeprune search` with its results in OUT.search/ and
+    the chosen checkpoint in OUT (the search picks method, keep, scope and mode)."""
+    chosen = [f for f in ("--method", "--keep", "--scope", "--top-k", "--eval-limit") if oneshot[f] is not None]
+    if chosen or mode != "remove":
+        flags = chosen + (["--mode"] if mode != "remove" else [])
+        raise UserError(
+            f"{', '.join(flags)} cannot be given with --target: the search chooses them",
+            "leave them out, or drop --target and choose them yourself",
+        )
+    from moeprune.search_run import run_search
+
+    out = Path(out)
+    run_search(
+        model,
+        list(data),
+        out.with_name(out.name + ".search"),
+        target=target,
+        test_tasks=oneshot["--eval"] or [],
+        self_generate=oneshot["--self-generate"] or 0,
+        max_length=oneshot["--max-length"] or 2048,
+        seed=oneshot["--seed"] or 0,
+        prune=True,
+        model_out=out,
+        force=force,
+        quiet=False,
+    )

@@ -1,0 +1,198 @@
+"""`moeprune search`: bisection over experts kept with early stop (against an exhaustive scan on a
+synthetic evaluator), the Pareto frontier, and the command end to end on two stock architectures
+(DeepSeek-V3 with routing groups, Qwen3-MoE) with --prune and the recipe it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import moeprune.testing.tiny as tiny
+from moeprune.cli import main
+from moeprune.search import Sizes, relative_quality, search_plans
+from moeprune.testing.tiny import byte_tokenizer
+
+L, E, TOP_K = 3, 8, 2
+
+
+class FakeProfile:
+    def __init__(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        count = torch.rand(L, E, generator=gen, dtype=torch.float64) * 100 + 1
+        gate = count * torch.rand(L, E, generator=gen, dtype=torch.float64)
+        self.tensors = {
+            "count": count,
+            "gate": gate,
+            "easyep": gate * torch.rand(L, E, generator=gen, dtype=torch.float64),
+            "reap_sum": gate * 2,
+            "mone_m2": torch.rand(L, E, 4, generator=gen, dtype=torch.float64),
+            "mone_mean": torch.zeros(L, E, 4),
+            "tokens": torch.tensor([500.0], dtype=torch.float64),
+        }
+        self.meta = {"layers": [1, 2, 3], "num_experts": E, "top_k": TOP_K, "hidden_size": 4,
+                     "routing": {"top_k": TOP_K, "n_group": 1, "topk_group": 1}}  # fmt: skip
+
+
+def _sizes(prof: FakeProfile) -> Sizes:
+    return Sizes(other_params=1000, params_per_expert=100, hidden=4, bytes_per_param=4.0, top_k=TOP_K,
+                 counts=prof.tensors["count"])  # fmt: skip
+
+
+def _evaluator(calls: list[Any]):
+    """Accuracy grows with the gate mass the plan keeps (monotone in K for one configuration);
+    novices are a little better than removal."""
+    prof = FakeProfile()
+    gate = prof.tensors["gate"]
+
+    def run(plan, mode):
+        calls.append((plan.method, mode, plan.kept_counts()))
+        share = float((gate * plan.kept_mask()).sum() / gate.sum())
+        return {"dev": {"accuracy": min(1.0, share + (0.1 if mode == "novice" else 0.0))}}
+
+    return prof, run
+
+
+@pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
+def test_bisection_finds_what_an_exhaustive_scan_finds(target: float) -> None:
+    from moeprune.score import score
+    from moeprune.search import make_variant
+
+    calls: list[Any] = []
+    prof, run = _evaluator(calls)
+    full = {"dev": {"accuracy": 1.0}}
+    kinds = {"dev": "exact_match"}
+    res = search_plans(run, full, kinds, prof, _sizes(prof), target=target, methods=["gate", "easyep"])
+    # exhaustive: every method x mode x scope x K
+    best = None
+    for method in ("gate", "easyep"):
+        scores = score(prof, method)
+        for mode in ("novice", "remove"):
+            for scope in ("layer", "global"):
+                for k in range(1, E):
+                    plan = make_variant(scores, prof.meta, method, mode, scope, k)
+                    if plan is None:
+                        continue
+                    q = relative_quality(full, run(plan, mode), kinds)
+                    size = _sizes(prof).of(plan, mode)
+                    if q >= target and (best is None or size < best[0]):
+                        best = (size, method, mode, scope, k)
+    assert res.best is not None and best is not None
+    assert (res.best.bytes, res.best.active_params) == best[0]
+    assert res.best.quality >= target and res.best.passed
+    # cheaper than the scan: bisection and early stop (2 methods x 4 configurations x 7 K = 56)
+    assert len(res.points) < 30
+    # the frontier: bytes grow and quality grows strictly along it, the full model's quality is 1
+    front = res.frontier()
+    assert all(a.bytes <= b.bytes and a.quality < b.quality for a, b in zip(front, front[1:], strict=False))
+    assert res.full.quality == 1.0 and res.full.method == "full"
+
+
+def test_novices_may_keep_fewer_experts_than_top_k() -> None:
+    calls: list[Any] = []
+    prof, run = _evaluator(calls)
+    res = search_plans(run, {"dev": {"accuracy": 1.0}}, {"dev": "exact_match"}, prof, _sizes(prof),
+                       target=0.2, methods=["gate"], modes=["novice"])  # fmt: skip
+    assert res.best is not None and res.best.experts < TOP_K  # 1 expert per layer, router unchanged
+    assert res.plan.settings["router"] == "unchanged"
+
+
+def test_relative_quality_takes_the_worst_task_and_inverts_perplexity() -> None:
+    full = {"a": {"accuracy": 0.8}, "b": {"perplexity": 10.0}}
+    got = {"a": {"accuracy": 0.8}, "b": {"perplexity": 12.5}}
+    assert relative_quality(full, got, {"a": "exact_match", "b": "perplexity"}) == pytest.approx(0.8)
+    assert relative_quality(full, {"a": {"accuracy": 0.4}, "b": {"perplexity": 10.0}},
+                            {"a": "exact_match", "b": "perplexity"}) == pytest.approx(0.5)  # fmt: skip
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def _save(model_type: str, folder: Path) -> Path:
+    m = tiny.tiny_model(model_type)
+    m.config.eos_token_id, m.config.pad_token_id, m.config.bos_token_id = 2, 0, 1
+    m.generation_config.eos_token_id = 2
+    m.generation_config.pad_token_id = 0
+    m.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("demos")
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    with open(d / "demos.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"text": " ".join(words[(i + j) % 8] for j in range(6)) + f" {i}"}) + "\n")
+    return d / "demos.jsonl"
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_search_end_to_end_with_prune(model_type: str, demos: Path, tmp_path: Path) -> None:
+    model = _save(model_type, tmp_path / model_type)
+    out = tmp_path / "search"
+    args = ["search", model, "--data", demos, "--out", out, "--target", "0.9", "--dev", "4",
+            "--method", "mone", "--method", "premoe", "--test", f"ppl=perplexity:{demos}", "--prune"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    for name in ("train.jsonl", "dev.jsonl", "profile.safetensors", "frontier.md", "frontier.png", "search.json",
+                 "plan.json", "recipe.yaml"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert len((out / "dev.jsonl").read_text().splitlines()) == 4
+    assert len((out / "train.jsonl").read_text().splitlines()) == 8
+    result = json.loads((out / "search.json").read_text())
+    best = result["best"]
+    assert best is not None and best["quality"] >= 0.9 and best["kept_total"] < result["full"]["kept_total"]
+    # the checkpoint is the recipe's: its plan is the searched one, and its card reports the test set
+    assert json.loads((out / "model" / "plan.json").read_text())["kept"] == result["plan"]["kept"]
+    card = (out / "model" / "README.md").read_text()
+    assert "moeprune search" in card and "test tasks" in card
+    assert result["test"] is not None and result["test"]["quality"] > 0
+    from moeprune import load
+
+    pruned = load(out / "model")
+    assert pruned is not None
+
+
+def test_prune_target_and_api(demos: Path, tmp_path: Path) -> None:
+    from moeprune import api
+
+    model = _save("qwen3_moe", tmp_path / "qwen")
+    out = tmp_path / "pruned"
+    args = ["prune", model, "--data", demos, "--target", "0.9", "--out", out]
+    assert main([str(a) for a in args]) == 0
+    assert (out / "config.json").is_file() and (tmp_path / "pruned.search" / "recipe.yaml").is_file()
+    res = api.search(model, [demos], tmp_path / "api", target=0.9, dev=3, methods=["mone"], modes=["remove"],
+                     scopes=["layer"])  # fmt: skip
+    assert (
+        res.best is not None
+        and res.best.mode == "remove"
+        and res.plan.kept_counts() == [res.best.experts] * 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "1.5"], "--target 1.5 is outside"),
+        (["--method", "nope"], "unknown method"),
+        (["--mode", "mask"], "unknown mode"),
+        (["--dev", "12"], "cannot hold out 12 of 12"),
+        (["--metric", "bleu"], "unknown --metric"),
+    ],
+)
+def test_search_user_errors(extra: list[str], message: str, demos: Path, tmp_path: Path, capsys) -> None:
+    model = _save("qwen3_moe", tmp_path / "qwen")
+    code = main([str(a) for a in ["search", model, "--data", demos, "--out", tmp_path / "s", *extra]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_prune_target_refuses_what_the_search_chooses(demos: Path, tmp_path: Path, capsys) -> None:
+    code = main(["prune", str(tmp_path), "--data", str(demos), "--target", "0.9", "--method", "mone",
+                 "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2 and "cannot be given with --target" in capsys.readouterr().err
