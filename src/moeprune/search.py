@@ -365,6 +365,7 @@ def write_plot(path: Any, result: SearchResult) -> None:
     cmap = plt.get_cmap("tab20")
     for i, (name, pts) in enumerate(sorted(groups.items())):
         ax.scatter([p.bytes for p in pts], [p.quality for p in pts], s=18, color=cmap(i % 20), label=name)
+    ax.scatter([result.full.bytes], [result.full.quality], s=30, marker="s", color="black", label="full model")
     front = result.frontier()
     ax.step(
         [p.bytes for p in front],
