@@ -291,6 +291,28 @@ def test_layer_by_layer_pass_equals_the_whole_model_pass(tmp_path):
     assert_same(got, calibrate(model, seqs, **kwargs))
 
 
+def test_layer_by_layer_pass_runs_the_router_the_stock_loader_runs(tmp_path):
+    """transformers' from_pretrained writes -1 over ZAYA's loaded skip bias (_init_weights, after
+    loading); the layer-by-layer pass does the same, so it profiles the model users load."""
+    from moeprune.offload import calibrate_sequential
+
+    model, _ = _model()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in other.model.layers:
+            layer.mlp.gate.balancing_biases[-1] = -0.9
+    _save(other, tmp_path, "hub")
+    assert float(_tensor(tmp_path, "model.layers.0.mlp.gate.balancing_biases")[-1]) == pytest.approx(-0.9)
+    stock = _load_stock(tmp_path)
+    assert all(float(layer.mlp.gate.balancing_biases[-1]) == -1.0 for layer in stock.model.layers)
+    seqs = _seqs(2, (7, 1, 20, 3))
+    kwargs = {"batch_size": 2, "pad_id": 0, "premoe_ka": 3, "per_sample": True}
+    got = calibrate_sequential(tmp_path, seqs, **kwargs)
+    assert_same(got, calibrate(stock, seqs, **kwargs))
+    with pytest.raises(AssertionError):
+        assert_same(got, calibrate(other, seqs, **kwargs))  # the checkpoint's -0.9 routes differently
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 

@@ -71,6 +71,22 @@ class RouterAdapter:
     output: Callable[[tuple, Routing, torch.Tensor], tuple] | None = None
     weight_scale: str | None = None
     expert_tensors: tuple[str, ...] | None = None
+    # transformers' from_pretrained runs the model's _init_weights on this router after loading,
+    # and it writes over a loaded tensor (ZAYA: balancing_biases[-1] = -1, unguarded): a
+    # layer-by-layer load must do the same to run the router the stock class runs
+    init_after_load: bool = False
+
+
+def init_routers_after_load(model: nn.Module, routers: list[nn.Module]) -> None:
+    """What from_pretrained does to these routers after loading them: ``_init_weights`` with
+    every loaded tensor flagged initialised (transformers' init functions skip those), so only
+    its unguarded writes land."""
+    for router in routers:
+        for t in list(router.parameters(recurse=False)) + list(router.buffers(recurse=False)):
+            t._is_hf_initialized = True
+        router._is_hf_initialized = False
+        with torch.no_grad():
+            model._init_weights(router)
 
 
 # --- routing semantics ---------------------------------------------------------------------------
@@ -157,6 +173,7 @@ ZAYA = RouterAdapter(
     extra=lambda config: 1,  # the skip class
     output=_zaya_output,
     expert_tensors=("router_mlp.out_proj.weight", "balancing_biases"),
+    init_after_load=True,
 )
 
 
