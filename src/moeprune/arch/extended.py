@@ -29,7 +29,8 @@ Four families that the generic table cannot describe on its own (transformers 5.
   ``out_proj.weight`` and ``balancing_biases`` have an expert axis; the skip row stays, last. The
   state the router hands to the next layer's router is ``down_proj(x)`` (+ the previous state),
   taken *before* the MLP, so it does not depend on any expert row: a removed expert's logit at
-  -inf (and never selected) is exactly a router without its row, in this layer and downstream.
+  -inf is exactly a router without its row, in this layer and downstream, provided it is also
+  barred from selection (its p is 0, but p + its balancing bias could still be the top-1).
 
 Statistics: profiles cover the E prunable experts only. Zero-expert selections are not counted
 (their slots reach the observers with index -1 and weight 0, like an expert-parallel sentinel);
