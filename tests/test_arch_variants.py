@@ -356,16 +356,6 @@ def test_inspect_names_the_hash_layers_kept_whole(tmp_path, capsys):
     assert code == 0 and "hash-routed MoE layers" in out
 
 
-def test_zaya_router_rows_include_the_skip_class():
-    """Zaya stays refused (not yet done): its router has E + 1 rows, the last one 'skip'."""
-    model = tiny_model("zaya")
-    gate = model.model.layers[0].mlp.gate
-    assert gate.router_mlp.out_proj.weight.shape[0] == gate.balancing_biases.shape[0] == gate.num_experts + 1 == 9
-    with pytest.raises(UserError, match="'skip' class") as err:
-        find_moe_blocks(model)
-    assert "\n" not in str(err.value)
-
-
 @pytest.mark.parametrize("model_type", ["ergo", "inkling2_loop_text"])
 def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
     """MoNE novices: Ergo's kept experts keep their own post-norm rows; the novice constants

@@ -268,9 +268,9 @@ class Accumulator:
         flat = idx.reshape(-1).long()
         g64 = g.double().reshape(-1)
         ones = torch.ones_like(g64)
-        # Longcat's zero-expert slots (index -1, weight 0: arch/extended.py) are no selection of a
-        # prunable expert: counted nowhere (their ids are parked on expert 0 with a weight of 0)
-        zero_slots = event.block.spec.extra_role == "zero"
+        # Longcat's zero-expert and ZAYA's skip slots (index -1, weight 0: arch/extended.py) are no
+        # selection of a prunable expert: counted nowhere (their ids are parked on expert 0 with a weight of 0)
+        zero_slots = event.block.spec.selects_extra
         if zero_slots:
             real = flat >= 0
             flat, ones, g64 = flat.clamp(min=0), real.double(), torch.where(real, g64, 0.0)

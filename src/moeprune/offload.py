@@ -553,6 +553,7 @@ def calibrate_sequential(
     waiting for a read), ``convert`` (into the model's layout) and ``compute`` (the forwards)."""
     from .arch import decoder_layers, find_moe_blocks, patch_moe
     from .arch.blocks import layers_path as find_layers_path
+    from .arch.extended import init_routers_after_load
     from .calibrate import Accumulator, _Progress, check_profilable, dist_info
     from .data import batches
     from .load import expected_unexpected, refuse_inexact
@@ -638,6 +639,9 @@ def calibrate_sequential(
             _materialize_buffers(model, layer, f"{lpath}.{i}", device)
             _check_loaded(layer, f"{lpath}.{i}", f"layer {i}")
             mine_blocks = [b for b in blocks if b.layer == i]
+            init_routers_after_load(
+                model, [b.router(model) for b in mine_blocks if b.adapter is not None and b.adapter.init_after_load]
+            )
             with patch_moe(model, mine_blocks, observer=acc.observe) as session:
                 for batch in work:
                     args, kwargs = _with_carried(batch.inputs.pop(i), batch.carried)

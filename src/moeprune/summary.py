@@ -118,7 +118,10 @@ def summarize(config: Any, model=None, checkpoint_dir: Any = None) -> ModelSumma
     router += f", scaled x{spec.scaling:g}" if spec.scaling != 1.0 else ""
     router += f", x a learned {spec.weight_scale.replace('_', '-')} scale" if spec.weight_scale else ""
     if spec.extra_role:  # non-prunable router columns (arch/extended.py)
-        what = "identity (zero) experts" if spec.extra_role == "zero" else "shared experts in the weights' sum"
+        what = {
+            "zero": "identity (zero) experts",
+            "skip": "'skip' class (no expert)",
+        }.get(spec.extra_role, "shared experts in the weights' sum")
         router += f"; {spec.extra_columns} {what}, kept"
     summary = ModelSummary(
         model_type=text.model_type,

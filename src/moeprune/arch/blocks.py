@@ -184,17 +184,22 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                 if isinstance(getattr(owner, attr, None), torch.Tensor):
                     bias_path = f"{base}.{cand}"
                     break
-            router_tensors = {
-                f"{router_name}.{n}": 0
-                for n, p in list(router.named_parameters()) + list(router.named_buffers())
-                if p.dim() >= 1 and p.shape[0] in (layout.num_experts, rows)
-            }
-            for n, p in list(router.named_parameters()) + list(router.named_buffers()):
-                if p.dim() == 2 and p.shape[0] == 1 and p.shape[1] == layout.num_experts:
-                    router_tensors[f"{router_name}.{n}"] = 1  # Ernie moe_statics [1, E]
-            weight_name = next(
-                n for n, p in router.named_parameters() if p.dim() == 2 and p.shape[0] == rows
-            )
+            named = facts.adapter.expert_tensors if facts.adapter is not None else None
+            if named is not None:  # ZAYA: its MLP router's hidden widths may equal E or E + 1
+                router_tensors = {f"{router_name}.{n}": 0 for n in named}
+                weight_name = named[0]
+            else:
+                router_tensors = {
+                    f"{router_name}.{n}": 0
+                    for n, p in list(router.named_parameters()) + list(router.named_buffers())
+                    if p.dim() >= 1 and p.shape[0] in (layout.num_experts, rows)
+                }
+                for n, p in list(router.named_parameters()) + list(router.named_buffers()):
+                    if p.dim() == 2 and p.shape[0] == 1 and p.shape[1] == layout.num_experts:
+                        router_tensors[f"{router_name}.{n}"] = 1  # Ernie moe_statics [1, E]
+                weight_name = next(
+                    n for n, p in router.named_parameters() if p.dim() == 2 and p.shape[0] == rows
+                )
             shared = [
                 f"{base}.{n}"
                 for n, _ in block.named_children()

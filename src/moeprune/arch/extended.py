@@ -1,6 +1,6 @@
 """Routers whose columns are not all prunable experts, or whose output is not plain logits.
 
-Three families that the generic table cannot describe on its own (transformers 5.25):
+Four families that the generic table cannot describe on its own (transformers 5.25):
 
 - **Gemma-4** (``gemma4``, ``gemma4_text``): the router returns *probabilities* (softmax over E)
   in slot 0, renormalises the chosen k and multiplies each by a learned ``per_expert_scale`` [E].
@@ -21,6 +21,16 @@ Three families that the generic table cannot describe on its own (transformers 5
   experts act as a sink: weights = sigmoid(s_i) / (sum over the chosen and the S shared sigmoids),
   times ``route_scale`` and a learned ``global_scale`` [1]; the shared experts get their share as
   ``shared_gammas``. The shared rows stay, last.
+
+- **ZAYA** (``zaya``): the router is an MLP (``down_proj``, then ``router_mlp``: RMSNorm, fc1,
+  fc2, ``out_proj``) over E + 1 classes, the last one "skip". Softmax over all E + 1, selection
+  on p + ``balancing_biases`` [E + 1] (top-1), weight = unnormalised p; a chosen skip gets weight
+  0 and index 0 from the router itself (so moeprune recomputes which slots are skips). Only
+  ``out_proj.weight`` and ``balancing_biases`` have an expert axis; the skip row stays, last. The
+  state the router hands to the next layer's router is ``down_proj(x)`` (+ the previous state),
+  taken *before* the MLP, so it does not depend on any expert row: a removed expert's logit at
+  -inf is exactly a router without its row, in this layer and downstream, provided it is also
+  barred from selection (its p is 0, but p + its balancing bias could still be the top-1).
 
 Statistics: profiles cover the E prunable experts only. Zero-expert selections are not counted
 (their slots reach the observers with index -1 and weight 0, like an expert-parallel sentinel);
@@ -52,13 +62,32 @@ class RouterAdapter:
     ``logits``: the router's full pre-score logits [T, E + extra] from (router, its input, its
     output); ``output``: the router's output tuple for a :class:`Routing` (and the original
     output, for the slots it passes through); ``weight_scale``: path (relative to the block) of the
-    learned tensor ``RoutingSpec.weight_scale`` names.
+    learned tensor ``RoutingSpec.weight_scale`` names; ``expert_tensors``: the router's tensors
+    (relative to the router) with an expert axis (0), where shapes alone cannot tell (ZAYA's MLP
+    router has hidden widths that may equal E or E + 1); None: found by shape.
     """
 
     extra: Callable[[Any], int] = lambda config: 0
     logits: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor] | None = None
     output: Callable[[tuple, Routing, torch.Tensor], tuple] | None = None
     weight_scale: str | None = None
+    expert_tensors: tuple[str, ...] | None = None
+    # transformers' from_pretrained runs the model's _init_weights on this router after loading,
+    # and it writes over a loaded tensor (ZAYA: balancing_biases[-1] = -1, unguarded): a
+    # layer-by-layer load must do the same to run the router the stock class runs
+    init_after_load: bool = False
+
+
+def init_routers_after_load(model: nn.Module, routers: list[nn.Module]) -> None:
+    """What from_pretrained does to these routers after loading them: ``_init_weights`` with
+    every loaded tensor flagged initialised (transformers' init functions skip those), so only
+    its unguarded writes land."""
+    for router in routers:
+        for t in list(router.parameters(recurse=False)) + list(router.buffers(recurse=False)):
+            t._is_hf_initialized = True
+        router._is_hf_initialized = False
+        with torch.no_grad():
+            model._init_weights(router)
 
 
 # --- routing semantics ---------------------------------------------------------------------------
@@ -126,6 +155,14 @@ def _inkling_output(out: tuple, r: Routing, logits: torch.Tensor) -> tuple:
     return (logits[:, :e], r.top_k_weights.to(dtype), r.top_k_index, r.extra_weights.to(dtype).contiguous())
 
 
+def _zaya_output(out: tuple, r: Routing, logits: torch.Tensor) -> tuple:
+    # as ZayaRouter hands a chosen skip class on: index 0 with weight 0; its state passes through
+    e = logits.shape[-1] - 1
+    skip = r.top_k_index >= e
+    weights = r.top_k_weights.masked_fill(skip, 0).to(out[1].dtype)
+    return (out[0], weights, r.top_k_index.masked_fill(skip, 0).to(out[2].dtype), *out[3:])
+
+
 GEMMA4 = RouterAdapter(logits=_gemma4_logits, output=_gemma4_output, weight_scale="router.per_expert_scale")
 LONGCAT = RouterAdapter(extra=lambda config: int(getattr(config, "zero_expert_num", 0) or 0))
 INKLING = RouterAdapter(
@@ -133,6 +170,13 @@ INKLING = RouterAdapter(
     logits=_inkling_logits,
     output=_inkling_output,
     weight_scale="gate.global_scale",
+)
+
+ZAYA = RouterAdapter(
+    extra=lambda config: 1,  # the skip class
+    output=_zaya_output,
+    expert_tensors=("router_mlp.out_proj.weight", "balancing_biases"),
+    init_after_load=True,
 )
 
 
@@ -166,6 +210,16 @@ def _inkling_spec(router: nn.Module, block: nn.Module, config: Any) -> RoutingSp
     )
 
 
+def _zaya_spec(router: nn.Module, block: nn.Module, config: Any) -> RoutingSpec:
+    return RoutingSpec(
+        top_k=int(router.top_k),
+        score_fn="softmax",
+        has_selection_bias=True,
+        extra_columns=ZAYA.extra(config),
+        extra_role="skip",
+    )
+
+
 def extended_facts() -> dict[str, ArchFacts]:
     """The table entries of this module's types (merged into ``ARCH_TABLE``)."""
     from .table import ArchFacts
@@ -196,5 +250,13 @@ def extended_facts() -> dict[str, ArchFacts]:
             family="sigmoid + correction bias, top-k; weights normalised with the shared experts' "
             "sigmoids, scaled (Inkling; shared rows kept)",
             adapter=INKLING,
+        ),
+        "zaya": ArchFacts(
+            _zaya_spec,
+            ("gate.balancing_biases",),
+            router_name="gate",
+            family="MLP router: softmax over E experts + a skip class + balancing bias, top-1, "
+            "unnormalised (ZAYA; skip row kept)",
+            adapter=ZAYA,
         ),
     }

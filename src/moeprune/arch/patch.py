@@ -102,6 +102,8 @@ def _router_forward(
         control = session.controls.get(block.index)
         steer = control is not None and (control.allowed is not None or control.top_k is not None)
         if not (steer or reroute):
+            if block.spec.extra_role == "skip":  # ZAYA hands skip slots on as expert 0 (weight 0)
+                state.index = block.route(model, logits).top_k_index
             return out
         r = block.route(
             model,
@@ -109,7 +111,7 @@ def _router_forward(
             allowed=control.allowed if control else None,
             top_k=control.top_k if control else None,
         )
-        if block.spec.extra_role == "zero":
+        if block.spec.selects_extra:
             state.index = r.top_k_index
         if block.adapter is not None and block.adapter.output is not None:
             return block.adapter.output(out, r, logits)
@@ -160,9 +162,9 @@ def _experts_forward(
         hidden_states = hidden_states.reshape(-1, shape[-1])
         control = session.controls.get(block.index)
         novices = control.novices if control is not None else None
-        if block.spec.extra_role == "zero" and state.index is not None:
-            # Longcat hands its zero-expert slots to the experts as real ids with weight 0: they
-            # are no expert selection (the block adds the identity itself), so they become -1
+        if block.spec.selects_extra and state.index is not None:
+            # Longcat hands its zero-expert slots to the experts as real ids with weight 0 (the
+            # block adds the identity itself), ZAYA its skip slots: no expert selection, so -1
             identity = state.index.reshape(top_k_index.shape) >= block.num_experts
             top_k_index = top_k_index.masked_fill(identity, -1)
         outputs = selected_expert_outputs(module, hidden_states, top_k_index, novices)

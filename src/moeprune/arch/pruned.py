@@ -23,6 +23,7 @@ stored in an expert's own down-projection bias (:func:`bias_novice_problem`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,7 +40,10 @@ CONFIG_KEY = "moeprune"  # config.json key holding the PrunedLayout
 NOVICE_BUFFER = "novice_outputs"  # [R, H] buffer of a NoviceExperts module
 DOWN_BIAS = "down_proj_bias"  # the fused experts' down-projection bias [E, H]
 # Integer attributes in which modules cache their expert count.
-CACHED_COUNT_ATTRS = (*EXPERT_COUNT_ATTRS, "total_experts", "n_experts", "num_routed_experts")
+# (ZAYA's router caches its E + 1 classes as num_router_classes)
+CACHED_COUNT_ATTRS = (
+    *EXPERT_COUNT_ATTRS, "total_experts", "n_experts", "num_routed_experts", "num_router_classes"
+)
 # The selection bias of a padding ("dead") expert: sigmoid scores lie in [0, 1] and trained
 # correction biases are O(1), so a dead expert's selection score (<= 1 - 1e4) is never in the top-k.
 DEAD_BIAS = -1.0e4
@@ -213,8 +217,23 @@ def resize_block(model: nn.Module, block: MoEBlock, experts: int, router: int) -
         m for n, m in blk.named_modules() if not f"{block.path}.{n}".startswith(shared) and m is not ex
     ]
     _set_cached_counts(modules, old, router)
-    if block.router_extra:  # Longcat's router caches E + Z
+    if block.router_extra:  # Longcat's router caches E + Z, ZAYA's E + 1
         _set_cached_counts(modules, old + block.router_extra, router + block.router_extra)
+    _give_router_its_count(block.router(model), old, router)
+
+
+def _give_router_its_count(router: nn.Module, old: int, new: int) -> None:
+    """A router that reads the expert count from the (shared) model config in its forward gets a
+    copy of it with its own layer's count (ZAYA tells its skip class by index == config.num_experts)."""
+    config = router.__dict__.get("config")
+    if config is None:
+        return
+    names = [a for a in EXPERT_COUNT_ATTRS if getattr(config, a, None) == old]
+    if names:
+        own = copy.copy(config)
+        for name in names:
+            setattr(own, name, new)
+        router.config = own
 
 
 def apply_layout(model: nn.Module, layout: PrunedLayout) -> None:
@@ -327,7 +346,7 @@ def pad_uniform_problem(block: MoEBlock) -> str | None:
     if block.spec.score_fn == "softmax" and not block.spec.selection_on_logits:
         return (
             "its router selects on softmax probabilities plus a bias, and a padding expert would still "
-            "enter the softmax denominator, rescaling every probability against the bias (Ernie-4.5, Longcat-Flash)"
+            "enter the softmax denominator, rescaling every probability against the bias (Ernie-4.5, Longcat-Flash, ZAYA)"
         )
     return None
 

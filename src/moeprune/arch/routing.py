@@ -21,7 +21,7 @@ ScoreFn = Literal["softmax", "sigmoid", "identity", "sqrtsoftplus"]
 WeightFrom = Literal["score", "softmax_topk"]
 GroupScore = Literal["max", "top2_sum"]
 Selector = Literal["topk", "sparsemixer"]
-ExtraRole = Literal["", "zero", "sink"]
+ExtraRole = Literal["", "zero", "skip", "sink"]
 WeightScale = Literal["", "per_expert", "global"]
 
 
@@ -51,7 +51,8 @@ class RoutingSpec:
       family but one); ``input`` = it multiplies the expert's input (Llama-4, :mod:`.llama4`).
     - ``extra_columns``/``extra_role``: router columns after the E prunable experts that are no
       prunable expert (never masked): ``zero`` = identity experts selected like the others (an
-      index >= E; Longcat-Flash), ``sink`` = never selected, but their scores join the weights'
+      index >= E; Longcat-Flash), ``skip`` = a "no expert" class selected like the others (an
+      index >= E) whose slot adds nothing (ZAYA), ``sink`` = never selected, but their scores join the weights'
       normalisation and get weights of their own (``Routing.extra_weights``; Inkling's shared
       experts). See :mod:`.extended`.
     - ``weight_scale``: the chosen weights are multiplied by a learned tensor: ``per_expert`` [E]
@@ -80,6 +81,11 @@ class RoutingSpec:
     extra_columns: int = 0
     extra_role: ExtraRole = ""
     weight_scale: WeightScale = ""
+
+    @property
+    def selects_extra(self) -> bool:
+        """Some selections may land on a non-prunable column (index >= E): no expert of the block."""
+        return self.extra_role in ("zero", "skip")
 
     @property
     def group_limited(self) -> bool:

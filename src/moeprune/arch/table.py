@@ -495,9 +495,6 @@ ARCH_TABLE: dict[str, ArchFacts] = {
 
 # Types that exist in transformers but that moeprune cannot prune exactly (yet), with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "zaya": "its router MLP scores E experts plus a 'skip' class (E+1 rows, one softmax) and hands its "
-    "state to the next layer's router; removal is defined (mask expert logits, keep the skip row) but "
-    "moeprune's routing, profile and key mapping assume one router row per expert (not yet done)",
     "doge": "its experts are the cells of a sqrt(E) x sqrt(E) product-key grid whose ids the model "
     "computes (row * sqrt(E) + column), so no checkpoint can hold a chosen subset of them, and its "
     "router splits one token's key scores across tokens (view(2, T, -1)), so no per-token routing "
@@ -507,7 +504,7 @@ UNSUPPORTED: dict[str, str] = {
     "profile of the MLP experts does not say which attention experts to remove",
 }
 
-ARCH_TABLE.update(extended_facts())  # Gemma-4, Longcat-Flash, Inkling (arch/extended.py)
+ARCH_TABLE.update(extended_facts())  # Gemma-4, Longcat-Flash, Inkling, ZAYA (arch/extended.py)
 
 
 def facts_for(model_type: str) -> ArchFacts:
