@@ -1,9 +1,10 @@
-"""Helpers of scripts/check_llamacpp.sh: the testbed in transformers vs the same weights in llama.cpp.
+"""Helpers of scripts/check_llamacpp.sh: transformers vs the same weights in llama.cpp.
 
 Subcommands (each run by the shell script in the right environment):
 
 - ``prepare WORK``: the checkpoints (the testbed as shipped and a uniform prune of it, 16 of 32
-  experts per layer, 4 per routing group) and ``prompts.json`` (20 token-id prompts from the
+  experts per layer, 4 per routing group; a tiny random Qwen3-MoE with the testbed's vocabulary
+  and a uniform prune of it, 4 of 8 experts) and ``prompts.json`` (20 token-id prompts from the
   testbed's eval data), in moeprune's environment;
 - ``convert VENDOR MODEL OUT.gguf``: llama.cpp's own ``convert_hf_to_gguf.py`` (f32). The testbed
   tokenizer is not one the converter knows by hash ("BPE pre-tokenizer was not recognized"), so
@@ -22,7 +23,13 @@ from pathlib import Path
 
 NEW_TOKENS = 16
 PROMPTS_PER_DOMAIN = 4
-LOGIT_TOLERANCE = 1e-3  # f32 GGUF vs transformers: summation orders differ, weights do not
+LOGIT_TOLERANCE = 1e-3
+TINY_TYPES = ("qwen3_moe",)  # tiny random models of more families
+# what the hub's configs say and llama.cpp assumes (its qwen3moe graph always renormalises the
+# top-k weights, whatever norm_topk_prob says)
+TINY_OVERRIDES = {
+    "qwen3_moe": {"norm_topk_prob": True}
+}  # f32 GGUF vs transformers: summation orders differ, weights do not
 
 
 def prepare(work: Path) -> None:
@@ -36,6 +43,8 @@ def prepare(work: Path) -> None:
     if not out.exists():
         result = rewrite_checkpoint(MODEL_DIR, out, kept)
         assert result.stock, "a uniform prune loads with stock transformers"
+    for model_type in TINY_TYPES:
+        _tiny(work, model_type)
     tok = load_tokenizer(MODEL_DIR)
     prompts = []
     for domain in DOMAINS:
@@ -46,6 +55,27 @@ def prepare(work: Path) -> None:
             prompts.append(tok(text).input_ids)
     (work / "prompts.json").write_text(json.dumps(prompts), encoding="utf-8")
     print(f"{len(prompts)} prompts, checkpoints: {MODEL_DIR} and {out}")
+
+
+def _tiny(work: Path, model_type: str) -> None:
+    """A tiny random ``model_type`` with the testbed's vocabulary and tokenizer (``WORK/<type>``)
+    and a uniform prune of it keeping half its experts (``WORK/<type>-uniform``)."""
+    from moeprune.arch import find_moe_blocks
+    from moeprune.surgery import rewrite_checkpoint
+    from moeprune.testbed import MODEL_DIR
+    from moeprune.testing.tiny import tiny_model
+
+    src = work / model_type
+    if not src.exists():
+        model = tiny_model(
+            model_type, vocab_size=2048, num_hidden_layers=3, **TINY_OVERRIDES.get(model_type, {})
+        )
+        model.save_pretrained(src, save_original_format=True)  # the hub's layout
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (src / name).write_bytes((MODEL_DIR / name).read_bytes())
+        blocks = find_moe_blocks(model)
+        kept = {b.layer: list(range(0, b.num_experts, 2)) for b in blocks}
+        assert rewrite_checkpoint(src, work / f"{model_type}-uniform", kept).stock
 
 
 def convert(vendor: Path, model: Path, out: Path) -> None:
