@@ -433,6 +433,12 @@ def build_model(cfg: dict, tok):
         pad_token_id=tok.pad_token_id,
         initializer_range=0.02,
         attention_dropout=0.0,
+        # DeepSeek-V3's hub routing fields: transformers always routes V3 this way, but readers
+        # such as llama.cpp's convert_hf_to_gguf.py fall back to softmax gating without them
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        moe_layer_freq=1,
+        ep_size=1,
     )
     torch.manual_seed(cfg["seed"])
     model = DeepseekV3ForCausalLM(config)

@@ -141,6 +141,31 @@ def _stock_load(path: Path):
     return model.eval()
 
 
+def _remote_load(path: Path):
+    """The checkpoint as plain transformers loads it with ``trust_remote_code``: its own
+    ``modeling_moeprune.py`` (imported from the folder here; tests/test_remote_code.py runs the
+    whole ``AutoModelForCausalLM`` path without moeprune importable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"remote_{path.parent.name}_{path.name}", path / "modeling_moeprune.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MoepruneForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _check_remote(result, path: Path, reference: torch.Tensor) -> None:
+    """A ragged / novice checkpoint either carries an exact plain-transformers loader, or says
+    why not; either way stock transformers refuses it (its model type is moeprune's)."""
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "moeprune_" + config["moeprune"]["base_model_type"]
+    if result.remote_code_problem is not None:
+        assert "auto_map" not in config and not (path / "modeling_moeprune.py").exists()
+        return
+    torch.testing.assert_close(_logits(_remote_load(path)), reference, **TOL)
+
+
 def _save(model, path: Path, layout: str = "fused") -> Path:
     model.save_pretrained(path, save_original_format=(layout == "hub"))
     return path
@@ -165,6 +190,7 @@ def _check_ragged(model_type: str, layout: str, tmp_path: Path) -> None:
     pruned = moeprune.load(tmp_path / "out", dtype=torch.float32)
     assert {b.layer: b.num_experts for b in find_moe_blocks(pruned)} == counts
     torch.testing.assert_close(_logits(pruned), _ragged_reference(model_type, 0), **TOL)
+    _check_remote(result, tmp_path / "out", _ragged_reference(model_type, 0))
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -289,6 +315,7 @@ def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
     loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
     ref = _novice_reference(model, blocks, kept, novices)
     torch.testing.assert_close(_logits(loaded), ref, **TOL)
+    _check_remote(result, tmp_path / "out", ref)
     # the loaded model is itself a MoE moeprune can observe: routers over all E, same outputs
     lblocks = find_moe_blocks(loaded)
     assert [b.num_experts for b in lblocks] == [b.num_experts for b in blocks]

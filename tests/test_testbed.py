@@ -45,6 +45,9 @@ def test_model_structure(model_and_tokenizer):
     assert c.first_k_dense_replace == 1
     assert c.num_hidden_layers >= 4
     assert c.norm_topk_prob is True
+    # DeepSeek-V3's hub routing fields: other readers (llama.cpp's converter) default to softmax
+    raw = json.loads((_model_dir() / "config.json").read_text())
+    assert (raw["scoring_func"], raw["topk_method"], raw["norm_topk_prob"]) == ("sigmoid", "noaux_tc", True)
     layers = model.model.layers
     assert not hasattr(layers[0].mlp, "experts")  # the first layer is dense
     for layer in layers[1:]:

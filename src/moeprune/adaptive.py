@@ -123,15 +123,13 @@ class AdaptiveMoE:
         return self
 
     def _build(self, model: str, library: str | Path | Library, dtype: Any, device: torch.device) -> None:
-        from transformers import AutoTokenizer
-
         from .arch import find_moe_blocks
         from .arch.keys import map_expert_keys
         from .arch.pruned import PrunedLayout, apply_layout
         from .arch.variants import whole_layers
         from .checkpoint import Checkpoint
         from .load import disable_aux_loss
-        from .modelio import build_on_meta, load_config, parse_dtype, resolve_model_dir
+        from .modelio import build_on_meta, load_config, load_tokenizer, parse_dtype, resolve_model_dir
         from .offload import ShardReader, _materialize_buffers, loader_config
         from .quant import quant_format
         from .surgery import pruned_config
@@ -220,7 +218,7 @@ class AdaptiveMoE:
         self.dtype = torch_dtype
         self.path = path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.tokenizer = load_tokenizer(path)
         except (OSError, ValueError):
             self.tokenizer = None
         _load_generation_config(lm, path)

@@ -101,12 +101,10 @@ def write_json(target: Any, data: Any) -> Path:
 def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
     if tokenizer is not None:
         return tokenizer
-    from transformers import AutoTokenizer
-
-    from .modelio import resolve_model_dir
+    from .modelio import load_tokenizer, resolve_model_dir
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_dir(model_source(model)), local_files_only=True)
+        return load_tokenizer(resolve_model_dir(model_source(model)))
     except (OSError, ValueError):
         raise UserError(
             f"cannot load the tokenizer of '{model_source(model)}'", "pass tokenizer=... as well"

@@ -243,6 +243,22 @@ def model_card(
             f"Load it with `moeprune.load(path)` (keyword arguments go to `from_pretrained`; {INSTALL}). "
             f"Stock `from_pretrained` refuses it: {why}."
         )
+        lines.append("")
+        if result.remote_code_problem is None:
+            lines.append(
+                "Without moeprune, plain transformers loads it with its own small loader "
+                "(`modeling_moeprune.py`, torch + transformers only, named by `auto_map`): "
+                "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` or "
+                '`pipeline("text-generation", model=path, trust_remote_code=True)`. Its `model_type` '
+                "starts with `moeprune_` so that transformers refuses it without `trust_remote_code` "
+                "rather than load it into the stock class (see docs/deploying.md)."
+            )
+        else:
+            lines.append(
+                "Plain transformers cannot load it without moeprune: no `modeling_moeprune.py` was "
+                f"written because {result.remote_code_problem}. Its `model_type` starts with `moeprune_` "
+                "so that transformers refuses it rather than load it into the stock class."
+            )
     lines += _remote_code_section(result)
     lines += ["", "## License", "", *license_lines]
     return "\n".join(lines) + "\n"

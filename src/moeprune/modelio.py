@@ -64,7 +64,11 @@ def load_config(model: str) -> Any:
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise UserError(f"{path / 'config.json'} has no model_type", "pass a transformers model directory")
     _check_counts(raw, path / "config.json")
+    from .remote import base_config, base_model_type
+
     try:
+        if base_model_type(raw) is not None:  # a ragged / novice checkpoint renamed by moeprune
+            return base_config(path, raw)
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(
@@ -129,6 +133,26 @@ def _check_counts(raw: dict[str, Any], where: Path) -> None:
             )
 
 
+def load_tokenizer(path: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``. A checkpoint whose model type
+    moeprune renamed (:mod:`moeprune.remote`) gets its stock config passed: otherwise transformers
+    reads the config itself, finds custom code and asks on the terminal whether to run it."""
+    from transformers import AutoTokenizer
+
+    from .remote import base_model_type
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        try:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = None
+        if isinstance(raw, dict) and base_model_type(raw) is not None:
+            kwargs["config"] = load_config(str(path))
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def quantization_method(config: Any) -> str | None:
     """The checkpoint's quantization method (``fp8``, ``mxfp4``, ...), None when not quantized."""
     quant = getattr(config, "quantization_config", None)
@@ -163,8 +187,6 @@ def load_model(
     model: str, dtype: str = "float32", device: str = "cpu", experts_implementation: str | None = None
 ):
     """Load a causal LM and its tokenizer from a local directory or cached hub id."""
-    from transformers import AutoTokenizer
-
     from .load import from_pretrained
 
     path = resolve_model_dir(model)
@@ -179,7 +201,7 @@ def load_model(
         kwargs["device_map"] = device
     lm = from_pretrained(path, **kwargs).eval()  # ragged / novice checkpoints: moeprune.load
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = load_tokenizer(path)
     except (OSError, ValueError):
         tok = None
     return lm, tok

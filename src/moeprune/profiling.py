@@ -212,13 +212,11 @@ def _run_profile(
         config = loaded[0].config if loaded is not None else load_config(model)
         if offload == "sequential":
             # Only the tokenizer and a meta-device skeleton now; layers are read one at a time later.
-            from transformers import AutoTokenizer
-
-            from .modelio import build_on_meta
+            from .modelio import build_on_meta, load_tokenizer
 
             lm = None
             try:
-                tok = AutoTokenizer.from_pretrained(resolve_model_dir(model), local_files_only=True)
+                tok = load_tokenizer(resolve_model_dir(model))
             except (OSError, ValueError):
                 tok = None
             blocks = find_moe_blocks(build_on_meta(config))

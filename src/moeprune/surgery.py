@@ -78,6 +78,7 @@ from .checkpoint import (
 from .errors import UserError
 from .model_files import SourceFiles, copy_source_files, inside, model_root
 from .quant import quant_format
+from .remote import mark_config, remote_code_problem, serve_spec, write_modeling_file
 
 MODES = ("remove", "novice")
 
@@ -108,6 +109,8 @@ class RewriteResult:
     quantization: str | None = None  # e.g. "fp8 (e4m3, 128x128 blocks)": kept experts copied as stored
     dropped_mtp: int = 0  # tensors of multi-token-prediction layers left out (DeepSeek-V3's layer 61)
     whole_layers: list[int] = field(default_factory=list)  # hash-routed MoE layers kept whole (DeepSeek-V4)
+    # not stock: why plain transformers gets no loader (modeling_moeprune.py), None when it gets one
+    remote_code_problem: str | None = None
 
     @property
     def ragged(self) -> bool:
@@ -726,6 +729,11 @@ def rewrite_checkpoint(
         if n > 1:
             (tmp / INDEX_NAME).write_text(rp.index_text(), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+        if not result.stock:
+            from .modelio import load_config
+
+            source_config = load_config(str(src))
+            result.remote_code_problem = _mark_remote_code(tmp, new_config, source_config, raw_config, layout)
         _self_check(tmp, layout, result.top_k)
 
         handled = {"config.json", INDEX_NAME, "README.md"} | {f.name for f in ckpt.shard_files}
@@ -825,6 +833,27 @@ def _check_not_reshaped(config: Any, src: Path) -> None:
             f"'{src}' is a {'novice' if layout.mode == 'novice' else 'ragged'} checkpoint written by moeprune",
             "prune the original model instead",
         )
+
+
+def _mark_remote_code(
+    tmp: Path, new_config: dict[str, Any], config: Any, raw_config: dict[str, Any], layout: PrunedLayout
+) -> str | None:
+    """Rewrite the ragged or novice ``config.json`` just written in ``tmp`` into one that stock
+    transformers refuses and, where :mod:`moeprune.remote`'s loader is exact, one that it loads
+    with ``trust_remote_code`` (beside ``modeling_moeprune.py``). Returns why no loader was
+    written, None when one was."""
+    from .modelio import build_on_meta, load_config
+
+    meta = build_on_meta(load_config(str(tmp)))  # the stock build of the written config
+    spec = serve_spec(meta, layout)
+    problem = remote_code_problem(config, raw_config, meta)
+    if spec.pop("unknown_tensors"):
+        problem = problem or "moeprune's loader adds tensors the template does not know"
+    mark_config(new_config, _model_type(config), spec if problem is None else None)
+    (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+    if problem is None:
+        write_modeling_file(tmp, _model_type(config))
+    return problem
 
 
 def _self_check(tmp: Path, layout: PrunedLayout, top_k: int) -> None:

@@ -67,15 +67,14 @@ def resolve_model_path(model: str) -> Path:
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal LM (eval mode, on ``device``) and its tokenizer; never downloads."""
-    from transformers import AutoTokenizer
-
     from moeprune.load import check_finite, from_pretrained
+    from moeprune.modelio import load_tokenizer
 
     path = resolve_model_path(model)
     dev = resolve_device(device)
     dt = torch_dtype(resolve_dtype(dtype, dev))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"cannot load the tokenizer of '{model}': {str(exc).strip().splitlines()[0][:200]}",

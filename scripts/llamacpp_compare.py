@@ -1,0 +1,158 @@
+"""Helpers of scripts/check_llamacpp.sh: transformers vs the same weights in llama.cpp.
+
+Subcommands (each run by the shell script in the right environment):
+
+- ``prepare WORK``: the checkpoints (the testbed as shipped and a uniform prune of it, 16 of 32
+  experts per layer, 4 per routing group; a tiny random Qwen3-MoE with the testbed's vocabulary
+  and a uniform prune of it, 4 of 8 experts) and ``prompts.json`` (20 token-id prompts from the
+  testbed's eval data), in moeprune's environment;
+- ``convert VENDOR MODEL OUT.gguf``: llama.cpp's own ``convert_hf_to_gguf.py`` (f32). The testbed
+  tokenizer is not one the converter knows by hash ("BPE pre-tokenizer was not recognized"), so
+  its pre-tokenizer is recorded as ``default``: the comparison feeds token ids, never text;
+- ``llama MODEL.gguf PROMPTS OUT.npz``: in the llama-cpp-python venv (numpy + llama_cpp only):
+  every prompt position's logits and a greedy continuation;
+- ``compare MODEL OUT.npz PROMPTS``: the same in transformers (float32, ``moeprune.load``), then the
+  verdict: identical greedy tokens on every prompt and the largest |logit difference|.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+NEW_TOKENS = 16
+PROMPTS_PER_DOMAIN = 4
+LOGIT_TOLERANCE = 1e-3
+TINY_TYPES = ("qwen3_moe",)  # tiny random models of more families
+# what the hub's configs say and llama.cpp assumes (its qwen3moe graph always renormalises the
+# top-k weights, whatever norm_topk_prob says)
+TINY_OVERRIDES = {
+    "qwen3_moe": {"norm_topk_prob": True}
+}  # f32 GGUF vs transformers: summation orders differ, weights do not
+
+
+def prepare(work: Path) -> None:
+    from moeprune.modelio import load_tokenizer
+    from moeprune.surgery import rewrite_checkpoint
+    from moeprune.testbed import DOMAINS, MODEL_DIR, data_file
+
+    work.mkdir(parents=True, exist_ok=True)
+    kept = {layer: [g * 8 + i for g in range(4) for i in range(4)] for layer in (1, 2, 3)}
+    out = work / "uniform16"
+    if not out.exists():
+        result = rewrite_checkpoint(MODEL_DIR, out, kept)
+        assert result.stock, "a uniform prune loads with stock transformers"
+    for model_type in TINY_TYPES:
+        _tiny(work, model_type)
+    tok = load_tokenizer(MODEL_DIR)
+    prompts = []
+    for domain in DOMAINS:
+        lines = data_file(domain, "eval").read_text(encoding="utf-8").splitlines()[:PROMPTS_PER_DOMAIN]
+        for line in lines:
+            row = json.loads(line)
+            text = row.get("prompt") or row["text"][:120]
+            prompts.append(tok(text).input_ids)
+    (work / "prompts.json").write_text(json.dumps(prompts), encoding="utf-8")
+    print(f"{len(prompts)} prompts, checkpoints: {MODEL_DIR} and {out}")
+
+
+def _tiny(work: Path, model_type: str) -> None:
+    """A tiny random ``model_type`` with the testbed's vocabulary and tokenizer (``WORK/<type>``)
+    and a uniform prune of it keeping half its experts (``WORK/<type>-uniform``)."""
+    from moeprune.arch import find_moe_blocks
+    from moeprune.surgery import rewrite_checkpoint
+    from moeprune.testbed import MODEL_DIR
+    from moeprune.testing.tiny import tiny_model
+
+    src = work / model_type
+    if not src.exists():
+        model = tiny_model(
+            model_type, vocab_size=2048, num_hidden_layers=3, **TINY_OVERRIDES.get(model_type, {})
+        )
+        model.save_pretrained(src, save_original_format=True)  # the hub's layout
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (src / name).write_bytes((MODEL_DIR / name).read_bytes())
+        blocks = find_moe_blocks(model)
+        kept = {b.layer: list(range(0, b.num_experts, 2)) for b in blocks}
+        assert rewrite_checkpoint(src, work / f"{model_type}-uniform", kept).stock
+
+
+def convert(vendor: Path, model: Path, out: Path) -> None:
+    import runpy
+
+    sys.path[:0] = [str(vendor), str(vendor / "gguf-py")]
+    from conversion import base  # llama.cpp's converter package (vendored by llama-cpp-python)
+
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+    sys.argv = [str(vendor / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32", "--outfile", str(out)]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def run_llama(gguf: Path, prompts_file: Path, out: Path) -> None:
+    import numpy as np
+    from llama_cpp import Llama
+
+    prompts = json.loads(prompts_file.read_text(encoding="utf-8"))
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+    arrays = {}
+    for i, ids in enumerate(prompts):
+        llm.reset()
+        llm.eval(ids)
+        arrays[f"logits{i}"] = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        greedy = []
+        for _ in range(NEW_TOKENS):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            greedy.append(nxt)
+            llm.eval([nxt])
+        arrays[f"greedy{i}"] = np.array(greedy, dtype=np.int64)
+    np.savez(out, **arrays)
+
+
+def compare(model: Path, llama_out: Path, prompts_file: Path) -> int:
+    import numpy as np
+    import torch
+
+    import moeprune
+
+    torch.set_num_threads(2)
+    lm = moeprune.load(model, dtype=torch.float32).eval()
+    theirs = np.load(llama_out)
+    prompts = json.loads(prompts_file.read_text(encoding="utf-8"))
+    same, worst = 0, 0.0
+    for i, ids in enumerate(prompts):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = lm(x).logits[0].numpy()
+            greedy = []
+            for _ in range(NEW_TOKENS):  # plain argmax loop, as on the llama.cpp side
+                nxt = int(lm(x).logits[0, -1].argmax())
+                greedy.append(nxt)
+                x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+        worst = max(worst, float(np.abs(logits - theirs[f"logits{i}"]).max()))
+        same += greedy == theirs[f"greedy{i}"].tolist()
+    ok = same == len(prompts) and worst <= LOGIT_TOLERANCE
+    print(
+        f"{model.name}: greedy identical on {same}/{len(prompts)} prompts ({NEW_TOKENS} tokens), "
+        f"max |logit diff| {worst:.2e} over every prompt position: {'PASS' if ok else 'FAIL'}"
+    )
+    return 0 if ok else 1
+
+
+def main() -> int:
+    cmd, *args = sys.argv[1:]
+    if cmd == "prepare":
+        prepare(Path(args[0]))
+    elif cmd == "convert":
+        convert(Path(args[0]), Path(args[1]), Path(args[2]))
+    elif cmd == "llama":
+        run_llama(Path(args[0]), Path(args[1]), Path(args[2]))
+    elif cmd == "compare":
+        return compare(Path(args[0]), Path(args[1]), Path(args[2]))
+    else:
+        raise SystemExit(f"unknown subcommand {cmd!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
