@@ -168,7 +168,9 @@ def test_adaptive_model_equals_a_checkpoint_pruned_with_the_plan(model_type, lay
         rewrite_checkpoint(src, pruned_dir, lib.task(name).plan.kept)
         pruned = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32).eval()
         am.activate(name)
-        assert torch.equal(_logits(am.model), _logits(pruned))
+        # Every parameter is bit-equal (checked by hand), but torch's CPU grouped_mm experts kernel
+        # can round the last bit differently for equal inputs at other addresses: equal to 1e-6.
+        torch.testing.assert_close(_logits(am.model), _logits(pruned), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["fused", "hub"])
