@@ -190,6 +190,7 @@ class Run:
     seconds: float
     peak_rss: int  # bytes
     min_available: int = 0  # MemAvailable of the machine, lowest seen while it ran (bytes)
+    cpu_seconds: float = 0.0  # user + system: on a shared machine, steadier than the wall time
     output: str = ""
 
 
@@ -223,7 +224,8 @@ def measure(cmd: list[str], env: dict[str, str], log: Path, then_sync: bool = Fa
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
-    return Run(seconds, rss, lowest[0], proc.stdout + proc.stderr)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+    return Run(seconds, rss, lowest[0], cpu, proc.stdout + proc.stderr)
 
 
 def layer_bytes(directory: Path) -> dict[int, int]:
@@ -360,13 +362,14 @@ def bench(name: str, args: argparse.Namespace, env: dict[str, str]) -> Result:
              f"{100 * profile.peak_rss / ckpt_bytes:.0f}% of the checkpoint "
              f"(goal <= 1.5 x layer + activations = {goal / GB:.2f} GB: "
              f"{'met' if profile.peak_rss <= goal else 'missed'})"),
-            ("profile, whole call", f"{profile.seconds:.0f} s = {profile.seconds / cat.seconds:.1f} x cat"),
+            ("profile, whole call", f"{profile.seconds:.0f} s = {profile.seconds / cat.seconds:.1f} x cat "
+             f"(CPU time {profile.cpu_seconds:.0f} s)"),
             (f"plan (keep {keep} of {experts})", f"{planned.seconds:.1f} s"),
             ("cp of the kept bytes, then sync", f"{cp_s:.1f} s (scaled from cp of {cp_bytes / GB:.2f} GB)"),
             ("prune (remove), whole call, then sync",
              f"{prune.seconds:.1f} s = {prune.seconds / cp_s:.2f} x cp "
              f"(goal <= 1.2: {'met' if prune.seconds <= 1.2 * cp_s else 'missed'}), "
-             f"peak RSS {prune.peak_rss / GB:.2f} GB"),
+             f"peak RSS {prune.peak_rss / GB:.2f} GB, CPU time {prune.cpu_seconds:.0f} s"),
             ("pruned model", f"{out_bytes / GB:.2f} GB in {len(shards(out))} shards "
              f"({100 * out_bytes / ckpt_bytes:.0f}% of the checkpoint; kept tensor bytes {kept_bytes / GB:.2f} GB)"),
             ("lowest MemAvailable of the machine during profile", f"{profile.min_available / GB:.1f} GB"),
