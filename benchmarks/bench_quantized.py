@@ -275,14 +275,22 @@ class Result:
 
 def bench(name: str, args: argparse.Namespace, env: dict[str, str]) -> Result:
     work = args.dir / name
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     src, out = work / "src", work / "pruned"
+    reuse = args.reuse and (src / "config.json").exists()
+    if work.exists():
+        for path in work.iterdir():
+            if not (reuse and path == src):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "moeprune"]
     try:
         t0 = time.perf_counter()
-        total, experts, hidden = generate(name, src, args)
+        if reuse:  # a checkpoint this script generated before (--keep-files)
+            cfg = json.loads((src / "config.json").read_text())
+            experts = cfg.get("n_routed_experts") or cfg["num_local_experts"]
+            hidden = cfg["hidden_size"]
+        else:
+            _total, experts, hidden = generate(name, src, args)
         gen_s = time.perf_counter() - t0
         layers = layer_bytes(src)
         largest = max(layers.values())
@@ -417,6 +425,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/realwidth"))
     parser.add_argument("--min-available-gb", type=float, default=0, help="wait for this much MemAvailable")
     parser.add_argument("--keep-files", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="reuse a checkpoint kept by --keep-files")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
 
