@@ -449,10 +449,9 @@ _PREFETCH = 256 * 1024 * 1024  # source bytes announced ahead of the copy (posix
 
 class _Prefetcher:
     """Tell the kernel which source ranges come next (``POSIX_FADV_WILLNEED``), up to
-    ``_PREFETCH`` bytes ahead of the copy. A pruned checkpoint's pieces are runs of kept experts
-    with gaps between them; each gap restarts the kernel's sequential readahead from a small
-    window, and with a cold page cache the copy then waited on many small reads (a
-    DeepSeek-V3-width rewrite ran at about half the speed of ``cp``, docs/benchmarks.md)."""
+    ``_PREFETCH`` bytes ahead of the copy: a pruned checkpoint's pieces are runs of kept experts
+    with gaps between them, and each gap restarts the kernel's sequential readahead. Measured at
+    DeepSeek-V3 width with a cold page cache it saves ~6% (docs/benchmarks.md, "Real width")."""
 
     def __init__(self, pieces: list[AnyPiece], fds: dict[Path, int]) -> None:
         self.pieces = [p for p in pieces if isinstance(p, Piece)]
