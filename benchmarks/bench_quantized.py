@@ -358,7 +358,7 @@ def bench(name: str, args: argparse.Namespace, env: dict[str, str]) -> Result:
         label = "fp8 e4m3, 128x128 blocks" if name == "deepseek" else "mxfp4"
         rows = [
             ("checkpoint", f"{ckpt_bytes / GB:.2f} GB ({label}), {len(layers)} layers, {n_shards} shards, "
-             ("reused (--reuse)" if reuse else f"generated in {gen_s:.0f} s")),
+             f"{'reused (--reuse)' if reuse else f'generated in {gen_s:.0f} s'}"),
             ("one decoder layer as stored (largest)", f"{largest / GB:.2f} GB"),
             ("calibration", f"{tokens['real']} tokens in {args.records} records (one batch, "
              f"{tokens['padded']} padded), hidden states {acts / 1e6:.0f} MB (float32)"),
