@@ -323,3 +323,52 @@ def test_writers_refuse_what_no_release_stores(tmp_path):
     )
     with pytest.raises(ValueError, match="no fused expert tensors"):
         write_mxfp4(dense, tmp_path / "c")
+
+
+# --- random checkpoints streamed at any width (the real-width benchmark's) -------------------------
+
+RANDOM_CASES = [("deepseek_v3", "fp8"), ("qwen3_moe", "fp8"), ("minimax_m2", "fp8"), ("gpt_oss", "mxfp4")]
+
+
+@pytest.mark.parametrize(("model_type", "fmt"), RANDOM_CASES, ids=[c[0] for c in RANDOM_CASES])
+def test_random_checkpoint_has_the_layout_of_the_fixture(model_type, fmt, tmp_path):
+    """random_fp8 / random_mxfp4 (streamed, no model built) write what write_fp8 / write_mxfp4
+    write for the same config: keys, dtypes, shapes, shards, config; every stored value is
+    finite, no two experts are the same bytes, and stock transformers loads it with no missing or
+    unexpected key into finite logits."""
+    from moeprune.testing.quantized import random_fp8, random_mxfp4, write_fp8, write_mxfp4
+
+    model = tiny_model(model_type)
+    if fmt == "fp8":
+        write_fp8(model, tmp_path / "fixture", block_size=(16, 16))
+        random_fp8(model.config, tmp_path / "random", block_size=(16, 16), shard_bytes=64 * 1024)
+    else:
+        write_mxfp4(model, tmp_path / "fixture")
+        random_mxfp4(model.config, tmp_path / "random", shard_bytes=64 * 1024)
+    want, got = Checkpoint.open(tmp_path / "fixture"), Checkpoint.open(tmp_path / "random")
+    assert {k: (i.dtype, i.shape) for k, i in got.tensors.items()} == {
+        k: (i.dtype, i.shape) for k, i in want.tensors.items()
+    }
+    assert [f.name for f in got.shard_files] == [f.name for f in want.shard_files]
+    index = json.loads((tmp_path / "random" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == got.total_bytes
+    config = json.loads((tmp_path / "random" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "fixture" / "config.json").read_text())
+
+    tensors = read_tensors(tmp_path / "random")
+    for key, t in tensors.items():
+        if t.is_floating_point():
+            assert bool(torch.isfinite(t.to(torch.float32)).all()), key
+    experts = [
+        t.view(torch.uint8)
+        for k, t in tensors.items()
+        if re.search(r"experts\.\d+\.(gate_proj|w1)\.weight$", k)
+    ]
+    fused = [t for k, t in tensors.items() if k.endswith("gate_up_proj_blocks")]
+    experts += [e for t in fused for e in t]
+    assert len(experts) >= 8
+    assert len({bytes(e.flatten().numpy()) for e in experts}) == len(experts)
+
+    loaded, info = _load(tmp_path / "random")
+    assert not info, info
+    assert bool(torch.isfinite(_logits(loaded)).all())

@@ -444,6 +444,46 @@ def safetensors_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | 
     return struct.pack("<Q", len(raw)) + raw
 
 
+_PREFETCH = 256 * 1024 * 1024  # source bytes announced ahead of the copy (posix_fadvise WILLNEED)
+
+
+class _Prefetcher:
+    """Tell the kernel which source ranges come next (``POSIX_FADV_WILLNEED``), up to
+    ``_PREFETCH`` bytes ahead of the copy: a pruned checkpoint's pieces are runs of kept experts
+    with gaps between them, and each gap restarts the kernel's sequential readahead. Measured at
+    DeepSeek-V3 width with a cold page cache it saves ~6% (docs/benchmarks.md, "Real width")."""
+
+    def __init__(self, pieces: list[AnyPiece], fds: dict[Path, int]) -> None:
+        self.pieces = [p for p in pieces if isinstance(p, Piece)]
+        self.fds = fds
+        self.next = 0  # first piece not yet announced
+        self.ahead = 0  # bytes announced and not yet copied
+        self.enabled = hasattr(os, "posix_fadvise")
+
+    def before(self) -> None:
+        """Announce the next pieces. The pieces already copied were announced, so ``ahead``
+        counts the piece about to be copied onwards: when that one is not announced yet,
+        ``ahead`` is 0 and it is announced first."""
+        while self.enabled and self.next < len(self.pieces) and self.ahead < _PREFETCH:
+            p = self.pieces[self.next]
+            try:
+                os.posix_fadvise(_fd(self.fds, p.file), p.offset, p.length, os.POSIX_FADV_WILLNEED)
+            except OSError:  # a file system without readahead: copy without announcing
+                self.enabled = False
+            self.ahead += p.length
+            self.next += 1
+
+    def after(self, piece: Piece) -> None:
+        self.ahead -= piece.length
+
+
+def _fd(fds: dict[Path, int], file: Path) -> int:
+    fd = fds.get(file)
+    if fd is None:
+        fd = fds[file] = os.open(file, os.O_RDONLY)
+    return fd
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Sequence[OutTensor],
@@ -456,6 +496,7 @@ def write_safetensors(
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     written = 0
     try:
+        prefetch = _Prefetcher([p for t in tensors for p in t.pieces], fds)
         _write_all(out, header)
         for t in tensors:
             for piece in t.pieces:
@@ -463,10 +504,9 @@ def write_safetensors(
                     _write_generated(out, piece, progress)
                     written += piece.length
                     continue
-                src = fds.get(piece.file)
-                if src is None:
-                    src = fds[piece.file] = os.open(piece.file, os.O_RDONLY)
-                _copy_range(src, out, piece.offset, piece.length, progress)
+                prefetch.before()
+                _copy_range(_fd(fds, piece.file), out, piece.offset, piece.length, progress)
+                prefetch.after(piece)
                 written += piece.length
     finally:
         os.close(out)

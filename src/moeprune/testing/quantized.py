@@ -24,6 +24,10 @@ Every checkpoint is sharded (``model-0000i-of-0000n.safetensors``) with a
 The block size is a parameter: the tests use small blocks (e.g. 16) so that edge blocks are
 partial (DeepSeek-V3's ``kv_a_proj_with_mqa`` has 576 rows, 4.5 blocks of 128).
 
+:func:`random_fp8` and :func:`random_mxfp4` write random checkpoints in the same layouts at any
+width (DeepSeek-V3's, gpt-oss-120b's), streamed tensor by tensor without building the model: the
+real-width benchmark (``benchmarks/bench_quantized.py``) uses them.
+
 :func:`dequantized_twin` writes the same model unquantized, its weights exactly the dequantized
 values (:func:`moeprune.quant.dequantize_tensors`): the reference a quantized path is compared with.
 """
@@ -54,6 +58,8 @@ __all__ = [
     "quantize_fp8",
     "quantize_mxfp4",
     "quantized_tiny",
+    "random_fp8",
+    "random_mxfp4",
     "read_tensors",
     "write_fp8",
     "write_mxfp4",
@@ -431,3 +437,195 @@ def partial_blocks(directory: str | Path) -> list[str]:
         if info.dtype == "F8_E4M3" and (rows % block[0] or cols % block[1]):
             found.append(key)
     return sorted(found, key=_natural)
+
+
+# --- random checkpoints at real width, streamed ---------------------------------------------------
+#
+# A DeepSeek-V3 MoE layer is 11.3 GB of fp8: a benchmark at real width cannot build the model or
+# hold the checkpoint. These writers take the key names and shapes from the model built on the
+# meta device (and transformers' own reverse conversion to the hub layout), decide each tensor's
+# stored dtype with the same rules as write_fp8 / write_mxfp4, and stream every tensor's bytes
+# from a small pool of random values to the shard files, one tensor at a time.
+
+# pool lengths prime (in elements), so that consecutive tensors cut from a running cursor start
+# at different phases of the pool: no two experts or router rows come out identical
+_POOL_ELEMENTS = 16_777_259
+
+_DTYPE_SIZE = {"F8_E4M3": 1, "U8": 1, "BF16": 2, "F32": 4}
+
+
+def _hub_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """``{checkpoint key: shape}`` of the model of ``config`` as transformers saves it in the hub
+    layout (per-expert keys where the model type has them), computed on the meta device."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from ..modelio import build_on_meta
+
+    meta = build_on_meta(config)
+    hub = revert_weight_conversion(meta, meta.state_dict())
+    return {k: tuple(int(d) for d in t.shape) for k, t in hub.items()}
+
+
+def _pools(seed: int, names: set[str]) -> dict[str, memoryview]:
+    """Random byte pools for the kinds of stored value in ``names`` (all finite, at plausible
+    magnitudes)."""
+    g = torch.Generator().manual_seed(seed)
+    n = _POOL_ELEMENTS
+    make = {
+        # fp8 values of a unit-ish normal (largest finite e4m3 is 448: never NaN), times scales
+        # around 0.01: weights of std ~0.02, which keep activations finite through the layers
+        "fp8": lambda: (torch.randn(n, generator=g) * 2).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+        "scale_f32": lambda: torch.rand(n, generator=g) * 0.01 + 0.005,
+        "scale_bf16": lambda: (torch.rand(n, generator=g) * 0.01 + 0.005).to(torch.bfloat16),
+        "bf16": lambda: (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16),
+        "f32": lambda: torch.randn(n, generator=g) * 0.02,
+        "norm": lambda: (1 + torch.randn(n, generator=g) * 0.02).to(torch.bfloat16),
+        # mxfp4: every nibble is a finite e2m1 value; exponents 2^-8..2^-6 give weights of std ~0.02
+        "fp4": lambda: torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8),
+        "e8m0": lambda: torch.randint(119, 122, (n,), generator=g, dtype=torch.uint8),
+    }
+    return {name: memoryview(make[name]().view(torch.uint8).numpy().tobytes()) for name in sorted(names)}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]
+    pool: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPE_SIZE[self.dtype]
+
+
+def _stream_shards(out: Path, entries: list[_Entry], shard_bytes: int, seed: int) -> int:
+    """Write ``entries`` in natural key order as ``model-0000i-of-0000n.safetensors`` shards of at
+    most about ``shard_bytes`` each (a tensor is never split), with the shard index; every
+    tensor's bytes are cut from its pool at a running cursor. Returns the bytes of tensor data."""
+    entries = sorted(entries, key=lambda e: _natural(e.key))
+    groups: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if groups[-1] and size + e.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e.nbytes
+    pools = _pools(seed, {e.pool for e in entries})
+    cursor = dict.fromkeys(pools, 0)
+    n = len(groups)
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for e in group:
+            header[e.key] = {
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
+            offset += e.nbytes
+            weight_map[e.key] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / name, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for e in group:
+                pool, left = pools[e.pool], e.nbytes
+                while left:
+                    start = cursor[e.pool]
+                    chunk = min(left, len(pool) - start)
+                    fh.write(pool[start : start + chunk])
+                    left -= chunk
+                    cursor[e.pool] = (start + chunk) % len(pool)
+                # the next tensor starts on an element boundary of every dtype
+                cursor[e.pool] -= cursor[e.pool] % 4
+    total = sum(e.nbytes for e in entries)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return total
+
+
+def _write_config(config: Any, out: Path, quant: dict[str, Any]) -> None:
+    config.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    saved["quantization_config"] = quant
+    _set_dtype(saved, "bfloat16")
+    (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+
+
+def random_fp8(
+    config: Any,
+    out_dir: str | Path,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    style: str | None = None,
+    shard_bytes: int = 4 * 1024**3,
+    seed: int = 0,
+) -> int:
+    """Write a random block-wise fp8 checkpoint of the model of ``config`` in ``out_dir``, in the
+    hub per-expert layout and with the key names, dtypes, scale shapes, ``quantization_config``
+    and shard index :func:`write_fp8` gives (``style`` as there), streamed tensor by tensor
+    without building the model: a DeepSeek-V3-width checkpoint costs its disk space only.
+    Returns the bytes of tensor data."""
+    st = FP8_STYLES[style or _STYLE_OF.get(str(config.model_type), "deepseek")]
+    b0, b1 = int(block_size[0]), int(block_size[1])
+    scale_dtype, scale_pool = (
+        ("BF16", "scale_bf16") if st.scale_dtype == torch.bfloat16 else ("F32", "scale_f32")
+    )
+    shapes = _hub_shapes(config)
+    if not any(re.search(r"\.experts\.\d+\.", k) for k in shapes):
+        raise ValueError(
+            f"transformers saves '{config.model_type}' experts fused: it has no per-expert hub layout"
+        )
+    entries = []
+    for key, shape in shapes.items():
+        if key.endswith(".weight") and len(shape) == 2 and not _NEVER_FP8.search(key):
+            scale = (math.ceil(shape[0] / b0), math.ceil(shape[1] / b1))
+            entries.append(_Entry(key, "F8_E4M3", shape, "fp8"))
+            entries.append(
+                _Entry(key[: -len(".weight")] + ".weight_scale_inv", scale_dtype, scale, scale_pool)
+            )
+        elif any(re.search(p, key) for p in st.float32):
+            entries.append(_Entry(key, "F32", shape, "f32"))
+        else:
+            entries.append(_Entry(key, "BF16", shape, "norm" if key.endswith("norm.weight") else "bf16"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quant: dict[str, Any] = {
+        "activation_scheme": "dynamic",
+        "fmt": st.fmt,
+        "quant_method": "fp8",
+        "weight_block_size": [b0, b1],
+    }
+    skip = st.skip(sorted(shapes))
+    if skip is not None:
+        quant["modules_to_not_convert"] = skip
+    _write_config(config, out, quant)
+    return _stream_shards(out, entries, shard_bytes, seed)
+
+
+def random_mxfp4(config: Any, out_dir: str | Path, *, shard_bytes: int = 4 * 1024**3, seed: int = 0) -> int:
+    """Write a random mxfp4 checkpoint of the gpt-oss model of ``config`` in ``out_dir`` in
+    gpt-oss's layout (the layout :func:`write_mxfp4` gives: fused experts as ``_blocks`` /
+    ``_scales`` of their transposed rows, everything else bfloat16), streamed tensor by tensor
+    without building the model. Returns the bytes of tensor data."""
+    entries = []
+    for key, shape in _hub_shapes(config).items():
+        if len(shape) == 3 and ".experts." in key and not key.endswith((".weight", "_bias", ".bias")):
+            e, cols, rows = shape  # stored as the rows of the model's transposed tensor
+            if cols % 32:
+                raise ValueError(f"mxfp4 rows of {cols} values are not a multiple of 32")
+            entries.append(_Entry(key + "_blocks", "U8", (e, rows, cols // 32, 16), "fp4"))
+            entries.append(_Entry(key + "_scales", "U8", (e, rows, cols // 32), "e8m0"))
+        else:
+            entries.append(_Entry(key, "BF16", shape, "norm" if key.endswith("norm.weight") else "bf16"))
+    if not any(e.pool == "fp4" for e in entries):
+        raise ValueError(f"'{config.model_type}' has no fused expert tensors to store as mxfp4")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quant = {"modules_to_not_convert": list(MXFP4_MODULES_TO_NOT_CONVERT), "quant_method": "mxfp4"}
+    _write_config(config, out, quant)
+    return _stream_shards(out, entries, shard_bytes, seed)
