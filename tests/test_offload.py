@@ -182,6 +182,22 @@ def test_prefetch_reads_one_layer_ahead_and_changes_nothing(saved, monkeypatch):
     assert [e for e in events if e[0] == "read"] == []
     for name, t in lazy.items():
         assert torch.equal(ahead[name], t), name
+    # a host without room for the next layer beside the current one reads lazily after layer 0
+    monkeypatch.setattr(offload, "PREFETCH", True)
+    monkeypatch.setattr(offload, "available_memory", lambda: 1)
+    events.clear()
+    tight = calibrate_sequential(directory, seqs, **kwargs)
+    assert [e for e in events if e[0] == "read"] == [("read", 0)]
+    for name, t in tight.items():
+        assert torch.equal(ahead[name], t), name
+
+
+def test_available_memory_reads_meminfo():
+    """The guard reads the kernel's MemAvailable (this suite runs on Linux)."""
+    free = offload.available_memory()
+    assert isinstance(free, int) and free > 0
+    assert offload.room_to_prefetch(int(free * offload.PREFETCH_SHARE))
+    assert not offload.room_to_prefetch(free)
 
 
 def test_stops_after_last_moe_layer(tmp_path, monkeypatch):
