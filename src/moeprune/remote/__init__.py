@@ -128,9 +128,14 @@ def base_config(path: Path, raw: dict[str, Any]) -> Any:
     from transformers import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from ..arch.pruned import CONFIG_KEY
+
     base = base_model_type(raw)
     if base is None:
         raise ValueError("not a config renamed by moeprune")
     config_dict, _ = PretrainedConfig.get_config_dict(str(path), local_files_only=True)
     config_dict["model_type"] = base
+    # the stock class names again: a multimodal wrapper is built as its wrapper class only when
+    # its architectures name it (arch/wrappers.py)
+    config_dict["architectures"] = raw[CONFIG_KEY].get("base_architectures") or config_dict.get("architectures")
     return CONFIG_MAPPING[base].from_dict(config_dict)
