@@ -9,12 +9,15 @@ Then it rewrites it keeping 32 of 64 experts per layer (4 per group) in a child 
   after importing torch/transformers for scale. The child reports its own high-water mark
   (``VmHWM`` in ``/proc/self/status``): on Linux ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits
   the parent's high-water mark across fork + exec, so it would report this script's own memory;
-- rewrite time / time to ``cp`` the same number of bytes (goal <= 1.5), for the whole
-  ``rewrite_checkpoint`` call in a fresh process (it imports the model's transformers code, builds
-  it on the meta device twice, maps the keys) and for its shard-writing phase alone. ``cp`` copies
-  whole source shards adding up to about the kept bytes, and its time is scaled to exactly the kept
-  bytes. Both read a source that is in the page cache (written and synced just before); neither
-  syncs its output.
+- rewrite time / time to ``cp`` the same number of bytes (goal <= 1.2), for the whole
+  ``rewrite_checkpoint`` call in a fresh process (the imports of torch and transformers excluded,
+  done before the clock starts) and for its shard-writing phase alone; the time before the first
+  shard is the fixed cost (config, headers, key map, plan; before issue 17 also building the model
+  on the meta device). ``cp`` copies whole source shards adding up to about the kept bytes, and
+  its time is scaled to exactly the kept bytes. Both read a source that is in the page cache
+  (written and synced just before); neither syncs its output. With ``--repeat`` N, rewrites and
+  ``cp`` alternate N times and the best time of each is reported (a shared machine's noise only
+  ever adds time).
 
 ``--baseline SRC`` also runs the child with another checkout's ``src`` (e.g. a worktree of the
 previous commit) on the same checkpoint, alternating with this one (``--repeat`` times each), and
@@ -152,15 +155,18 @@ def main() -> None:
         if args.baseline is not None:
             trees.insert(0, ("baseline", args.baseline.resolve()))
         runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
-        for _ in range(args.repeat):
+        cps: list[tuple[float, int]] = []
+        for _ in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes
             for name, tree in trees:
                 shutil.rmtree(out, ignore_errors=True)
                 runs[name].append(run_child(src, out, kept, tree))
                 check_output(src, out, kept)
                 subprocess.run(["sync"], check=False)
-
-        kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        cp_seconds, cp_bytes = time_cp(src, work / "cp", kept_bytes)
+            kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            shutil.rmtree(work / "cp", ignore_errors=True)
+            cps.append(time_cp(src, work / "cp", kept_bytes))
+            subprocess.run(["sync"], check=False)
+        cp_seconds, cp_bytes = min(cps)  # best of each, as for the rewrites
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -216,7 +222,10 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp_seconds: float, 
         ),
         ("  of which after imports (torch, transformers)", f"{base / 1e6:.0f} MB"),
         ("  added by the rewrite", f"{(peak - base) / 1e6:.0f} MB = {100 * (peak - base) / on_disk:.1f}%"),
-        ("cp of the kept bytes", f"{cp_seconds:.2f} s (scaled from cp of {cp_bytes / 1e9:.2f} GB)"),
+        (
+            "cp of the kept bytes",
+            f"{cp_seconds:.2f} s (best of {n}, scaled from cp of {cp_bytes / 1e9:.2f} GB)",
+        ),
         (
             f"rewrite, whole call (fresh process, best of {n})",
             f"{total_s:.2f} s = {total_s / cp_seconds:.2f} x cp",

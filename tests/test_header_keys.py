@@ -27,9 +27,11 @@ HUB_PER_EXPERT = {"deepseek_v3", "qwen3_moe", "qwen2_moe", "olmoe", "mixtral"}  
 
 
 @cache
-def _saved(model_type: str, layout: str, root: str) -> Path:
-    path = Path(root) / f"{model_type}-{layout}"
-    tiny_model(model_type).save_pretrained(path, save_original_format=(layout == "hub"))
+def _saved(model_type: str, layout: str, root: str, overrides: str = "{}") -> Path:
+    path = Path(root) / f"{model_type}-{layout}-{abs(hash(overrides))}"
+    tiny_model(model_type, **json.loads(overrides)).save_pretrained(
+        path, save_original_format=(layout == "hub")
+    )
     return path
 
 
@@ -70,9 +72,17 @@ def _plans(path: Path, monkeypatch, **kwargs):
     return via_headers, via_model
 
 
-@pytest.mark.parametrize("model_type, layout", CASES)
-def test_header_map_equals_model_map(model_type, layout, root, monkeypatch):
-    path = _saved(model_type, layout, root)
+# which decoder layers are MoE: set by config names the header map reads too
+LAYER_CASES = [
+    ("qwen3_moe", "hub", {"mlp_only_layers": [0]}),
+    ("qwen2_moe", "fused", {"decoder_sparse_step": 2}),
+    ("deepseek_v3", "fused", {"first_k_dense_replace": 0}),
+]
+
+
+@pytest.mark.parametrize("model_type, layout, overrides", [(t, lay, {}) for t, lay in CASES] + LAYER_CASES)
+def test_header_map_equals_model_map(model_type, layout, overrides, root, monkeypatch):
+    path = _saved(model_type, layout, root, json.dumps(overrides))
     config, blocks, model_map = _model_map(path)
     ckpt = Checkpoint.open(path)
     if layout == "hub" and model_type in HUB_PER_EXPERT:
