@@ -137,8 +137,17 @@ def test_unknown_keys_fall_back_to_the_model(root):
         "model.layers.1.mlp.experts.8.up_proj.weight",
         "model.layers.1.mlp.shared_expert.gate_proj.weight",
         "model.layers.9.mlp.gate.weight",
+        "model.layers.0.self_attn.q_proj.bias",  # attention_bias is false
+        "model.layers.0.self_attn.q_norm.bias",
+        "model.layers.1.mlp.gate.bias",
     ):
         assert header_key_map(config, {**shapes, extra: (1,)}, set()) is None, extra
+    qwen2 = _saved("qwen2_moe", "fused", root)
+    shapes2 = dict(Checkpoint.open(qwen2).shapes())
+    config2 = load_config(str(qwen2))
+    assert header_key_map(config2, shapes2, set()) is not None
+    for extra in ("model.layers.1.mlp.shared_expert.weight", "model.layers.1.self_attn.o_proj.bias"):
+        assert header_key_map(config2, {**shapes2, extra: (1,)}, set()) is None, extra
     missing = {k: v for k, v in shapes.items() if k != "model.layers.1.mlp.experts.3.down_proj.weight"}
     assert header_key_map(config, missing, set()) is None
     wrong = {**shapes, "model.layers.1.mlp.gate.weight": (7, 64)}

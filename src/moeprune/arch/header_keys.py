@@ -49,9 +49,13 @@ class Family:
     fused: tuple[str, ...]  # fused expert tensors under ``mlp.experts``
     per_expert: dict[str, str]  # hub leaf under ``experts.<i>.`` -> fused tensor it is merged into
     hub_block: str = "mlp"  # the block's name in hub checkpoints (Mixtral: block_sparse_moe)
-    attention: tuple[str, ...] = _QKVO  # self_attn modules (weight / bias) a checkpoint may hold
+    attention: tuple[str, ...] = _QKVO  # self_attn modules (a weight each) a checkpoint may hold
+    # (config flag, self_attn modules with a bias when it is true); () = no bias is known to exist,
+    # so a checkpoint with one goes the model path, which knows
+    attention_bias: tuple[str, tuple[str, ...]] | tuple[()] = ()
     attention_leaves: tuple[str, ...] = ()  # self_attn tensors that are no module (gpt-oss sinks)
-    shared: tuple[str, ...] = ()  # shared-expert modules under the block
+    shared: tuple[str, ...] = ()  # shared-expert MLPs under the block (gate_proj, up_proj, down_proj)
+    shared_gate: str | None = None  # the shared expert's own gate (a linear) under the block
     selection_bias: str | None = None  # router leaf that is the selection bias
     inter: str = "moe_intermediate_size"  # config name of one expert's intermediate size I
     # shapes in E (experts), H (hidden_size), I, 2I of the fused tensors, router leaves and hub leaves
@@ -82,6 +86,7 @@ FAMILIES: dict[str, Family] = {
         ("gate_up_proj", "down_proj"),
         _QWEN_HUB,
         attention=(*_QKVO, "q_norm", "k_norm"),
+        attention_bias=("attention_bias", _QKVO),
     ),
     "qwen2_moe": Family(
         ("num_experts",),
@@ -89,7 +94,9 @@ FAMILIES: dict[str, Family] = {
         ("weight",),
         ("gate_up_proj", "down_proj"),
         _QWEN_HUB,
-        shared=("shared_expert", "shared_expert_gate"),
+        attention_bias=("qkv_bias", ("q_proj", "k_proj", "v_proj")),
+        shared=("shared_expert",),
+        shared_gate="shared_expert_gate",
     ),
     "olmoe": Family(
         ("num_experts",),
@@ -125,6 +132,7 @@ FAMILIES: dict[str, Family] = {
         ("weight", "bias"),
         ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
         {},
+        attention_bias=("attention_bias", _QKVO),
         attention_leaves=("sinks",),
         inter="intermediate_size",
         shapes=(
@@ -230,7 +238,7 @@ def header_key_map(config: Any, shapes: Mapping[str, tuple[int, ...]], drop: set
             return None
         layer, rest = int(m.group(1)), m.group(2)
         block = by_layer.get(layer)
-        if _plain(fam, rest, moe=block is not None):
+        if _plain(fam, rest, block is not None, config):
             continue
         if block is None:
             return None
@@ -267,23 +275,28 @@ def _shape(fam: Family, ek: ExpertKey, sizes: dict[str, int]) -> tuple[int, ...]
     return None if spec is None else tuple(sizes[d] for d in spec.split())
 
 
-def _plain(fam: Family, rest: str, moe: bool) -> bool:
+def _plain(fam: Family, rest: str, moe: bool, config: Any) -> bool:
     """``rest`` (the key after ``model.layers.<i>.``) is a tensor of the layer that holds no expert."""
     if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         return True
     head, _, leaf = rest.rpartition(".")
     if head == "self_attn":
         return leaf in fam.attention_leaves
-    if head.startswith("self_attn.") and leaf in ("weight", "bias"):
-        return head[len("self_attn.") :] in fam.attention
+    if head.startswith("self_attn."):
+        module = head[len("self_attn.") :]
+        if leaf == "weight":
+            return module in fam.attention
+        if leaf == "bias" and fam.attention_bias:
+            flag, biased = fam.attention_bias
+            return bool(getattr(config, flag, False)) and module in biased
+        return False
     if leaf != "weight":
         return False
     if not moe:  # a dense layer's MLP
         return head in {f"mlp.{n}" for n in _DENSE}
-    for shared in fam.shared:
-        if head == f"mlp.{shared}" or head in {f"mlp.{shared}.{n}" for n in _DENSE}:
-            return True
-    return False
+    if fam.shared_gate is not None and head == f"mlp.{fam.shared_gate}":
+        return True
+    return any(head == f"mlp.{shared}.{n}" for shared in fam.shared for n in _DENSE)
 
 
 def _expert_key(
