@@ -142,6 +142,16 @@ def test_unknown_keys_fall_back_to_the_model(root):
         "model.layers.1.mlp.gate.bias",
     ):
         assert header_key_map(config, {**shapes, extra: (1,)}, set()) is None, extra
+    mixtral = _saved("mixtral", "hub", root)
+    shapes_m = dict(Checkpoint.open(mixtral).shapes())
+    config_m = load_config(str(mixtral))
+    assert header_key_map(config_m, shapes_m, set()) is not None
+    for dup in (
+        "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.experts.2.w1.weight",
+    ):
+        twin = {**shapes_m, dup.replace("block_sparse_moe", "mlp"): shapes_m[dup]}
+        assert header_key_map(config_m, twin, set()) is None, dup
     qwen2 = _saved("qwen2_moe", "fused", root)
     shapes2 = dict(Checkpoint.open(qwen2).shapes())
     config2 = load_config(str(qwen2))

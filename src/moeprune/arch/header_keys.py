@@ -247,7 +247,12 @@ def header_key_map(config: Any, shapes: Mapping[str, tuple[int, ...]], drop: set
             return None  # (the model path names the mismatch)
         found.keys[key] = ek
         if ek.kind == "per_expert":
-            per_expert.setdefault((layer, ek.suffix), {})[ek.expert] = tuple(shape)  # type: ignore[index]
+            ids = per_expert.setdefault((layer, ek.suffix), {})
+            if ek.expert in ids:  # the same expert twice (Mixtral under mlp. and block_sparse_moe.)
+                return None
+            ids[ek.expert] = tuple(shape)  # type: ignore[index]
+        elif ek.target in covered:  # two keys become the same model tensor
+            return None
         else:
             covered.add(ek.target or "")
     for b in blocks:  # complete: every fused / router tensor, or every expert of every hub template
