@@ -573,7 +573,11 @@ def plan_rewrite(
     allow_other_profile: bool = False,
 ) -> RewritePlan:
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
-    config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases)."""
+    config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases).
+
+    A plain removal of a family :mod:`moeprune.arch.header_keys` knows maps the expert keys from
+    the config and the headers alone; everything else builds the model on the meta device to find
+    the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
     from .modelio import load_config
 
     if mode not in MODES:
