@@ -9,16 +9,23 @@ Then it rewrites it keeping 32 of 64 experts per layer (4 per group) in a child 
   after importing torch/transformers for scale. The child reports its own high-water mark
   (``VmHWM`` in ``/proc/self/status``): on Linux ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits
   the parent's high-water mark across fork + exec, so it would report this script's own memory;
-- rewrite time / time to ``cp`` the same number of bytes (goal <= 1.5), for the whole
-  ``rewrite_checkpoint`` call in a fresh process (it imports the model's transformers code, builds
-  it on the meta device twice, maps the keys) and for its shard-writing phase alone. ``cp`` copies
-  whole source shards adding up to about the kept bytes, and its time is scaled to exactly the kept
-  bytes. Both read a source that is in the page cache (written and synced just before); neither
-  syncs its output.
+- rewrite time / time to ``cp`` the same number of bytes (goal <= 1.2), for the whole
+  ``rewrite_checkpoint`` call in a fresh process (the imports of torch and transformers excluded,
+  done before the clock starts) and for its shard-writing phase alone; the time before the first
+  shard is the fixed cost (config, headers, key map, plan; before issue 17 also building the model
+  on the meta device). ``cp`` copies whole source shards adding up to about the kept bytes, and
+  its time is scaled to exactly the kept bytes. Both read a source that is in the page cache
+  (written and synced just before); neither syncs its output. With ``--repeat`` N, rewrites and
+  ``cp`` alternate N times and the best time of each is reported (a shared machine's noise only
+  ever adds time).
+
+``--baseline SRC`` also runs the child with another checkout's ``src`` (e.g. a worktree of the
+previous commit) on the same checkpoint, alternating with this one (``--repeat`` times each), and
+reports both: before/after figures of one run.
 
 Everything generated is deleted at the end.
 
-    python benchmarks/bench_rewrite.py [--layers 12] [--append docs/benchmarks.md]
+    python benchmarks/bench_rewrite.py [--layers 12] [--baseline ../main/src] [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ t0 = time.perf_counter()
 result = surgery.rewrite_checkpoint(src, out, {int(k): v for k, v in kept.items()})
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0][0],
+                  "plan_seconds": writes[0][0] - t0,
                   "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
                   "bytes_out": result.bytes_out, "shards": len(result.shards)}))
 """
@@ -127,6 +135,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="MoE layers (about 0.2 GB each)")
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout's src to compare with")
+    parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
 
@@ -141,22 +151,65 @@ def main() -> None:
         kept = kept_plan(args.layers)
         subprocess.run(["sync"], check=False)
 
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            sys.exit(f"rewrite failed:\n{proc.stderr}")
-        child = json.loads(proc.stdout.strip().splitlines()[-1])
-        check_output(src, out, kept)
-        subprocess.run(["sync"], check=False)
-
-        kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        cp_seconds, cp_bytes = time_cp(src, work / "cp", kept_bytes)
+        trees = [("this checkout", ROOT / "src")]
+        if args.baseline is not None:
+            trees.insert(0, ("baseline", args.baseline.resolve()))
+        runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
+        cps: list[tuple[float, int]] = []
+        for _ in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes
+            for name, tree in trees:
+                shutil.rmtree(out, ignore_errors=True)
+                runs[name].append(run_child(src, out, kept, tree))
+                check_output(src, out, kept)
+                subprocess.run(["sync"], check=False)
+            kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            shutil.rmtree(work / "cp", ignore_errors=True)
+            cps.append(time_cp(src, work / "cp", kept_bytes))
+            subprocess.run(["sync"], check=False)
+        cp_seconds, cp_bytes = min(cps)  # best of each, as for the rewrites
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    sections = []
+    for name, _ in trees:
+        child = min(runs[name], key=lambda c: c["seconds"])  # the least disturbed run of a shared machine
+        sections.append((name, child))
+    tables = [
+        (name, report(child, args, on_disk, kept_bytes, cp_seconds, cp_bytes, len(runs[name])))
+        for name, child in sections
+    ]
+    text = "\n\n".join(f"{name}:\n\n{table}" if len(tables) > 1 else table for name, table in tables)
+    print(text)
+    if args.append is not None:
+        base = " --baseline BASE/src" if args.baseline is not None else ""
+        cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --repeat {args.repeat}{base} --append docs/benchmarks.md"
+        append_section(
+            args.append,
+            "Checkpoint rewrite",
+            cmd,
+            "source in the page cache, no sync",
+            "Goals: peak RSS < 10% of the checkpoint, rewrite / cp <= 1.2.",
+            text,
+        )
+
+
+def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path) -> dict:
+    """One rewrite in a fresh process importing moeprune from ``tree``."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"rewrite failed ({tree}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(child: dict, args, on_disk: int, kept_bytes: int, cp_seconds: float, cp_bytes: int, n: int) -> str:
     peak = child["hwm_peak_kb"] * 1024
     base = child["hwm_after_imports_kb"] * 1024
     total_s, write_s = child["seconds"], child["write_seconds"]
@@ -169,22 +222,18 @@ def main() -> None:
         ),
         ("  of which after imports (torch, transformers)", f"{base / 1e6:.0f} MB"),
         ("  added by the rewrite", f"{(peak - base) / 1e6:.0f} MB = {100 * (peak - base) / on_disk:.1f}%"),
-        ("cp of the kept bytes", f"{cp_seconds:.2f} s (scaled from cp of {cp_bytes / 1e9:.2f} GB)"),
-        ("rewrite, whole call (fresh process)", f"{total_s:.2f} s = {total_s / cp_seconds:.2f} x cp"),
+        (
+            "cp of the kept bytes",
+            f"{cp_seconds:.2f} s (best of {n}, scaled from cp of {cp_bytes / 1e9:.2f} GB)",
+        ),
+        (
+            f"rewrite, whole call (fresh process, best of {n})",
+            f"{total_s:.2f} s = {total_s / cp_seconds:.2f} x cp",
+        ),
         ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_seconds:.2f} x cp"),
+        ("rewrite before writing (config, keys, plan)", f"{child['plan_seconds']:.2f} s"),
     ]
-    table = kv_table(rows)
-    print(table)
-    if args.append is not None:
-        cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --append docs/benchmarks.md"
-        append_section(
-            args.append,
-            "Checkpoint rewrite",
-            cmd,
-            "source in the page cache, no sync",
-            "Goals: peak RSS < 10% of the checkpoint, rewrite / cp <= 1.5.",
-            table,
-        )
+    return kv_table(rows)
 
 
 if __name__ == "__main__":

@@ -539,6 +539,8 @@ class RewritePlan:
     shards: list[list[OutTensor]]
     names: list[str]
     result: RewriteResult
+    # planned from config.json and the headers (arch/header_keys.py), no model built
+    from_headers: bool = False
 
     @property
     def file_metadata(self) -> dict[str, str]:
@@ -574,10 +576,12 @@ def plan_rewrite(
     allow_other_profile: bool = False,
 ) -> RewritePlan:
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
-    config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases)."""
-    from .arch import find_moe_blocks
-    from .arch.variants import whole_layers
-    from .modelio import build_on_meta, load_config
+    config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases).
+
+    A plain removal of a family :mod:`moeprune.arch.header_keys` knows maps the expert keys from
+    the config and the headers alone; everything else builds the model on the meta device to find
+    the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
+    from .modelio import load_config
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
@@ -587,31 +591,28 @@ def plan_rewrite(
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     quant = quant_format(config)  # fp8 / mxfp4 are copied as stored; other methods are refused
     _check_not_reshaped(config, src)
-    meta_model = build_on_meta(config)
-    blocks = find_moe_blocks(meta_model)
-    check_mode(blocks, meta_model, mode, pad_uniform, config)
-    whole = whole_layers(meta_model)  # DeepSeek-V4 hash layers: every expert kept (arch/variants.py)
-    if whole and pad_uniform:
-        raise UserError(
-            "--pad-uniform cannot make this checkpoint stock: its hash-routed layers keep all their "
-            "experts, so every layer would be padded back to the original count (nothing saved)",
-            "drop --pad-uniform: the ragged checkpoint loads with moeprune.load",
-        )
-    kept, counts = check_kept(blocks, kept, top_k, mode)
-    old_e = blocks[0].num_experts
-    if any(b.num_experts != old_e for b in blocks):
-        raise UserError("this model has different expert counts per layer", "it is not supported yet")
-    original_top_k = blocks[0].top_k
     ckpt = Checkpoint.open(src)
-    keymap = map_expert_keys(meta_model, blocks, ckpt.shapes())
-    _check_copyable(ckpt, keymap, meta_model, src, config)
-    del meta_model
+    mtp = mtp_keys(ckpt.tensors, raw_config)
+    keymap = None
+    if mode == "remove" and not pad_uniform:  # the other modes read the experts modules' details
+        from .arch.header_keys import header_key_map
+
+        keymap = header_key_map(config, ckpt.shapes(), mtp)
+    whole: dict[int, int] = {}
+    from_headers = keymap is not None
+    if keymap is not None:  # no model built: the keys and counts come from config.json and the headers
+        blocks: list[Any] = list(keymap.blocks)
+        kept, counts = check_kept(blocks, kept, top_k, mode)
+        _check_expert_dtypes(ckpt, keymap, src, config)
+    else:
+        blocks, keymap, whole, kept, counts = _model_keymap(ckpt, src, config, kept, top_k, mode, pad_uniform)
+    old_e = blocks[0].num_experts
+    original_top_k = blocks[0].top_k
     _check_provenance(ckpt, keymap, plan, metadata, allow_other_profile)
     rewrites, layout, new_e = block_rewrites(blocks, kept, mode, pad_uniform, novices)
     if whole:  # recorded with their counts: the checkpoint is ragged unless nothing was removed
         layout.experts_per_layer.update(whole)
         new_e = max(new_e, *whole.values())
-    mtp = mtp_keys(ckpt.tensors, raw_config)
 
     tensors = plan_tensors(ckpt, keymap, rewrites, mtp)
     limit = parse_size(max_shard_size) if max_shard_size is not None else ckpt.max_shard_bytes
@@ -646,7 +647,36 @@ def plan_rewrite(
         whole_layers=sorted(whole),
     )
 
-    return RewritePlan(ckpt, raw_config, new_config, layout, kept, tensors, shards, names, result)
+    return RewritePlan(
+        ckpt, raw_config, new_config, layout, kept, tensors, shards, names, result, from_headers=from_headers
+    )
+
+
+def _model_keymap(
+    ckpt: Checkpoint, src: Path, config: Any, kept: dict[int, list[int]], top_k: int | None, mode: str, pad_uniform: bool
+) -> tuple[list[MoEBlock], ExpertKeyMap, dict[int, int], dict[int, list[int]], dict[int, int]]:
+    """The MoE blocks and expert keys found on the model built on the meta device (every
+    architecture and mode), its hash-routed layers kept whole, and the checked kept ids."""
+    from .arch import find_moe_blocks
+    from .arch.variants import whole_layers
+    from .modelio import build_on_meta
+
+    meta_model = build_on_meta(config)
+    blocks = find_moe_blocks(meta_model)
+    check_mode(blocks, meta_model, mode, pad_uniform, config)
+    whole = whole_layers(meta_model)  # DeepSeek-V4 hash layers: every expert kept (arch/variants.py)
+    if whole and pad_uniform:
+        raise UserError(
+            "--pad-uniform cannot make this checkpoint stock: its hash-routed layers keep all their "
+            "experts, so every layer would be padded back to the original count (nothing saved)",
+            "drop --pad-uniform: the ragged checkpoint loads with moeprune.load",
+        )
+    kept, counts = check_kept(blocks, kept, top_k, mode)
+    if any(b.num_experts != blocks[0].num_experts for b in blocks):
+        raise UserError("this model has different expert counts per layer", "it is not supported yet")
+    keymap = map_expert_keys(meta_model, blocks, ckpt.shapes())
+    _check_copyable(ckpt, keymap, meta_model, src, config)
+    return blocks, keymap, whole, kept, counts
 
 
 def rewrite_checkpoint(
@@ -734,7 +764,8 @@ def rewrite_checkpoint(
 
             source_config = load_config(str(src))
             result.remote_code_problem = _mark_remote_code(tmp, new_config, source_config, raw_config, layout)
-        _self_check(tmp, layout, result.top_k)
+        if not rp.from_headers:  # (header plans: tests/test_header_keys.py proves the same config)
+            _self_check(tmp, layout, result.top_k)
 
         handled = {"config.json", INDEX_NAME, "README.md"} | {f.name for f in ckpt.shard_files}
         result.source = copy_source_files(src, tmp, handled)
@@ -808,6 +839,11 @@ def _check_copyable(ckpt: Checkpoint, keymap: ExpertKeyMap, meta_model: Any, src
     from .load import expected_unexpected, refuse_inexact
 
     refuse_inexact(src, {"unexpected_keys": expected_unexpected(meta_model, keymap.stray)})
+    _check_expert_dtypes(ckpt, keymap, src, config)
+
+
+def _check_expert_dtypes(ckpt: Checkpoint, keymap: ExpertKeyMap, src: Path, config: Any) -> None:
+    """In a checkpoint that is not quantized, no expert weight stored as integers."""
     if getattr(config, "quantization_config", None):
         return
     for key in keymap.keys:

@@ -1,0 +1,188 @@
+"""The rewrite planned from config.json and the shard headers (arch/header_keys.py) equals the
+rewrite planned on the model built on the meta device, on every family the header map knows, in
+fused and hub layouts; anything it does not know falls back to the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+import moeprune.arch.header_keys as header_keys
+from moeprune.arch import find_moe_blocks
+from moeprune.arch.header_keys import FAMILIES, header_key_map
+from moeprune.arch.keys import map_expert_keys
+from moeprune.checkpoint import Checkpoint
+from moeprune.modelio import build_on_meta, load_config
+from moeprune.surgery import mtp_keys, plan_rewrite
+from moeprune.testing.tiny import tiny_model
+
+CASES = [(t, layout) for t in sorted(FAMILIES) for layout in ("fused", "hub")]
+HUB_PER_EXPERT = {"deepseek_v3", "qwen3_moe", "qwen2_moe", "olmoe", "mixtral"}  # gpt-oss is fused on the hub
+
+
+@cache
+def _saved(model_type: str, layout: str, root: str, overrides: str = "{}") -> Path:
+    path = Path(root) / f"{model_type}-{layout}-{abs(hash(overrides))}"
+    tiny_model(model_type, **json.loads(overrides)).save_pretrained(
+        path, save_original_format=(layout == "hub")
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("header-keys"))
+
+
+def _kept(blocks) -> dict[int, list[int]]:
+    """6 of 8 experts, different per layer, the same number from every routing group."""
+    kept = {}
+    for b in blocks:
+        e, g = b.num_experts, b.spec.n_group
+        size = e // g
+        drop = (
+            {grp * size + (b.layer + grp) % size for grp in range(g)}
+            if g > 1
+            else {b.layer % e, (3 * b.layer + 5) % e}
+        )
+        if g == 1 and len(drop) < 2:
+            drop.add((b.layer + 1) % e)
+        kept[b.layer] = sorted(set(range(e)) - drop)
+    return kept
+
+
+def _model_map(path: Path):
+    config = load_config(str(path))
+    model = build_on_meta(config)
+    blocks = find_moe_blocks(model)
+    return config, blocks, map_expert_keys(model, blocks, Checkpoint.open(path).shapes())
+
+
+def _plans(path: Path, monkeypatch, **kwargs):
+    via_headers = plan_rewrite(path, path / "out", **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(header_keys, "header_key_map", lambda *a, **k: None)
+        via_model = plan_rewrite(path, path / "out", **kwargs)
+    return via_headers, via_model
+
+
+# which decoder layers are MoE: set by config names the header map reads too
+LAYER_CASES = [
+    ("qwen3_moe", "hub", {"mlp_only_layers": [0]}),
+    ("qwen2_moe", "fused", {"decoder_sparse_step": 2}),
+    ("deepseek_v3", "fused", {"first_k_dense_replace": 0}),
+]
+
+
+@pytest.mark.parametrize("model_type, layout, overrides", [(t, lay, {}) for t, lay in CASES] + LAYER_CASES)
+def test_header_map_equals_model_map(model_type, layout, overrides, root, monkeypatch):
+    path = _saved(model_type, layout, root, json.dumps(overrides))
+    config, blocks, model_map = _model_map(path)
+    ckpt = Checkpoint.open(path)
+    if layout == "hub" and model_type in HUB_PER_EXPERT:
+        assert any(k.kind == "per_expert" for k in model_map.keys.values()), "not saved one key per expert"
+    mine = header_key_map(
+        config, ckpt.shapes(), mtp_keys(ckpt.tensors, json.loads((path / "config.json").read_text()))
+    )
+    assert mine is not None, f"{model_type} {layout}: the header map gave up"
+    assert mine.keys == model_map.keys
+    assert not model_map.stray
+    fields = (
+        "index",
+        "layer",
+        "path",
+        "experts_path",
+        "num_experts",
+        "top_k",
+        "spec",
+        "selection_bias_path",
+        "router_weight_path",
+        "router_extra",
+        "router_tensors",
+    )
+    for a, b in zip(mine.blocks, blocks, strict=True):
+        assert {f: getattr(a, f) for f in fields} == {f: getattr(b, f) for f in fields}
+
+    kept = _kept(blocks)
+    for top_k in (None, 1) if blocks[0].spec.selector != "sparsemixer" else (None,):
+        k = top_k if top_k is None else min(top_k, blocks[0].top_k)
+        fast, slow = _plans(path, monkeypatch, kept=kept, top_k=k, max_shard_size=40_000)
+        assert fast.from_headers and not slow.from_headers
+        assert [dataclasses.astuple(t) for t in fast.tensors] == [
+            dataclasses.astuple(t) for t in slow.tensors
+        ]
+        assert [[t.key for t in s] for s in fast.shards] == [[t.key for t in s] for s in slow.shards]
+        assert fast.names == slow.names and len(fast.names) > 1
+        assert fast.new_config == slow.new_config
+        assert fast.layout == slow.layout and fast.kept == slow.kept
+        assert dataclasses.asdict(fast.result) == dataclasses.asdict(slow.result)
+
+
+def test_unknown_keys_fall_back_to_the_model(root):
+    """A key the header map has no rule for (a stray tensor, an unknown attention module) gives
+    None: the model path then checks it (and refuses a stray tensor, tests/test_hostile.py)."""
+    path = _saved("qwen3_moe", "hub", root)
+    config = load_config(str(path))
+    shapes = dict(Checkpoint.open(path).shapes())
+    assert header_key_map(config, shapes, set()) is not None
+    for extra in (
+        "extra_weight",
+        "model.layers.0.self_attn.extra.weight",
+        "model.layers.1.mlp.experts.8.up_proj.weight",
+        "model.layers.1.mlp.shared_expert.gate_proj.weight",
+        "model.layers.9.mlp.gate.weight",
+        "model.layers.0.self_attn.q_proj.bias",  # attention_bias is false
+        "model.layers.0.self_attn.q_norm.bias",
+        "model.layers.1.mlp.gate.bias",
+    ):
+        assert header_key_map(config, {**shapes, extra: (1,)}, set()) is None, extra
+    mixtral = _saved("mixtral", "hub", root)
+    shapes_m = dict(Checkpoint.open(mixtral).shapes())
+    config_m = load_config(str(mixtral))
+    assert header_key_map(config_m, shapes_m, set()) is not None
+    for dup in (
+        "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.experts.2.w1.weight",
+    ):
+        twin = {**shapes_m, dup.replace("block_sparse_moe", "mlp"): shapes_m[dup]}
+        assert header_key_map(config_m, twin, set()) is None, dup
+    qwen2 = _saved("qwen2_moe", "fused", root)
+    shapes2 = dict(Checkpoint.open(qwen2).shapes())
+    config2 = load_config(str(qwen2))
+    assert header_key_map(config2, shapes2, set()) is not None
+    for extra in ("model.layers.1.mlp.shared_expert.weight", "model.layers.1.self_attn.o_proj.bias"):
+        assert header_key_map(config2, {**shapes2, extra: (1,)}, set()) is None, extra
+    missing = {k: v for k, v in shapes.items() if k != "model.layers.1.mlp.experts.3.down_proj.weight"}
+    assert header_key_map(config, missing, set()) is None
+    wrong = {**shapes, "model.layers.1.mlp.gate.weight": (7, 64)}
+    assert header_key_map(config, wrong, set()) is None
+    # every expert the same, but not the intermediate size config.json gives: the model path names it
+    narrow = {k: (v[0], v[1] - 1) if k.endswith("down_proj.weight") else v for k, v in shapes.items()}
+    assert header_key_map(config, narrow, set()) is None
+
+
+def test_header_rewrite_imports_no_model_code(root, tmp_path):
+    """The whole remove rewrite of a known family runs without transformers' modeling code."""
+    src = _saved("deepseek_v3", "hub", root)
+    kept = _kept(find_moe_blocks(build_on_meta(load_config(str(src)))))
+    code = (
+        "import json, sys\n"
+        "from moeprune.surgery import rewrite_checkpoint\n"
+        f"rewrite_checkpoint({str(src)!r}, {str(tmp_path / 'out')!r}, {kept!r})\n"
+        # AutoConfig reads transformers.models.auto (name tables, no model code) and the config class
+        "bad = sorted(m for m in sys.modules if m.startswith('transformers.models.') and not "
+        "m.startswith('transformers.models.auto') and '.configuration_' not in m and "
+        "m.count('.') > 2 or m in ('transformers.modeling_utils', 'transformers.core_model_loading', "
+        "'transformers.conversion_mapping'))\n"
+        "print(json.dumps(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "out" / "config.json").is_file()
