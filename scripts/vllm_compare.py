@@ -79,6 +79,10 @@ def run_vllm(ref_path: str) -> int:
             # on CPU this is the share of RAM vLLM reserves (KV cache); the machine may be shared
             gpu_memory_utilization=float(os.environ.get("VLLM_MEMORY_SHARE", "0.2")),
             hf_overrides=overrides,
+            # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
+            # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
+            # size 48); its torch version (forward_native) is right
+            compilation_config={"custom_ops": ["-rotary_embedding"]},
         )
         loaded = time.time() - start
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=False)
