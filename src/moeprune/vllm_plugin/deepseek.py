@@ -134,7 +134,6 @@ class MoepruneDeepseekV3ForCausalLM(DeepseekV3ForCausalLM):
         layout = read_layout(config)
         if layout is None:
             raise ValueError("this checkpoint has no config.moeprune: serve it with stock vLLM")
-        self._layout = layout
         # transformers' DeepSeek-V3 always routes this way; vLLM reads it from the hub fields,
         # which configs written by transformers lack (without them vLLM drops the selection bias)
         for key, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
