@@ -1,0 +1,109 @@
+"""Greedy tokens of moeprune checkpoints: reference (moeprune.load) vs vLLM (scripts/check_vllm.sh).
+
+    python scripts/vllm_compare.py reference OUT.json CKPT [CKPT ...]   # moeprune's venv
+    python scripts/vllm_compare.py vllm REF.json                        # vLLM's venv
+
+The reference writes each checkpoint's prompt and output token ids; the vLLM side generates from
+the same prompt ids (no second tokenizer involved) and prints how many outputs are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+NEW_TOKENS = 16
+PER_DOMAIN = 4
+
+
+def prompts() -> list[str]:
+    from moeprune.testbed import data_file
+
+    out = []
+    for domain in ("dates", "numbers", "prose", "python", "reverse"):
+        lines = data_file(domain, "eval").read_text(encoding="utf-8").splitlines()[:PER_DOMAIN]
+        # prose and python rows are plain text: their first 60 characters make the prompt
+        out += [row.get("prompt", row.get("text", "")[:60]) for row in map(json.loads, lines)]
+    return out
+
+
+def reference(out: str, checkpoints: list[str]) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    import moeprune
+
+    result = {}
+    for ckpt in checkpoints:
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        model = moeprune.load(ckpt, dtype=torch.float32).eval()
+        rows = []
+        for text in prompts():
+            ids = tok(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            rows.append({"prompt_ids": ids[0].tolist(), "output_ids": gen[0, ids.shape[1] :].tolist()})
+        result[ckpt] = rows
+    Path(out).write_text(json.dumps(result), encoding="utf-8")
+
+
+def run_vllm(ref_path: str) -> int:
+    from vllm import LLM, SamplingParams
+
+    ref = json.loads(Path(ref_path).read_text(encoding="utf-8"))
+    failed = 0
+    for ckpt, rows in ref.items():
+        start = time.time()
+        # the testbed's config predates the hub routing fields vLLM reads (stock path only)
+        overrides: dict = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+        config = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
+        layout = config.get("moeprune") or {}
+        reshaped = layout.get("mode") == "novice" or any(
+            n != config["n_routed_experts"] for n in (layout.get("experts_per_layer") or {}).values()
+        )
+        # stock vLLM's DeepSeek ignores tie_word_embeddings (the testbed ties; DeepSeek-V3 does not),
+        # so a tied uniform checkpoint goes through the plugin's class too, which ties them
+        tied = config.get("tie_word_embeddings", False)
+        if (reshaped or tied) and config["architectures"] != ["MoepruneForCausalLM"]:
+            # written before moeprune renamed ragged/novice architectures: name the plugin's class
+            overrides["architectures"] = ["MoepruneDeepseekV3ForCausalLM"]
+        llm = LLM(
+            model=ckpt,
+            dtype="float32",
+            max_model_len=256,
+            enforce_eager=True,
+            seed=0,
+            # on CPU this is the share of RAM vLLM reserves (KV cache); the machine may be shared
+            gpu_memory_utilization=float(os.environ.get("VLLM_MEMORY_SHARE", "0.2")),
+            hf_overrides=overrides,
+            # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
+            # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
+            # size 48); its torch version (forward_native) is right
+            compilation_config={"custom_ops": ["-rotary_embedding"]},
+        )
+        loaded = time.time() - start
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=False)
+        outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params)
+        same = 0
+        for r, o in zip(rows, outs, strict=True):
+            got = list(o.outputs[0].token_ids)
+            want = r["output_ids"]
+            # transformers stops at EOS and includes it; vLLM includes it too
+            same += got == want
+            if got != want:
+                print(f"  differs: want {want} got {got}")
+        arch = llm.llm_engine.model_config.hf_config.architectures
+        print(f"{ckpt}: {same}/{len(rows)} identical greedy outputs (arch {arch}, load {loaded:.1f}s)")
+        failed += same != len(rows)
+        del llm
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "reference":
+        reference(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit(run_vllm(sys.argv[2]))
