@@ -103,11 +103,14 @@ def test_wrapper_routes_and_recomputes_exactly(model_type):
     hooks = []
     for b in blocks:
 
-        def hook(_mod, _args, out, _b=b):
+        def hook(_mod, args, out, _b=b):
             if _b.spec.gate_site == "input":
                 index, weights = llama4.model_routing(out[0], out[1], _b.top_k)
                 out = (out[1], weights, index)
-            seen[_b.index] = tuple(o.detach().clone() for o in out[:3])
+            # the router's logits over all its columns (Gemma-4 returns probabilities, Inkling its
+            # routed columns only: arch/extended.py)
+            logits = _b.router_logits(_mod, args[0], out)
+            seen[_b.index] = tuple(o.detach().clone() for o in (logits, *out[1:3]))
 
         hooks.append(b.router(model).register_forward_hook(hook))
     try:

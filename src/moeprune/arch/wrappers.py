@@ -41,11 +41,14 @@ _LM = "model.language_model.layers"
 # routing family is in ARCH_TABLE).
 WRAPPED: dict[str, Wrapped] = {
     "dots3_note": Wrapped("Dots3NoteForConditionalGeneration", _LM),
+    "gemma4": Wrapped("Gemma4ForConditionalGeneration", _LM),
     "glm4v_moe": Wrapped("Glm4vMoeForConditionalGeneration", _LM),
     "glm5_next": Wrapped("Glm5NextForConditionalGeneration", _LM),
     "hy_v4_vl": Wrapped("HYV4VLForConditionalGeneration", _LM),
     "mistral_large4": Wrapped("MistralLarge4ForConditionalGeneration", _LM),
     "inkling2": Wrapped("Inkling2ForConditionalGeneration", _LM),
+    "inkling2_loop": Wrapped("Inkling2LoopForConditionalGeneration", _LM),
+    "inkling_mm_model": Wrapped("InklingForConditionalGeneration", _LM),
     "kimi_k25": Wrapped("Kimi_K25ForConditionalGeneration", _LM),
     "llama4": Wrapped("Llama4ForConditionalGeneration", "language_model.model.layers"),
     "nemo_speechlm": Wrapped("Nemotron3_5TranscribeForConditionalGeneration", _LM),
