@@ -42,7 +42,10 @@ WRAPPER_FIXES: dict[str, dict[str, Any]] = {
                          "subsampling_conv_channels": [8, 8], "output_proj_dims": 32},
     },
     # Muse-Spark: the audio encoder has one entry per stage in patch_sizes/hidden_sizes/depths
-    "muse_spark": {"audio_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    # (its experts' projected width moe_hidden_size and the vision projector widths default to 4096+)
+    "muse_spark": {"text_config": {"moe_hidden_size": 32, "moe_intermediate_size": 32},
+                   "out_hidden_size": 128, "projector_hidden_size": 64,
+                   "audio_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                                     "num_hidden_layers": 4, "hidden_sizes": [16, 16, 32, 32],
                                     "depths": [1, 1, 1, 1], "out_hidden_size": 64}},
 }
