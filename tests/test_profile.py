@@ -77,6 +77,11 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                 logits = (routed if isinstance(routed, torch.Tensor) else routed[int(input_gate)]).reshape(-1, E)
                 r = b.route(model, logits)
                 experts = b.experts(model)
+                proj = None
+                if b.expert_out_proj_path is not None:  # Muse-Spark: experts in a projected space
+                    block = b.block(model)
+                    x = block.pre_expert_norm(block.pre_expert_proj(x))
+                    proj = model.get_submodule(b.expert_out_proj_path)
                 for t in range(x.shape[0]):
                     h_new = h[t].clone()
                     contrib = []
@@ -85,6 +90,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                         g = float(r.top_k_weights[t, j])
                         if input_gate:  # e = E(g x) / g: g * e is what the expert adds (docs/methods.md)
                             e = single_expert_forward(experts, i, g * x[t : t + 1])[0].double() / g
+                        elif proj is not None:  # each output as the block maps it to the residual stream
+                            e = proj(single_expert_forward(experts, i, x[t : t + 1]))[0].double()
                         else:
                             e = single_expert_forward(experts, i, x[t : t + 1])[0].double()
                         h_new += g * e

@@ -103,11 +103,14 @@ def test_wrapper_routes_and_recomputes_exactly(model_type):
     hooks = []
     for b in blocks:
 
-        def hook(_mod, _args, out, _b=b):
+        def hook(_mod, args, out, _b=b):
             if _b.spec.gate_site == "input":
                 index, weights = llama4.model_routing(out[0], out[1], _b.top_k)
                 out = (out[1], weights, index)
-            seen[_b.index] = tuple(o.detach().clone() for o in out[:3])
+            # the router's logits over all its columns (Gemma-4 returns probabilities, Inkling its
+            # routed columns only: arch/extended.py)
+            logits = _b.router_logits(_mod, args[0], out)
+            seen[_b.index] = tuple(o.detach().clone() for o in (logits, *out[1:3]))
 
         hooks.append(b.router(model).register_forward_hook(hook))
     try:
@@ -204,13 +207,14 @@ def test_adaptive_wrapper_equals_the_pruned_checkpoint(tmp_path):
     torch.testing.assert_close(_logits(am.model), _logits(pruned), **TOL)
 
 
-def test_profile_of_a_wrapper_matches_the_naive_reference():
+@pytest.mark.parametrize("model_type", ["llama4", "muse_spark"])
+def test_profile_of_a_wrapper_matches_the_naive_reference(model_type):
     """The same statistics as for causal LMs, on the wrapper's language model (test_profile's
-    float64 per-token reference)."""
+    float64 per-token reference; Muse-Spark: each expert's output mapped by post_expert_proj)."""
     from moeprune.calibrate import calibrate
     from test_profile import LENGTHS, _seqs, assert_same, naive_stats
 
-    model, _ = _model("llama4")
+    model, _ = _model(model_type)
     seqs = _seqs(LENGTHS[:4])
     got = calibrate(model, seqs, batch_size=2, premoe_ka=3, per_sample=True, premoe_exact=True)
     assert_same(got, naive_stats(model, seqs, 3))
@@ -247,10 +251,11 @@ def test_architectures_doc_lists_every_wrapper():
             assert f"| {t} | " in doc, t
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "llama4"])
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "llama4", "muse_spark"])
 def test_novice_wrapper_checkpoint(model_type, tmp_path):
     """MoNE novices in a wrapper's language model load exactly with moeprune.load (Llama-4: refused,
-    its experts module never sees the routing)."""
+    its experts module never sees the routing; Muse-Spark: refused, a novice is a residual-stream
+    vector and its experts run in a projected space)."""
     import moeprune
     from moeprune.arch import BlockControl
 
@@ -263,6 +268,13 @@ def test_novice_wrapper_checkpoint(model_type, tmp_path):
     if model_type == "llama4":
         with pytest.raises(UserError, match="receives only the score-scaled inputs"):
             rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+        return
+    if model_type == "muse_spark":
+        with pytest.raises(UserError, match="projected space"):
+            rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
+        controls = {b.index: BlockControl(novices={1: novices[b.layer][0]}) for b in blocks}
+        with pytest.raises(UserError, match="projected space"), patch_moe(model, blocks, controls=controls):
+            pass
         return
     rewrite_checkpoint(tmp_path / "src", tmp_path / "out", kept, mode="novice", novices=novices)
     loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)

@@ -218,6 +218,12 @@ def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: 
             f"cannot write a novice checkpoint of '{mtype}': {llama4.NOVICE_PROBLEM}",
             "prune with --mode remove (moeprune compare --novice still evaluates novices in memory)",
         )
+    if mode == "novice" and blocks[0].expert_out_proj_path is not None:
+        raise UserError(
+            f"cannot write a novice checkpoint of '{mtype}': its experts run in a projected space "
+            "(between pre_expert_proj and post_expert_proj), and a novice is a residual-stream vector",
+            "prune with --mode remove",
+        )
     if not pad_uniform:
         return
     if mode == "remove":

@@ -50,6 +50,8 @@ class MoEBlock:
     router_extra: int = 0
     adapter: RouterAdapter | None = None
     weight_scale_path: str | None = None
+    # linear map of the experts' outputs to the residual stream (Muse-Spark; ArchFacts.expert_out_proj)
+    expert_out_proj_path: str | None = None
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
@@ -232,6 +234,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                         if facts.adapter is not None and facts.adapter.weight_scale
                         else None
                     ),
+                    expert_out_proj_path=f"{base}.{facts.expert_out_proj}" if facts.expert_out_proj else None,
                 )
             )
     if not blocks and hash_layers:

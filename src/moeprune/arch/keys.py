@@ -269,6 +269,10 @@ def map_expert_keys(
             owner = companion_of(renamed_only)
             target = owner if owner in axis_of else None
             found.keys[key] = ExpertKey(key, block.index, block.layer, "fused", axis=0, target=target)
+        elif first == "post_expert_norm" and renamed_only in meta_keys:
+            # one norm shared by every expert (transformers' has_post_expert_norm; Muse-Spark): no
+            # expert axis, copied unchanged (Ergo's per-expert norm has one and is sliced above)
+            continue
         elif any(d != 1 for d in shape):
             raise UserError(
                 f"checkpoint tensor '{key}' {list(shape)} lies in the experts of layer {block.layer} "

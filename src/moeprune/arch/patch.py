@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UserError
 from . import llama4
 from .blocks import MoEBlock
 from .experts import selected_expert_outputs
@@ -37,11 +38,11 @@ class BlockEvent:
     """What one MoE block saw and did for one forward, over its T flattened tokens."""
 
     block: MoEBlock
-    hidden: torch.Tensor  # [T, H] input of the experts (after the pre-MoE norm)
+    hidden: torch.Tensor  # [T, H] input of the experts (after the pre-MoE norm; Muse-Spark: projected)
     logits: torch.Tensor  # [T, E] router logits
     top_k_index: torch.Tensor  # [T, k]
     top_k_weights: torch.Tensor  # [T, k] gate weights the model really applies (incl. scaling)
-    expert_outputs: torch.Tensor  # [T, k, H] unweighted outputs e_{i,t}
+    expert_outputs: torch.Tensor  # [T, k, H] unweighted outputs e_{i,t}, in the residual stream's space
     residual: torch.Tensor  # [T, H] residual stream h_t entering the block (the block input for post-norm layers)
     token_mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens, if set
 
@@ -156,6 +157,7 @@ def _experts_forward(
     state: _BlockState,
     session: PatchSession,
     observer: Callable[[BlockEvent], None] | None,
+    out_proj: nn.Module | None = None,
 ) -> Callable:
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         shape = hidden_states.shape  # [T, H]; DBRX passes [B, S, H] and gets that shape back
@@ -179,7 +181,9 @@ def _experts_forward(
                     logits=state.logits,
                     top_k_index=top_k_index,
                     top_k_weights=applied,
-                    expert_outputs=outputs,
+                    # experts in a projected space (Muse-Spark): each output as the block maps the
+                    # weighted sum to the residual stream (a linear map: the same sum)
+                    expert_outputs=outputs if out_proj is None else out_proj(outputs),
                     residual=state.residual if block.prenorm_path is not None else hidden_states,
                     token_mask=session.token_mask,
                 )
@@ -279,6 +283,14 @@ def patch_moe(
     if stock_experts and observer is not None:
         raise ValueError("stock_experts gives no per-slot outputs to observe")
     session = PatchSession(blocks=blocks, controls=dict(controls or {}))
+    for block in blocks:
+        control = session.controls.get(block.index)
+        if block.expert_out_proj_path is not None and control is not None and control.novices:
+            raise UserError(
+                f"block {block.path}: its experts run in a projected space (their outputs are mapped "
+                "to the residual stream by the block), so no residual-stream novice can replace one",
+                "evaluate removal without novices",
+            )
     restore: list[tuple[nn.Module, str, bool, object]] = []
     handles = []
     try:
@@ -302,7 +314,8 @@ def patch_moe(
                 if stock_experts and getattr(experts, "novice_route", None) is None and not block.router_extra:
                     experts_fwd = _stock_experts_forward(block, experts.forward, session)
                 else:
-                    experts_fwd = _experts_forward(block, experts, state, session, observer)
+                    out_proj = None if block.expert_out_proj_path is None else model.get_submodule(block.expert_out_proj_path)
+                    experts_fwd = _experts_forward(block, experts, state, session, observer, out_proj)
             for mod, name, new in ((owner, attr, route_fwd), (experts, "forward", experts_fwd)):
                 restore.append((mod, name, name in mod.__dict__, mod.__dict__.get(name)))
                 setattr(mod, name, new)

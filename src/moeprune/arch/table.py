@@ -306,6 +306,11 @@ class ArchFacts:
     # Routers whose columns are not all prunable experts or whose output is not plain logits
     # (Gemma-4, Longcat-Flash, Inkling): see :mod:`.extended`.
     adapter: RouterAdapter | None = None
+    # Linear map (no bias) from the experts' output space to the residual stream, applied by the
+    # block to the experts' weighted sum (Muse-Spark's ``post_expert_proj``: its experts run in a
+    # projected space). Observers see each expert's output mapped through it: being linear, the
+    # mapped outputs' gated sum is the block's output, as for every other family.
+    expert_out_proj: str | None = None
 
 
 _ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
@@ -388,6 +393,17 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         sigmoid_biased(groups=False, renorm=True, renorm_eps=0.0, scaling_site="block"),
         _ROUTER_BIAS,
         family="sigmoid + correction bias, top-k, renormalised, scaled by the block",
+    ),
+    # Muse-Spark: the router multiplies its logits by output_multiplier itself (the logits it returns
+    # are the scaled ones), renormalises with +1e-15, and its experts run between pre_expert_proj
+    # (+ a norm) and post_expert_proj
+    "muse_spark_text": ArchFacts(
+        sigmoid_biased(groups=False, renorm=True, renorm_eps=1e-15),
+        _ROUTER_BIAS,
+        prenorm_name="pre_feedforward_layernorm",
+        family="sigmoid + correction bias, top-k, renormalised, scaled; experts in a projected space "
+        "(Muse-Spark: pre_expert_proj -> experts -> post_expert_proj)",
+        expert_out_proj="post_expert_proj",
     ),
     "hy_v3": ArchFacts(
         sigmoid_biased(groups=False, renorm=True, scaling_attrs=("router_scaling_factor",)),

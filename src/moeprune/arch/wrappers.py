@@ -41,13 +41,17 @@ _LM = "model.language_model.layers"
 # routing family is in ARCH_TABLE).
 WRAPPED: dict[str, Wrapped] = {
     "dots3_note": Wrapped("Dots3NoteForConditionalGeneration", _LM),
+    "gemma4": Wrapped("Gemma4ForConditionalGeneration", _LM),
     "glm4v_moe": Wrapped("Glm4vMoeForConditionalGeneration", _LM),
     "glm5_next": Wrapped("Glm5NextForConditionalGeneration", _LM),
     "hy_v4_vl": Wrapped("HYV4VLForConditionalGeneration", _LM),
     "mistral_large4": Wrapped("MistralLarge4ForConditionalGeneration", _LM),
     "inkling2": Wrapped("Inkling2ForConditionalGeneration", _LM),
+    "inkling2_loop": Wrapped("Inkling2LoopForConditionalGeneration", _LM),
+    "inkling_mm_model": Wrapped("InklingForConditionalGeneration", _LM),
     "kimi_k25": Wrapped("Kimi_K25ForConditionalGeneration", _LM),
     "llama4": Wrapped("Llama4ForConditionalGeneration", "language_model.model.layers"),
+    "muse_spark": Wrapped("MuseSparkForConditionalGeneration", _LM),
     "nemo_speechlm": Wrapped("Nemotron3_5TranscribeForConditionalGeneration", _LM),
     "minimax_m3_vl": Wrapped("MiniMaxM3SparseForConditionalGeneration", _LM),
     "qwen3_5_moe": Wrapped("Qwen3_5MoeForConditionalGeneration", _LM),
@@ -68,10 +72,6 @@ WRAPPER_REFUSED: dict[str, str] = {
     "qwen3_omni_moe": "it holds two MoE language models (the thinker and the talker, which "
     "generates speech codes from the thinker's hidden states); a text profile does not route the "
     "talker's experts: prune its thinker checkpoint (qwen3_omni_moe_thinker)",
-    "muse_spark": "its experts run in a projected space (pre_expert_proj, then the experts, then "
-    "post_expert_proj), so an expert's output is not a residual-stream vector: removal is defined "
-    "(mask the logit) but EASY-EP's h + sum g e and REAP's norms need each output mapped through "
-    "post_expert_proj, which moeprune's profile does not do",
     "nllb-moe": "an encoder-decoder translation model: its experts sit in an encoder and a decoder "
     "stack, and moeprune calibrates decoder-only causal LMs",
     "switch_transformers": "an encoder-decoder (T5) model: its experts sit in an encoder and a "

@@ -32,8 +32,20 @@ WRAPPER_FIXES: dict[str, dict[str, Any]] = {
                                                      "mrope_section": [2, 1, 1]}}},
     # GLM-5-Next: the indexer pools keys by index_kpool, which must divide index_topk
     "glm5_next": {"text_config": {"index_kpool": 4, "qk_rope_head_dim": 0}},
+    # Gemma-4: its vision and audio towers are optional (None by default): build tiny ones, so the
+    # checkpoint holds tower tensors that pruning must copy
+    "gemma4": {
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                          "position_embedding_size": 64},
+        "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "subsampling_conv_channels": [8, 8], "output_proj_dims": 32},
+    },
     # Muse-Spark: the audio encoder has one entry per stage in patch_sizes/hidden_sizes/depths
-    "muse_spark": {"audio_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    # (its experts' projected width moe_hidden_size and the vision projector widths default to 4096+)
+    "muse_spark": {"text_config": {"moe_hidden_size": 32, "moe_intermediate_size": 32},
+                   "out_hidden_size": 128, "projector_hidden_size": 64,
+                   "audio_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                                     "num_hidden_layers": 4, "hidden_sizes": [16, 16, 32, 32],
                                     "depths": [1, 1, 1, 1], "out_hidden_size": 64}},
 }
