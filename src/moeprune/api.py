@@ -376,6 +376,7 @@ def prune(
     max_shard_size: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     allow_other_profile: bool = False,
+    novice: str = "mean",
 ) -> RewriteResult:
     """Write the pruned checkpoint of ``plan`` to the folder ``out`` (streams; never loads the model).
 
@@ -384,7 +385,9 @@ def prune(
     ``profile``: the plan's profile (kept as profile-meta.json; ``mode="novice"`` needs it); one
     calibrated on other data than the plan's is refused unless ``allow_other_profile``. ``out`` is
     never the model, the plan or the profile (or around them); an existing ``out`` is replaced
-    only with ``force`` and only if moeprune wrote it (docs/outputs.md)."""
+    only with ``force`` and only if moeprune wrote it (docs/outputs.md). ``novice``: what each
+    novice is fitted to, ``mean`` (MoNE's mean output) or ``lsq`` (the gate-weighted least-squares
+    fit, docs/methods.md)."""
     return _prune(
         model,
         plan,
@@ -396,6 +399,7 @@ def prune(
         max_shard_size=max_shard_size,
         progress=progress,
         allow_other_profile=allow_other_profile,
+        novice=novice,
     )
 
 
@@ -412,6 +416,7 @@ def _prune(
     progress: Callable[[int, int], None] | None = None,
     allow_other_profile: bool = False,
     into: Path | None = None,
+    novice: str = "mean",
 ) -> RewriteResult:
     """:func:`prune`; ``into``: write into this existing folder instead (one-shot's output)."""
     from .checkpoint import parse_size
@@ -447,7 +452,7 @@ def _prune(
     check_plan_matches(the_plan, config)
     novices = None
     if mode == "novice" and profile is not None:
-        novices = _novice_vectors(profile, the_plan, config, name)
+        novices = _novice_vectors(profile, the_plan, config, name, novice)
 
     top_k = the_plan.top_k if the_plan.top_k != _model_top_k(config) else None
     return rewrite_checkpoint(
@@ -631,13 +636,16 @@ def _dry_run_tokenizer(src: Path) -> Any:
         return None
 
 
-def _novice_vectors(profile: Profile | PathLike, plan: Plan, config: Any, model: str) -> dict[int, Any]:
-    """Each layer's novice vectors [R, H] (mean expert outputs, ascending replaced ids) from the profile."""
+def _novice_vectors(
+    profile: Profile | PathLike, plan: Plan, config: Any, model: str, fit: str = "mean"
+) -> dict[int, Any]:
+    """Each layer's novice vectors [R, H] (ascending replaced ids) from the profile: the mean
+    expert outputs, or with ``fit="lsq"`` the gate-weighted least-squares fits."""
     from .profile import Profile
 
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
     prof.check_model(config, model)
-    mean = prof["mone_mean"]
+    mean = prof.novices(fit)
     out: dict[int, Any] = {}
     for layer, ids in plan.replaced.items():
         if layer not in prof.layers:
