@@ -982,6 +982,7 @@ def compare(
     progress: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_resume: Callable[[str, set[str]], None] | None = None,
+    novice_fit: str = "mean",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method x keep ratio (x novice) on ``model``, loaded once, with routing masks (nothing
     pruned on disk), as `moeprune compare`: one plan per profile, plus the mixed-domain plan.
@@ -991,7 +992,8 @@ def compare(
     row as soon as it is done. With ``out`` (and profiles read from files), finished rows are kept
     in ``OUT.partial.jsonl`` until ``out`` is written, and a rerun with the same model, profiles,
     tasks and settings reuses them (``on_resume(note, keys of the reused rows)`` says so); Ctrl-C
-    then ends in one line saying where they are."""
+    then ends in one line saying where they are. ``novice_fit``: the novice rows' vectors, ``mean``
+    (MoNE) or ``lsq`` (gate-weighted least squares, docs/methods.md)."""
 
     from .compare import DEFAULT_KEEPS, check_keeps, default_methods
     from .evaluate.options import check_device_and_dtype, check_run_options
@@ -1004,6 +1006,10 @@ def compare(
         limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
     )
     check_device_and_dtype(device, dtype)
+    from .profile import NOVICE_FITS
+
+    if novice_fit not in NOVICE_FITS:
+        raise UserError(f"unknown --novice-fit '{novice_fit}'", f"use {' or '.join(NOVICE_FITS)}")
     methods = list(methods) if methods else default_methods()
     for m in methods:
         check_method(m)
@@ -1027,7 +1033,7 @@ def compare(
             model, profiles, paths, task_list, methods, keep_values, novice, tokenizer=tokenizer,
             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
             seed=seed, device=device, dtype=dtype, progress=progress, on_row=on_row,
-            out=Path(out) if out is not None else None, on_resume=on_resume,
+            out=Path(out) if out is not None else None, on_resume=on_resume, novice_fit=novice_fit,
         )  # fmt: skip
         if tmp is not None:
             from .compare import write_results
@@ -1059,6 +1065,7 @@ def _compare(
     on_row: Callable[[dict[str, Any]], None] | None,
     out: Path | None = None,
     on_resume: Callable[[str, set[str]], None] | None = None,
+    novice_fit: str = "mean",
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
     """:func:`compare` on checked arguments: (rows, report, the partial-rows file or None)."""
     import time
@@ -1074,6 +1081,9 @@ def _compare(
     names = _profile_names([Path(p or f"profile{i}") for i, p in enumerate(paths)])
     blocks = _check_profiles_model(name, profs)
     check_keeps(keep_values, int(blocks[0].num_experts))
+    if novice:  # an old profile without the lsq novices: one line before the model is loaded
+        for p in profs:
+            p.novices(novice_fit)
 
     # --- load once, evaluate every variant -----------------------------------------------------------
     from .compare import compare as run_compare
@@ -1085,7 +1095,8 @@ def _compare(
         from .compare import PartialRows, partial_path, run_identity
 
         settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                    "max_length": max_length, "seed": seed, "device": resolved_device, "dtype": dtype}  # fmt: skip
+                    "max_length": max_length, "seed": seed, "device": resolved_device, "dtype": dtype,
+                    "novice_fit": novice_fit}  # fmt: skip
         identity = run_identity(name, dict(zip(names, paths, strict=True)), task_list, settings)
         partial = PartialRows(partial_path(out), identity)
         if partial.note and on_resume is not None:
@@ -1120,6 +1131,7 @@ def _compare(
             progress=progress,
             on_row=row_done,
             done=resumed,
+            novice_fit=novice_fit,
         )
     except KeyboardInterrupt:
         if partial is None:
@@ -1135,6 +1147,7 @@ def _compare(
             "methods": methods,
             "keeps": keep_values,
             "novice": novice,
+            "novice_fit": novice_fit,
             "limit": limit,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
