@@ -204,7 +204,9 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
 
         handles.append(b.router(model).register_forward_hook(grab_logits))
     f64 = torch.float64
-    out = {n: torch.zeros(L, E, dtype=f64) for n in ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")}
+    names = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1", "gate_sq")
+    out = {n: torch.zeros(L, E, dtype=f64) for n in names}
+    lsq_num = torch.zeros(L, E, H, dtype=f64)  # Σ g² e: the least-squares novice's numerator
     per_expert: list[list[list[torch.Tensor]]] = [[[] for _ in range(E)] for _ in range(L)]
     rows: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(L)] for n in ("q", "f", "i")}
     sample_gate = torch.zeros(len(seqs), L, E, dtype=f64)
@@ -231,6 +233,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                     for i, g, e in contrib:
                         out["count"][li, i] += 1
                         out["gate"][li, i] += g
+                        out["gate_sq"][li, i] += g * g
+                        lsq_num[li, i] += g * g * e
                         out["reap_sum"][li, i] += g * e.norm()
                         out["easyep"][li, i] += g * e.norm() * max(0.0, 1.0 - cos)
                         per_expert[li][i].append(e)
@@ -253,6 +257,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                 stack = torch.stack(per_expert[li][i])
                 mean[li, i], m2[li, i] = stack.mean(0), (stack - stack.mean(0)).square().sum(0)
     out["mone_mean"], out["mone_m2"] = mean, m2
+    gsq = out["gate_sq"].unsqueeze(-1)
+    out["novice_lsq"] = torch.where(gsq > 0, lsq_num / gsq.clamp(min=1e-300), torch.zeros_like(lsq_num))
     q, f, idx = (torch.stack([torch.stack(r) for r in rows[n]]) for n in ("q", "f", "i"))
     out["premoe_q"], out["premoe_f"], out["premoe_idx"] = q, f, idx
     out["sample_gate"] = sample_gate

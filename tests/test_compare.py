@@ -174,6 +174,29 @@ def test_api_several_profiles_and_mixed_domain(model_dir, data, profile, tmp_pat
     assert (tmp_path / "plot_ppl.png").is_file() and files[-1] == "plot_ppl.png"
 
 
+def test_cli_lsq_novice_rows_match_the_lsq_checkpoint(model_dir, data, profile, tmp_path):
+    """`compare --novice-fit lsq`'s novice row is the checkpoint `prune --novice lsq` writes, and
+    differs from the mean novices' row."""
+    rows = {}
+    for fit in ("mean", "lsq"):
+        out = tmp_path / f"cmp-{fit}"
+        args = ["compare", model_dir, "--profile", profile, "--batch-size", "2", "--max-new-tokens", "4"]
+        args += ["--task", _tasks(data)[0], "--method", "easyep", "--keep", "0.5", "--novice-fit", fit]
+        assert _run(*args, "--out", out) == 0
+        report = json.loads((out / "results.json").read_text())
+        assert report["settings"]["novice_fit"] == fit
+        rows[fit] = next(r for r in report["rows"] if r["mode"] == "novice")
+    plan = tmp_path / "plan.json"
+    assert _run("plan", profile, "--method", "easyep", "--keep", "0.5", "--out", plan) == 0
+    ckpt = tmp_path / "lsq"
+    args = ["prune", model_dir, "--plan", plan, "--mode", "novice", "--novice", "lsq", "--profile", profile]
+    assert _run(*args, "--out", ckpt) == 0
+    want = _eval(ckpt, data)["ppl"]["metrics"]["perplexity"]
+    got = rows["lsq"]["tasks"]["ppl"]["perplexity"]
+    assert math.isclose(got, want, rel_tol=1e-4), (got, want)
+    assert not math.isclose(got, rows["mean"]["tasks"]["ppl"]["perplexity"], rel_tol=1e-6)
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -183,6 +206,7 @@ def test_api_several_profiles_and_mixed_domain(model_dir, data, profile, tmp_pat
         (["--keep", "9"], "the model has 8"),
         (["--keep", "abc"], "not a number"),
         (["--task", "missing.jsonl"], "missing.jsonl"),
+        (["--novice-fit", "median"], "unknown --novice-fit 'median'"),
     ],
 )
 def test_cli_user_errors_write_nothing(model_dir, data, profile, tmp_path, capsys, extra, needle):

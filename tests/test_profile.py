@@ -61,8 +61,10 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
         handles.append(model.get_submodule(b.prenorm_path or b.path).register_forward_pre_hook(grab_h))
     f64 = torch.float64
     out = {
-        n: torch.zeros(L, E, dtype=f64) for n in ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")
+        n: torch.zeros(L, E, dtype=f64)
+        for n in ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1", "gate_sq")
     }
+    lsq_num = torch.zeros(L, E, H, dtype=f64)  # Σ g² e: the least-squares novice's numerator
     per_expert: list[list[list[torch.Tensor]]] = [[[] for _ in range(E)] for _ in range(L)]
     q_rows, f_rows, i_rows = [[] for _ in range(L)], [[] for _ in range(L)], [[] for _ in range(L)]
     sample_gate = torch.zeros(len(seqs), L, E, dtype=f64)
@@ -100,6 +102,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                     for i, g, e in contrib:
                         out["count"][li, i] += 1
                         out["gate"][li, i] += g
+                        out["gate_sq"][li, i] += g * g
+                        lsq_num[li, i] += g * g * e
                         out["reap_sum"][li, i] += g * e.norm()
                         out["easyep"][li, i] += g * e.norm() * max(0.0, 1.0 - cos)
                         per_expert[li][i].append(e)
@@ -124,6 +128,8 @@ def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor
                 mean[li, i] = stack.mean(0)
                 m2[li, i] = (stack - stack.mean(0)).square().sum(0)
     out["mone_mean"], out["mone_m2"] = mean, m2
+    gsq = out["gate_sq"].unsqueeze(-1)
+    out["novice_lsq"] = torch.where(gsq > 0, lsq_num / gsq.clamp(min=1e-300), torch.zeros_like(lsq_num))
     out["premoe_q"] = torch.stack([torch.stack(r) for r in q_rows])
     out["premoe_f"] = torch.stack([torch.stack(r) for r in f_rows])
     out["premoe_idx"] = torch.stack([torch.stack(r) for r in i_rows])
@@ -329,6 +335,8 @@ def test_save_load_roundtrip_and_format(ds_model, tmp_path):
         "tokens",
         "count",
         "gate",
+        "gate_sq",
+        "novice_lsq",
         "prob",
         "reap_sum",
         "easyep",

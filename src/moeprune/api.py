@@ -376,6 +376,7 @@ def prune(
     max_shard_size: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     allow_other_profile: bool = False,
+    novice: str = "mean",
 ) -> RewriteResult:
     """Write the pruned checkpoint of ``plan`` to the folder ``out`` (streams; never loads the model).
 
@@ -384,7 +385,9 @@ def prune(
     ``profile``: the plan's profile (kept as profile-meta.json; ``mode="novice"`` needs it); one
     calibrated on other data than the plan's is refused unless ``allow_other_profile``. ``out`` is
     never the model, the plan or the profile (or around them); an existing ``out`` is replaced
-    only with ``force`` and only if moeprune wrote it (docs/outputs.md)."""
+    only with ``force`` and only if moeprune wrote it (docs/outputs.md). ``novice``: what each
+    novice is fitted to, ``mean`` (MoNE's mean output) or ``lsq`` (the gate-weighted least-squares
+    fit, docs/methods.md)."""
     return _prune(
         model,
         plan,
@@ -396,6 +399,7 @@ def prune(
         max_shard_size=max_shard_size,
         progress=progress,
         allow_other_profile=allow_other_profile,
+        novice=novice,
     )
 
 
@@ -412,6 +416,7 @@ def _prune(
     progress: Callable[[int, int], None] | None = None,
     allow_other_profile: bool = False,
     into: Path | None = None,
+    novice: str = "mean",
 ) -> RewriteResult:
     """:func:`prune`; ``into``: write into this existing folder instead (one-shot's output)."""
     from .checkpoint import parse_size
@@ -447,7 +452,7 @@ def _prune(
     check_plan_matches(the_plan, config)
     novices = None
     if mode == "novice" and profile is not None:
-        novices = _novice_vectors(profile, the_plan, config, name)
+        novices = _novice_vectors(profile, the_plan, config, name, novice)
 
     top_k = the_plan.top_k if the_plan.top_k != _model_top_k(config) else None
     return rewrite_checkpoint(
@@ -631,13 +636,16 @@ def _dry_run_tokenizer(src: Path) -> Any:
         return None
 
 
-def _novice_vectors(profile: Profile | PathLike, plan: Plan, config: Any, model: str) -> dict[int, Any]:
-    """Each layer's novice vectors [R, H] (mean expert outputs, ascending replaced ids) from the profile."""
+def _novice_vectors(
+    profile: Profile | PathLike, plan: Plan, config: Any, model: str, fit: str = "mean"
+) -> dict[int, Any]:
+    """Each layer's novice vectors [R, H] (ascending replaced ids) from the profile: the mean
+    expert outputs, or with ``fit="lsq"`` the gate-weighted least-squares fits."""
     from .profile import Profile
 
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
     prof.check_model(config, model)
-    mean = prof["mone_mean"]
+    mean = prof.novices(fit)
     out: dict[int, Any] = {}
     for layer, ids in plan.replaced.items():
         if layer not in prof.layers:
@@ -974,6 +982,7 @@ def compare(
     progress: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_resume: Callable[[str, set[str]], None] | None = None,
+    novice_fit: str = "mean",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method x keep ratio (x novice) on ``model``, loaded once, with routing masks (nothing
     pruned on disk), as `moeprune compare`: one plan per profile, plus the mixed-domain plan.
@@ -983,7 +992,8 @@ def compare(
     row as soon as it is done. With ``out`` (and profiles read from files), finished rows are kept
     in ``OUT.partial.jsonl`` until ``out`` is written, and a rerun with the same model, profiles,
     tasks and settings reuses them (``on_resume(note, keys of the reused rows)`` says so); Ctrl-C
-    then ends in one line saying where they are."""
+    then ends in one line saying where they are. ``novice_fit``: the novice rows' vectors, ``mean``
+    (MoNE) or ``lsq`` (gate-weighted least squares, docs/methods.md)."""
 
     from .compare import DEFAULT_KEEPS, check_keeps, default_methods
     from .evaluate.options import check_device_and_dtype, check_run_options
@@ -996,6 +1006,10 @@ def compare(
         limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length
     )
     check_device_and_dtype(device, dtype)
+    from .profile import NOVICE_FITS
+
+    if novice_fit not in NOVICE_FITS:
+        raise UserError(f"unknown --novice-fit '{novice_fit}'", f"use {' or '.join(NOVICE_FITS)}")
     methods = list(methods) if methods else default_methods()
     for m in methods:
         check_method(m)
@@ -1019,7 +1033,7 @@ def compare(
             model, profiles, paths, task_list, methods, keep_values, novice, tokenizer=tokenizer,
             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
             seed=seed, device=device, dtype=dtype, progress=progress, on_row=on_row,
-            out=Path(out) if out is not None else None, on_resume=on_resume,
+            out=Path(out) if out is not None else None, on_resume=on_resume, novice_fit=novice_fit,
         )  # fmt: skip
         if tmp is not None:
             from .compare import write_results
@@ -1051,6 +1065,7 @@ def _compare(
     on_row: Callable[[dict[str, Any]], None] | None,
     out: Path | None = None,
     on_resume: Callable[[str, set[str]], None] | None = None,
+    novice_fit: str = "mean",
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
     """:func:`compare` on checked arguments: (rows, report, the partial-rows file or None)."""
     import time
@@ -1066,6 +1081,9 @@ def _compare(
     names = _profile_names([Path(p or f"profile{i}") for i, p in enumerate(paths)])
     blocks = _check_profiles_model(name, profs)
     check_keeps(keep_values, int(blocks[0].num_experts))
+    if novice:  # an old profile without the lsq novices: one line before the model is loaded
+        for p in profs:
+            p.novices(novice_fit)
 
     # --- load once, evaluate every variant -----------------------------------------------------------
     from .compare import compare as run_compare
@@ -1077,7 +1095,8 @@ def _compare(
         from .compare import PartialRows, partial_path, run_identity
 
         settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                    "max_length": max_length, "seed": seed, "device": resolved_device, "dtype": dtype}  # fmt: skip
+                    "max_length": max_length, "seed": seed, "device": resolved_device, "dtype": dtype,
+                    "novice_fit": novice_fit}  # fmt: skip
         identity = run_identity(name, dict(zip(names, paths, strict=True)), task_list, settings)
         partial = PartialRows(partial_path(out), identity)
         if partial.note and on_resume is not None:
@@ -1112,6 +1131,7 @@ def _compare(
             progress=progress,
             on_row=row_done,
             done=resumed,
+            novice_fit=novice_fit,
         )
     except KeyboardInterrupt:
         if partial is None:
@@ -1127,6 +1147,7 @@ def _compare(
             "methods": methods,
             "keeps": keep_values,
             "novice": novice,
+            "novice_fit": novice_fit,
             "limit": limit,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,

@@ -33,13 +33,21 @@ __all__ = [
     "DistInfo",
     "calibrate",
     "chan_merge",
+    "lsq_novices",
     "dist_info",
     "init_distributed",
     "self_generate",
 ]
 
 # [L, E] float64 sums
-SUM_NAMES = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")
+SUM_NAMES = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1", "gate_sq")
+
+
+def lsq_novices(num: torch.Tensor, gate_sq: torch.Tensor) -> torch.Tensor:
+    """n_i = Σ g² e / Σ g² ([..., E, H] over [..., E]; 0 where Σ g² = 0): the constant minimising
+    Σ_t ‖g_{i,t} e_{i,t} − g_{i,t} n_i‖² over the tokens routed to i (docs/methods.md)."""
+    den = gate_sq.unsqueeze(-1)
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
 def chan_merge(
@@ -179,6 +187,9 @@ class Accumulator:
         self.layer_tokens = torch.zeros(self.L, dtype=f64, device=dev)
         self.mean = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
         self.m2 = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
+        # the least-squares novice's numerator Σ g² e (its denominator is sums["gate_sq"] = Σ g²):
+        # a plain sum, so batches and ranks just add
+        self.lsq_num = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
         # PreMoe: per layer, histograms over q of (Σ f, Σ q f, entries) per expert and Σ_t max q;
         # per record, the exact PEU at the first MoE layer (each record is whole in one batch);
         # the per-token entries only when asked for (they grow with the data)
@@ -280,6 +291,7 @@ class Accumulator:
         # (index_add_ rather than bincount: bincount scans its input for the range first)
         sums["count"][li].index_add_(0, flat, ones)
         sums["gate"][li].index_add_(0, flat, g64)
+        sums["gate_sq"][li].index_add_(0, flat, g64.square())
         s = logits.float()
         fn = event.block.spec.score_fn
         probs = scores(fn, s)
@@ -320,6 +332,10 @@ class Accumulator:
         factor = (1.0 - dot / denom.clamp_min(torch.finfo(f64).tiny)).clamp_min(0.0)
         if sel is not None:
             factor = torch.zeros(self._mask.numel(), dtype=f64, device=dev).index_copy_(0, sel, factor)
+        # Σ g² e per expert (padding pairs land in the spare slot E), weighted in float64
+        lsq = torch.zeros(E + 1, H, dtype=f64, device=dev)
+        lsq.index_add_(0, key, rows.double().mul_(g_all.reshape(-1, 1).double().square()))
+        self.lsq_num[li] += lsq[:E]
         spare = torch.zeros(2, E + 1, dtype=f64, device=dev)
         spare[0].index_add_(0, key, gn)
         spare[1].index_add_(0, key, gn * factor.repeat_interleave(k))
@@ -359,7 +375,7 @@ class Accumulator:
         """(name, [E, ...] tensor) of every accumulated statistic of layer ``li``."""
         B = self.edges.numel()
         out = [(name, self.sums[name][li]) for name in SUM_NAMES]
-        out += [("mone_mean", self.mean[li]), ("mone_m2", self.m2[li])]
+        out += [("mone_mean", self.mean[li]), ("mone_m2", self.m2[li]), ("novice_lsq", self.lsq_num[li])]
         out += [(name, self.hist[li, j].view(self.E, B)) for j, name in enumerate(("premoe_hist_f", "premoe_hist_qf"))]
         if li == 0:
             out.append(("sample_premoe", self.sample_premoe.t()))
@@ -413,6 +429,7 @@ class Accumulator:
         m2 = self.m2 + local_n.unsqueeze(-1) * (self.mean - mean).square()
         dist.all_reduce(m2)
         self.mean, self.m2 = mean, m2
+        dist.all_reduce(self.lsq_num)
         dist.all_reduce(self.layer_tokens)
         dist.all_reduce(self.hist)
         dist.all_reduce(self.qmax)
@@ -450,6 +467,7 @@ class Accumulator:
         empty = (self.sums["count"] == 0).unsqueeze(-1)
         out["mone_mean"] = self.mean.masked_fill(empty, 0.0).float().cpu()
         out["mone_m2"] = self.m2.masked_fill(empty, 0.0).float().cpu()
+        out["novice_lsq"] = lsq_novices(self.lsq_num, self.sums["gate_sq"]).float().cpu()
         if self.sample_gate is not None:
             out["sample_gate"] = self.sample_gate.transpose(0, 1).float().contiguous().cpu()
         return out

@@ -123,14 +123,15 @@ def _scores(profiles: Sequence[Any], method: str, seed: int) -> torch.Tensor:
     return combined_score(profiles, method, **options)
 
 
-def _novice_means(profiles: Sequence[Any]) -> torch.Tensor:
-    """mone_mean [L, E, H] of the union of the profiles' data (count-weighted mean of the means)."""
+def _novice_means(profiles: Sequence[Any], fit: str = "mean") -> torch.Tensor:
+    """The novices [L, E, H] of the union of the profiles' data: ``mean`` (mone_mean, the
+    count-weighted mean of the means) or ``lsq`` (novice_lsq, weighted by Σ g²)."""
+    vecs = [p.novices(fit).double() for p in profiles]
     if len(profiles) == 1:
-        return profiles[0].tensors["mone_mean"].to(torch.float64)
-    num = sum(
-        p.tensors["count"].to(torch.float64).unsqueeze(-1) * p.tensors["mone_mean"].double() for p in profiles
-    )
-    den = sum(p.tensors["count"].to(torch.float64) for p in profiles).unsqueeze(-1)
+        return vecs[0]
+    weight = "count" if fit == "mean" else "gate_sq"
+    num = sum(p.tensors[weight].to(torch.float64).unsqueeze(-1) * v for p, v in zip(profiles, vecs, strict=True))
+    den = sum(p.tensors[weight].to(torch.float64) for p in profiles).unsqueeze(-1)
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
 
@@ -171,8 +172,12 @@ def compare(
     progress: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     done: Mapping[str, dict[str, Any]] | None = None,
+    novice_fit: str = "mean",
 ) -> list[dict[str, Any]]:
     """Evaluate the full model and every (domain, keep, method[, novice]) variant; see the module doc.
+
+    ``novice_fit``: what the novice rows' vectors are fitted to (``mean`` or ``lsq``,
+    :meth:`moeprune.profile.Profile.novices`).
 
     ``profiles`` are :class:`moeprune.profile.Profile` objects of this model; ``tasks`` are
     :class:`moeprune.evaluate.Task` objects or ``--task`` strings. Each row is a dict with
@@ -271,7 +276,7 @@ def compare(
     if len(profiles) > 1:
         domains.append((MIXED, list(profiles)))
     for domain, group in domains:
-        means = _novice_means(group) if novice else None
+        means = _novice_means(group, novice_fit) if novice else None
         scores = {m: _scores(group, m, seed) for m in methods}
         for keep in keeps:
             problem = _keep_problem(meta, keep)

@@ -390,6 +390,7 @@ def profile_bytes(
         sample_tokens=((S,), 8),
         mone_mean=((L, E, H), 4),
         mone_m2=((L, E, H), 4),
+        novice_lsq=((L, E, H), 4),
     )
     if exact:
         for name in ("premoe_q", "premoe_f", "premoe_idx"):

@@ -29,6 +29,7 @@ from .errors import UserError
 
 __all__ = [
     "FORMAT",
+    "NOVICE_FITS",
     "SUM_TENSORS",
     "Profile",
     "atomic_write",
@@ -39,12 +40,15 @@ __all__ = [
 FORMAT = "moeprune-profile/2"  # 2: PreMoe histograms (bounded size), checksums
 OLD_FORMATS = ("moeprune-profile/1",)  # per-token PreMoe entries, no checksum: read with a warning
 SUM_TENSORS = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")  # [L, E] float64
+NOVICE_FITS = ("mean", "lsq")  # what a novice is fitted to (Profile.novices)
+# the least-squares novices (docs/methods.md): optional, absent in profiles written before them
+LSQ_TENSORS = ("gate_sq", "novice_lsq")  # [L, E] float64 Σ g², [L, E, H] float32 Σ g² e / Σ g²
 PREMOE_TENSORS = {"premoe_q": torch.float32, "premoe_f": torch.float32, "premoe_idx": torch.int32}
 PREMOE_HIST_TENSORS = ("premoe_hist_f", "premoe_hist_qf", "premoe_hist_n")  # [L, E, B] float64
 PREMOE_BOUNDED = (*PREMOE_HIST_TENSORS, "premoe_edges", "premoe_qmax", "premoe_ka")
 # tensors whose every value is >= 0 (sums of non-negative terms, counts)
 NON_NEGATIVE = (
-    "tokens", "count", "prob", "reap_sum", "easyep", "mone_m2", "premoe_hist_f", "premoe_hist_qf",
+    "tokens", "count", "prob", "reap_sum", "easyep", "mone_m2", "gate_sq", "premoe_hist_f", "premoe_hist_qf",
     "premoe_hist_n", "premoe_qmax", "sample_premoe", "premoe_edges",
 )  # fmt: skip
 INTEGRAL = ("tokens", "count", "premoe_hist_n")  # counts stored as float64
@@ -240,6 +244,19 @@ class Profile:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
+    def novices(self, fit: str = "mean") -> torch.Tensor:
+        """The novice vectors [L, E, H] (float32): ``mean`` MoNE's ē_i (`mone_mean`), ``lsq`` the
+        gate-weighted least-squares fit Σ g² e / Σ g² (`novice_lsq`, docs/methods.md)."""
+        if fit not in NOVICE_FITS:
+            raise UserError(f"unknown novice fit '{fit}'", f"use {' or '.join(NOVICE_FITS)}")
+        name = "mone_mean" if fit == "mean" else "novice_lsq"
+        if name not in self.tensors:
+            raise UserError(
+                f"profile '{self.name}' has no least-squares novices (written before they were added)",
+                "re-create it with `moeprune profile`, or use --novice mean",
+            )
+        return self.tensors[name]
+
     # --- building ---------------------------------------------------------------------------
 
     @classmethod
@@ -367,6 +384,9 @@ class Profile:
                 raise _Corrupt(f"tensor 'premoe_qmax' exceeds the {T} tokens")
         need("mone_mean", (L, E, H), torch.float32)
         need("mone_m2", (L, E, H), torch.float32)
+        if any(n in t for n in LSQ_TENSORS):
+            need("gate_sq", (L, E), torch.float64)
+            need("novice_lsq", (L, E, H), torch.float32)
         if "sample_gate" in t:
             need("sample_gate", (S, L, E), torch.float32)
         if "sample_premoe" in t:
@@ -379,7 +399,7 @@ class Profile:
                 )
         unknown = set(t) - {
             "tokens", "mone_mean", "mone_m2", "sample_gate", "sample_tokens", "sample_premoe", *SUM_TENSORS,
-            *PREMOE_TENSORS, *PREMOE_BOUNDED,
+            *LSQ_TENSORS, *PREMOE_TENSORS, *PREMOE_BOUNDED,
         }  # fmt: skip
         if unknown:
             raise _Corrupt(f"unknown tensors {sorted(unknown)}")
@@ -528,7 +548,7 @@ class Profile:
     @classmethod
     def merge(cls, profiles: Sequence[Profile]) -> Profile:
         """The profile of the union of the profiles' data (same model; order kept)."""
-        from .calibrate import chan_merge
+        from .calibrate import chan_merge, lsq_novices
         from .identity import KEY, check_router
 
         if len(profiles) < 2:
@@ -569,6 +589,11 @@ class Profile:
         empty = (n == 0).unsqueeze(-1)
         out["mone_mean"] = mean.masked_fill(empty, 0.0).float()
         out["mone_m2"] = m2.masked_fill(empty, 0.0).float()
+        if all("novice_lsq" in p.tensors for p in profiles):  # Σ g²-weighted mean of the novices
+            gate_sq = torch.stack([p["gate_sq"] for p in profiles]).sum(0)
+            num = sum(p["gate_sq"].unsqueeze(-1) * p["novice_lsq"].double() for p in profiles)
+            out["gate_sq"] = gate_sq
+            out["novice_lsq"] = lsq_novices(num, gate_sq).float()
         if all(p.premoe_exact for p in profiles):
             for name in PREMOE_TENSORS:
                 out[name] = torch.cat([p[name] for p in profiles], dim=1)

@@ -96,9 +96,12 @@ def dev_tasks(
     return tasks
 
 
-def variant_evaluator(lm: Any, tok: Any, profile: Any, tasks: list[Any], **kwargs: Any) -> Any:
+def variant_evaluator(
+    lm: Any, tok: Any, profile: Any, tasks: list[Any], novice_fit: str = "mean", **kwargs: Any
+) -> Any:
     """``evaluate_variant(plan, mode)`` -> {task: metrics}: the plan applied in memory (routing masks
-    for remove, the profile's mean outputs for novices; :mod:`moeprune.compare`)."""
+    for remove, the profile's novices for novice mode: mean outputs, or with ``novice_fit="lsq"``
+    the least-squares fits; :mod:`moeprune.compare`)."""
     from .arch import find_moe_blocks
     from .arch.patch import BlockControl, patch_moe
     from .compare import task_metrics
@@ -107,7 +110,7 @@ def variant_evaluator(lm: Any, tok: Any, profile: Any, tasks: list[Any], **kwarg
     blocks = find_moe_blocks(lm)
     by_layer = {b.layer: b for b in blocks}
     device = next(lm.parameters()).device
-    means = profile.tensors["mone_mean"]
+    means = profile.novices(novice_fit)
 
     def run(plan: Any | None, mode: str = "remove") -> dict[str, dict[str, Any]]:
         with torch.no_grad():

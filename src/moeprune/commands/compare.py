@@ -46,6 +46,12 @@ def compare_command(
     novice: bool = typer.Option(
         True, "--novice/--no-novice", help="Also evaluate MoNE novice mode beside removal."
     ),
+    novice_fit: str = typer.Option(
+        "mean",
+        "--novice-fit",
+        help="The novice rows' vectors: mean (MoNE's mean output) or lsq (gate-weighted least squares, "
+        "docs/methods.md).",
+    ),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N records of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     max_new_tokens: int = typer.Option(
@@ -93,6 +99,7 @@ def compare_command(
         methods=method,
         keeps=keep,
         novice=novice,
+        novice_fit=novice_fit,
         limit=limit,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,

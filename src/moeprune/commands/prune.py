@@ -52,6 +52,12 @@ def prune_command(
     allow_other_profile: bool = typer.Option(
         False, "--allow-other-profile", help="Accept a --profile calibrated on other data than the plan's."
     ),
+    novice: str = typer.Option(
+        "mean",
+        "--novice",
+        help="With --mode novice and --plan: what each novice is fitted to, mean (MoNE's mean output) or "
+        "lsq (the gate-weighted least-squares fit, sum g^2 e / sum g^2; docs/methods.md).",
+    ),
     data: list[str] | None = typer.Option(
         None,
         "--data",
@@ -141,6 +147,8 @@ def prune_command(
             "no plan and no data given",
             "pass --plan plan.json, or --data FILE --method M --keep K to profile and plan in one go",
         )
+    if novice != "mean" and (mode != "novice" or plan_path is None):
+        raise UserError(f"--novice {novice} applies only with --mode novice and --plan", "leave --novice out")
     if plan_path is not None:
         given = [flag for flag, value in oneshot.items() if value is not None]
         if given:
@@ -157,6 +165,7 @@ def prune_command(
             max_shard_size=max_shard_size,
             profile=profile,
             allow_other_profile=allow_other_profile,
+            novice=novice,
         )
         return
     if target is not None:
@@ -242,6 +251,7 @@ def prune_with_plan(
     max_shard_size: str | None = None,
     profile: Path | None = None,
     allow_other_profile: bool = False,
+    novice: str = "mean",
 ) -> None:
     """`moeprune prune MODEL --plan PLAN ...`: :func:`moeprune.api.prune` with a progress bar."""
     from moeprune.api import prune
@@ -260,6 +270,7 @@ def prune_with_plan(
             force=force,
             max_shard_size=max_shard_size,
             progress=bar,
+            novice=novice,
         )
     print_result(result, out, mode, time.perf_counter() - start, console)
 
