@@ -17,3 +17,18 @@ def device_option() -> Any:
 def dtype_option() -> Any:
     """``--dtype``: auto (bfloat16 on CUDA and on CPUs with bf16 units, else float32), resolved by :func:`moeprune.device.resolve_dtype`."""
     return typer.Option("auto", "--dtype", help=DTYPE_HELP)
+
+
+def dry_run_json_option() -> Any:
+    """``--json`` of ``prune``/``profile --dry-run``: the estimate as JSON."""
+    return typer.Option(False, "--json", help="With --dry-run: print the estimate as JSON.")
+
+
+def bandwidth_option() -> Any:
+    """``--bandwidth`` of ``prune``/``profile --dry-run``, parsed by :mod:`moeprune.estimate`."""
+    return typer.Option(
+        None,
+        "--bandwidth",
+        help="With --dry-run: disk bandwidth for the time estimate, e.g. 1.5GB/s (default: a quick "
+        "measured read of the largest shard).",
+    )

@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from ..cli import app
 from ..errors import UserError
-from .options import device_option, dtype_option
+from .options import bandwidth_option, device_option, dry_run_json_option, dtype_option
 
 
 class _DefaultCreateGroup(TyperGroup):
@@ -103,13 +103,8 @@ def create(
         "the weights, from the config and shard headers alone (--data optional: without it, --max-samples "
         "records, default 128, of --max-length tokens are assumed).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the estimate as JSON."),
-    bandwidth: str | None = typer.Option(
-        None,
-        "--bandwidth",
-        help="With --dry-run: disk bandwidth for the time estimate, e.g. 1.5GB/s (default: a quick "
-        "measured read of the largest shard).",
-    ),
+    as_json: bool = dry_run_json_option(),
+    bandwidth: str | None = bandwidth_option(),
 ) -> None:
     """Run one calibration pass of MODEL over the data and write the expert profile."""
     from ..api import profile

@@ -14,6 +14,8 @@ import typer
 from moeprune.cli import app
 from moeprune.errors import UserError
 
+from .options import bandwidth_option, dry_run_json_option
+
 
 @app.command("prune")
 def prune_command(
@@ -98,13 +100,8 @@ def prune_command(
         "memory and a time estimate, from the config and shard headers alone. Takes --plan, or --keep K "
         "(the same count or fraction kept in every MoE layer).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the estimate as JSON."),
-    bandwidth: str | None = typer.Option(
-        None,
-        "--bandwidth",
-        help="With --dry-run: disk bandwidth for the time estimate, e.g. 1.5GB/s (default: a quick "
-        "measured read of the largest shard).",
-    ),
+    as_json: bool = dry_run_json_option(),
+    bandwidth: str | None = bandwidth_option(),
     target: float | None = typer.Option(
         None,
         "--target",
