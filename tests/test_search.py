@@ -174,6 +174,20 @@ def test_prune_target_and_api(demos: Path, tmp_path: Path) -> None:
     )
 
 
+def test_search_options_are_declared_once(tmp_path: Path) -> None:
+    """api.search and run_search take SearchOptions' fields as keywords (or one options object):
+    one declaration of the defaults; a misspelt option is refused before any work."""
+    from moeprune import api
+    from moeprune.search_run import SearchOptions, search_options
+
+    assert search_options() == SearchOptions() and SearchOptions().target == 0.99
+    base = SearchOptions(target=0.5, dev=4)
+    assert search_options(base, dev=3) == SearchOptions(target=0.5, dev=3)
+    with pytest.raises(TypeError, match="tagret"):
+        api.search(tmp_path / "m", ["d.jsonl"], tmp_path / "out", tagret=0.5)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
