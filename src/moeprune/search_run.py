@@ -106,13 +106,16 @@ def variant_evaluator(
     the least-squares fits; :mod:`moeprune.compare`)."""
     from .arch import find_moe_blocks
     from .arch.patch import BlockControl, patch_moe
-    from .compare import task_metrics
     from .evaluate.runners import evaluate
 
     blocks = find_moe_blocks(lm)
     by_layer = {b.layer: b for b in blocks}
     device = next(lm.parameters()).device
     means = profile.novices(novice_fit)
+
+    def task_metrics(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        # each task's record count beside its metrics: the confidence bound of its accuracy needs it
+        return {name: {**res.get("metrics", {}), "n": res.get("n")} for name, res in result["tasks"].items()}
 
     def run(plan: Any | None, mode: str = "remove") -> dict[str, dict[str, Any]]:
         with torch.no_grad():
@@ -149,6 +152,7 @@ class SearchOptions:
     modes: Sequence[str] | None = None
     scopes: Sequence[str] | None = None
     objective: str = "bytes"
+    select: str = "bound"  # pass on the dev score's lower confidence bound, or "mean": on the score
     self_generate: int = 0
     max_length: int = 2048
     seed: int = 0
@@ -204,7 +208,7 @@ def run_search(
         if not o.quiet:
             print(text, file=sys.stderr, flush=True)
 
-    check_search_args(o.target, methods, modes, scopes, o.objective)
+    check_search_args(o.target, methods, modes, scopes, o.objective, o.select)
     if o.metric not in METRICS:
         raise UserError(f"unknown --metric '{o.metric}'", f"use {', '.join(METRICS)}")
     check_max_length(o.max_length)
@@ -267,7 +271,7 @@ def run_search(
         say(f"== search (target {o.target:g} x full, smallest by {o.objective})")
         result = search_plans(
             run, full, kinds, prof, sizes_of(config, prof), target=o.target, methods=methods, modes=modes,
-            scopes=scopes, objective=o.objective, log=say,
+            scopes=scopes, objective=o.objective, select=o.select, log=say,
         )  # fmt: skip
         if given_test and result.best is not None and not o.prune:
             test_run = variant_evaluator(lm, tok, prof, given_test, **kwargs)
@@ -308,15 +312,19 @@ def run_search(
 
 
 def summary_line(result: SearchResult) -> str:
+    bound = result.select == "bound"
     if result.best is None:
+        more = ", give more dev records (--dev) or select on the mean (--select mean)" if bound else ""
         return (
-            f"no variant smaller than the full model keeps {result.target:g} x its dev quality: "
-            "keep the full model, lower --target or give more methods"
+            f"no variant smaller than the full model keeps {result.target:g} x its dev quality"
+            f"{' at its 95% lower bound' if bound else ''}: keep the full model, lower --target, give more "
+            f"methods{more}"
         )
     b, f = result.best, result.full
+    quality = f"dev quality {b.quality:.3f}" + (f", 95% lower bound {b.bound:.3f}," if b.bound is not None else "")
     return (
         f"chosen: {b.label()} ({b.kept_total} of {f.kept_total} routed experts, {b.bytes / f.bytes:.1%} of the "
-        f"bytes, {b.active_params / f.active_params:.1%} of the active params), dev quality {b.quality:.3f} "
+        f"bytes, {b.active_params / f.active_params:.1%} of the active params), {quality} "
         f">= target {result.target:g}; {len(result.points)} variants evaluated"
     )
 
@@ -390,7 +398,11 @@ def card_section(result: SearchResult, test: dict[str, Any] | None) -> str:
         "## How this model was chosen (`moeprune search`)",
         "",
         f"The smallest of {len(result.points)} evaluated variants whose quality on a held-out dev set is at "
-        f"least {result.target:g} x the full model's: {b.label()} (dev quality {b.quality:.3f}).",
+        f"least {result.target:g} x the full model's"
+        + (" at its 95% lower confidence bound" if b.bound is not None else "")
+        + f": {b.label()} (dev quality {b.quality:.3f}"
+        + (f", lower bound {b.bound:.3f}" if b.bound is not None else "")
+        + ").",
         "",
     ]
     if test is None:
@@ -409,6 +421,7 @@ def card_section(result: SearchResult, test: dict[str, Any] | None) -> str:
             for name, value in metrics.items():
                 if (
                     name.endswith("_stderr")
+                    or name == "n"
                     or not isinstance(value, (int, float))
                     or math.isnan(float(value))
                 ):
