@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 
+from _checkpoints import masked_logits, run_logits, save
 from moeprune.adaptive import AdaptiveMoE
 from moeprune.arch import ARCH_TABLE, find_moe_blocks, kept_controls, patch_moe
 from moeprune.arch.pruned import expert_tensor
@@ -64,27 +64,6 @@ def _library(model, blocks, patterns: dict[str, dict[int, list[int]]], keys=None
     return Library("tiny", fields, fp, "frequency", keep, blocks[0].top_k, layers, e, tasks)
 
 
-def _save(model, path: Path, layout: str) -> Path:
-    model.save_pretrained(path, save_original_format=(layout == "hub"))
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def _ids(model) -> torch.Tensor:
-    vocab = model.config.get_text_config().vocab_size
-    return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _masked(model, blocks, kept) -> torch.Tensor:
-    with torch.no_grad(), patch_moe(model, blocks, controls=kept_controls(blocks, kept)):
-        return model(_ids(model), use_cache=False).logits
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(_ids(model), use_cache=False).logits
-
-
 @contextmanager
 def _reads(am: AdaptiveMoE):
     """Record every checkpoint read of ``am``: (key, index) per slice access, keys opened."""
@@ -134,13 +113,13 @@ def _read_experts(am: AdaptiveMoE, log) -> dict[int, set[int]]:
 @pytest.mark.parametrize("model_type", TYPES)
 def test_adaptive_model_equals_the_pruned_reference_and_switches(model_type, tmp_path):
     model, blocks = _model(model_type)
-    src = _save(model, tmp_path / "src", "fused")
+    src = save(model, tmp_path / "src", "fused")
     a, b = _kept(blocks, 0), _kept(blocks, 1)
     am = AdaptiveMoE.from_library(src, _library(model, blocks, {"a": a, "b": b}), dtype="float32")
     for name, kept in (("a", a), ("b", b), ("a", a)):
         before = am._slots.copy()
         sw = am.activate(name)
-        torch.testing.assert_close(_logits(am.model), _masked(model, blocks, kept), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run_logits(am.model), masked_logits(model, blocks, kept), rtol=1e-5, atol=1e-5)
         new = sum(len(set(kept[layer]) - set(before.get(layer, []))) for layer in kept)
         assert (sw.read_experts, sw.reused_experts) == (new, sum(map(len, kept.values())) - new)
     for blk in am.blocks:  # K experts per layer, nothing left on the meta device
@@ -157,7 +136,7 @@ def test_adaptive_model_equals_a_checkpoint_pruned_with_the_plan(model_type, lay
     from moeprune.surgery import rewrite_checkpoint
 
     model, blocks = _model(model_type)
-    src = _save(model, tmp_path / "src", layout)
+    src = save(model, tmp_path / "src", layout)
     if layout == "hub" and model_type != "gpt_oss":  # gpt-oss publishes fused (transposed) tensors
         assert any(".experts.0." in k for k in Checkpoint.open(src).tensors)
     a, b = _kept(blocks, 2), _kept(blocks, 3)
@@ -170,13 +149,13 @@ def test_adaptive_model_equals_a_checkpoint_pruned_with_the_plan(model_type, lay
         am.activate(name)
         # Every parameter is bit-equal (checked by hand), but torch's CPU grouped_mm experts kernel
         # can round the last bit differently for equal inputs at other addresses: equal to 1e-6.
-        torch.testing.assert_close(_logits(am.model), _logits(pruned), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(run_logits(am.model), run_logits(pruned), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["fused", "hub"])
 def test_only_missing_experts_are_read(layout, tmp_path):
     model, blocks = _model("qwen3_moe")
-    src = _save(model, tmp_path / "src", layout)
+    src = save(model, tmp_path / "src", layout)
     a, b = _kept(blocks, 4), _kept(blocks, 5)
     am = AdaptiveMoE.from_library(src, _library(model, blocks, {"a": a, "b": b}), dtype="float32")
     with _reads(am) as log:
@@ -200,7 +179,7 @@ def test_poisoned_unkept_experts_never_reach_the_model(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, blocks = _model("deepseek_v3")
-    src = _save(model, tmp_path / "src", "fused")
+    src = save(model, tmp_path / "src", "fused")
     a = _kept(blocks, 6)
     am0 = AdaptiveMoE.from_library(src, _library(model, blocks, {"a": a}), dtype="float32")
     weights = load_file(str(src / "model.safetensors"))
@@ -210,12 +189,12 @@ def test_poisoned_unkept_experts_never_reach_the_model(tmp_path):
             weights[key][drop] = float("nan")
     save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
     am = AdaptiveMoE.from_library(src, _library(model, blocks, {"a": a}), dtype="float32", task="a")
-    torch.testing.assert_close(_logits(am.model), _masked(model, blocks, a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_logits(am.model), masked_logits(model, blocks, a), rtol=1e-5, atol=1e-5)
 
 
 def test_memory_is_the_non_expert_weights_plus_k_experts(tmp_path):
     model, blocks = _model("deepseek_v3")
-    src = _save(model, tmp_path / "src", "fused")
+    src = save(model, tmp_path / "src", "fused")
     am = AdaptiveMoE.from_library(
         src, _library(model, blocks, {"a": _kept(blocks, 0)}), dtype="float32", task="a"
     )
@@ -230,7 +209,7 @@ def test_memory_is_the_non_expert_weights_plus_k_experts(tmp_path):
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen3_moe", "afmoe"])
 def test_first_router_probe_equals_a_full_forward(model_type, tmp_path):
     model, blocks = _model(model_type)
-    src = _save(model, tmp_path / "src", "fused")
+    src = save(model, tmp_path / "src", "fused")
     lib = _library(model, blocks, {"a": _kept(blocks, 0), "b": _kept(blocks, 1)})
     am = AdaptiveMoE.from_library(src, lib, dtype="float32")
     text = "the quick brown fox"
@@ -256,7 +235,7 @@ def test_first_router_probe_equals_a_full_forward(model_type, tmp_path):
 
 def test_generate_routes_and_matches_the_pruned_model(tmp_path):
     model, blocks = _model("deepseek_v3")
-    src = _save(model, tmp_path / "src", "fused")
+    src = save(model, tmp_path / "src", "fused")
     a, b = _kept(blocks, 0), _kept(blocks, 1)
     am0 = AdaptiveMoE.from_library(src, _library(model, blocks, {"a": a, "b": b}), dtype="float32")
     key_b = am0.query_statistics("hello there")[0]
@@ -282,7 +261,7 @@ def test_top_level_name():
 
 def test_bad_input(tmp_path):
     model, blocks = _model("deepseek_v3")
-    src = _save(model, tmp_path / "src", "fused")
+    src = save(model, tmp_path / "src", "fused")
     lib = _library(model, blocks, {"a": _kept(blocks, 0)})
     am = AdaptiveMoE.from_library(src, lib, dtype="float32")
     with pytest.raises(UserError, match="no task 'nope'.*use one of: a"):
@@ -292,7 +271,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(UserError, match="tokenises to nothing"):
         am.route("\u00e9\u00e9\u00e9")
     other, other_blocks = _model("qwen3_moe")
-    other_dir = _save(other, tmp_path / "other", "fused")
+    other_dir = save(other, tmp_path / "other", "fused")
     with pytest.raises(UserError, match="was built for model"):
         AdaptiveMoE.from_library(other_dir, lib)
 
@@ -303,7 +282,7 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     config_model = tiny_model("qwen3_moe", num_hidden_layers=2)
-    src = _save(tiny_model("qwen3_moe", num_hidden_layers=3), tmp_path / "src", "fused")
+    src = save(tiny_model("qwen3_moe", num_hidden_layers=3), tmp_path / "src", "fused")
     config_model.config.save_pretrained(src)  # config.json claims 2 layers
     blocks = find_moe_blocks(config_model)
     lib = _library(config_model, blocks, {"a": _kept(blocks, 0)})
@@ -312,7 +291,7 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path):
     ):
         AdaptiveMoE.from_library(src, lib, dtype="float32")
     # a non-expert tensor missing from the checkpoint
-    src = _save(config_model, tmp_path / "missing", "fused")
+    src = save(config_model, tmp_path / "missing", "fused")
     tensors = load_file(src / "model.safetensors")
     del tensors["model.layers.1.self_attn.q_proj.weight"]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import moeprune
+from _reference import assert_same, naive_stats
 from moeprune.arch import find_moe_blocks, kept_controls, patch_moe
 from moeprune.calibrate import calibrate
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
 from moeprune.surgery import rewrite_checkpoint
 from moeprune.testing.tiny import tiny_model
-from test_profile import LENGTHS, _seqs, assert_same, naive_stats
+from test_profile import LENGTHS, _seqs
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

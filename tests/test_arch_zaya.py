@@ -10,25 +10,22 @@ from __future__ import annotations
 import copy
 import json
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 
-import moeprune
-from moeprune.adaptive import AdaptiveMoE
-from moeprune.arch import find_moe_blocks, kept_controls, patch_moe, single_expert_forward
+import _checkpoints as ckpt
+from _reference import Routing, assert_same, naive_profile
+from moeprune.arch import find_moe_blocks, kept_controls, single_expert_forward
 from moeprune.calibrate import calibrate
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
 from moeprune.surgery import rewrite_checkpoint
-from moeprune.testing.tiny import byte_tokenizer, tiny_model
-from test_profile import assert_same, naive_premoe_bounded
-from test_surgery_modes import _deeper_overrides, _novice_reference, _novices, _ragged
+from moeprune.testing.tiny import tiny_model
+from test_surgery_modes import _deeper_overrides
 
 E = 8
 LAYERS = [0, 1, 2, 3]
-TOL = {"rtol": 1e-5, "atol": 1e-5}
 EXPERT_TENSORS = ("gate.router_mlp.out_proj.weight", "gate.balancing_biases")
 
 
@@ -48,26 +45,6 @@ def _model():
     return model, blocks
 
 
-def _ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, **patch) -> torch.Tensor:
-    with torch.no_grad():
-        if not patch:
-            return model(_ids(), use_cache=False).logits
-        with patch_moe(model, **patch):
-            return model(_ids(), use_cache=False).logits
-
-
-def _kept(blocks) -> dict[int, list[int]]:
-    return {b.layer: sorted(set(range(E)) - {b.layer % E, (3 * b.layer + 5) % E}) for b in blocks}
-
-
-def _masked(model, blocks, kept) -> torch.Tensor:
-    return _logits(model, blocks=blocks, controls=kept_controls(blocks, kept))
-
-
 def _router_calls(model, blocks, controls=None) -> dict[int, tuple]:
     """Each router's (input, router_states, output) in one forward (with patch_moe controls if given)."""
     seen: dict[int, tuple] = {}
@@ -82,9 +59,9 @@ def _router_calls(model, blocks, controls=None) -> dict[int, tuple]:
     hooks = [b.router(model).register_forward_hook(grab(b), with_kwargs=True) for b in blocks]
     try:
         if controls is None:
-            _logits(model)
+            ckpt.run_logits(model)
         else:
-            _logits(model, blocks=blocks, controls=controls)
+            ckpt.run_logits(model, blocks=blocks, controls=controls)
     finally:
         for h in hooks:
             h.remove()
@@ -146,7 +123,7 @@ def test_masking_equals_a_router_without_the_removed_rows_and_hands_on_the_same_
         ids = torch.where(theirs[1] == 0, torch.full_like(ids, -1), ids)  # the router's skip slots
         ours = r.top_k_index.masked_fill(r.top_k_index == E, -1)
         assert torch.equal(ids, ours)
-        torch.testing.assert_close(theirs[1], r.top_k_weights.masked_fill(ours < 0, 0), **TOL)
+        torch.testing.assert_close(theirs[1], r.top_k_weights.masked_fill(ours < 0, 0), **ckpt.TOL)
         torch.testing.assert_close(theirs[3], out[3], rtol=0, atol=0)
 
 
@@ -154,16 +131,16 @@ def test_state_handed_between_layers_equals_the_pruned_models(tmp_path):
     """The state each router hands on is taken before its MLP: the masked original and the pruned
     checkpoint hand on the same state at every layer (and run the same routers)."""
     model, blocks = _model()
-    kept = _kept(blocks)
-    rewrite_checkpoint(_save(model, tmp_path / "src", "fused"), tmp_path / "out", kept)
-    pruned = _load_stock(tmp_path / "out")
+    kept = ckpt.two_removed(blocks)
+    rewrite_checkpoint(ckpt.save(model, tmp_path / "src", "fused"), tmp_path / "out", kept)
+    pruned = ckpt.load_stock(tmp_path / "out")
     masked = _router_calls(model, blocks, kept_controls(blocks, kept))
     theirs = _router_calls(pruned, find_moe_blocks(pruned))
     for b in blocks:
-        torch.testing.assert_close(theirs[b.index][0], masked[b.index][0], **TOL)
-        torch.testing.assert_close(theirs[b.index][2][3], masked[b.index][2][3], **TOL)
+        torch.testing.assert_close(theirs[b.index][0], masked[b.index][0], **ckpt.TOL)
+        torch.testing.assert_close(theirs[b.index][2][3], masked[b.index][2][3], **ckpt.TOL)
         # the pruned router's logits are the masked original's kept columns, skip last
-        torch.testing.assert_close(theirs[b.index][2][0], masked[b.index][2][0][:, kept[b.layer] + [E]], **TOL)
+        torch.testing.assert_close(theirs[b.index][2][0], masked[b.index][2][0][:, kept[b.layer] + [E]], **ckpt.TOL)
 
 
 def test_masked_control_never_selects_removed_experts():
@@ -171,7 +148,7 @@ def test_masked_control_never_selects_removed_experts():
     allowed = torch.ones(E, dtype=torch.bool)
     allowed[[1, 6]] = False
     seen: list[torch.Tensor] = []
-    _logits(model, blocks=blocks, controls=kept_controls(blocks, {b.layer: [0, 2, 3, 4, 5, 7] for b in blocks}),
+    ckpt.run_logits(model, blocks=blocks, controls=kept_controls(blocks, {b.layer: [0, 2, 3, 4, 5, 7] for b in blocks}),
             observer=lambda e: seen.append(e.top_k_index))
     assert len(seen) == len(blocks)
     assert all(not bool(((idx == 1) | (idx == 6)).any()) for idx in seen)
@@ -181,92 +158,23 @@ def test_masked_control_never_selects_removed_experts():
 # --- profile ---------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def naive_stats(model, seqs: list[list[int]], ka: int) -> dict[str, torch.Tensor]:
-    """Every profile statistic per token in float64, one record at a time, from the router's own
-    outputs and the experts' input: skip selections count nowhere, probabilities are taken over
-    all E + 1 classes and kept for the E experts, PreMoe ranks the expert columns."""
-    blocks = find_moe_blocks(model)
-    L = len(blocks)
-    H = model.config.hidden_size
-    cap: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    for b in blocks:
-        for what, path in (("x", b.experts_path), ("h", b.prenorm_path)):
+def _watch(b) -> dict[str, tuple[str, str]]:
+    return {"x": (b.experts_path, "in"), "h": (b.prenorm_path, "in"), "s": (b.router_path, "out")}
 
-            def grab(_m, args, _k=(what, b.index)):
-                cap[_k] = args[0].reshape(-1, args[0].shape[-1])
 
-            handles.append(model.get_submodule(path).register_forward_pre_hook(grab))
+def _read(model, b, cap: dict[str, torch.Tensor]) -> Routing:
+    """The router's own outputs and the experts' input: top-1 on softmax over all E + 1 classes
+    plus the balancing bias; skip selections count nowhere, probabilities are kept for the E
+    experts, PreMoe ranks the expert columns (tests/_reference.py)."""
+    experts, x, logits = b.experts(model), cap["x"], cap["s"]
+    p = torch.softmax(logits.double(), -1)
+    bias = model.get_buffer(b.selection_bias_path).double()
+    index = torch.stack([torch.argmax(p[t] + bias) for t in range(p.shape[0])]).unsqueeze(-1)
 
-        def grab_logits(_m, _a, out, _k=("s", b.index)):
-            cap[_k] = out[0]
+    def expert(t: int, i: int, _g: float) -> torch.Tensor:
+        return single_expert_forward(experts, i, x[t : t + 1])[0].double()
 
-        handles.append(b.router(model).register_forward_hook(grab_logits))
-    f64 = torch.float64
-    names = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1", "gate_sq")
-    out = {n: torch.zeros(L, E, dtype=f64) for n in names}
-    lsq_num = torch.zeros(L, E, H, dtype=f64)  # Σ g² e: the least-squares novice's numerator
-    per_expert: list[list[list[torch.Tensor]]] = [[[] for _ in range(E)] for _ in range(L)]
-    rows: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(L)] for n in ("q", "f", "i")}
-    sample_gate = torch.zeros(len(seqs), L, E, dtype=f64)
-    skips = 0
-    try:
-        for s_idx, seq in enumerate(seqs):
-            model(input_ids=torch.tensor([seq]), use_cache=False)
-            for b in blocks:
-                li, experts = b.index, b.experts(model)
-                logits, x, h = cap[("s", li)], cap[("x", li)], cap[("h", li)].double()
-                p = torch.softmax(logits.double(), -1)
-                bias = model.get_buffer(b.selection_bias_path).double()
-                for t in range(x.shape[0]):
-                    i = int(torch.argmax(p[t] + bias))  # top-1 on p + balancing bias
-                    h_new, contrib = h[t].clone(), []
-                    if i == E:  # the skip class: no expert
-                        skips += 1
-                    else:
-                        g = float(p[t, i])
-                        e = single_expert_forward(experts, i, x[t : t + 1])[0].double()
-                        h_new += g * e
-                        contrib.append((i, g, e))
-                    cos = float((h[t] @ h_new) / (h[t].norm() * h_new.norm()))
-                    for i, g, e in contrib:
-                        out["count"][li, i] += 1
-                        out["gate"][li, i] += g
-                        out["gate_sq"][li, i] += g * g
-                        lsq_num[li, i] += g * g * e
-                        out["reap_sum"][li, i] += g * e.norm()
-                        out["easyep"][li, i] += g * e.norm() * max(0.0, 1.0 - cos)
-                        per_expert[li][i].append(e)
-                        sample_gate[s_idx, li, i] += g
-                    s = logits[t, :E].double()
-                    out["prob"][li] += p[t, :E]
-                    am = int(s.argmax())
-                    out["premoe_v1"][li, am] += s[am]
-                    vals, ids = torch.topk(s, ka)
-                    rows["q"][li].append(torch.softmax(vals, -1))
-                    rows["f"][li].append(torch.maximum(vals, torch.sigmoid(vals)))
-                    rows["i"][li].append(ids)
-    finally:
-        for hd in handles:
-            hd.remove()
-    mean, m2 = torch.zeros(L, E, H, dtype=f64), torch.zeros(L, E, H, dtype=f64)
-    for li in range(L):
-        for i in range(E):
-            if per_expert[li][i]:
-                stack = torch.stack(per_expert[li][i])
-                mean[li, i], m2[li, i] = stack.mean(0), (stack - stack.mean(0)).square().sum(0)
-    out["mone_mean"], out["mone_m2"] = mean, m2
-    gsq = out["gate_sq"].unsqueeze(-1)
-    out["novice_lsq"] = torch.where(gsq > 0, lsq_num / gsq.clamp(min=1e-300), torch.zeros_like(lsq_num))
-    q, f, idx = (torch.stack([torch.stack(r) for r in rows[n]]) for n in ("q", "f", "i"))
-    out["premoe_q"], out["premoe_f"], out["premoe_idx"] = q, f, idx
-    out["sample_gate"] = sample_gate
-    out["tokens"] = torch.tensor([float(sum(len(s) for s in seqs))], dtype=f64)
-    out["sample_tokens"] = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-    out.update(naive_premoe_bounded(q, f, idx, [len(s) for s in seqs], E))
-    out["_skips"] = torch.tensor(skips)
-    return out
+    return Routing(cap["h"].double(), logits, p, index, p.gather(-1, index), expert)
 
 
 def _seqs(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -279,80 +187,46 @@ def test_statistics_match_naive_float64_reference():
     lengths = (7, 1, 23, 3, 12)  # batches of 3 carry padding
     seqs = _seqs(0, lengths)
     got = calibrate(model, seqs, batch_size=3, premoe_ka=3, per_sample=True, premoe_exact=True)
-    ref = naive_stats(model, seqs, 3)
-    skips = int(ref.pop("_skips"))
+    ref, skips = naive_profile(model, seqs, 3, _watch, _read)
     assert_same(got, ref)
     assert skips > 0 and int(got["count"].sum()) + skips == sum(lengths) * len(blocks)
 
 
 def test_layer_by_layer_pass_equals_the_whole_model_pass(tmp_path):
     """--offload sequential hands each layer's router state to the next layer's router."""
-    from moeprune.offload import calibrate_sequential
-
     model, _ = _model()
     model.save_pretrained(tmp_path, save_original_format=True, max_shard_size="100KB")
-    seqs = _seqs(2, (7, 1, 20, 3))
-    kwargs = {"batch_size": 2, "pad_id": 0, "premoe_ka": 3, "per_sample": True}
-    got = calibrate_sequential(tmp_path, seqs, **kwargs)
-    assert_same(got, calibrate(model, seqs, **kwargs))
+    ckpt.check_layer_by_layer_profile(tmp_path, model)
 
 
 def test_layer_by_layer_pass_runs_the_router_the_stock_loader_runs(tmp_path):
     """transformers' from_pretrained writes -1 over ZAYA's loaded skip bias (_init_weights, after
     loading); the layer-by-layer pass does the same, so it profiles the model users load."""
-    from moeprune.offload import calibrate_sequential
-
     model, _ = _model()
     other = copy.deepcopy(model)
     with torch.no_grad():
         for layer in other.model.layers:
             layer.mlp.gate.balancing_biases[-1] = -0.9
-    _save(other, tmp_path, "hub")
-    assert float(_tensor(tmp_path, "model.layers.0.mlp.gate.balancing_biases")[-1]) == pytest.approx(-0.9)
-    stock = _load_stock(tmp_path)
+    ckpt.save(other, tmp_path, "hub")
+    assert float(ckpt.tensor(tmp_path, "model.layers.0.mlp.gate.balancing_biases")[-1]) == pytest.approx(-0.9)
+    stock = ckpt.load_stock(tmp_path)
     assert all(float(layer.mlp.gate.balancing_biases[-1]) == -1.0 for layer in stock.model.layers)
-    seqs = _seqs(2, (7, 1, 20, 3))
-    kwargs = {"batch_size": 2, "pad_id": 0, "premoe_ka": 3, "per_sample": True}
-    got = calibrate_sequential(tmp_path, seqs, **kwargs)
-    assert_same(got, calibrate(stock, seqs, **kwargs))
-    with pytest.raises(AssertionError):
-        assert_same(got, calibrate(other, seqs, **kwargs))  # the checkpoint's -0.9 routes differently
+    # the checkpoint's -0.9 routes differently
+    ckpt.check_layer_by_layer_profile(tmp_path, stock, differs_from=other)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def _save(model, path: Path, layout: str) -> Path:
-    model.save_pretrained(path, save_original_format=(layout == "hub"))
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def _load_stock(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    return model.eval()
-
-
-def _tensor(path: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    ckpt = Checkpoint.open(path)
-    with safe_open(str(path / ckpt.tensors[key].file), "pt") as f:
-        return f.get_tensor(key)
-
-
 @pytest.mark.parametrize("layout", ["fused", "hub"])
 def test_pruned_checkpoint_equals_the_masked_original(layout, tmp_path):
     model, blocks = _model()
-    src = _save(model, tmp_path / "src", layout)
-    kept = _kept(blocks)
+    src = ckpt.save(model, tmp_path / "src", layout)
+    kept = ckpt.two_removed(blocks)
     rewrite_checkpoint(src, tmp_path / "out", kept)
-    pruned = _load_stock(tmp_path / "out")
-    torch.testing.assert_close(_logits(pruned), _masked(model, blocks, kept), **TOL)
-    assert not torch.allclose(_logits(model), _masked(model, blocks, kept), **TOL)
+    pruned = ckpt.load_stock(tmp_path / "out")
+    torch.testing.assert_close(ckpt.run_logits(pruned), ckpt.masked_logits(model, blocks, kept), **ckpt.TOL)
+    assert not torch.allclose(ckpt.run_logits(model), ckpt.masked_logits(model, blocks, kept), **ckpt.TOL)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 6
     src_keys, out_keys = Checkpoint.open(src).tensors, Checkpoint.open(tmp_path / "out").tensors
     assert set(src_keys) == set(out_keys)
@@ -360,64 +234,43 @@ def test_pruned_checkpoint_equals_the_masked_original(layout, tmp_path):
         rows = kept[b.layer] + [E]  # the skip row stays, last
         for rel in EXPERT_TENSORS:
             key = f"{b.path}.{rel}"
-            assert torch.equal(_tensor(tmp_path / "out", key), _tensor(src, key)[rows]), key
+            assert torch.equal(ckpt.tensor(tmp_path / "out", key), ckpt.tensor(src, key)[rows]), key
         # the rest of the router MLP (hidden widths, the state scale) is untouched
         for key in src_keys:
             if key.startswith(f"{b.path}.gate.") and key[len(b.path) + 1 :] not in EXPERT_TENSORS:
-                assert torch.equal(_tensor(tmp_path / "out", key), _tensor(src, key)), key
+                assert torch.equal(ckpt.tensor(tmp_path / "out", key), ckpt.tensor(src, key)), key
 
 
 def test_ragged_checkpoint_loads_exactly(tmp_path):
     model, blocks = _model()
-    src = _save(model, tmp_path / "src", "hub")
-    kept = _ragged(blocks)
-    assert len({len(v) for v in kept.values()}) > 1
-    rewrite_checkpoint(src, tmp_path / "out", kept)
-    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
-    torch.testing.assert_close(_logits(loaded), _masked(model, blocks, kept), **TOL)
+    ckpt.check_ragged_loads_exactly(model, blocks, tmp_path)
 
 
 def test_pad_uniform_is_refused(tmp_path):
     """A padding expert's row would enter the softmax over E + 1 classes: no exactly dead expert."""
     model, blocks = _model()
-    src = _save(model, tmp_path / "src", "fused")
+    src = ckpt.save(model, tmp_path / "src", "fused")
     with pytest.raises(UserError, match="softmax denominator") as err:
-        rewrite_checkpoint(src, tmp_path / "out", _ragged(blocks), pad_uniform=True)
+        rewrite_checkpoint(src, tmp_path / "out", ckpt.ragged_plan(blocks), pad_uniform=True)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_novice_checkpoint_loads_exactly(tmp_path):
     model, blocks = _model()
-    src = _save(model, tmp_path / "src", "hub")
-    kept = _ragged(blocks, seed=11)
-    novices = _novices(blocks, kept, model.config.hidden_size)
-    rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices)
-    loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
-    torch.testing.assert_close(_logits(loaded), _novice_reference(model, blocks, kept, novices), **TOL)
+    ckpt.check_novice_loads_exactly(model, blocks, tmp_path)
 
 
 def test_adaptive_model_equals_the_pruned_checkpoint(tmp_path):
-    from test_adaptive import _library
-
     model, blocks = _model()
-    src = _save(model, tmp_path / "src", "hub")
-    a = _kept(blocks)
-    b = {layer: sorted(set(range(E)) - {(layer + 2) % E, (layer + 6) % E}) for layer in a}
-    lib = _library(model, blocks, {"a": a, "b": b})
-    am = AdaptiveMoE.from_library(src, lib, dtype="float32", task="a")
-    for name in ("b", "a"):
-        rewrite_checkpoint(src, tmp_path / f"pruned-{name}", lib.task(name).plan.kept)
-        pruned = _load_stock(tmp_path / f"pruned-{name}")
-        am.activate(name)
-        torch.testing.assert_close(_logits(am.model), _logits(pruned), rtol=1e-6, atol=1e-6)
+    ckpt.check_adaptive_equals_pruned(model, blocks, tmp_path)
 
 
 def test_inspect_reports_the_skip_class(tmp_path, capsys):
     from _cli import run_cli
 
     model, _ = _model()
-    _save(model, tmp_path, "hub")
+    ckpt.save(model, tmp_path, "hub")
     code, out, err = run_cli(capsys, "inspect", str(tmp_path), "--json")
     assert code == 0, err
     report = json.loads(out)

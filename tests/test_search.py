@@ -5,6 +5,7 @@ synthetic evaluator), the Pareto frontier, and the command end to end on two sto
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def test_bisection_finds_what_an_exhaustive_scan_finds(target: float) -> None:
     prof, run = _evaluator(calls)
     full = {"dev": {"accuracy": 1.0}}
     kinds = {"dev": "exact_match"}
-    res = search_plans(run, full, kinds, prof, _sizes(prof), target=target, methods=["gate", "easyep"])
+    res = search_plans(run, full, kinds, prof, _sizes(prof), target=target, methods=["gate", "easyep"],
+                       select="mean")  # fmt: skip
     # exhaustive: every method x mode x scope x K
     best = None
     for method in ("gate", "easyep"):
@@ -95,7 +97,7 @@ def test_novices_may_keep_fewer_experts_than_top_k() -> None:
     calls: list[Any] = []
     prof, run = _evaluator(calls)
     res = search_plans(run, {"dev": {"accuracy": 1.0}}, {"dev": "exact_match"}, prof, _sizes(prof),
-                       target=0.2, methods=["gate"], modes=["novice"])  # fmt: skip
+                       target=0.2, methods=["gate"], modes=["novice"], select="mean")  # fmt: skip
     assert res.best is not None and res.best.experts < TOP_K  # 1 expert per layer, router unchanged
     assert res.plan.settings["router"] == "unchanged"
 
@@ -106,6 +108,99 @@ def test_relative_quality_takes_the_worst_task_and_inverts_perplexity() -> None:
     assert relative_quality(full, got, {"a": "exact_match", "b": "perplexity"}) == pytest.approx(0.8)
     assert relative_quality(full, {"a": {"accuracy": 0.4}, "b": {"perplexity": 10.0}},
                             {"a": "exact_match", "b": "perplexity"}) == pytest.approx(0.5)  # fmt: skip
+
+
+def test_wilson_lower_bound_is_the_root_of_the_score_test() -> None:
+    """The bound p0 solves (p - p0) / sqrt(p0 (1 - p0) / n) = z (the one-sided score test at 95%):
+    checked against that equation, not the closed form; 12 of 12 right bounds at 12 / (12 + z^2)."""
+    from statistics import NormalDist
+
+    from moeprune.search import wilson_lower
+
+    z = NormalDist().inv_cdf(0.95)
+    for p, n in ((0.5, 100), (0.9, 12), (11 / 12, 12), (0.3, 7), (0.99, 1000)):
+        lb = wilson_lower(p, n)
+        assert 0.0 < lb < p
+        assert (p - lb) / math.sqrt(lb * (1 - lb) / n) == pytest.approx(z, rel=1e-9)
+    assert wilson_lower(1.0, 12) == pytest.approx(12 / (12 + z * z)) == pytest.approx(0.8160, abs=1e-4)
+    assert wilson_lower(0.0, 12) == 0.0 and wilson_lower(1.0, 0) == 0.0
+    # n all-correct records certify a target t only from n >= z^2 t / (1 - t) on (the module doc)
+    for t, n in ((0.9, 25), (0.95, 52), (0.99, 268)):
+        assert wilson_lower(1.0, n) >= t > wilson_lower(1.0, n - 1)
+
+
+def _counted(run, n: int):
+    """The synthetic evaluator with each task's record count, as variant_evaluator reports it."""
+
+    def counted(plan, mode):
+        return {task: {**m, "n": n} for task, m in run(plan, mode).items()}
+
+    return counted
+
+
+def test_bound_rule_rejects_a_variant_that_passes_by_its_point_estimate() -> None:
+    """On 12 dev records the smallest variant whose accuracy passes 0.7 (K=4: 0.73) does not pass at
+    its lower bound (0.49); the bound rule picks K=7 (0.96, bound 0.76). With 10^6 records the
+    bound is close to the point estimate and both rules agree."""
+    from moeprune.search import relative_quality, wilson_lower
+
+    prof, run = _evaluator([])
+    full, kinds = {"dev": {"accuracy": 1.0}}, {"dev": "exact_match"}
+    kw = {"target": 0.7, "methods": ["gate"], "modes": ["remove"], "scopes": ["layer"]}
+    mean = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), select="mean", **kw)
+    bound = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), **kw)  # the default
+    assert mean.best is not None and bound.best is not None and bound.select == "bound"
+    m = mean.best
+    assert m.passed and m.quality >= 0.7 and m.bound is None
+    assert wilson_lower(m.quality, 12) < 0.7  # passes by the point estimate only
+    assert relative_quality(full, m.tasks, kinds, bound=True) < 0.7
+    b = bound.best
+    assert b.bound == pytest.approx(wilson_lower(b.quality, 12)) and b.bound >= 0.7 and b.passed
+    assert (m.experts, b.experts) == (4, 7) and b.bytes > m.bytes
+    rejected = [p for p in bound.points if p.quality >= 0.7 and not p.passed]
+    assert rejected and all(p.bound < 0.7 for p in rejected)
+    assert all(p.bound >= 0.7 for p in bound.points if p.passed)
+    assert bound.to_json()["select"] == "bound" and bound.to_json()["confidence"] == 0.95
+    big = search_plans(_counted(run, 10**6), full, kinds, prof, _sizes(prof), **kw)
+    assert big.best is not None and big.best.experts == m.experts
+
+
+def test_bound_rule_needs_record_counts_and_leaves_perplexity_as_it_is() -> None:
+    from moeprune.search import relative_quality
+
+    with pytest.raises(ValueError, match="record count"):
+        relative_quality({"a": {"accuracy": 1.0}}, {"a": {"accuracy": 1.0}}, {"a": "exact_match"}, bound=True)
+    full, got = {"b": {"perplexity": 10.0}}, {"b": {"perplexity": 12.5}}
+    assert relative_quality(full, got, {"b": "perplexity"}, bound=True) == pytest.approx(0.8)
+
+
+def test_no_pick_at_the_bound_says_what_to_change() -> None:
+    from moeprune.search_run import summary_line
+
+    prof, run = _evaluator([])
+    full, kinds = {"dev": {"accuracy": 1.0}}, {"dev": "exact_match"}
+    # every accuracy of 12 records, even 12 of 12, is below 0.95 at its bound (0.816)
+    res = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), target=0.95, methods=["gate"])
+    assert res.best is None and any(p.quality >= 0.95 for p in res.points)
+    line = summary_line(res)
+    assert "95% lower bound" in line and "--dev" in line and "--select mean" in line
+
+
+def test_variant_evaluator_reports_each_tasks_record_count() -> None:
+    """The bound needs n: the evaluator the search runs puts it beside each task's metrics."""
+    from moeprune.evaluate.tasks import EXACT_MATCH, PERPLEXITY, Task
+    from moeprune.search_run import variant_evaluator
+
+    class Novices:
+        def novices(self, fit):
+            return torch.zeros(L, E, 4)
+
+    lm = tiny.tiny_model("qwen3_moe")
+    tasks = [Task("dev", EXACT_MATCH, [{"prompt": f"{i} + 1 =", "answer": "x"} for i in range(3)]),
+             Task("dev-text", PERPLEXITY, [{"text": "alpha beta gamma"}] * 2)]  # fmt: skip
+    got = variant_evaluator(lm, byte_tokenizer(), Novices(), tasks, max_new_tokens=2)(None)
+    assert got["dev"]["n"] == 3 and "accuracy" in got["dev"]
+    assert got["dev-text"]["n"] == 2 and "perplexity" in got["dev-text"]
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -174,6 +269,20 @@ def test_prune_target_and_api(demos: Path, tmp_path: Path) -> None:
     )
 
 
+def test_search_options_are_declared_once(tmp_path: Path) -> None:
+    """api.search and run_search take SearchOptions' fields as keywords (or one options object):
+    one declaration of the defaults; a misspelt option is refused before any work."""
+    from moeprune import api
+    from moeprune.search_run import SearchOptions, search_options
+
+    assert search_options() == SearchOptions() and SearchOptions().target == 0.99
+    base = SearchOptions(target=0.5, dev=4)
+    assert search_options(base, dev=3) == SearchOptions(target=0.5, dev=3)
+    with pytest.raises(TypeError, match="tagret"):
+        api.search(tmp_path / "m", ["d.jsonl"], tmp_path / "out", tagret=0.5)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -182,6 +291,7 @@ def test_prune_target_and_api(demos: Path, tmp_path: Path) -> None:
         (["--mode", "mask"], "unknown mode"),
         (["--dev", "12"], "cannot hold out 12 of 12"),
         (["--metric", "bleu"], "unknown --metric"),
+        (["--select", "median"], "unknown --select"),
     ],
 )
 def test_search_user_errors(extra: list[str], message: str, demos: Path, tmp_path: Path, capsys) -> None:

@@ -14,8 +14,17 @@ import pytest
 import torch
 
 import moeprune
+from _checkpoints import (
+    TOL,
+    load_stock,
+    masked_logits,
+    novice_logits,
+    ragged_plan,
+    random_novices,
+    run_logits,
+)
 from _cli import assert_user_error, run_cli
-from moeprune.arch import ARCH_TABLE, BlockControl, BlockEvent, find_moe_blocks, kept_controls, patch_moe
+from moeprune.arch import ARCH_TABLE, BlockEvent, find_moe_blocks
 from moeprune.arch.pruned import pad_uniform_problem
 from moeprune.checkpoint import Checkpoint
 from moeprune.errors import UserError
@@ -26,7 +35,6 @@ from moeprune.testing.tiny import _LAYER_LISTS, buildable_types, tiny_config, ti
 TYPES = [t for t in buildable_types() if t in ARCH_TABLE]  # unsupported types: tests/test_arch.py
 HUB_PER_EXPERT = ("deepseek_v3", "qwen3_moe", "mixtral")  # saved one key per expert
 NOVICE_TYPES = ("deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral")
-TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 # --- tiny models with several MoE layers ------------------------------------------------------------
@@ -93,52 +101,10 @@ def _bias_types() -> list[str]:
     return out
 
 
-def _ragged(blocks, seed: int = 0) -> dict[int, list[int]]:
-    """Different counts per layer (6, 4, 3, ... or 3, 2, 4 per routing group), different experts."""
-    gen = torch.Generator().manual_seed(seed)
-    kept = {}
-    for j, b in enumerate(blocks):
-        e, g = b.num_experts, b.spec.n_group
-        if g > 1:
-            size = e // g
-            per = (3, 2, 4)[j % 3]
-            ids = [grp * size + int(i) for grp in range(g) for i in torch.randperm(size, generator=gen)[:per]]
-        else:
-            ids = torch.randperm(e, generator=gen)[: (6, 4, 3)[j % 3]].tolist()
-        kept[b.layer] = sorted(ids)
-    return kept
-
-
-def _ids(model) -> torch.Tensor:
-    vocab = model.config.get_text_config().vocab_size
-    return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _logits(model, **patch) -> torch.Tensor:
-    with torch.no_grad():
-        if not patch:
-            return model(_ids(model), use_cache=False).logits
-        with patch_moe(model, **patch):
-            return model(_ids(model), use_cache=False).logits
-
-
 @cache
 def _ragged_reference(model_type: str, seed: int) -> torch.Tensor:
     model, blocks = _tiny(model_type)
-    return _masked_reference(model, blocks, _ragged(blocks, seed))
-
-
-def _masked_reference(model, blocks, kept) -> torch.Tensor:
-    return _logits(model, blocks=blocks, controls=kept_controls(blocks, kept))
-
-
-def _stock_load(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info[what], (what, info[what])
-    return model.eval()
+    return masked_logits(model, blocks, ragged_plan(blocks, seed))
 
 
 def _remote_load(path: Path):
@@ -163,7 +129,7 @@ def _check_remote(result, path: Path, reference: torch.Tensor) -> None:
     if result.remote_code_problem is not None:
         assert "auto_map" not in config and not (path / "modeling_moeprune.py").exists()
         return
-    torch.testing.assert_close(_logits(_remote_load(path)), reference, **TOL)
+    torch.testing.assert_close(run_logits(_remote_load(path)), reference, **TOL)
 
 
 def _save(model, path: Path, layout: str = "fused") -> Path:
@@ -177,7 +143,7 @@ def _save(model, path: Path, layout: str = "fused") -> Path:
 def _check_ragged(model_type: str, layout: str, tmp_path: Path) -> None:
     model, blocks = _tiny(model_type)
     src = _save(model, tmp_path / "src", layout)
-    kept = _ragged(blocks)
+    kept = ragged_plan(blocks)
     counts = {layer: len(ids) for layer, ids in kept.items()}
     assert len(set(counts.values())) > 1
     result = rewrite_checkpoint(src, tmp_path / "out", kept)
@@ -189,7 +155,7 @@ def _check_ragged(model_type: str, layout: str, tmp_path: Path) -> None:
     assert config["moeprune"]["experts_per_layer"] == {str(k): v for k, v in recorded.items()}
     pruned = moeprune.load(tmp_path / "out", dtype=torch.float32)
     assert {b.layer: b.num_experts for b in find_moe_blocks(pruned)} == counts
-    torch.testing.assert_close(_logits(pruned), _ragged_reference(model_type, 0), **TOL)
+    torch.testing.assert_close(run_logits(pruned), _ragged_reference(model_type, 0), **TOL)
     _check_remote(result, tmp_path / "out", _ragged_reference(model_type, 0))
 
 
@@ -206,13 +172,13 @@ def test_ragged_loads_exactly_from_hub_layout(model_type, tmp_path):
 def test_ragged_checkpoint_is_refused_by_stock_loading_and_by_surgery(tmp_path):
     model, blocks = _tiny("qwen3_moe")
     src = _save(model, tmp_path / "src")
-    rewrite_checkpoint(src, tmp_path / "out", _ragged(blocks))
+    rewrite_checkpoint(src, tmp_path / "out", ragged_plan(blocks))
     from transformers import AutoModelForCausalLM
 
     with pytest.raises((RuntimeError, ValueError)):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     with pytest.raises(UserError, match="ragged checkpoint"):
-        rewrite_checkpoint(tmp_path / "out", tmp_path / "again", _ragged(blocks))
+        rewrite_checkpoint(tmp_path / "out", tmp_path / "again", ragged_plan(blocks))
     assert not (tmp_path / "again").exists()
 
 
@@ -222,9 +188,9 @@ def test_uniform_checkpoint_loads_both_ways(tmp_path):
     kept = {b.layer: [0, 1, 2, 4, 5, 6] for b in blocks}
     result = rewrite_checkpoint(src, tmp_path / "out", kept)
     assert result.stock and not result.ragged
-    ref = _masked_reference(model, blocks, kept)
-    torch.testing.assert_close(_logits(_stock_load(tmp_path / "out")), ref, **TOL)
-    torch.testing.assert_close(_logits(moeprune.load(tmp_path / "out", dtype=torch.float32)), ref, **TOL)
+    ref = masked_logits(model, blocks, kept)
+    torch.testing.assert_close(run_logits(load_stock(tmp_path / "out")), ref, **TOL)
+    torch.testing.assert_close(run_logits(moeprune.load(tmp_path / "out", dtype=torch.float32)), ref, **TOL)
 
 
 # --- pad-uniform ---------------------------------------------------------------------------------
@@ -233,14 +199,14 @@ def test_uniform_checkpoint_loads_both_ways(tmp_path):
 def _check_padded(model_type: str, layout: str, tmp_path: Path) -> None:
     model, blocks = _tiny(model_type)
     src = _save(model, tmp_path / "src", layout)
-    kept = _ragged(blocks)
+    kept = ragged_plan(blocks)
     top = max(len(v) for v in kept.values())
     result = rewrite_checkpoint(src, tmp_path / "out", kept, pad_uniform=True)
     assert result.padded and result.stock
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     dead = {int(k): v for k, v in config["moeprune"]["dead_experts"].items()}
     assert sum(map(len, dead.values())) == sum(top - len(v) for v in kept.values())
-    padded = _stock_load(tmp_path / "out")
+    padded = load_stock(tmp_path / "out")
     pblocks = find_moe_blocks(padded)
     assert {b.num_experts for b in pblocks} == {top}
     chosen: dict[int, set[int]] = {b.layer: set() for b in pblocks}
@@ -248,7 +214,7 @@ def _check_padded(model_type: str, layout: str, tmp_path: Path) -> None:
     def see(event: BlockEvent) -> None:
         chosen[event.block.layer] |= set(event.top_k_index.flatten().tolist())
 
-    logits = _logits(padded, blocks=pblocks, observer=see)
+    logits = run_logits(padded, blocks=pblocks, observer=see)
     torch.testing.assert_close(logits, _ragged_reference(model_type, 0), **TOL)
     for layer, slots in dead.items():
         assert not chosen[layer] & set(slots), (layer, chosen[layer], slots)
@@ -267,13 +233,13 @@ def test_pad_uniform_hub_layout_and_negative_biases(tmp_path):
         b.selection_bias(model).data.sub_(3.0)
     blocks = find_moe_blocks(model)
     src = _save(model, tmp_path / "src", "hub")
-    kept = _ragged(blocks, seed=5)
+    kept = ragged_plan(blocks, seed=5)
     rewrite_checkpoint(src, tmp_path / "out", kept, pad_uniform=True)
     keys = set(Checkpoint.open(tmp_path / "out").tensors)
     layer = min(kept, key=lambda k: len(kept[k]))
     assert f"model.layers.{layer}.mlp.experts.7.gate_proj.weight" in keys
-    padded = _stock_load(tmp_path / "out")
-    torch.testing.assert_close(_logits(padded), _masked_reference(model, blocks, kept), **TOL)
+    padded = load_stock(tmp_path / "out")
+    torch.testing.assert_close(run_logits(padded), masked_logits(model, blocks, kept), **TOL)
 
 
 def test_pad_uniform_places_dead_experts_in_every_group(tmp_path):
@@ -287,40 +253,25 @@ def test_pad_uniform_places_dead_experts_in_every_group(tmp_path):
 # --- novice (MoNE) -------------------------------------------------------------------------------
 
 
-def _novices(blocks, kept, hidden: int) -> dict[int, torch.Tensor]:
-    gen = torch.Generator().manual_seed(7)
-    return {
-        b.layer: torch.randn(b.num_experts - len(kept[b.layer]), hidden, generator=gen) * 0.5 for b in blocks
-    }
-
-
-def _novice_reference(model, blocks, kept, novices) -> torch.Tensor:
-    controls = {}
-    for b in blocks:
-        replaced = sorted(set(range(b.num_experts)) - set(kept[b.layer]))
-        controls[b.index] = BlockControl(novices=dict(zip(replaced, novices[b.layer], strict=True)))
-    return _logits(model, blocks=blocks, controls=controls)
-
-
 @pytest.mark.parametrize("model_type", NOVICE_TYPES)
 def test_novice_checkpoint_loads_exactly(model_type, tmp_path):
     model, blocks = _tiny(model_type)
     layout = "hub" if model_type in HUB_PER_EXPERT else "fused"
     src = _save(model, tmp_path / "src", layout)
-    kept = _ragged(blocks, seed=11)
-    novices = _novices(blocks, kept, model.config.get_text_config().hidden_size)
+    kept = ragged_plan(blocks, seed=11)
+    novices = random_novices(blocks, kept, model.config.get_text_config().hidden_size)
     result = rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices)
     assert result.mode == "novice" and not result.stock
     assert result.bytes_out < result.bytes_in
     loaded = moeprune.load(tmp_path / "out", dtype=torch.float32)
-    ref = _novice_reference(model, blocks, kept, novices)
-    torch.testing.assert_close(_logits(loaded), ref, **TOL)
+    ref = novice_logits(model, blocks, kept, novices)
+    torch.testing.assert_close(run_logits(loaded), ref, **TOL)
     _check_remote(result, tmp_path / "out", ref)
     # the loaded model is itself a MoE moeprune can observe: routers over all E, same outputs
     lblocks = find_moe_blocks(loaded)
     assert [b.num_experts for b in lblocks] == [b.num_experts for b in blocks]
     seen = []
-    torch.testing.assert_close(_logits(loaded, blocks=lblocks, observer=seen.append), ref, **TOL)
+    torch.testing.assert_close(run_logits(loaded, blocks=lblocks, observer=seen.append), ref, **TOL)
     assert len(seen) == len(blocks)
 
 
@@ -328,8 +279,8 @@ def test_novice_refuses_non_finite_vectors(tmp_path):
     """A NaN novice vector would make every token routed to that expert NaN: refuse, name it."""
     model, blocks = _tiny("qwen3_moe")
     src = _save(model, tmp_path / "src", "fused")
-    kept = _ragged(blocks, seed=11)
-    novices = _novices(blocks, kept, model.config.get_text_config().hidden_size)
+    kept = ragged_plan(blocks, seed=11)
+    novices = random_novices(blocks, kept, model.config.get_text_config().hidden_size)
     last = blocks[-1]
     replaced = sorted(set(range(last.num_experts)) - set(kept[last.layer]))
     novices[last.layer][1, 0] = float("nan")
@@ -341,12 +292,12 @@ def test_novice_refuses_non_finite_vectors(tmp_path):
 def test_novice_gpt_oss_as_stock_checkpoint(tmp_path):
     model, blocks = _tiny("gpt_oss")
     src = _save(model, tmp_path / "src")
-    kept = _ragged(blocks, seed=13)
-    novices = _novices(blocks, kept, model.config.hidden_size)
+    kept = ragged_plan(blocks, seed=13)
+    novices = random_novices(blocks, kept, model.config.hidden_size)
     result = rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices, pad_uniform=True)
     assert result.stock and result.padded
-    loaded = _stock_load(tmp_path / "out")
-    torch.testing.assert_close(_logits(loaded), _novice_reference(model, blocks, kept, novices), **TOL)
+    loaded = load_stock(tmp_path / "out")
+    torch.testing.assert_close(run_logits(loaded), novice_logits(model, blocks, kept, novices), **TOL)
     # the module's own activation of 0 is 0: a zeroed expert outputs exactly its down bias
     experts = blocks[0].experts(loaded)
     gated = experts._apply_gate(torch.zeros(3, experts.gate_up_proj.shape[-1]))
@@ -356,8 +307,8 @@ def test_novice_gpt_oss_as_stock_checkpoint(tmp_path):
 def test_novice_pad_uniform_refused_without_expert_biases(tmp_path):
     model, blocks = _tiny("qwen3_moe")
     src = _save(model, tmp_path / "src")
-    kept = _ragged(blocks)
-    novices = _novices(blocks, kept, model.config.hidden_size)
+    kept = ragged_plan(blocks)
+    novices = random_novices(blocks, kept, model.config.hidden_size)
     with pytest.raises(UserError, match="no biases"):
         rewrite_checkpoint(src, tmp_path / "out", kept, mode="novice", novices=novices, pad_uniform=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -426,7 +377,7 @@ def qwen_dir(tmp_path_factory) -> Path:
 
 def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
     model, blocks = _tiny("mixtral")
-    kept = _ragged(blocks)
+    kept = ragged_plan(blocks)
     plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
     rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--out", tmp_path / "ragged")
     assert rc == 0, err
@@ -437,7 +388,7 @@ def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
     from moeprune.modelio import load_model
 
     lm, _ = load_model(str(tmp_path / "ragged"))  # what moeprune's commands use: moeprune.load here
-    torch.testing.assert_close(_logits(lm), _masked_reference(model, blocks, kept), **TOL)
+    torch.testing.assert_close(run_logits(lm), masked_logits(model, blocks, kept), **TOL)
 
     profile, mean = _profile_file(tmp_path / "p.profile.safetensors", mixtral_dir)
     out = tmp_path / "novice"
@@ -450,14 +401,14 @@ def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
     rows = {b.layer: i for i, b in enumerate(blocks)}
     novices = {b.layer: mean[rows[b.layer], sorted(set(range(8)) - set(kept[b.layer]))] for b in blocks}
     torch.testing.assert_close(
-        _logits(moeprune.load(out, dtype=torch.float32)),
-        _novice_reference(model, blocks, kept, novices),
+        run_logits(moeprune.load(out, dtype=torch.float32)),
+        novice_logits(model, blocks, kept, novices),
         **TOL,
     )
 
 
 def test_cli_refuses_bad_mode_input(mixtral_dir, qwen_dir, tmp_path, capsys):
-    kept = _ragged(_tiny("mixtral")[1])
+    kept = ragged_plan(_tiny("mixtral")[1])
     plan = _plan_file(tmp_path / "plan.json", mixtral_dir, kept)
     other, _ = _profile_file(tmp_path / "qwen.profile.safetensors", qwen_dir)
     out = tmp_path / "out"

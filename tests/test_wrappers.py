@@ -211,8 +211,9 @@ def test_adaptive_wrapper_equals_the_pruned_checkpoint(tmp_path):
 def test_profile_of_a_wrapper_matches_the_naive_reference(model_type):
     """The same statistics as for causal LMs, on the wrapper's language model (test_profile's
     float64 per-token reference; Muse-Spark: each expert's output mapped by post_expert_proj)."""
+    from _reference import assert_same, naive_stats
     from moeprune.calibrate import calibrate
-    from test_profile import LENGTHS, _seqs, assert_same, naive_stats
+    from test_profile import LENGTHS, _seqs
 
     model, _ = _model(model_type)
     seqs = _seqs(LENGTHS[:4])
@@ -290,8 +291,9 @@ def test_novice_wrapper_checkpoint(model_type, tmp_path):
 @pytest.mark.parametrize("model_type", ["llama4", "qwen3_vl_moe"])
 def test_sequential_offload_profiles_a_wrapper_like_memory(model_type, tmp_path):
     """--offload sequential reads a wrapper checkpoint one decoder layer at a time: same profile."""
+    from _reference import assert_same
     from moeprune.profile import Profile
-    from test_profile import _run, assert_same
+    from test_profile import _run
 
     model, _ = _model(model_type)
     model.save_pretrained(tmp_path / "m")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .oneshot import OneShotResult
     from .plan import Plan
     from .profile import Profile
+    from .search_run import SearchOptions
     from .surgery import RewriteResult
 
 PathLike = str | os.PathLike
@@ -896,29 +897,7 @@ def oneshot(
 
 
 def search(
-    model: Any,
-    data: Sequence[PathLike],
-    out: PathLike,
-    *,
-    target: float = 0.99,
-    eval_tasks: Sequence[str] = (),
-    test_tasks: Sequence[str] = (),
-    dev: float | int = 0.3,
-    metric: str = "auto",
-    methods: Sequence[str] | None = None,
-    modes: Sequence[str] | None = None,
-    scopes: Sequence[str] | None = None,
-    objective: str = "bytes",
-    self_generate: int = 0,
-    max_length: int = 2048,
-    seed: int = 0,
-    limit: int | None = None,
-    max_new_tokens: int = 24,
-    prune: bool = False,
-    force: bool = False,
-    quiet: bool = True,
-    dtype: str = "auto",
-    device: str = "auto",
+    model: Any, data: Sequence[PathLike], out: PathLike, options: SearchOptions | None = None, **changes: Any
 ) -> Any:
     """The smallest pruned model whose quality on a dev set is >= ``target`` x the full model's, as
     `moeprune search`: ``dev`` of the demonstrations held out (a share or a count; or
@@ -926,36 +905,16 @@ def search(
     every method x mode (remove, novice) x scope (layer, global). Writes the frontier, plot, plan
     and recipe into the folder ``out`` (and with ``prune`` the checkpoint into ``out/model``,
     evaluated on ``test_tasks``). Returns the :class:`~moeprune.search.SearchResult` (``best``,
-    ``plan``, ``frontier()``, ``test``). A loaded model is used as it is."""
-    from .search import DEFAULT_METHODS, MODES, SCOPES
-    from .search_run import run_search
+    ``plan``, ``frontier()``, ``test``). A loaded model is used as it is.
 
+    The options (``target=0.99``, ``dev=0.3``, ``methods``, ``modes``, ``scopes``, ``prune``, ...)
+    are the fields of :class:`moeprune.search_run.SearchOptions`, where their defaults are: pass
+    them as keywords (``changes``), or as one ``options`` object with keywords changing it."""
+    from .search_run import run_search, search_options
+
+    chosen = search_options(options, **changes)  # an unknown keyword: TypeError, before any work
     loaded = (model, _tokenizer_of(model, None)) if _is_loaded(model) else None
-    return run_search(
-        model_source(model),
-        [os.fspath(d) for d in data],
-        Path(out),
-        target=target,
-        eval_tasks=list(eval_tasks),
-        test_tasks=list(test_tasks),
-        dev=dev,
-        metric=metric,
-        methods=list(methods or DEFAULT_METHODS),
-        modes=list(modes or MODES),
-        scopes=list(scopes or SCOPES),
-        objective=objective,
-        self_generate=self_generate,
-        max_length=max_length,
-        seed=seed,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        prune=prune,
-        force=force,
-        quiet=quiet,
-        loaded=loaded,
-        dtype=dtype,
-        device=device,
-    )
+    return run_search(model_source(model), data, out, chosen, loaded=loaded)
 
 
 # --- compare --------------------------------------------------------------------------------------

@@ -16,6 +16,15 @@ the routed experts a token runs: top-k in remove mode; in novice mode the expect
 routed picks that land on a kept expert, from the calibration counts, since a novice costs no
 matmul). The objective is the first of (bytes, active) or (active, bytes).
 
+Selection (``select``): a variant passes when its dev quality is >= target. With ``"bound"`` (the
+default) that quality is taken at the lower end of a one-sided 95% Wilson score interval of each
+accuracy task (``n`` records), so a variant that passes on a lucky small dev set does not: the
+smallest variant whose point score passes is the one most likely to have passed by chance. 12 of
+12 records right bounds the accuracy at 0.816, so a dev set of n all-correct records can certify a
+target t only when n >= 2.706 t / (1 - t): 25 records for 0.9, 52 for 0.95, 268 for 0.99.
+Perplexity tasks are taken at their value (a mean over many tokens, not a proportion of records).
+``"mean"``: the dev quality itself (the rule before the bound).
+
 Cost: bisection assumes quality grows with K for one configuration (true on average, not
 exactly: a K between two that pass may fail). Early stop: a configuration is evaluated only at the
 sizes that would beat the best found so far, starting with the largest of them; if that fails the
@@ -39,6 +48,10 @@ SCOPES = ("layer", "global")
 # (docs/benchmarks.md); gate, frequency and random never led there
 DEFAULT_METHODS = ("mone", "easyep", "reap", "premoe")
 OBJECTIVES = ("bytes", "active")
+# how a variant passes the target: the lower confidence bound of its dev score, or the score itself
+SELECTIONS = ("bound", "mean")
+CONFIDENCE = 0.95  # the bound's one-sided level
+_Z = 1.6448536269514722  # its standard normal quantile, statistics.NormalDist().inv_cdf(0.95)
 
 
 @dataclass
@@ -56,6 +69,7 @@ class Point:
     passed: bool
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     kept_counts: list[int] = field(default_factory=list)
+    bound: float | None = None  # the quality at the lower confidence bound (select="bound"), else None
 
     def label(self) -> str:
         if self.method == "full":
@@ -77,6 +91,7 @@ class SearchResult:
         default_factory=list
     )  # per configuration: its smallest K, or why none
     test: dict[str, Any] | None = None  # {"full": {task: metrics}, "pruned": {...}, "quality": q}
+    select: str = "bound"  # the selection rule (SELECTIONS)
 
     def frontier(self) -> list[Point]:
         """The Pareto frontier of size (bytes) against dev quality: no point is both smaller and better."""
@@ -92,6 +107,8 @@ class SearchResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "target": self.target,
+            "select": self.select,
+            "confidence": CONFIDENCE if self.select == "bound" else None,
             "objective": self.objective,
             "num_experts": self.num_experts,
             "num_layers": self.num_layers,
@@ -108,10 +125,26 @@ class SearchResult:
 # --- quality ----------------------------------------------------------------------------------
 
 
+def wilson_lower(p: float, n: int, z: float = _Z) -> float:
+    """The lower end of the Wilson score interval of a proportion ``p`` observed on ``n`` records
+    (one-sided level: ``z`` its normal quantile). Unlike p - z x stderr it is below p even at p = 1."""
+    if n <= 0:
+        return 0.0
+    p = min(max(p, 0.0), 1.0)
+    centre = p + z * z / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - margin) / (1 + z * z / n))
+
+
 def relative_quality(
-    full: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]], kinds: dict[str, str]
+    full: dict[str, dict[str, Any]],
+    got: dict[str, dict[str, Any]],
+    kinds: dict[str, str],
+    bound: bool = False,
 ) -> float:
-    """The worst task's main metric relative to the full model's (1.0 = as good as full)."""
+    """The worst task's main metric relative to the full model's (1.0 = as good as full); with
+    ``bound``, each accuracy of ``got`` taken at its lower confidence bound (:func:`wilson_lower`
+    on the task's record count ``n``, which its metrics must then hold)."""
     from .compare import main_metric
 
     worst = math.inf
@@ -121,6 +154,11 @@ def relative_quality(
         if a is None or b is None or not math.isfinite(float(b)):
             return 0.0
         a, b = float(a), float(b)
+        if bound and higher:  # accuracy: a proportion of n records
+            n = got[task].get("n")
+            if n is None:
+                raise ValueError(f"task '{task}' has no record count 'n': its bound cannot be taken")
+            b = wilson_lower(b, int(n))
         # higher is better: the share of the full model's score; lower (perplexity): its inverse
         rel = (b / a if a > 0 else float(b >= a)) if higher else (a / b if b > 0 else 0.0)
         worst = min(worst, rel)
@@ -176,10 +214,17 @@ def sizes_of(config: Any, profile: Any) -> Sizes:
 
 
 def check_search_args(
-    target: float, methods: Sequence[str], modes: Sequence[str], scopes: Sequence[str], objective: str
+    target: float,
+    methods: Sequence[str],
+    modes: Sequence[str],
+    scopes: Sequence[str],
+    objective: str,
+    select: str = "bound",
 ) -> None:
     from .score import check_method
 
+    if select not in SELECTIONS:
+        raise UserError(f"unknown --select '{select}'", f"use {' or '.join(SELECTIONS)}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
         raise UserError(f"--target {target!r} is outside (0, 1]", "pass a share of the full model, e.g. 0.99")
     if not methods:
@@ -231,13 +276,15 @@ def search_plans(
     modes: Sequence[str] = MODES,
     scopes: Sequence[str] = SCOPES,
     objective: str = "bytes",
+    select: str = "bound",
     log: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """The search itself, on any evaluator: ``evaluate_variant(plan, mode)`` -> {task: metrics} of
-    the model with ``plan`` applied in ``mode`` (see the module doc)."""
+    the model with ``plan`` applied in ``mode`` (with ``select="bound"`` each accuracy task's
+    metrics hold its record count ``n``; see the module doc)."""
     from .score import score
 
-    check_search_args(target, methods, modes, scopes, objective)
+    check_search_args(target, methods, modes, scopes, objective, select)
     meta = profile.meta
     n_layers, n_experts = (int(x) for x in profile.tensors["count"].shape)
     full_bytes = int(
@@ -262,6 +309,7 @@ def search_plans(
         sig = (mode, tuple(tuple(plan.kept[layer]) for layer in plan.layers))
         metrics = seen[sig].tasks if sig in seen else evaluate_variant(plan, mode)
         q = relative_quality(full_metrics, metrics, kinds)
+        lb = relative_quality(full_metrics, metrics, kinds, bound=True) if select == "bound" else None
         p = Point(
             method,
             mode,
@@ -271,15 +319,17 @@ def search_plans(
             b,
             a,
             q,
-            q >= target - 1e-12,
+            (q if lb is None else lb) >= target - 1e-12,
             metrics,
             plan.kept_counts(),
+            lb,
         )
         if sig not in seen:
             seen[sig] = p
             points.append(p)
             if log is not None:
-                log(f"  {p.label():<28} quality {q:.3f} {'pass' if p.passed else 'fail'}")
+                shown = f"quality {q:.3f}" + ("" if lb is None else f", bound {lb:.3f}")
+                log(f"  {p.label():<28} {shown} {'pass' if p.passed else 'fail'}")
         return p
 
     for method in methods:
@@ -312,8 +362,9 @@ def search_plans(
                 configs.append({**name, "experts": found.experts, "quality": found.quality})
                 if best is None or key(found) < key(best):
                     best, best_plan = found, found_plan
-    result = SearchResult(target, objective, n_experts, n_layers, full, points, best, best_plan, configs)
-    return result
+    return SearchResult(
+        target, objective, n_experts, n_layers, full, points, best, best_plan, configs, select=select
+    )
 
 
 def _size_point(sizes: Sizes, plan: Any, mode: str) -> Point:
@@ -334,8 +385,9 @@ def human(n: float) -> str:
 
 def frontier_table(result: SearchResult) -> str:
     """Markdown: the Pareto frontier (size vs dev quality), the chosen variant marked."""
+    quality = "dev quality" + (f" ({CONFIDENCE:.0%} lower bound)" if result.select == "bound" else "")
     lines = [
-        "| variant | experts kept | bytes | active params | dev quality | >= target |",
+        f"| variant | experts kept | bytes | active params | {quality} | >= target |",
         "|---|---|---|---|---|---|",
     ]
     total = result.num_experts * result.num_layers
@@ -346,7 +398,7 @@ def frontier_table(result: SearchResult) -> str:
         mark = " **(chosen)**" if result.best is not None and p is result.best else ""
         lines.append(
             f"| {p.label()}{mark} | {p.kept_total}/{total} | {human(p.bytes)}B | {human(p.active_params)} | "
-            f"{p.quality:.3f} | {'yes' if p.passed else 'no'} |"
+            f"{p.quality:.3f}{'' if p.bound is None else f' ({p.bound:.3f})'} | {'yes' if p.passed else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

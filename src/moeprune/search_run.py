@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +106,16 @@ def variant_evaluator(
     the least-squares fits; :mod:`moeprune.compare`)."""
     from .arch import find_moe_blocks
     from .arch.patch import BlockControl, patch_moe
-    from .compare import task_metrics
     from .evaluate.runners import evaluate
 
     blocks = find_moe_blocks(lm)
     by_layer = {b.layer: b for b in blocks}
     device = next(lm.parameters()).device
     means = profile.novices(novice_fit)
+
+    def task_metrics(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        # each task's record count beside its metrics: the confidence bound of its accuracy needs it
+        return {name: {**res.get("metrics", {}), "n": res.get("n")} for name, res in result["tasks"].items()}
 
     def run(plan: Any | None, mode: str = "remove") -> dict[str, dict[str, Any]]:
         with torch.no_grad():
@@ -132,35 +137,59 @@ def variant_evaluator(
     return run
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """Every choice of a search with its default, declared once: `moeprune search`'s flags,
+    :func:`moeprune.api.search`'s keywords and :func:`run_search`'s. ``methods`` / ``modes`` /
+    ``scopes`` empty or None: all of them (:data:`moeprune.search.DEFAULT_METHODS`, ...)."""
+
+    target: float = 0.99
+    eval_tasks: Sequence[str] = ()
+    test_tasks: Sequence[str] = ()
+    dev: float | int = 0.3
+    metric: str = "auto"
+    methods: Sequence[str] | None = None
+    modes: Sequence[str] | None = None
+    scopes: Sequence[str] | None = None
+    objective: str = "bytes"
+    select: str = "bound"  # pass on the dev score's lower confidence bound, or "mean": on the score
+    self_generate: int = 0
+    max_length: int = 2048
+    seed: int = 0
+    limit: int | None = None
+    max_new_tokens: int = 24
+    prune: bool = False
+    force: bool = False
+    quiet: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+def search_options(options: SearchOptions | None = None, **changes: Any) -> SearchOptions:
+    """``options`` (default: every default) with ``changes``; an unknown name is a TypeError, as
+    for any unknown keyword."""
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(SearchOptions)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise TypeError(f"unexpected search option(s): {', '.join(unknown)}")
+    return replace(options or SearchOptions(), **changes)
+
+
 def run_search(
     model: str,
-    data: Sequence[str],
-    out: Path,
+    data: Sequence[Any],
+    out: Any,
+    options: SearchOptions | None = None,
     *,
-    target: float = 0.99,
-    eval_tasks: Sequence[str] = (),
-    test_tasks: Sequence[str] = (),
-    dev: float | int = 0.3,
-    metric: str = "auto",
-    methods: Sequence[str] = DEFAULT_METHODS,
-    modes: Sequence[str] = MODES,
-    scopes: Sequence[str] = SCOPES,
-    objective: str = "bytes",
-    self_generate: int = 0,
-    max_length: int = 2048,
-    seed: int = 0,
-    limit: int | None = None,
-    max_new_tokens: int = 24,
-    prune: bool = False,
     model_out: Path | None = None,
-    force: bool = False,
-    quiet: bool = True,
     loaded: tuple[Any, Any] | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
+    **changes: Any,
 ) -> SearchResult:
-    """See the module doc; ``model_out`` (with ``prune``) puts the checkpoint elsewhere than
-    ``out/model`` (`prune --data ... --target`)."""
+    """See the module doc; ``options`` with ``changes`` (:class:`SearchOptions`' fields as keywords);
+    ``model_out`` (with ``prune``) puts the checkpoint elsewhere than ``out/model`` (`prune --data
+    ... --target`); ``loaded`` (model, tokenizer) is used instead of loading ``model``."""
     import yaml
 
     from .data import check_max_length, read_file
@@ -171,40 +200,44 @@ def run_search(
     from .profiling import resolve_device, run_profile
     from .search import check_search_args, frontier_table, search_plans, sizes_of, write_plot
 
+    o = search_options(options, **changes)
+    methods, modes, scopes = list(o.methods or DEFAULT_METHODS), list(o.modes or MODES), list(o.scopes or SCOPES)
+    data, out = [os.fspath(d) for d in data], Path(out)
+
     def say(text: str) -> None:
-        if not quiet:
+        if not o.quiet:
             print(text, file=sys.stderr, flush=True)
 
-    check_search_args(target, methods, modes, scopes, objective)
-    if metric not in METRICS:
-        raise UserError(f"unknown --metric '{metric}'", f"use {', '.join(METRICS)}")
-    check_max_length(max_length)
-    if self_generate < 0:
-        raise UserError(f"--self-generate must be >= 0, got {self_generate}", "pass a number of new tokens")
+    check_search_args(o.target, methods, modes, scopes, o.objective, o.select)
+    if o.metric not in METRICS:
+        raise UserError(f"unknown --metric '{o.metric}'", f"use {', '.join(METRICS)}")
+    check_max_length(o.max_length)
+    if o.self_generate < 0:
+        raise UserError(f"--self-generate must be >= 0, got {o.self_generate}", "pass a number of new tokens")
     if not data:
         raise UserError("no demonstrations given", "pass --data FILE")
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be positive, got {limit}", "pass --limit 1 or more")
+    if o.limit is not None and o.limit <= 0:
+        raise UserError(f"--limit must be positive, got {o.limit}", "pass --limit 1 or more")
     for d in data:
         if not Path(d).expanduser().is_file():
             raise UserError(f"data file '{d}' does not exist", "pass an existing demonstrations file")
     src = resolve_model_dir(model)
-    given_eval = resolve_tasks(list(eval_tasks)) if eval_tasks else []
-    given_test = resolve_tasks(list(test_tasks)) if test_tasks else []
+    given_eval = resolve_tasks(list(o.eval_tasks)) if o.eval_tasks else []
+    given_test = resolve_tasks(list(o.test_tasks)) if o.test_tasks else []
     records = [r for d in data for r in read_file(d).records_list]
     if given_eval:
         train, held = records, []
     else:
-        if isinstance(dev, float) and not 0.0 < dev < 1.0:
-            raise UserError(f"--dev {dev:g} is outside (0, 1)", "pass a share such as 0.3, or a record count")
-        train, held = split_records(records, dev, seed)
+        if isinstance(o.dev, float) and not 0.0 < o.dev < 1.0:
+            raise UserError(f"--dev {o.dev:g} is outside (0, 1)", "pass a share such as 0.3, or a record count")
+        train, held = split_records(records, o.dev, o.seed)
     reads = [("input model", src), *(("data file", d) for d in data)]
     reads += [("task file", t.source) for t in [*given_eval, *given_test] if getattr(t, "source", None)]
-    target_out = prepare_output(out, inputs=reads, force=force, kind="search")
+    target_out = prepare_output(out, inputs=reads, force=o.force, kind="search")
     final = target_out.path
 
     if loaded is None:
-        lm, tok = load_model(str(src), dtype=dtype, device=resolve_device(device))
+        lm, tok = load_model(str(src), dtype=o.dtype, device=resolve_device(o.device))
     else:
         lm, tok = loaded
     config = load_config(str(src))
@@ -221,26 +254,26 @@ def run_search(
             model=str(src),
             data=[str(tmp / "train.jsonl")],
             out=tmp / "profile.safetensors",
-            max_length=max_length,
-            seed=seed,
-            self_generate=self_generate,
+            max_length=o.max_length,
+            seed=o.seed,
+            self_generate=o.self_generate,
             quiet=True,
             loaded=(lm, tok),
             shown=str(final / "profile.safetensors"),
         )
         prof = Profile.load(tmp / "profile.safetensors")
-        tasks = given_eval or dev_tasks(held, metric, lm, tok, self_generate, max_new_tokens)
+        tasks = given_eval or dev_tasks(held, o.metric, lm, tok, o.self_generate, o.max_new_tokens)
         kinds = {t.name: t.kind for t in tasks}
-        kwargs = {"limit": limit, "max_new_tokens": max_new_tokens, "max_length": max_length}
+        kwargs = {"limit": o.limit, "max_new_tokens": o.max_new_tokens, "max_length": o.max_length}
         run = variant_evaluator(lm, tok, prof, tasks, **kwargs)
         say("== evaluate the full model on the dev set")
         full = run(None)
-        say(f"== search (target {target:g} x full, smallest by {objective})")
+        say(f"== search (target {o.target:g} x full, smallest by {o.objective})")
         result = search_plans(
-            run, full, kinds, prof, sizes_of(config, prof), target=target, methods=methods, modes=modes,
-            scopes=scopes, objective=objective, log=say,
+            run, full, kinds, prof, sizes_of(config, prof), target=o.target, methods=methods, modes=modes,
+            scopes=scopes, objective=o.objective, select=o.select, log=say,
         )  # fmt: skip
-        if given_test and result.best is not None and not prune:
+        if given_test and result.best is not None and not o.prune:
             test_run = variant_evaluator(lm, tok, prof, given_test, **kwargs)
             result.test = test_summary(test_run(None), test_run(result.plan, result.best.mode), given_test)
         table = frontier_table(result)
@@ -256,11 +289,11 @@ def run_search(
                 src,
                 final,
                 model_out or final / "model",
-                self_generate,
-                max_length,
-                seed,
-                test_tasks,
-                limit,
+                o.self_generate,
+                o.max_length,
+                o.seed,
+                o.test_tasks,
+                o.limit,
             )
             (tmp / "recipe.yaml").write_text(
                 "# moeprune recipe of the chosen variant: `moeprune run recipe.yaml` makes its checkpoint\n"
@@ -269,25 +302,29 @@ def run_search(
         (tmp / "search.json").write_text(json.dumps(result.to_json(), indent=1, default=str) + "\n")
     print(table, end="")
     print(summary_line(result))
-    if prune and result.plan is not None:
+    if o.prune and result.plan is not None:
         say("== prune: run the recipe")
         result.test = prune_chosen(
-            final / "recipe.yaml", result, quiet=quiet, loaded=lm, test=given_test, force=force
+            final / "recipe.yaml", result, quiet=o.quiet, loaded=lm, test=given_test, force=o.force
         )
         (final / "search.json").write_text(json.dumps(result.to_json(), indent=1, default=str) + "\n")
     return result
 
 
 def summary_line(result: SearchResult) -> str:
+    bound = result.select == "bound"
     if result.best is None:
+        more = ", give more dev records (--dev) or select on the mean (--select mean)" if bound else ""
         return (
-            f"no variant smaller than the full model keeps {result.target:g} x its dev quality: "
-            "keep the full model, lower --target or give more methods"
+            f"no variant smaller than the full model keeps {result.target:g} x its dev quality"
+            f"{' at its 95% lower bound' if bound else ''}: keep the full model, lower --target, give more "
+            f"methods{more}"
         )
     b, f = result.best, result.full
+    quality = f"dev quality {b.quality:.3f}" + (f", 95% lower bound {b.bound:.3f}," if b.bound is not None else "")
     return (
         f"chosen: {b.label()} ({b.kept_total} of {f.kept_total} routed experts, {b.bytes / f.bytes:.1%} of the "
-        f"bytes, {b.active_params / f.active_params:.1%} of the active params), dev quality {b.quality:.3f} "
+        f"bytes, {b.active_params / f.active_params:.1%} of the active params), {quality} "
         f">= target {result.target:g}; {len(result.points)} variants evaluated"
     )
 
@@ -361,7 +398,11 @@ def card_section(result: SearchResult, test: dict[str, Any] | None) -> str:
         "## How this model was chosen (`moeprune search`)",
         "",
         f"The smallest of {len(result.points)} evaluated variants whose quality on a held-out dev set is at "
-        f"least {result.target:g} x the full model's: {b.label()} (dev quality {b.quality:.3f}).",
+        f"least {result.target:g} x the full model's"
+        + (" at its 95% lower confidence bound" if b.bound is not None else "")
+        + f": {b.label()} (dev quality {b.quality:.3f}"
+        + (f", lower bound {b.bound:.3f}" if b.bound is not None else "")
+        + ").",
         "",
     ]
     if test is None:
@@ -380,6 +421,7 @@ def card_section(result: SearchResult, test: dict[str, Any] | None) -> str:
             for name, value in metrics.items():
                 if (
                     name.endswith("_stderr")
+                    or name == "n"
                     or not isinstance(value, (int, float))
                     or math.isnan(float(value))
                 ):

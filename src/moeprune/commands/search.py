@@ -63,6 +63,12 @@ def search_command(
     objective: str = typer.Option(
         "bytes", "--objective", help="Smallest by bytes (then active params), or active."
     ),
+    select: str | None = typer.Option(
+        None,
+        "--select",
+        help="bound (default): a variant passes when the 95% lower confidence bound of its dev accuracy "
+        "clears the target; mean: when the accuracy itself does (rewards dev-set luck on a small dev set).",
+    ),
     self_generate: int = typer.Option(
         0, "--self-generate", help="Calibrate on the model's own answers (N new tokens)."
     ),
@@ -80,7 +86,7 @@ def search_command(
 ) -> None:
     """Find the smallest pruned model that keeps --target of the full model on held-out demonstrations."""
     from moeprune.search import DEFAULT_METHODS, MODES, SCOPES
-    from moeprune.search_run import run_search
+    from moeprune.search_run import SearchOptions, run_search
 
     run_search(
         model,
@@ -95,6 +101,7 @@ def search_command(
         modes=mode or list(MODES),
         scopes=scope or list(SCOPES),
         objective=objective,
+        select=select or SearchOptions.select,
         self_generate=self_generate,
         max_length=max_length,
         seed=seed,
