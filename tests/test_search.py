@@ -148,7 +148,7 @@ def test_bound_rule_rejects_a_variant_that_passes_by_its_point_estimate() -> Non
     full, kinds = {"dev": {"accuracy": 1.0}}, {"dev": "exact_match"}
     kw = {"target": 0.7, "methods": ["gate"], "modes": ["remove"], "scopes": ["layer"]}
     mean = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), select="mean", **kw)
-    bound = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), **kw)  # the default
+    bound = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), select="bound", **kw)
     assert mean.best is not None and bound.best is not None and bound.select == "bound"
     m = mean.best
     assert m.passed and m.quality >= 0.7 and m.bound is None
@@ -161,8 +161,28 @@ def test_bound_rule_rejects_a_variant_that_passes_by_its_point_estimate() -> Non
     assert rejected and all(p.bound < 0.7 for p in rejected)
     assert all(p.bound >= 0.7 for p in bound.points if p.passed)
     assert bound.to_json()["select"] == "bound" and bound.to_json()["confidence"] == 0.95
-    big = search_plans(_counted(run, 10**6), full, kinds, prof, _sizes(prof), **kw)
+    big = search_plans(_counted(run, 10**6), full, kinds, prof, _sizes(prof), select="bound", **kw)
     assert big.best is not None and big.best.experts == m.experts
+
+
+def test_auto_rule_takes_the_bound_only_where_the_dev_set_can_certify_the_target() -> None:
+    """The default: 12 of 12 right bounds the accuracy at 0.816, so on 12 records a 0.7 target is
+    selected at the bound (the same pick as select="bound") and a 0.95 target on the mean (the
+    same pick as select="mean", where the bound would pass nothing); without record counts, the
+    mean. Each run logs which rule it took."""
+    prof, run = _evaluator([])
+    kinds = {"dev": "exact_match"}
+    full12 = {"dev": {"accuracy": 1.0, "n": 12}}
+    for target, rule in ((0.7, "bound"), (0.95, "mean")):
+        kw = {"target": target, "methods": ["gate"], "modes": ["remove"], "scopes": ["layer"]}
+        lines: list[str] = []
+        auto = search_plans(_counted(run, 12), full12, kinds, prof, _sizes(prof), log=lines.append, **kw)
+        same = search_plans(_counted(run, 12), full12, kinds, prof, _sizes(prof), select=rule, **kw)
+        assert auto.select == rule and auto.best is not None
+        assert (auto.best.experts, auto.best.bound) == (same.best.experts, same.best.bound)
+        assert any(("lower bound of each" in x) == (rule == "bound") for x in lines if "selection:" in x)
+    bare = search_plans(run, {"dev": {"accuracy": 1.0}}, kinds, prof, _sizes(prof), target=0.7, methods=["gate"])
+    assert bare.select == "mean" and bare.best is not None
 
 
 def test_bound_rule_needs_record_counts_and_leaves_perplexity_as_it_is() -> None:
@@ -180,7 +200,9 @@ def test_no_pick_at_the_bound_says_what_to_change() -> None:
     prof, run = _evaluator([])
     full, kinds = {"dev": {"accuracy": 1.0}}, {"dev": "exact_match"}
     # every accuracy of 12 records, even 12 of 12, is below 0.95 at its bound (0.816)
-    res = search_plans(_counted(run, 12), full, kinds, prof, _sizes(prof), target=0.95, methods=["gate"])
+    res = search_plans(
+        _counted(run, 12), full, kinds, prof, _sizes(prof), target=0.95, methods=["gate"], select="bound"
+    )
     assert res.best is None and any(p.quality >= 0.95 for p in res.points)
     line = summary_line(res)
     assert "95% lower bound" in line and "--dev" in line and "--select mean" in line

@@ -16,14 +16,16 @@ the routed experts a token runs: top-k in remove mode; in novice mode the expect
 routed picks that land on a kept expert, from the calibration counts, since a novice costs no
 matmul). The objective is the first of (bytes, active) or (active, bytes).
 
-Selection (``select``): a variant passes when its dev quality is >= target. With ``"bound"`` (the
-default) that quality is taken at the lower end of a one-sided 95% Wilson score interval of each
+Selection (``select``): a variant passes when its dev quality is >= target. With ``"bound"`` that quality is taken at the lower end of a one-sided 95% Wilson score interval of each
 accuracy task (``n`` records), so a variant that passes on a lucky small dev set does not: the
 smallest variant whose point score passes is the one most likely to have passed by chance. 12 of
 12 records right bounds the accuracy at 0.816, so a dev set of n all-correct records can certify a
 target t only when n >= 2.706 t / (1 - t): 25 records for 0.9, 52 for 0.95, 268 for 0.99.
 Perplexity tasks are taken at their value (a mean over many tokens, not a proportion of records).
-``"mean"``: the dev quality itself (the rule before the bound).
+``"mean"``: the dev quality itself (the rule before the bound). ``"auto"`` (the default): the
+bound when the dev set can certify the target at all (a variant exactly as good as the full model
+would pass at its bound), else the mean, with a line saying so: a handful of demonstrations
+still gets a pick, and enough of them get the stricter rule.
 
 Cost: bisection assumes quality grows with K for one configuration (true on average, not
 exactly: a K between two that pass may fail). Early stop: a configuration is evaluated only at the
@@ -49,7 +51,9 @@ SCOPES = ("layer", "global")
 DEFAULT_METHODS = ("mone", "easyep", "reap", "premoe")
 OBJECTIVES = ("bytes", "active")
 # how a variant passes the target: the lower confidence bound of its dev score, or the score itself
-SELECTIONS = ("bound", "mean")
+# ("auto": the bound when the dev set is large enough for a variant as good as the full model to
+# pass at it, else the mean, said in the log)
+SELECTIONS = ("auto", "bound", "mean")
 CONFIDENCE = 0.95  # the bound's one-sided level
 _Z = 1.6448536269514722  # its standard normal quantile, statistics.NormalDist().inv_cdf(0.95)
 
@@ -165,6 +169,21 @@ def relative_quality(
     return worst if math.isfinite(worst) else 0.0
 
 
+def auto_select(full: dict[str, dict[str, Any]], kinds: dict[str, str], target: float) -> str:
+    """``"bound"`` when a variant scoring exactly as the full model on every dev task would pass
+    ``target`` at its lower confidence bound (every accuracy task carries its record count), else
+    ``"mean"``: the bound rule with too few records could pass nothing at all."""
+    if any(full[t].get("n") is None for t, kind in kinds.items() if main_metric_higher(kind)):
+        return "mean"
+    return "bound" if relative_quality(full, full, kinds, bound=True) >= target - 1e-12 else "mean"
+
+
+def main_metric_higher(kind: str) -> bool:
+    from .compare import main_metric
+
+    return main_metric(kind)[1]
+
+
 # --- sizes ------------------------------------------------------------------------------------
 
 
@@ -219,7 +238,7 @@ def check_search_args(
     modes: Sequence[str],
     scopes: Sequence[str],
     objective: str,
-    select: str = "bound",
+    select: str = "auto",
 ) -> None:
     from .score import check_method
 
@@ -276,7 +295,7 @@ def search_plans(
     modes: Sequence[str] = MODES,
     scopes: Sequence[str] = SCOPES,
     objective: str = "bytes",
-    select: str = "bound",
+    select: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """The search itself, on any evaluator: ``evaluate_variant(plan, mode)`` -> {task: metrics} of
@@ -285,6 +304,15 @@ def search_plans(
     from .score import score
 
     check_search_args(target, methods, modes, scopes, objective, select)
+    if select == "auto":
+        select = auto_select(full_metrics, kinds, target)
+        if log is not None:
+            log(
+                "  selection: the 95% lower bound of each dev score"
+                if select == "bound"
+                else "  selection: the dev score itself (too few dev records to certify the target at its "
+                "95% lower bound; give more with --dev, or --select bound to insist)"
+            )
     meta = profile.meta
     n_layers, n_experts = (int(x) for x in profile.tensors["count"].shape)
     full_bytes = int(

@@ -152,7 +152,8 @@ class SearchOptions:
     modes: Sequence[str] | None = None
     scopes: Sequence[str] | None = None
     objective: str = "bytes"
-    select: str = "bound"  # pass on the dev score's lower confidence bound, or "mean": on the score
+    select: str = "auto"  # "bound": pass on the dev score's lower confidence bound; "mean": on the score;
+    # "auto": the bound when the dev set can certify the target, else the mean
     self_generate: int = 0
     max_length: int = 2048
     seed: int = 0

@@ -66,8 +66,9 @@ def search_command(
     select: str | None = typer.Option(
         None,
         "--select",
-        help="bound (default): a variant passes when the 95% lower confidence bound of its dev accuracy "
-        "clears the target; mean: when the accuracy itself does (rewards dev-set luck on a small dev set).",
+        help="bound: a variant passes when the 95% lower confidence bound of its dev accuracy clears the "
+        "target; mean: when the accuracy itself does (rewards dev-set luck on a small dev set); auto "
+        "(default): bound when the dev set is large enough to certify the target, else mean.",
     ),
     self_generate: int = typer.Option(
         0, "--self-generate", help="Calibrate on the model's own answers (N new tokens)."
