@@ -23,7 +23,7 @@ for family in "${FAMILIES[@]}"; do
     testbed)  # 32 experts, top-4, 4 groups
       SRC=$("$PY" -c 'from moeprune.testbed import testbed_path; print(testbed_path())')
       UNIFORM=(--keep 16); RAGGED=(--keep 0.5) ;;
-    qwen3_moe)  # 8 experts, top-2; at --keep 0.5 the global budget happens to fall 4/4/4
+    qwen3_moe)  # 8 experts, top-2; a global --keep 0.6 gives 6/5/4 (0.5 fell 4/4/4 with head_dim 16)
       "$PY" "$ROOT/scripts/vllm_compare.py" tiny "$WORK" qwen3_moe; SRC=$WORK/qwen3_moe
       UNIFORM=(--keep 4); RAGGED=(--keep 0.6) ;;
     mixtral)  # 8 experts, top-2
