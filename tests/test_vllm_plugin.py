@@ -1,4 +1,5 @@
-"""The vLLM plugin's config reading and entry point (vLLM itself: scripts/check_vllm.sh, opt-in)."""
+"""The vLLM plugin without vLLM: config reading, entry point, dispatch table, config registration
+and the novice arithmetic of softmax-routed families (vLLM itself: scripts/check_vllm.sh, opt-in)."""
 
 from __future__ import annotations
 
