@@ -1,10 +1,14 @@
 """Greedy tokens of moeprune checkpoints: reference (moeprune.load) vs vLLM (scripts/check_vllm.sh).
 
+    python scripts/vllm_compare.py tiny WORK MODEL_TYPE                 # moeprune's venv
     python scripts/vllm_compare.py reference OUT.json CKPT [CKPT ...]   # moeprune's venv
     python scripts/vllm_compare.py vllm REF.json                        # vLLM's venv
 
-The reference writes each checkpoint's prompt and output token ids; the vLLM side generates from
-the same prompt ids (no second tokenizer involved) and prints how many outputs are identical.
+``tiny`` writes a tiny random model of another family (qwen3_moe, mixtral) with the testbed's
+vocabulary and tokenizer to WORK/MODEL_TYPE, to be pruned like the testbed. The reference writes
+each checkpoint's prompt and output token ids, and the log-probability of every output token; the
+vLLM side generates from the same prompt ids (no second tokenizer involved), prints how many
+outputs are identical and, over the tokens both chose, the largest |log-probability difference|.
 """
 
 from __future__ import annotations
@@ -17,6 +21,23 @@ from pathlib import Path
 
 NEW_TOKENS = 16
 PER_DOMAIN = 4
+# the hub configs' flags (Qwen3-30B-A3B renormalises its top-8 weights; Mixtral always does);
+# head_dim 32: vLLM's CPU attention refuses the tiny models' 16 (it takes 32, 64, 80, ...)
+TINY_OVERRIDES: dict[str, dict] = {
+    "qwen3_moe": {"norm_topk_prob": True, "head_dim": 32},
+    "mixtral": {"head_dim": 32},
+}
+
+
+def tiny(work: str, model_type: str) -> None:
+    from moeprune.testbed import MODEL_DIR
+    from moeprune.testing.tiny import tiny_model
+
+    out = Path(work) / model_type
+    model = tiny_model(model_type, vocab_size=2048, num_hidden_layers=3, **TINY_OVERRIDES[model_type])
+    model.save_pretrained(out, save_original_format=True)  # the hub's layout (per-expert tensors)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((MODEL_DIR / name).read_bytes())
 
 
 def prompts() -> list[str]:
@@ -44,10 +65,38 @@ def reference(out: str, checkpoints: list[str]) -> None:
         for text in prompts():
             ids = tok(text, return_tensors="pt").input_ids
             with torch.no_grad():
-                gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            rows.append({"prompt_ids": ids[0].tolist(), "output_ids": gen[0, ids.shape[1] :].tolist()})
+                gen = model.generate(
+                    ids,
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            tokens = gen.sequences[0, ids.shape[1] :].tolist()
+            logprobs = [
+                float(torch.log_softmax(lg[0].float(), -1)[t])
+                for lg, t in zip(gen.logits, tokens, strict=True)
+            ]
+            rows.append({"prompt_ids": ids[0].tolist(), "output_ids": tokens, "logprobs": logprobs})
         result[ckpt] = rows
     Path(out).write_text(json.dumps(result), encoding="utf-8")
+
+
+def _deepseek_overrides(config: dict) -> dict:
+    """What the testbed (DeepSeek-V3 style) needs on top of its config.json in vLLM."""
+    # the testbed's config predates the hub routing fields vLLM reads (stock path only)
+    overrides: dict = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    layout = config.get("moeprune") or {}
+    reshaped = layout.get("mode") == "novice" or any(
+        n != config["n_routed_experts"] for n in (layout.get("experts_per_layer") or {}).values()
+    )
+    # stock vLLM's DeepSeek ignores tie_word_embeddings (the testbed ties; DeepSeek-V3 does not),
+    # so a tied uniform checkpoint goes through the plugin's class too, which ties them
+    tied = config.get("tie_word_embeddings", False)
+    if (reshaped or tied) and config["architectures"] != ["MoepruneForCausalLM"]:
+        # written before moeprune renamed ragged/novice architectures: name the plugin's class
+        overrides["architectures"] = ["MoepruneDeepseekV3ForCausalLM"]
+    return overrides
 
 
 def run_vllm(ref_path: str) -> int:
@@ -57,19 +106,9 @@ def run_vllm(ref_path: str) -> int:
     failed = 0
     for ckpt, rows in ref.items():
         start = time.time()
-        # the testbed's config predates the hub routing fields vLLM reads (stock path only)
-        overrides: dict = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
         config = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
-        layout = config.get("moeprune") or {}
-        reshaped = layout.get("mode") == "novice" or any(
-            n != config["n_routed_experts"] for n in (layout.get("experts_per_layer") or {}).values()
-        )
-        # stock vLLM's DeepSeek ignores tie_word_embeddings (the testbed ties; DeepSeek-V3 does not),
-        # so a tied uniform checkpoint goes through the plugin's class too, which ties them
-        tied = config.get("tie_word_embeddings", False)
-        if (reshaped or tied) and config["architectures"] != ["MoepruneForCausalLM"]:
-            # written before moeprune renamed ragged/novice architectures: name the plugin's class
-            overrides["architectures"] = ["MoepruneDeepseekV3ForCausalLM"]
+        deepseek = "n_routed_experts" in config
+        overrides = _deepseek_overrides(config) if deepseek else {}
         llm = LLM(
             model=ckpt,
             dtype="float32",
@@ -81,13 +120,13 @@ def run_vllm(ref_path: str) -> int:
             hf_overrides=overrides,
             # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
             # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
-            # size 48); its torch version (forward_native) is right
-            compilation_config={"custom_ops": ["-rotary_embedding"]},
+            # size 48); its torch version (forward_native) is right. Other families: stock ops
+            compilation_config={"custom_ops": ["-rotary_embedding"]} if deepseek else {},
         )
         loaded = time.time() - start
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=False)
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=False, logprobs=1)
         outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], params)
-        same = 0
+        same, worst = 0, 0.0
         for r, o in zip(rows, outs, strict=True):
             got = list(o.outputs[0].token_ids)
             want = r["output_ids"]
@@ -95,15 +134,24 @@ def run_vllm(ref_path: str) -> int:
             same += got == want
             if got != want:
                 print(f"  differs: want {want} got {got}")
-        arch = llm.llm_engine.model_config.hf_config.architectures
-        print(f"{ckpt}: {same}/{len(rows)} identical greedy outputs (arch {arch}, load {loaded:.1f}s)")
+            for i, (a, b) in enumerate(zip(got, want, strict=False)):
+                if a != b:
+                    break
+                worst = max(worst, abs(o.outputs[0].logprobs[i][a].logprob - r["logprobs"][i]))
+        arch = llm.apply_model(lambda model: type(model).__name__)[0]  # the class that ran
+        print(
+            f"{ckpt}: {same}/{len(rows)} identical greedy outputs, max |logprob diff| {worst:.1e} "
+            f"(class {arch}, load {loaded:.1f}s)"
+        )
         failed += same != len(rows)
         del llm
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "reference":
+    if sys.argv[1] == "tiny":
+        tiny(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "reference":
         reference(sys.argv[2], sys.argv[3:])
     else:
         sys.exit(run_vllm(sys.argv[2]))

@@ -14,7 +14,10 @@ What it registers (``docs/vllm.md``):
   before the rename (``architectures: [DeepseekV3ForCausalLM]`` plus ``config.moeprune``):
   ``LLM(path, hf_overrides={"architectures": ["MoepruneDeepseekV3ForCausalLM"]})``.
 
-Families served: DeepSeek-V3 (and the DeepSeek-V2 layout it shares).
+- ``MoepruneQwen3MoeForCausalLM``, ``MoepruneMixtralForCausalLM``: the same for Qwen3-MoE and
+  Mixtral (``MoepruneForCausalLM`` builds them for ``base_model_type`` ``qwen3_moe``/``mixtral``).
+
+Families served: DeepSeek-V3 (and the DeepSeek-V2 layout it shares), Qwen3-MoE, Mixtral.
 """
 
 from __future__ import annotations
@@ -26,7 +29,17 @@ MODELS = {
         "MoepruneDeepseekV3ForCausalLM",
         "moeprune.vllm_plugin.deepseek:MoepruneDeepseekV3ForCausalLM",
     ),
+    "qwen3_moe": (
+        "MoepruneQwen3MoeForCausalLM",
+        "moeprune.vllm_plugin.qwen3_moe:MoepruneQwen3MoeForCausalLM",
+    ),
+    "mixtral": (
+        "MoepruneMixtralForCausalLM",
+        "moeprune.vllm_plugin.mixtral:MoepruneMixtralForCausalLM",
+    ),
 }
+# base model types served by another family's class (None: configs written before the rename)
+ALIASES = {None: "deepseek_v3", "deepseek_v2": "deepseek_v3"}
 PREFIX = "moeprune_"
 
 
@@ -42,6 +55,18 @@ def register() -> None:
         # one name for every family: the class dispatches on config.moeprune.base_model_type
         ModelRegistry.register_model(ARCHITECTURE, "moeprune.vllm_plugin.deepseek:MoepruneForCausalLM")
     _register_configs()
+
+
+def model_target(base_model_type: str | None) -> str:
+    """``module:class`` that serves ``config.moeprune.base_model_type`` (what
+    ``MoepruneForCausalLM`` builds); ValueError (one line) for a family the plugin does not serve."""
+    base = ALIASES.get(base_model_type, base_model_type)
+    if base not in MODELS:
+        served = ", ".join(sorted(MODELS))
+        raise ValueError(
+            f"the moeprune vLLM plugin does not serve base model type {base_model_type!r} yet (served: {served})"
+        )
+    return MODELS[base][1]
 
 
 def _register_configs() -> None:

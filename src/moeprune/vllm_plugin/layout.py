@@ -21,6 +21,22 @@ class ServeLayout:
     novice_experts: dict[int, list[int]] = field(default_factory=dict)  # router ids answering a constant
     base_model_type: str | None = None
 
+    def experts_in(self, layer: int, default: int) -> int:
+        """Experts a ragged layer holds (the config's count for every layer otherwise)."""
+        return self.experts_per_layer.get(layer, default) if self.mode == "remove" else default
+
+    def novices_in(self, layer: int) -> list[int]:
+        """Router ids answering a constant in a layer (none outside novice checkpoints)."""
+        return self.novice_experts.get(layer, []) if self.mode == "novice" else []
+
+
+def require_layout(config: Any) -> ServeLayout:
+    """The layout of a checkpoint served by the plugin's classes (ValueError for a stock one)."""
+    layout = read_layout(config)
+    if layout is None:
+        raise ValueError("this checkpoint has no config.moeprune: serve it with stock vLLM")
+    return layout
+
 
 def read_layout(config: Any) -> ServeLayout | None:
     """The layout of a moeprune checkpoint's config, None for a stock one; ValueError (one line)
