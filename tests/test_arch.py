@@ -153,6 +153,17 @@ def test_stock_experts_under_a_masked_router_equal_the_per_slot_forward(tiny):
             with patch_moe(model, blocks, controls=controls, stock_experts=True):
                 stock = model(x, use_cache=False).logits
         torch.testing.assert_close(stock, slots, rtol=1e-5, atol=1e-5)
+    # one session, its novices swapped between forwards (as compare's rows do): the novices' table
+    # the stock path keeps between forwards follows the new ones, never the old
+    other = {i: torch.randn(H, generator=g) for i in range(1, E, 2)}
+    with torch.no_grad():
+        with patch_moe(model, blocks, controls={b.index: BlockControl(novices=other) for b in blocks}):
+            want = model(x, use_cache=False).logits
+        with patch_moe(model, blocks, stock_experts=True) as session:
+            for novs in (novices, other):
+                session.controls = {b.index: BlockControl(novices=novs) for b in blocks}
+                got = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError), patch_moe(model, blocks, observer=print, stock_experts=True):
         pass
 

@@ -248,17 +248,25 @@ def _stock_experts_forward(block: MoEBlock, original: Callable, session: PatchSe
     novice, gate weight x its constant instead of the expert's output (weight 0 in the module's
     own forward, so that the expert adds nothing)."""
 
+    # the novices' table [E, H] and mask [E], built once per novices dict and device (not per forward)
+    built: list[tuple[dict, torch.device, torch.Tensor, torch.Tensor]] = []
+
+    def tables(novices: dict[int, torch.Tensor], device: torch.device, width: int) -> tuple[torch.Tensor, ...]:
+        if built and built[0][0] is novices and built[0][1] == device:
+            return built[0][2], built[0][3]
+        ids = sorted(novices)
+        table = torch.zeros(block.num_experts, width, dtype=torch.float32, device=device)
+        table[ids] = torch.stack([novices[i].to(table) for i in ids])
+        is_novice = torch.zeros(block.num_experts, dtype=torch.bool, device=device)
+        is_novice[ids] = True
+        built[:] = [(novices, device, table, is_novice)]
+        return table, is_novice
+
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         control = session.controls.get(block.index)
         if control is None or not control.novices:
             return original(hidden_states, top_k_index, top_k_weights)
-        ids = sorted(control.novices)
-        table = torch.zeros(
-            block.num_experts, hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device
-        )
-        table[ids] = torch.stack([control.novices[i].to(table) for i in ids])
-        is_novice = torch.zeros(block.num_experts, dtype=torch.bool, device=top_k_index.device)
-        is_novice[ids] = True
+        table, is_novice = tables(control.novices, hidden_states.device, hidden_states.shape[-1])
         slot = is_novice[top_k_index]  # [T, k]
         out = original(hidden_states, top_k_index, top_k_weights.masked_fill(slot, 0))
         weights = top_k_weights.float().masked_fill(~slot, 0)
