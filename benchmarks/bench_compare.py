@@ -35,6 +35,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help="time only the runs whose name starts with this (repeatable)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,20 +73,27 @@ def main() -> None:
             "pruned checkpoint, stock": lambda: run(pruned),
             "masked, stock experts (compare now)": lambda: run(full, masks, True),
             "masked, per-slot experts (before)": lambda: run(full, masks, False),
-            "novice, stock experts (compare now)": lambda: run(full, nov, True),
-            "novice, per-slot experts (before)": lambda: run(full, nov, False),
+            "novice, stock experts (not used by compare)": lambda: run(full, nov, True),
+            "novice, per-slot experts (compare)": lambda: run(full, nov, False),
         }
+        if args.only:  # the reference always runs
+            runs = {
+                k: f
+                for k, f in runs.items()
+                if k == "pruned checkpoint, stock" or k.startswith(tuple(args.only))
+            }
         times: dict[str, list[float]] = {k: [] for k in runs}
         results = {}
         print(f"load {os.getloadavg()}", file=sys.stderr)
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
+        for r in range(args.repeats):  # alternating, the order flipping each round
+            for name, fn in list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]:
                 t0 = time.perf_counter()
                 results[name] = fn()["tasks"]
                 times[name].append(time.perf_counter() - t0)
                 print(f"  {name:40s} {times[name][-1]:6.2f} s", file=sys.stderr)
         print(f"load {os.getloadavg()}", file=sys.stderr)
-    a, b = results["pruned checkpoint, stock"], results["masked, stock experts (compare now)"]
+    a, b = results["pruned checkpoint, stock"], results.get("masked, stock experts (compare now)")
+    b = b if b is not None else a
     same = all(
         math.isclose(a[t]["metrics"][m], b[t]["metrics"][m], rel_tol=1e-6) for t in a for m in a[t]["metrics"]
     )  # float32 sums in another order: perplexities agree to ~1e-9
