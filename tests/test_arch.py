@@ -199,3 +199,32 @@ def test_architectures_doc_lists_every_type():
         assert f" {model_type}" in doc, model_type
     assert f"Supported ({len(ARCH_TABLE)} types)" in doc
     assert f"Not supported ({len(UNSUPPORTED)} types)" in doc
+
+
+def test_steered_stock_evaluation_skips_the_routers_own_routing():
+    """Where the table knows how a router computes its logits (DeepSeek-V3), a masked stock
+    evaluation computes only them: the router's own forward never runs, and the logits are those
+    of the per-slot forward, which runs it (a family without the entry still runs it)."""
+    for model_type, expect_calls in (("deepseek_v3", False), ("qwen3_moe", True)):
+        model = tiny_model(model_type).eval()
+        blocks = find_moe_blocks(model)
+        assert (blocks[0].logits_only is not None) is not expect_calls
+        E = blocks[0].num_experts
+        allowed = torch.ones(E, dtype=torch.bool)
+        allowed[:: E // max(blocks[0].spec.n_group, 1)] = False
+        controls = {b.index: BlockControl(allowed=allowed) for b in blocks}
+        x = _inputs(model)
+        calls = []
+        for b in blocks:
+            router = b.router(model)
+            own = router.forward
+            router.forward = lambda *a, _own=own, _calls=calls, **k: _calls.append(1) or _own(*a, **k)
+        with torch.no_grad():
+            with patch_moe(model, blocks, controls=controls):
+                slots = model(x, use_cache=False).logits
+            assert calls, "the per-slot path runs the router's own forward"
+            calls.clear()
+            with patch_moe(model, blocks, controls=controls, stock_experts=True):
+                stock = model(x, use_cache=False).logits
+        assert bool(calls) is expect_calls, model_type
+        torch.testing.assert_close(stock, slots, rtol=1e-5, atol=1e-5)
