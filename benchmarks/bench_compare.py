@@ -2,7 +2,7 @@
 
 On the testbed model, 16 of 32 experts are kept per layer (2 per routing group of 8, ...: half of
 each group) and the same tasks are evaluated three ways, alternating in one process (median of
-``--repeats``): (1) the written pruned checkpoint, loaded by transformers and run as it is (the
+``--repeats``, wall and CPU time): (1) the written pruned checkpoint, loaded by transformers and run as it is (the
 reference); (2) the full model under ``patch_moe`` with the removed experts masked, with the
 experts module's own forward (``stock_experts=True``, what `compare` runs); (3) the same with
 moeprune's per-slot experts forward (what `compare` ran before). Novice rows (MoNE constants for the
@@ -35,6 +35,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help="time only the runs whose name starts with this (repeatable)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,29 +73,41 @@ def main() -> None:
             "pruned checkpoint, stock": lambda: run(pruned),
             "masked, stock experts (compare now)": lambda: run(full, masks, True),
             "masked, per-slot experts (before)": lambda: run(full, masks, False),
-            "novice, stock experts (compare now)": lambda: run(full, nov, True),
-            "novice, per-slot experts (before)": lambda: run(full, nov, False),
+            "novice, stock experts (not used by compare)": lambda: run(full, nov, True),
+            "novice, per-slot experts (compare)": lambda: run(full, nov, False),
         }
+        if args.only:  # the reference always runs
+            runs = {
+                k: f
+                for k, f in runs.items()
+                if k == "pruned checkpoint, stock" or k.startswith(tuple(args.only))
+            }
         times: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {
+            k: [] for k in runs
+        }  # CPU seconds: what a loaded machine distorts least
         results = {}
         print(f"load {os.getloadavg()}", file=sys.stderr)
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
+        for r in range(args.repeats):  # alternating, the order flipping each round
+            for name, fn in list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]:
+                t0, c0 = time.perf_counter(), time.process_time()
                 results[name] = fn()["tasks"]
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
                 print(f"  {name:40s} {times[name][-1]:6.2f} s", file=sys.stderr)
         print(f"load {os.getloadavg()}", file=sys.stderr)
-    a, b = results["pruned checkpoint, stock"], results["masked, stock experts (compare now)"]
+    a, b = results["pruned checkpoint, stock"], results.get("masked, stock experts (compare now)")
+    b = b if b is not None else a
     same = all(
         math.isclose(a[t]["metrics"][m], b[t]["metrics"][m], rel_tol=1e-6) for t in a for m in a[t]["metrics"]
     )  # float32 sums in another order: perplexities agree to ~1e-9
     ref = statistics.median(times["pruned checkpoint, stock"])
-    print("| run | median | / pruned checkpoint |")
-    print("|---|---|---|")
+    cref = statistics.median(cpu["pruned checkpoint, stock"])
+    print("| run | median wall | / pruned checkpoint | median CPU | / pruned checkpoint |")
+    print("|---|---|---|---|---|")
     for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name} | {m:.2f} s | {m / ref:.2f} |")
+        m, c = statistics.median(ts), statistics.median(cpu[name])
+        print(f"| {name} | {m:.2f} s | {m / ref:.2f} | {c:.2f} s | {c / cref:.2f} |")
     print(f"\nmasked metrics equal the pruned checkpoint's (rel. 1e-6): {same}")
 
 

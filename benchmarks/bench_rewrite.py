@@ -6,24 +6,28 @@ writing it shard by shard straight from a small pool of random bytes (no model i
 Then it rewrites it keeping 32 of 64 experts per layer (4 per group) in a child process, and reports:
 
 - peak RSS of the child as a fraction of the checkpoint size (goal < 10%), with the child's RSS
-  after importing torch/transformers for scale. The child reports its own high-water mark
-  (``VmHWM`` in ``/proc/self/status``): on Linux ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits
-  the parent's high-water mark across fork + exec, so it would report this script's own memory;
+  after importing ``moeprune.surgery`` (and with it torch) for scale. The child reports its own
+  high-water mark (``VmHWM`` in ``/proc/self/status``): on Linux
+  ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits the parent's high-water mark across fork +
+  exec, so it would report this script's own memory;
 - rewrite time / time to ``cp`` the same number of bytes (goal <= 1.2), for the whole
-  ``rewrite_checkpoint`` call in a fresh process (the imports of torch and transformers excluded,
-  done before the clock starts) and for its shard-writing phase alone; the time before the first
-  shard is the fixed cost (config, headers, key map, plan; before issue 17 also building the model
-  on the meta device). ``cp`` copies whole source shards adding up to about the kept bytes, and
-  its time is scaled to exactly the kept bytes. Both read a source that is in the page cache
-  (written and synced just before); neither syncs its output. With ``--repeat`` N, rewrites and
-  ``cp`` alternate N times and the best time of each is reported (a shared machine's noise only
-  ever adds time).
+  ``rewrite_checkpoint`` call in a fresh process (importing ``moeprune.surgery`` and torch excluded,
+  done before the clock starts; anything the call imports itself, such as transformers, counted)
+  and for its shard-writing phase alone, in wall time and in CPU time (user + system: what a
+  loaded machine distorts least); the time before the first shard is the fixed cost (config,
+  headers, key map, plan; before issue 17 also building the model on the meta device). ``cp``
+  copies whole source shards adding up to about the kept bytes, and its times are scaled to
+  exactly the kept bytes. Both read a source that is in the page cache (written and synced just
+  before); neither syncs its output. With ``--repeat`` N, rewrites and ``cp`` alternate N times
+  (the order of the checkouts flipping each round) and the medians are reported, with the largest
+  peak RSS.
 
 ``--baseline SRC`` also runs the child with another checkout's ``src`` (e.g. a worktree of the
-previous commit) on the same checkpoint, alternating with this one (``--repeat`` times each), and
+previous commit, ``git archive``) on the same checkpoint, alternating with this one (``--repeat`` times each), and
 reports both: before/after figures of one run.
 
-Everything generated is deleted at the end.
+Everything generated is deleted at the end (``--source`` reuses a checkpoint this script generated
+and leaves it).
 
     python benchmarks/bench_rewrite.py [--layers 12] [--baseline ../main/src] [--append docs/benchmarks.md]
 """
@@ -32,7 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,8 +51,8 @@ from _models import POOL, append_section, dsv3_config, dsv3_entries, kv_table, w
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, sys, time
-import torch, transformers  # noqa: F401  (imported up front: their memory is reported separately)
+import json, os, sys, time
+import torch  # noqa: F401  (imported up front with moeprune.surgery: their memory is reported separately)
 import moeprune.surgery as surgery
 
 def hwm_kb():
@@ -63,10 +70,12 @@ def timed(*args, **kwargs):
 surgery.write_safetensors = timed
 base = hwm_kb()
 src, out, kept = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), os.times()
 result = surgery.rewrite_checkpoint(src, out, {int(k): v for k, v in kept.items()})
-seconds = time.perf_counter() - t0
+seconds, c1 = time.perf_counter() - t0, os.times()
 print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0][0],
+                  "cpu_seconds": c1.user + c1.system - c0.user - c0.system,
+                  "transformers": "transformers" in sys.modules,
                   "plan_seconds": writes[0][0] - t0,
                   "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
                   "bytes_out": result.bytes_out, "shards": len(result.shards)}))
@@ -100,8 +109,9 @@ def kept_plan(layers: int) -> dict[int, list[int]]:
     }
 
 
-def time_cp(src: Path, dst: Path, kept_bytes: int) -> tuple[float, int]:
-    """Seconds to cp whole shards adding up to about ``kept_bytes``, scaled to exactly that."""
+def time_cp(src: Path, dst: Path, kept_bytes: int) -> tuple[float, float, int]:
+    """Wall and CPU seconds (user + system) to cp whole shards adding up to about ``kept_bytes``,
+    both scaled to exactly that, and the bytes copied."""
     shards = sorted(src.glob("model-*.safetensors"), key=lambda p: -p.stat().st_size)
     chosen, size = [], 0
     for p in shards:
@@ -110,10 +120,13 @@ def time_cp(src: Path, dst: Path, kept_bytes: int) -> tuple[float, int]:
         chosen.append(p)
         size += p.stat().st_size
     dst.mkdir()
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["cp", "--reflink=never", *map(str, chosen), str(dst)], check=True)
     seconds = time.perf_counter() - t0
-    return seconds * kept_bytes / size, size
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return seconds * kept_bytes / size, cpu * kept_bytes / size, size
 
 
 def check_output(src: Path, out: Path, kept: dict[int, list[int]]) -> None:
@@ -135,18 +148,26 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="MoE layers (about 0.2 GB each)")
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="a checkpoint this script generated (same --layers): reused, kept",
+    )
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout's src to compare with")
     parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="moeprune-bench-rewrite-", dir=args.dir))
+    load = [os.getloadavg()[0]]
     try:
-        src, out = work / "src", work / "out"
-        src.mkdir()
-        t0 = time.perf_counter()
-        total = generate(src, args.layers, args.shards)
-        print(f"generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        src, out = args.source or work / "src", work / "out"
+        if args.source is None:
+            src.mkdir()
+            t0 = time.perf_counter()
+            total = generate(src, args.layers, args.shards)
+            print(f"generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         on_disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         kept = kept_plan(args.layers)
         subprocess.run(["sync"], check=False)
@@ -155,9 +176,9 @@ def main() -> None:
         if args.baseline is not None:
             trees.insert(0, ("baseline", args.baseline.resolve()))
         runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
-        cps: list[tuple[float, int]] = []
-        for _ in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes
-            for name, tree in trees:
+        cps: list[tuple[float, float, int]] = []
+        for r in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes; order flips
+            for name, tree in trees if r % 2 == 0 else trees[::-1]:
                 shutil.rmtree(out, ignore_errors=True)
                 runs[name].append(run_child(src, out, kept, tree))
                 check_output(src, out, kept)
@@ -166,19 +187,22 @@ def main() -> None:
             shutil.rmtree(work / "cp", ignore_errors=True)
             cps.append(time_cp(src, work / "cp", kept_bytes))
             subprocess.run(["sync"], check=False)
-        cp_seconds, cp_bytes = min(cps)  # best of each, as for the rewrites
+            print(f"round {r + 1}: load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        load.append(os.getloadavg()[0])
+        cp = {
+            "seconds": statistics.median(c[0] for c in cps),
+            "cpu_seconds": statistics.median(c[1] for c in cps),
+            "bytes": cps[0][2],
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    sections = []
-    for name, _ in trees:
-        child = min(runs[name], key=lambda c: c["seconds"])  # the least disturbed run of a shared machine
-        sections.append((name, child))
     tables = [
-        (name, report(child, args, on_disk, kept_bytes, cp_seconds, cp_bytes, len(runs[name])))
-        for name, child in sections
+        (name, report(_median(runs[name]), args, on_disk, kept_bytes, cp, len(runs[name])))
+        for name, _ in trees
     ]
     text = "\n\n".join(f"{name}:\n\n{table}" if len(tables) > 1 else table for name, table in tables)
+    text += f"\n\n`uptime` load {load[0]:.1f} at the start, {load[1]:.1f} at the end."
     print(text)
     if args.append is not None:
         base = " --baseline BASE/src" if args.baseline is not None else ""
@@ -193,10 +217,17 @@ def main() -> None:
         )
 
 
+def _median(children: list[dict]) -> dict:
+    """Median of every timing over the runs of one checkout; the largest peak RSS."""
+    out = dict(children[0])
+    for key in ("seconds", "write_seconds", "plan_seconds", "cpu_seconds", "hwm_after_imports_kb"):
+        out[key] = statistics.median(c[key] for c in children)
+    out["hwm_peak_kb"] = max(c["hwm_peak_kb"] for c in children)
+    return out
+
+
 def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path) -> dict:
     """One rewrite in a fresh process importing moeprune from ``tree``."""
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
@@ -209,28 +240,30 @@ def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(child: dict, args, on_disk: int, kept_bytes: int, cp_seconds: float, cp_bytes: int, n: int) -> str:
+def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -> str:
     peak = child["hwm_peak_kb"] * 1024
     base = child["hwm_after_imports_kb"] * 1024
-    total_s, write_s = child["seconds"], child["write_seconds"]
+    total_s, write_s, cpu_s = child["seconds"], child["write_seconds"], child["cpu_seconds"]
+    cp_s, cp_cpu = cp["seconds"], cp["cpu_seconds"]
     rows = [
         (f"checkpoint (bf16, {args.shards} shards)", f"{on_disk / 1e9:.2f} GB"),
         ("rewritten, keeping 32/64 experts", f"{kept_bytes / 1e9:.2f} GB in {child['shards']} shard(s)"),
         (
-            "peak RSS of the rewrite process",
+            f"peak RSS of the rewrite process (largest of {n})",
             f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}% of the checkpoint",
         ),
-        ("  of which after imports (torch, transformers)", f"{base / 1e6:.0f} MB"),
+        ("  of which after importing moeprune.surgery (torch)", f"{base / 1e6:.0f} MB"),
         ("  added by the rewrite", f"{(peak - base) / 1e6:.0f} MB = {100 * (peak - base) / on_disk:.1f}%"),
+        ("  transformers imported by the call", "yes" if child["transformers"] else "no"),
         (
-            "cp of the kept bytes",
-            f"{cp_seconds:.2f} s (best of {n}, scaled from cp of {cp_bytes / 1e9:.2f} GB)",
+            f"cp of the kept bytes (median of {n})",
+            f"{cp_s:.2f} s, CPU {cp_cpu:.2f} s (scaled from cp of {cp['bytes'] / 1e9:.2f} GB)",
         ),
         (
-            f"rewrite, whole call (fresh process, best of {n})",
-            f"{total_s:.2f} s = {total_s / cp_seconds:.2f} x cp",
+            f"rewrite, whole call (fresh process, median of {n})",
+            f"{total_s:.2f} s = {total_s / cp_s:.2f} x cp; CPU {cpu_s:.2f} s = {cpu_s / cp_cpu:.2f} x cp",
         ),
-        ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_seconds:.2f} x cp"),
+        ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_s:.2f} x cp"),
         ("rewrite before writing (config, keys, plan)", f"{child['plan_seconds']:.2f} s"),
     ]
     return kv_table(rows)

@@ -153,6 +153,17 @@ def test_stock_experts_under_a_masked_router_equal_the_per_slot_forward(tiny):
             with patch_moe(model, blocks, controls=controls, stock_experts=True):
                 stock = model(x, use_cache=False).logits
         torch.testing.assert_close(stock, slots, rtol=1e-5, atol=1e-5)
+    # one session, its novices swapped between forwards (as compare's rows do): the novices' table
+    # the stock path keeps between forwards follows the new ones, never the old
+    other = {i: torch.randn(H, generator=g) for i in range(1, E, 2)}
+    with torch.no_grad():
+        with patch_moe(model, blocks, controls={b.index: BlockControl(novices=other) for b in blocks}):
+            want = model(x, use_cache=False).logits
+        with patch_moe(model, blocks, stock_experts=True) as session:
+            for novs in (novices, other):
+                session.controls = {b.index: BlockControl(novices=novs) for b in blocks}
+                got = model(x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError), patch_moe(model, blocks, observer=print, stock_experts=True):
         pass
 
@@ -188,3 +199,32 @@ def test_architectures_doc_lists_every_type():
         assert f" {model_type}" in doc, model_type
     assert f"Supported ({len(ARCH_TABLE)} types)" in doc
     assert f"Not supported ({len(UNSUPPORTED)} types)" in doc
+
+
+def test_steered_stock_evaluation_skips_the_routers_own_routing():
+    """Where the table knows how a router computes its logits (DeepSeek-V3), a masked stock
+    evaluation computes only them: the router's own forward never runs, and the logits are those
+    of the per-slot forward, which runs it (a family without the entry still runs it)."""
+    for model_type, expect_calls in (("deepseek_v3", False), ("qwen3_moe", True)):
+        model = tiny_model(model_type).eval()
+        blocks = find_moe_blocks(model)
+        assert (blocks[0].logits_only is not None) is not expect_calls
+        E = blocks[0].num_experts
+        allowed = torch.ones(E, dtype=torch.bool)
+        allowed[:: E // max(blocks[0].spec.n_group, 1)] = False
+        controls = {b.index: BlockControl(allowed=allowed) for b in blocks}
+        x = _inputs(model)
+        calls = []
+        for b in blocks:
+            router = b.router(model)
+            own = router.forward
+            router.forward = lambda *a, _own=own, _calls=calls, **k: _calls.append(1) or _own(*a, **k)
+        with torch.no_grad():
+            with patch_moe(model, blocks, controls=controls):
+                slots = model(x, use_cache=False).logits
+            assert calls, "the per-slot path runs the router's own forward"
+            calls.clear()
+            with patch_moe(model, blocks, controls=controls, stock_experts=True):
+                stock = model(x, use_cache=False).logits
+        assert bool(calls) is expect_calls, model_type
+        torch.testing.assert_close(stock, slots, rtol=1e-5, atol=1e-5)

@@ -60,10 +60,7 @@ def load_config(model: str) -> Any:
     from transformers import AutoConfig
 
     path = resolve_model_dir(model)
-    raw = read_json(path / "config.json", "config", "fix or re-download it")
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise UserError(f"{path / 'config.json'} has no model_type", "pass a transformers model directory")
-    _check_counts(raw, path / "config.json")
+    raw = read_raw_config(path)
     from .remote import base_config, base_model_type
 
     try:
@@ -75,6 +72,16 @@ def load_config(model: str) -> Any:
             f"transformers cannot read the config of '{model}' (model_type '{raw['model_type']}'): {str(exc).splitlines()[0]}",
             "upgrade transformers or check the model",
         ) from None
+
+
+def read_raw_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` of the model directory ``path`` as a dict, its model type and counts
+    checked (what :func:`load_config` checks before transformers reads it)."""
+    raw = read_json(path / "config.json", "config", "fix or re-download it")
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise UserError(f"{path / 'config.json'} has no model_type", "pass a transformers model directory")
+    _check_counts(raw, path / "config.json")
+    return raw
 
 
 # Sizes and counts that transformers' configs share: a model is built from them, so a string, a

@@ -247,7 +247,7 @@ def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: 
 
 def _set_count(raw: dict[str, Any], cfg: Any, names: tuple[str, ...], old: int, new: int) -> None:
     """Set every name of a count that this config class reads or that the file already holds."""
-    alias = dict(getattr(type(cfg), "attribute_map", {}) or {})
+    alias = dict(getattr(cfg, "attribute_map", None) or {})  # (the class's, or a HeaderConfig's)
     present = [n for n in names if n in raw]
     canonical = {alias.get(n, n) for n in names if getattr(cfg, n, None) == old and alias.get(n, n) in names}
     for n in present:
@@ -587,14 +587,19 @@ def plan_rewrite(
     A plain removal of a family :mod:`moeprune.arch.header_keys` knows maps the expert keys from
     the config and the headers alone; everything else builds the model on the meta device to find
     the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
-    from .modelio import load_config
+    from .modelio import load_config, read_raw_config
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
     if not (src / "config.json").is_file():
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
-    config = load_config(str(src))
-    raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    raw_config = read_raw_config(src)
+    light = None  # the families header_keys knows, read without transformers' config classes
+    if mode == "remove" and not pad_uniform:
+        from .arch.header_config import header_config
+
+        light = header_config(raw_config)
+    config: Any = light if light is not None else load_config(str(src))
     quant = quant_format(config)  # fp8 / mxfp4 are copied as stored; other methods are refused
     _check_not_reshaped(config, src)
     ckpt = Checkpoint.open(src)
@@ -611,6 +616,8 @@ def plan_rewrite(
         kept, counts = check_kept(blocks, kept, top_k, mode)
         _check_expert_dtypes(ckpt, keymap, src, config)
     else:
+        if light is not None:  # the model is built from transformers' config
+            config = load_config(str(src))
         blocks, keymap, whole, kept, counts = _model_keymap(ckpt, src, config, kept, top_k, mode, pad_uniform)
     old_e = blocks[0].num_experts
     original_top_k = blocks[0].top_k

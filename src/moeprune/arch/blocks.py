@@ -7,6 +7,7 @@ Per-model facts that structure cannot tell (the routing family) come from :mod:`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,8 @@ class MoEBlock:
     weight_scale_path: str | None = None
     # linear map of the experts' outputs to the residual stream (Muse-Spark; ArchFacts.expert_out_proj)
     expert_out_proj_path: str | None = None
+    # the router's logits without its routing (ArchFacts.logits_only), for steered stock evaluation
+    logits_only: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
@@ -229,6 +232,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
                     route_method=facts.route_method,
                     router_extra=extra,
                     adapter=facts.adapter,
+                    logits_only=facts.logits_only,
                     weight_scale_path=(
                         f"{base}.{facts.adapter.weight_scale}"
                         if facts.adapter is not None and facts.adapter.weight_scale

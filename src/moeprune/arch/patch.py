@@ -92,16 +92,29 @@ def _router_forward(
     state: _BlockState,
     session: PatchSession,
     reroute: bool,
+    logits_only: bool = False,
 ) -> Callable:
+    """``logits_only``: when steered, compute only the logits (``block.logits_only``) and skip the
+    router's own routing, which the steered routing replaces (the stock-experts evaluation: nothing
+    else reads the router's output)."""
     router = block.router(model)
+    plain = block.adapter is None and not block.spec.extra_role and not block.spec.selects_extra
 
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        control = session.controls.get(block.index)
+        steer = control is not None and (control.allowed is not None or control.top_k is not None)
+        if logits_only and plain and steer and block.logits_only is not None and not args and not kwargs:
+            logits = block.logits_only(router, hidden_states)
+            state.logits, state.index = logits, None
+            r = block.route(model, logits, allowed=control.allowed, top_k=control.top_k)
+            weights = r.top_k_weights
+            if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
+                weights = weights / block.spec.scaling  # the block multiplies it back
+            return logits, weights, r.top_k_index  # (float32 weights, int64 ids: as DeepSeek-V3's router)
         out = original(hidden_states, *args, **kwargs)
         logits = block.router_logits(router, hidden_states, out)
         state.logits = logits
         state.index = out[2] if block.spec.extra_role == "zero" else None
-        control = session.controls.get(block.index)
-        steer = control is not None and (control.allowed is not None or control.top_k is not None)
         if not (steer or reroute):
             if block.spec.extra_role == "skip":  # ZAYA hands skip slots on as expert 0 (weight 0)
                 state.index = block.route(model, logits).top_k_index
@@ -131,6 +144,7 @@ def _route_method_forward(
     state: _BlockState,
     session: PatchSession,
     reroute: bool,
+    logits_only: bool = False,
 ) -> Callable:
     """For routers that return logits only (DBRX): the block's ``logits -> (weights, index)``."""
 
@@ -248,17 +262,25 @@ def _stock_experts_forward(block: MoEBlock, original: Callable, session: PatchSe
     novice, gate weight x its constant instead of the expert's output (weight 0 in the module's
     own forward, so that the expert adds nothing)."""
 
+    # the novices' table [E, H] and mask [E], built once per novices dict and device (not per forward)
+    built: list[tuple[dict, torch.device, torch.Tensor, torch.Tensor]] = []
+
+    def tables(novices: dict[int, torch.Tensor], device: torch.device, width: int) -> tuple[torch.Tensor, ...]:
+        if built and built[0][0] is novices and built[0][1] == device:
+            return built[0][2], built[0][3]
+        ids = sorted(novices)
+        table = torch.zeros(block.num_experts, width, dtype=torch.float32, device=device)
+        table[ids] = torch.stack([novices[i].to(table) for i in ids])
+        is_novice = torch.zeros(block.num_experts, dtype=torch.bool, device=device)
+        is_novice[ids] = True
+        built[:] = [(novices, device, table, is_novice)]
+        return table, is_novice
+
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         control = session.controls.get(block.index)
         if control is None or not control.novices:
             return original(hidden_states, top_k_index, top_k_weights)
-        ids = sorted(control.novices)
-        table = torch.zeros(
-            block.num_experts, hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device
-        )
-        table[ids] = torch.stack([control.novices[i].to(table) for i in ids])
-        is_novice = torch.zeros(block.num_experts, dtype=torch.bool, device=top_k_index.device)
-        is_novice[ids] = True
+        table, is_novice = tables(control.novices, hidden_states.device, hidden_states.shape[-1])
         slot = is_novice[top_k_index]  # [T, k]
         out = original(hidden_states, top_k_index, top_k_weights.masked_fill(slot, 0))
         weights = top_k_weights.float().masked_fill(~slot, 0)
@@ -308,10 +330,11 @@ def patch_moe(
                     model, block, router, experts, state, session, observer, reroute
                 )
             else:
-                route_fwd = make(model, block, getattr(owner, attr), state, session, reroute)
                 # the stock forward indexes E experts only: routers with extra columns (Longcat's
                 # zero experts) keep the per-slot forward
-                if stock_experts and getattr(experts, "novice_route", None) is None and not block.router_extra:
+                stock = stock_experts and getattr(experts, "novice_route", None) is None and not block.router_extra
+                route_fwd = make(model, block, getattr(owner, attr), state, session, reroute, stock and not reroute)
+                if stock:
                     experts_fwd = _stock_experts_forward(block, experts.forward, session)
                 else:
                     out_proj = None if block.expert_out_proj_path is None else model.get_submodule(block.expert_out_proj_path)

@@ -135,12 +135,14 @@ def route(
         from .extended import route_with_sinks
 
         return route_with_sinks(spec, logits, selection_bias, allowed, k, weight_scale)
+    forbidden = None
     if allowed is not None:
         allowed = allowed.to(device=logits.device, dtype=torch.bool)
         if int(allowed.sum()) < k:
             raise ValueError(f"only {int(allowed.sum())} experts allowed but top-k is {k}")
+        forbidden = ~allowed  # (once: every forward of a masked evaluation comes here)
         # -inf logits: softmax renormalises over the kept experts; sigmoid gives 0 for removed ones.
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(forbidden, float("-inf"))
 
     if spec.selector == "sparsemixer":
         index, weights = sparsemixer(logits, spec.jitter_eps)
@@ -150,13 +152,13 @@ def route(
     choice = logits if spec.selection_on_logits else probs
     if spec.has_selection_bias and selection_bias is not None:
         choice = choice + selection_bias.float().reshape(1, -1)
-    if allowed is not None:
-        choice = choice.masked_fill(~allowed, float("-inf"))
+    if forbidden is not None and choice is not logits:  # (logits are masked already)
+        choice = choice.masked_fill(forbidden, float("-inf"))
 
     if spec.group_limited:
         choice = _limit_to_groups(spec, choice)
-        if allowed is not None:  # a 0.0 group fill must not revive a forbidden expert
-            choice = choice.masked_fill(~allowed, float("-inf"))
+        if forbidden is not None and spec.group_fill != float("-inf"):
+            choice = choice.masked_fill(forbidden, float("-inf"))  # a 0.0 group fill must not revive one
 
     chosen = torch.topk(choice, k, dim=-1).indices
     if spec.weight_from == "softmax_topk":

@@ -311,6 +311,18 @@ class ArchFacts:
     # projected space). Observers see each expert's output mapped through it: being linear, the
     # mapped outputs' gated sum is the block's output, as for every other family.
     expert_out_proj: str | None = None
+    # The router's logits [T, E] from its input alone, computed exactly as its own forward does,
+    # for routers whose forward is "logits, then routing, returned as (logits, weights, index)": a
+    # masked evaluation replaces the routing, so it need not run (docs/benchmarks.md, compare rows).
+    # None: the router's own forward runs and its routing is recomputed.
+    logits_only: Callable[[nn.Module, Any], Any] | None = None
+
+
+def float32_linear_logits(router: nn.Module, hidden: Any) -> Any:
+    """``F.linear(h.float(), W.float())``: DeepSeek-V3's ``TopkRouter`` forward, up to its routing."""
+    import torch.nn.functional as F
+
+    return F.linear(hidden.view(-1, router.weight.shape[-1]).float(), router.weight.float())
 
 
 _ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
@@ -357,7 +369,7 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         cohere2(), prenorm_name="input_layernorm", family="top-k logits -> softmax/sigmoid"
     ),
     # C. DeepSeek-V3 family
-    "deepseek_v3": _C,
+    "deepseek_v3": replace(_C, logits_only=float32_linear_logits),
     "deepseek_v32": _C,
     "axk1": _C,
     "bailing_hybrid": _C,
