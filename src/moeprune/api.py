@@ -1,5 +1,6 @@
 """The Python API: profile -> plan -> prune (-> evaluate), or all of it with :func:`oneshot`;
-also :func:`inspect`, :func:`compare`, :func:`report`, :func:`build_library` and :func:`route`.
+also :func:`inspect`, :func:`compare`, :func:`report`, :func:`build_library`, :func:`route` and
+:func:`export_uniform` (the stock uniform checkpoint nearest to a ragged or novice prune).
 
 ::
 
