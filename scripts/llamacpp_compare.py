@@ -150,11 +150,24 @@ def _no_q_lora_key() -> None:
 
 
 def run_llama(gguf: Path, prompts_file: Path, out: Path) -> None:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
     prompts = json.loads(prompts_file.read_text(encoding="utf-8"))
-    llm = Llama(model_path=str(gguf), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+    # the KV cache in f32 too: llama.cpp keeps it in f16 by default, which alone moved the testbed's
+    # logits by up to 2e-2 (DeepSeek-2/3 cache the compressed latent, where f16 rounding shows most)
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=256,
+        n_batch=256,
+        logits_all=True,
+        n_threads=2,
+        verbose=False,
+        type_k=f32,
+        type_v=f32,
+    )
     arrays = {}
     for i, ids in enumerate(prompts):
         llm.reset()
