@@ -57,8 +57,8 @@ def test_every_output_option_is_out_with_short_o():
                 assert "-o" in opt.opts and "--out" in opt.opts, (path, opt.opts)
     # every command that writes a file or folder named by an option
     assert sorted(outputs) == sorted(
-        ["eval", "plan", "prune", "compare", "search", "report", "generate", "profile create", "profile merge",
-         "library build", "library route"]
+        ["eval", "plan", "prune", "export", "compare", "search", "report", "generate", "profile create",
+         "profile merge", "library build", "library route"]
     )  # fmt: skip
 
 

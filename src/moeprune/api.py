@@ -1,5 +1,6 @@
 """The Python API: profile -> plan -> prune (-> evaluate), or all of it with :func:`oneshot`;
-also :func:`inspect`, :func:`compare`, :func:`report`, :func:`build_library` and :func:`route`.
+also :func:`inspect`, :func:`compare`, :func:`report`, :func:`build_library`, :func:`route` and
+:func:`export_uniform` (the stock uniform checkpoint nearest to a ragged or novice prune).
 
 ::
 
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .estimate import ProfileEstimate, PruneEstimate
+    from .export import UniformPlan
     from .oneshot import OneShotResult
     from .plan import Plan
     from .profile import Profile
@@ -418,8 +421,10 @@ def _prune(
     allow_other_profile: bool = False,
     into: Path | None = None,
     novice: str = "mean",
+    reads: Sequence[tuple[str, Any]] = (),
 ) -> RewriteResult:
-    """:func:`prune`; ``into``: write into this existing folder instead (one-shot's output)."""
+    """:func:`prune`; ``into``: write into this existing folder instead (one-shot's output);
+    ``reads``: more inputs (label, path) the output must not be."""
     from .checkpoint import parse_size
     from .modelio import load_config, resolve_model_dir
     from .outputs import check_output
@@ -447,6 +452,7 @@ def _prune(
     out = Path(out)
     inputs = _file_inputs("plan", [None if isinstance(plan, Plan) else plan])
     inputs += _file_inputs("profile", [None if isinstance(profile, Profile) else profile])
+    inputs += list(reads)
     if into is None:
         check_output(out, inputs=[("input model", src), *inputs], force=force)
     config = load_config(str(src))
@@ -473,6 +479,69 @@ def _prune(
         inputs=inputs,
         into=into,
     )
+
+
+@dataclass
+class UniformExport:
+    """What :func:`export_uniform` wrote: the uniform plan and its checkpoint."""
+
+    uniform: UniformPlan
+    result: RewriteResult
+
+
+def export_uniform(
+    source: PathLike,
+    out: PathLike,
+    *,
+    model: Any = None,
+    profile: Profile | PathLike | Sequence[Profile | PathLike] | None = None,
+    force: bool = False,
+    max_shard_size: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> UniformExport:
+    """Write to ``out`` the stock uniform checkpoint nearest to a ragged or novice prune (as
+    `moeprune export --uniform`; :mod:`moeprune.export`): the same method and scores, one expert
+    count per MoE layer (the source's mean, rounded), every layer keeping its own best experts.
+
+    ``source``: a plan file, or a checkpoint folder moeprune pruned (its ``plan.json``).
+    ``profile``: the plan's profile(s), by default the ones the plan records; they must give back
+    the plan's kept experts. ``model``: the original model, by default the one the profile was
+    made on. Everything is checked before anything is written (:func:`prune`'s output rules)."""
+    from .export import read_source, recorded_profiles, uniform_plan
+    from .profile import Profile
+
+    the_plan, folder = read_source(source)
+    if profile is None:
+        given: list[Any] = list(recorded_profiles(the_plan))
+        if not given:
+            raise UserError("the plan records no profile path", "pass the profile it was made from with --profile")
+        for p in given:
+            if not Path(p).is_file():
+                raise UserError(
+                    f"the plan's profile '{p}' does not exist", "pass the profile it was made from with --profile"
+                )
+    else:
+        given = [profile] if isinstance(profile, (Profile, str, os.PathLike)) else list(profile)
+    loaded = [p if isinstance(p, Profile) else load_profile(p) for p in given]
+    paths = [Path(p.path) if isinstance(p, Profile) else Path(p) for p in given]
+    uniform = uniform_plan(the_plan, loaded, paths)
+    if model is None:
+        model = loaded[0].meta.get("model")
+        if not isinstance(model, str) or not model:
+            raise UserError("the profile does not name its model", "pass the original model with --model")
+    first = given[0]
+    result = _prune(
+        model,
+        uniform.plan,
+        out,
+        mode="remove",
+        profile=first,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        reads=[("pruned checkpoint" if folder else "plan", folder or Path(source))],
+    )
+    return UniformExport(uniform, result)
 
 
 def estimate_prune(

@@ -97,6 +97,7 @@ COMMAND_MODULES = [
     "profile",
     "plan",
     "prune",
+    "export",
     "run",
     "compare",
     "search",
