@@ -323,7 +323,8 @@ class Accumulator:
         probs = scores(fn, s)
         # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
         s, probs = s[:, :E], probs[:, :E]
-        sums["prob"][li] += probs.sum(0, dtype=f64)
+        prob_b = probs.sum(0, dtype=f64)
+        sums["prob"][li] += prob_b
         q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
         vals = torch.gather(s, -1, ids[:, :1])
         sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
@@ -374,7 +375,10 @@ class Accumulator:
         _, self.mean[li], self.m2[li] = chan_merge(
             n_a, self.mean[li], self.m2[li], nb, mean_b.double(), m2_b.double()
         )
-        self._flag_nonfinite(li)
+        # a statistic becomes NaN/Inf only through a non-finite increment: one float64 sum of each
+        # (finite float32 values cannot overflow it), no device sync here
+        increments = (prob_b, vals, q, f, pair[:, :E], lsq_b, mean_b, m2_b)
+        self._bad[li] |= ~torch.isfinite(torch.stack([x.sum(dtype=f64) for x in increments]).sum())
 
     def _premoe(self, li: int, q: torch.Tensor, f: torch.Tensor, ids: torch.Tensor) -> None:
         """PreMoe's statistics of one layer's real tokens: entries q, f, ids [t, Ka]."""
@@ -408,11 +412,6 @@ class Accumulator:
         if li == 0:
             out.append(("sample_premoe", self.sample_premoe.t()))
         return out
-
-    def _flag_nonfinite(self, li: int) -> None:
-        """Mark layer ``li`` when one of its statistics is NaN/Inf (no device sync here)."""
-        bad = torch.stack([~torch.isfinite(t).all() for _, t in self._layer_stats(li)]).any()
-        self._bad[li] |= bad
 
     def check_finite(self) -> None:
         """Stop with one line naming the layer, statistic and expert when a statistic became NaN
