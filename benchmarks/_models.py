@@ -1,4 +1,5 @@
-"""The random DeepSeek-V3-style model the benchmarks share (hidden 1024, 64 experts in 8 groups, top-8)."""
+"""The random models the benchmarks share: DeepSeek-V3-style (hidden 1024, 64 experts in 8 groups, top-8)
+and Qwen3-MoE-like (hidden 1024, 128 experts, top-8)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,28 @@ def dsv3_config(layers: int, *, first_dense: int = 1, **overrides: Any):
     )
     settings.update(overrides)
     return DeepseekV3Config(**settings)
+
+
+def qwen3_config(layers: int, **overrides: Any):
+    """A Qwen3-MoE-like config (hidden 1024, 128 experts, top-8, softmax routing) with ``layers`` MoE layers."""
+    from transformers import Qwen3MoeConfig
+
+    settings: dict[str, Any] = dict(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        max_position_embeddings=1024,
+    )
+    settings.update(overrides)
+    return Qwen3MoeConfig(**settings)
 
 
 def kv_table(rows: list[tuple[str, str]]) -> str:

@@ -1,19 +1,24 @@
 """Calibration overhead: time of the calibration pass / time of a plain forward over the same data.
 
-Both plain forwards are timed: the same ``patch_moe`` forward with no observer (same experts
-implementation as calibration: the ratio is the cost of the statistics alone) and the model's stock
-forward (its own experts implementation). Runs alternate in one process; the median is reported.
+The plain forwards timed: the model's stock forward with each experts implementation transformers
+offers that fits in memory (``grouped_mm``, its default, and ``eager``, its per-expert loop: the
+goal is against the fastest), and the same ``patch_moe`` forward with no observer (the per-slot
+experts implementation calibration runs: calib / patched is the cost of the statistics alone). Runs
+alternate in one process; medians are reported.
 
-Models: (a) a random DeepSeek-V3-style model (hidden 1024, 64 routed experts, top-8, 4 MoE layers,
-sequences of 512, batch 4); (b) the packaged testbed model, when ``src/moeprune/testbed/model``
-holds a checkpoint.
+Models (``--models``): ``dsv3``, a random DeepSeek-V3-style model (hidden 1024, 64 routed experts,
+top-8, 4 MoE layers, sequences of 512, batch 4); ``qwen3``, a random Qwen3-MoE-like model (hidden
+1024, 128 experts, top-8, 2 MoE layers, sequences of 512, batch 4); ``testbed``, the packaged
+testbed model (sequences of 256, batch 4), when ``src/moeprune/testbed/model`` holds a checkpoint.
 
-    python benchmarks/bench_calibration.py [--repeats 3] [--batches 2] [--append docs/benchmarks.md]
+    python benchmarks/bench_calibration.py [--models dsv3,qwen3,testbed] [--dtype float32]
+        [--threads 2] [--repeats 3] [--batches 2] [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from _models import dsv3_config
+from _models import dsv3_config, qwen3_config
 from moeprune.arch import find_moe_blocks, patch_moe
 from moeprune.calibrate import Accumulator, _forward_kwargs, calibrate
 from moeprune.data import batches
@@ -42,6 +47,13 @@ def dsv3_random():
     return model
 
 
+def qwen3_random():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(qwen3_config(2), dtype=torch.float32).eval()
+
+
 def testbed():
     from transformers import AutoModelForCausalLM
 
@@ -52,6 +64,9 @@ def testbed():
     return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
 
 
+STOCK_IMPLEMENTATIONS = ("grouped_mm", "eager")
+
+
 @torch.no_grad()
 def measure(model, seq_len: int, batch_size: int, n_batches: int, repeats: int) -> dict[str, float]:
     vocab = model.config.get_text_config().vocab_size
@@ -60,9 +75,16 @@ def measure(model, seq_len: int, batch_size: int, n_batches: int, repeats: int) 
     blocks = find_moe_blocks(model)
     kwargs = _forward_kwargs(model)
 
-    def stock() -> None:
-        for b in batches(seqs, batch_size, 0):
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask, **kwargs)
+    def stock(impl: str):
+        def run() -> None:
+            model.set_experts_implementation(impl)
+            try:
+                for b in batches(seqs, batch_size, 0):
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, **kwargs)
+            finally:
+                model.set_experts_implementation("grouped_mm")
+
+        return run
 
     def patched() -> None:
         with patch_moe(model, blocks) as session:
@@ -73,84 +95,101 @@ def measure(model, seq_len: int, batch_size: int, n_batches: int, repeats: int) 
     def calib() -> None:
         calibrate(model, seqs, blocks=blocks, batch_size=batch_size)
 
-    runs = {"stock": stock, "patched": patched, "calibrate": calib}
+    runs = {f"stock {impl}": stock(impl) for impl in STOCK_IMPLEMENTATIONS}
+    runs.update({"patched": patched, "calibrate": calib})
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
-    stock()  # warm-up
+    for fn in runs.values():  # warm-up
+        fn()
     for _ in range(repeats):
         for name, fn in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-            print(f"  {name:9s} {wall[name][-1]:6.2f} s wall {cpu[name][-1]:6.2f} s cpu", file=sys.stderr)
+            print(f"  {name:18s} {wall[name][-1]:6.2f} s wall {cpu[name][-1]:6.2f} s cpu", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in wall.items()}
     med.update({f"{k}_cpu": statistics.median(v) for k, v in cpu.items()})
+    fastest = min(STOCK_IMPLEMENTATIONS, key=lambda i: med[f"stock {i}"])
+    med["stock"], med["stock_cpu"] = med[f"stock {fastest}"], med[f"stock {fastest}_cpu"]
+    med["fastest"] = fastest  # type: ignore[assignment]
     med["tokens"] = float(len(seqs) * seq_len)
     return med
 
 
+MODELS = {
+    "dsv3": ("DeepSeek-V3-style, random: hidden 1024, 64 experts, top-8, 4 MoE layers", dsv3_random, 512),
+    "qwen3": ("Qwen3-MoE-like, random: hidden 1024, 128 experts, top-8, 2 MoE layers", qwen3_random, 512),
+    "testbed": ("testbed model: hidden 128, 32 experts, top-4, 3 MoE layers", testbed, 256),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="dsv3,qwen3,testbed", help="comma-separated: dsv3, qwen3, testbed")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batches", type=int, default=2, help="batches of 4 x 512 tokens per run")
+    ap.add_argument("--batches", type=int, default=2, help="batches of 4 sequences per run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--moments",
         choices=("auto", "loop", "vectorized"),
         default="auto",
-        help="how the accumulator computes per-expert moments (auto: loop on CPU)",
+        help="how the accumulator computes per-expert moments (auto: loop on CPU for large batches)",
     )
     ap.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.moments != "auto":
         Accumulator.moments_by_loop = args.moments == "loop"
+    dtype = getattr(torch, args.dtype)
+    load = [os.getloadavg()[0]]
 
     rows = []
-    model = dsv3_random()
-    print("(a) random DeepSeek-V3-style model", file=sys.stderr)
-    rows.append(
-        (
-            "(a) DeepSeek-V3-style, random: hidden 1024, 64 experts, top-8, 4 MoE layers; 512 tok x 4",
-            measure(model, 512, 4, args.batches, args.repeats),
-        )
-    )
-    del model
-    tb = testbed()
-    if tb is not None:
-        print("(b) testbed model", file=sys.stderr)
-        n_pos = min(512, tb.config.get_text_config().max_position_embeddings)
-        rows.append(
-            (f"(b) testbed model; {n_pos} tok x 4", measure(tb, n_pos, 4, args.batches, args.repeats))
-        )
+    for name in args.models.split(","):
+        label, build, seq_len = MODELS[name]
+        model = build()
+        if model is None:
+            continue
+        model = model.to(dtype)
+        print(f"{label} ({args.dtype}, {args.threads} threads)", file=sys.stderr)
+        n_pos = min(seq_len, model.config.get_text_config().max_position_embeddings)
+        rows.append((f"{label}; {n_pos} tok x 4", measure(model, n_pos, 4, args.batches, args.repeats)))
+        load.append(os.getloadavg()[0])
+        del model
 
     cmd = "python benchmarks/bench_calibration.py " + " ".join(
         f"--{k} {v}"
-        for k, v in (("repeats", args.repeats), ("batches", args.batches), ("threads", args.threads))
+        for k, v in (
+            ("models", args.models),
+            ("dtype", args.dtype),
+            ("threads", args.threads),
+            ("repeats", args.repeats),
+            ("batches", args.batches),
+        )
     )
     lines = [
-        "| model | tokens/run | stock forward | patched forward | calibration | calib / patched | calib / stock |"
-        " calib / patched (CPU time) | calib / stock (CPU time) |",
+        "| model | tokens/run | stock grouped_mm | stock eager | patched forward | calibration | calib / patched |"
+        " calib / fastest stock | calib / fastest stock (CPU time) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in rows:
         lines.append(
-            f"| {label} | {int(m['tokens'])} | {m['stock']:.2f} s | {m['patched']:.2f} s | {m['calibrate']:.2f} s | "
-            f"{m['calibrate'] / m['patched']:.3f} | {m['calibrate'] / m['stock']:.3f} | "
-            f"{m['calibrate_cpu'] / m['patched_cpu']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
+            f"| {label} | {int(m['tokens'])} | {m['stock grouped_mm']:.2f} s | {m['stock eager']:.2f} s | "
+            f"{m['patched']:.2f} s | {m['calibrate']:.2f} s | {m['calibrate'] / m['patched']:.3f} | "
+            f"{m['calibrate'] / m['stock']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
         )
     table = "\n".join(lines)
     print(table)
+    loads = f"load {min(load):.1f}-{max(load):.1f}"
+    print(loads, file=sys.stderr)
     if args.append is not None:
         env = (
             f"torch {torch.__version__}, {args.threads} CPU threads ({platform.processor() or platform.machine()}), "
-            f"float32, median of {args.repeats} alternating runs"
+            f"{args.dtype}, median of {args.repeats} alternating runs, {loads}"
         )
         text = args.append.read_text() if args.append.exists() else "# Benchmarks\n"
-        block = (
-            f"\n## Calibration overhead\n\nCommand: `{cmd} --append docs/benchmarks.md` ({env}).\n\n{table}\n"
-        )
+        block = f"\nCommand: `{cmd} --append docs/benchmarks.md` ({env}).\n\n{table}\n"
         args.append.write_text(text.rstrip("\n") + "\n" + block)
 
 

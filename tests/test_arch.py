@@ -112,6 +112,42 @@ def test_rerouted_and_recomputed_blocks_reproduce_the_model(tiny):
             assert e.residual is not None and e.residual.shape == e.hidden.shape
 
 
+def test_grouped_per_slot_outputs_equal_the_per_expert_loop(tiny, monkeypatch):
+    """The grouped kernels and the per-expert loop give the same per-slot outputs (and logits),
+    sentinel slots (index -1: zero experts / skip slots) included; where the grouped kernels do not
+    apply (quantized, DBRX, Llama-4, per-expert norms) the loop is used."""
+    from moeprune.arch import experts as X
+
+    model_type, model, blocks = tiny
+    x = _inputs(model)
+    got = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(X, "GROUPED", grouped)
+        events: list = []
+        with torch.no_grad(), patch_moe(model, blocks, observer=events.append):
+            logits = model(x, use_cache=False).logits
+        got[grouped] = (logits, [e.expert_outputs for e in events])
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[True][1], got[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the grouped path itself, on ids with sentinel slots
+    module = blocks[0].experts(model)
+    H = model.config.get_text_config().hidden_size
+    hidden = torch.randn(6, H, generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, blocks[0].num_experts, (6, blocks[0].top_k), generator=torch.Generator().manual_seed(3))
+    idx[1, 0] = -1
+    monkeypatch.setattr(X, "GROUPED", False)
+    with torch.no_grad():
+        loop = X.selected_expert_outputs(module, hidden, idx)
+        grouped = X.grouped_expert_outputs(module, hidden, idx)
+    if X._groupable(module, hidden):
+        assert grouped is not None
+        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+        assert torch.equal(grouped[1, 0], torch.zeros(H))
+    else:
+        assert grouped is None
+
+
 def test_masking_forbids_experts(tiny):
     model_type, model, blocks = tiny
     x = _inputs(model)

@@ -41,6 +41,8 @@ __all__ = [
 
 # [L, E] float64 sums
 SUM_NAMES = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1", "gate_sq")
+# the sums over (token, expert) pairs, accumulated together
+PAIR_SUMS = ("count", "gate", "gate_sq", "reap_sum", "easyep")
 
 
 def lsq_novices(num: torch.Tensor, gate_sq: torch.Tensor) -> torch.Tensor:
@@ -101,18 +103,34 @@ def init_distributed(device: str) -> DistInfo:
 
 
 def _moments_by_loop(
-    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row norms [P] and per-expert mean and M2 [E, H] of ``rows`` [P, H], whose row p belongs to
-    expert ``key[p]`` (``key == E``: a padding row, ignored); ``counts`` [E] real rows per expert.
+    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, g: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-expert statistics of the (token, expert) pairs ``rows`` [P, H] (any float dtype; P = T·k,
+    pair p = token p // k), whose pair p belongs to expert ``key[p]`` (``key == E``: padding or a
+    zero slot, ignored), with gate weights ``g`` [P] (float32) and ``counts`` [E] real pairs per
+    expert. Returns, all float32 and summed within this batch only (the caller adds them to its
+    float64 totals once per batch):
 
-    Each expert's rows are gathered into a small block that stays in cache for its norms and its
-    two-pass centred moments: the fastest form on CPU once the rows no longer fit in cache."""
-    E, H = counts.numel(), rows.shape[1]
-    mean = torch.zeros(E, H, dtype=rows.dtype, device=rows.device)
-    m2 = torch.zeros(E, H, dtype=rows.dtype, device=rows.device)
+    - ``order`` [P]: the pair of each entry of ``norms`` (pairs sorted by expert; the ignored last),
+    - ``norms`` [P]: ‖e‖ of each pair, in that order,
+    - ``mean``, ``m2``, ``lsq`` [E, H]: per expert the mean, the centred Σ (e − mean)² (two-pass)
+      and Σ g² e,
+    - ``routed`` [T, H]: Σ_k g e of each token.
+
+    Each expert's rows are gathered into a block that stays in cache, upcast there (never the whole
+    [P, H] outputs), and reduced with two small matmuls: the fastest form on CPU once the rows no
+    longer fit in cache."""
+    P, H = rows.shape
+    E = counts.numel()
+    f32, dev = torch.float32, rows.device
     order = torch.argsort(key, stable=True)
-    norms = torch.zeros(key.numel(), dtype=rows.dtype, device=rows.device)
+    g_s = g[order]
+    tok_s = torch.div(order, k, rounding_mode="floor")
+    weights = torch.stack([torch.ones_like(g_s), g_s.square()])  # [2, P]: Σ e and Σ g² e in one matmul
+    norms = torch.empty(P, dtype=f32, device=dev)
+    sums = torch.zeros(E, 2, H, dtype=f32, device=dev)
+    m2 = torch.zeros(E, H, dtype=f32, device=dev)
+    routed = torch.zeros(P // k, H, dtype=f32, device=dev)
     # Hundreds of small in-cache ops: intra-op threads only add barriers (and stall badly when
     # the cores are shared), so the loop runs on one thread.
     threads = torch.get_num_threads()
@@ -122,33 +140,42 @@ def _moments_by_loop(
         for i, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            ids = order[start : start + n]
-            chunk = rows.index_select(0, ids)
-            norms[ids] = torch.linalg.vector_norm(chunk, dim=1)
-            ones = torch.ones(1, n, dtype=chunk.dtype, device=chunk.device)
-            mu = ones @ chunk / n
-            chunk -= mu
-            mean[i] = mu[0]
-            m2[i] = (ones @ chunk.mul_(chunk))[0]
-            start += n
+            end = start + n
+            chunk = rows.index_select(0, order[start:end])
+            if chunk.dtype != f32:
+                chunk = chunk.float()
+            torch.linalg.vector_norm(chunk, dim=1, out=norms[start:end])
+            routed.index_add_(0, tok_s[start:end], chunk * g_s[start:end, None])
+            torch.mm(weights[:, start:end], chunk, out=sums[i])
+            chunk -= sums[i, 0] / n
+            torch.mm(weights[:1, start:end], chunk.square_(), out=m2[i : i + 1])
+            start = end
     finally:
         torch.set_num_threads(threads)
-    return norms, mean, m2
+    if start < P:  # the ignored pairs' norms (their statistics land nowhere)
+        norms[start:] = 0
+    mean = sums[:, 0] / counts.clamp(min=1).unsqueeze(1).to(f32)
+    return order, norms, mean, m2, sums[:, 1], routed
 
 
 def _moments_vectorized(
-    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same as :func:`_moments_by_loop` with a fixed number of large kernels (GPUs, small batches)."""
-    E, H = counts.numel(), rows.shape[1]
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    total = torch.zeros(E + 1, H, dtype=rows.dtype, device=rows.device).index_add_(0, key, rows)
-    total[:E] /= counts.clamp(min=1).unsqueeze(1).to(rows.dtype)
+    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, g: torch.Tensor, k: int
+) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same as :func:`_moments_by_loop` with a fixed number of large kernels (GPUs, small batches);
+    ``norms`` in pair order (``order`` None)."""
+    P, H = rows.shape
+    E = counts.numel()
+    x = rows.float()  # a copy only when the model computes in another dtype
+    norms = torch.linalg.vector_norm(x, dim=1)
+    routed = torch.bmm(g.view(-1, 1, k), x.view(-1, k, H)).squeeze(1)
+    total = torch.zeros(E + 1, H, dtype=x.dtype, device=x.device).index_add_(0, key, x)
+    total[:E] /= counts.clamp(min=1).unsqueeze(1).to(x.dtype)
     total[E] = 0
+    lsq = torch.zeros(E + 1, H, dtype=x.dtype, device=x.device).index_add_(0, key, x * g.square().unsqueeze(1))
     centred = torch.nn.functional.embedding(key, total)  # each row's expert mean (a fast gather)
-    torch.sub(rows, centred, out=centred)
-    m2 = torch.zeros(E + 1, H, dtype=rows.dtype, device=rows.device).index_add_(0, key, centred.square_())
-    return norms, total[:E], m2[:E]
+    torch.sub(x, centred, out=centred)
+    m2 = torch.zeros(E + 1, H, dtype=x.dtype, device=x.device).index_add_(0, key, centred.square_())
+    return None, norms, total[:E], m2[:E], lsq[:E], routed
 
 
 class Accumulator:
@@ -183,7 +210,10 @@ class Accumulator:
         self.per_sample = per_sample
         dev, f64 = self.device, torch.float64
         self.offsets = torch.tensor([0, *self.lengths], dtype=torch.long).cumsum(0)[:-1].to(dev)
-        self.sums = {name: torch.zeros(self.L, self.E, dtype=f64, device=dev) for name in SUM_NAMES}
+        # one [len(SUM_NAMES), L, E] block, so that the per-pair sums of a layer are added at once
+        self._sum_stack = torch.zeros(len(SUM_NAMES), self.L, self.E, dtype=f64, device=dev)
+        self.sums = {name: self._sum_stack[j] for j, name in enumerate(SUM_NAMES)}
+        self._pair_rows = torch.tensor([SUM_NAMES.index(n) for n in PAIR_SUMS], device=dev)
         self.layer_tokens = torch.zeros(self.L, dtype=f64, device=dev)
         self.mean = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
         self.m2 = torch.zeros(self.L, self.E, self.H, dtype=f64, device=dev)
@@ -276,77 +306,79 @@ class Accumulator:
         t, k = idx.shape
         if t != self._pos.numel():
             raise ValueError(f"event has {t} real tokens, the declared batch {self._pos.numel()}")
-        flat = idx.reshape(-1).long()
-        g64 = g.double().reshape(-1)
-        ones = torch.ones_like(g64)
         # Longcat's zero-expert and ZAYA's skip slots (index -1, weight 0: arch/extended.py) are no
-        # selection of a prunable expert: counted nowhere (their ids are parked on expert 0 with a weight of 0)
+        # selection of a prunable expert: counted nowhere. `key` is each (token, expert) pair's
+        # expert, or E for such a slot or a padding pair (accumulated into a spare slot and dropped).
         zero_slots = event.block.spec.selects_extra
-        if zero_slots:
-            real = flat >= 0
-            flat, ones, g64 = flat.clamp(min=0), real.double(), torch.where(real, g64, 0.0)
-        self.layer_tokens[li] += t
-
-        # routing statistics
-        # (index_add_ rather than bincount: bincount scans its input for the range first)
-        sums["count"][li].index_add_(0, flat, ones)
-        sums["gate"][li].index_add_(0, flat, g64)
-        sums["gate_sq"][li].index_add_(0, flat, g64.square())
-        s = logits.float()
-        fn = event.block.spec.score_fn
-        probs = scores(fn, s)
-        # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
-        s, probs = s[:, :E], probs[:, :E]
-        sums["prob"][li] += probs.sum(0, dtype=f64)
-        q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
-        vals = torch.gather(s, -1, ids[:, :1])
-        sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
-        self._premoe(li, q, f, ids)
-        if self.sample_gate is not None:
-            cell = self._rows.repeat_interleave(k) * E + flat
-            self.sample_gate[li].view(-1).index_add_(0, cell, g64)
-
-        # Output-aware statistics, over the (token, expert) pairs of the batch: `key` is each
-        # pair's expert, or E for a padding pair (accumulated into a spare slot and dropped). The
-        # MoNE mean/M2 are two-pass and centred within the batch; batches are combined in float64
-        # with Chan's update.
-        ef = e if e.dtype == torch.float32 else e.float()
-        rows = ef.reshape(-1, H)
         key = idx_all.reshape(-1).long()
         if zero_slots:
             key = key.masked_fill(key < 0, E)
         if sel is not None:
             key = key.masked_fill(~self._mask.repeat_interleave(k), E)
+        self.layer_tokens[li] += t
+
+        # routing statistics
+        s = logits.float()
+        fn = event.block.spec.score_fn
+        probs = scores(fn, s)
+        # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
+        s, probs = s[:, :E], probs[:, :E]
+        prob_b = probs.sum(0, dtype=f64)
+        sums["prob"][li] += prob_b
+        q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
+        vals = torch.gather(s, -1, ids[:, :1])
+        sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
+        self._premoe(li, q, f, ids)
+        if self.sample_gate is not None:
+            flat = idx.reshape(-1).long()
+            g64 = g.double().reshape(-1)
+            if zero_slots:  # their ids are parked on expert 0 with a weight of 0
+                real = flat >= 0
+                flat, g64 = flat.clamp(min=0), torch.where(real, g64, 0.0)
+            cell = self._rows.repeat_interleave(k) * E + flat
+            self.sample_gate[li].view(-1).index_add_(0, cell, g64)
+
+        # Output-aware statistics. The [T, k, H] outputs stay in the model's dtype and are read
+        # once, expert by expert or in a few large kernels (_moments_*), into float32 sums of this
+        # batch; only those [E, H] sums are added in float64. The MoNE mean/M2 are two-pass and
+        # centred within the batch; batches are combined in float64 with Chan's update.
+        g_pair = g_all.reshape(-1)
         n_b = torch.zeros(E + 1, dtype=torch.long, device=dev).index_add_(0, key, torch.ones_like(key))[:E]
+        rows = e.reshape(-1, H)
         moments = _moments_by_loop if self._use_loop(rows) else _moments_vectorized
-        norms, mean_b, m2_b = moments(rows, key, n_b)
-        gn = g_all.reshape(-1).double() * norms.double()  # g ||e|| per pair
-        # EASY-EP token factor: max(0, 1 - cos(h, h~)) with h~ = h + sum_k g e (routed experts)
-        h_new = torch.bmm(g_all.unsqueeze(1), ef).squeeze(1)
+        order, norms, mean_b, m2_b, lsq_b, routed = moments(rows, key, n_b, g_pair, k)
+        # EASY-EP token factor: max(0, 1 - cos(h, h~)) with h~ = h + sum_k g e (routed experts),
+        # per token in float64 (1 - cos cancels)
         if sel is not None:
-            h, h_new = h[sel], h_new[sel]
+            h, routed = h[sel], routed[sel]
         h64 = h.double()
-        h_new = h_new.double().add_(h64)
+        h_new = routed.double().add_(h64)
         dot = torch.linalg.vecdot(h64, h_new)
         denom = torch.linalg.vector_norm(h64, dim=-1) * torch.linalg.vector_norm(h_new, dim=-1)
         factor = (1.0 - dot / denom.clamp_min(torch.finfo(f64).tiny)).clamp_min(0.0)
         if sel is not None:
             factor = torch.zeros(self._mask.numel(), dtype=f64, device=dev).index_copy_(0, sel, factor)
-        # Σ g² e per expert (padding pairs land in the spare slot E), weighted in float64
-        lsq = torch.zeros(E + 1, H, dtype=f64, device=dev)
-        lsq.index_add_(0, key, rows.double().mul_(g_all.reshape(-1, 1).double().square()))
-        self.lsq_num[li] += lsq[:E]
-        spare = torch.zeros(2, E + 1, dtype=f64, device=dev)
-        spare[0].index_add_(0, key, gn)
-        spare[1].index_add_(0, key, gn * factor.repeat_interleave(k))
-        sums["reap_sum"][li] += spare[0, :E]
-        sums["easyep"][li] += spare[1, :E]
+        # the per-pair sums (count, gate, gate², g‖e‖, g‖e‖·factor) in one float64 index_add_,
+        # in the order the norms come in
+        if order is None:
+            key_p, g_p, fac = key, g_pair, factor.repeat_interleave(k)
+        else:
+            key_p, g_p, fac = key[order], g_pair[order], factor[torch.div(order, k, rounding_mode="floor")]
+        g64 = g_p.double()
+        gn = g64 * norms.double()  # g ||e|| per pair
+        vals = torch.stack([torch.ones_like(g64), g64, g64.square(), gn, gn * fac])
+        pair = torch.zeros(len(PAIR_SUMS), E + 1, dtype=f64, device=dev).index_add_(1, key_p, vals)
+        self._sum_stack[self._pair_rows, li] += pair[:, :E]
+        self.lsq_num[li] += lsq_b
         nb = n_b.to(f64)
         n_a = sums["count"][li] - nb
         _, self.mean[li], self.m2[li] = chan_merge(
             n_a, self.mean[li], self.m2[li], nb, mean_b.double(), m2_b.double()
         )
-        self._flag_nonfinite(li)
+        # a statistic becomes NaN/Inf only through a non-finite increment: one float64 sum of each
+        # (finite float32 values cannot overflow it), no device sync here
+        increments = (prob_b, vals, q, f, pair[:, :E], lsq_b, mean_b, m2_b)
+        self._bad[li] |= ~torch.isfinite(torch.stack([x.sum(dtype=f64) for x in increments]).sum())
 
     def _premoe(self, li: int, q: torch.Tensor, f: torch.Tensor, ids: torch.Tensor) -> None:
         """PreMoe's statistics of one layer's real tokens: entries q, f, ids [t, Ka]."""
@@ -380,11 +412,6 @@ class Accumulator:
         if li == 0:
             out.append(("sample_premoe", self.sample_premoe.t()))
         return out
-
-    def _flag_nonfinite(self, li: int) -> None:
-        """Mark layer ``li`` when one of its statistics is NaN/Inf (no device sync here)."""
-        bad = torch.stack([~torch.isfinite(t).all() for _, t in self._layer_stats(li)]).any()
-        self._bad[li] |= bad
 
     def check_finite(self) -> None:
         """Stop with one line naming the layer, statistic and expert when a statistic became NaN

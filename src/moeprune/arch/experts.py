@@ -182,6 +182,10 @@ def selected_expert_outputs(
     novice_route = getattr(module, "novice_route", None)
     if novice_route is not None:
         top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
+    if GROUPED and not constant_outputs:
+        grouped = grouped_expert_outputs(module, hidden_states, top_k_index)
+        if grouped is not None:
+            return grouped
     t, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
@@ -201,3 +205,68 @@ def selected_expert_outputs(
         tokens = torch.div(rows, k, rounding_mode="floor")
         out[rows] = single_expert_forward(module, expert, hidden_states[tokens]).to(out.dtype)
     return out.view(t, k, -1)
+
+
+# Per-slot outputs from transformers' grouped kernels wherever they compute this module exactly
+# (:func:`_groupable`): a fixed number of large kernels, so that busy cores hurt them no more than
+# the stock forward. False forces the per-expert loop (tests of that path).
+GROUPED = True
+
+
+def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether transformers' grouped kernels compute exactly this module's per-slot outputs: a
+    ``@use_experts_implementation`` module with plain weights in the activations' dtype (nothing
+    quantized, no per-expert norm, no novices)."""
+    if dbrx.is_row_blocked_experts(module) or llama4.is_input_scaled_experts(module):
+        return False
+    if not (hasattr(type(module), "_apply_gate") and hasattr(module, "has_gate")):
+        return False
+    if getattr(module, "novice_route", None) is not None or module.__dict__.get("_moeprune_quantized") is not None:
+        return False
+    if variants.per_expert_norm(module) is not None or not isinstance(getattr(module, "num_experts", None), int):
+        return False
+    names = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+    if getattr(module, "has_bias", False):
+        names += [n + "_bias" for n in names]
+    for name in names:
+        w = getattr(module, name, None)
+        if not isinstance(w, torch.Tensor) or w.dtype != hidden_states.dtype or w.device != hidden_states.device:
+            return False
+    return True
+
+
+def grouped_expert_outputs(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
+) -> torch.Tensor | None:
+    """:func:`selected_expert_outputs` with transformers' grouped kernels (the ``grouped_mm``
+    experts implementation, stopped before the gate weights): a fixed number of large kernels
+    instead of a few small ops per expert. None where they do not apply (:func:`_groupable`)."""
+    if not _groupable(module, hidden_states):
+        return None
+    from transformers.integrations.moe import _grouped_linear
+
+    t, k = top_k_index.shape
+    n_exp = int(module.num_experts)
+    flat = top_k_index.reshape(-1).long()
+    sentinel = bool((flat < 0).any())  # zero-expert / skip slots: no expert, output 0
+    ids = flat.masked_fill(flat < 0, n_exp) if sentinel else flat
+    ids_g, perm = torch.sort(ids, stable=True)  # the sentinels last: the kernels skip them
+    x = hidden_states.index_select(0, torch.div(perm, k, rounding_mode="floor"))
+    counts = torch.bincount(ids_g, minlength=n_exp + 1)[:n_exp]
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    has_bias = bool(getattr(module, "has_bias", False))
+    safe = ids_g.clamp(max=n_exp - 1) if sentinel else ids_g
+    transposed = bool(getattr(module, "is_transposed", False))
+    if module.has_gate:
+        b = module.gate_up_proj_bias[safe] if has_bias else None
+        h = module._apply_gate(_grouped_linear(x, module.gate_up_proj, offsets, b, transposed))
+    else:
+        b = module.up_proj_bias[safe] if has_bias else None
+        h = module.act_fn(_grouped_linear(x, module.up_proj, offsets, b, transposed))
+    b = module.down_proj_bias[safe] if has_bias else None
+    out = _grouped_linear(h, module.down_proj, offsets, b, transposed)
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)
+    if sentinel:  # rows past the last offset are left uninitialised by the kernel
+        out = out.masked_fill((ids_g >= n_exp).unsqueeze(1), 0.0)
+    return torch.empty_like(out).index_copy_(0, perm, out).view(t, k, -1)
