@@ -24,7 +24,8 @@ every record (tokens x hidden x dtype), and each batch's layer inputs (masks, po
 embeddings), kept on CPU. To keep the peak at about 1.7 x the largest layer above the resting
 RSS (docs/benchmarks.md, "Sequential offload"), shards are read with safetensors' ``pread``
 backend (no mapped pages), transformers converts one tensor group at a time (no loader threads,
-see ``ASYNC_LOAD``), and the heap is trimmed after each layer.
+see ``ASYNC_LOAD``), the heap is trimmed after each layer, and glibc maps every buffer of
+1 MB or more on its own (``MMAP_THRESHOLD``: the heap kept a bf16 layer's per-expert buffers).
 
 Reading overlaps computing (``PREFETCH``): while layer i runs over every batch, a background thread
 reads layer i+1's byte ranges from the shards (``os.preadv`` into fresh buffers, which releases
@@ -445,6 +446,25 @@ def _trim_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# Buffers from this size up are mapped on their own and unmapped when freed (glibc's
+# M_MMAP_THRESHOLD). glibc's default threshold moves up to 32 MB with the freed sizes, after which
+# the per-expert buffers of a layer (bf16 weights of 16 MB, the varying [tokens of one expert, H]
+# blocks) come from the heap, and the heap kept them: the bf16 gpt-oss-width profile rested GBs
+# above its live tensors.
+MMAP_THRESHOLD = 1 << 20
+
+
+def _bound_heap() -> None:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (no-op elsewhere)."""
+    import ctypes
+    import sys
+    from contextlib import suppress
+
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+
+
 def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -588,6 +608,7 @@ def calibrate_sequential(
     from .quant import check_quantized, quant_format
 
     device = torch.device(device)
+    _bound_heap()
     path = resolve_model_dir(str(model_dir))
     reader = ShardReader(path)
     config = load_config(str(path))
