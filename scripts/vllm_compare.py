@@ -2,9 +2,13 @@
 
     python scripts/vllm_compare.py reference OUT.json CKPT [CKPT ...]   # moeprune's venv
     python scripts/vllm_compare.py vllm REF.json                        # vLLM's venv
+    python scripts/vllm_compare.py tiny gpt_oss WORK                    # moeprune's venv
 
 The reference writes each checkpoint's prompt and output token ids; the vLLM side generates from
 the same prompt ids (no second tokenizer involved) and prints how many outputs are identical.
+``tiny`` writes a tiny random model of another family with the testbed's vocabulary and tokenizer
+(``WORK/<type>``) and a ragged prune of it (``WORK/<type>-ragged``: the ``--scope global`` plans of
+a random model come out uniform, so the per-layer counts are set by hand).
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ from pathlib import Path
 
 NEW_TOKENS = 16
 PER_DOMAIN = 4
+# tiny random models: config overrides (vLLM's CPU attention needs head_dim 32, 64, ...; the
+# testbed's special token ids, which its tokenizer ends prompts with) and the ragged kept experts
+TINY = {
+    "gpt_oss": {
+        "config": {
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "head_dim": 32,
+        },
+        "ragged": {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5], 2: [1, 3, 5, 7], 3: [0, 2, 3, 4, 6]},
+    },
+}
 
 
 def prompts() -> list[str]:
@@ -32,13 +48,14 @@ def prompts() -> list[str]:
 
 def reference(out: str, checkpoints: list[str]) -> None:
     import torch
-    from transformers import AutoTokenizer
 
     import moeprune
+    from moeprune.modelio import load_tokenizer
 
     result = {}
     for ckpt in checkpoints:
-        tok = AutoTokenizer.from_pretrained(ckpt)
+        # not AutoTokenizer: it would find a renamed checkpoint's remote code and ask on the terminal
+        tok = load_tokenizer(ckpt)
         model = moeprune.load(ckpt, dtype=torch.float32).eval()
         rows = []
         for text in prompts():
@@ -50,6 +67,52 @@ def reference(out: str, checkpoints: list[str]) -> None:
     Path(out).write_text(json.dumps(result), encoding="utf-8")
 
 
+def tiny(model_type: str, work: str) -> None:
+    from moeprune.surgery import rewrite_checkpoint
+    from moeprune.testbed import MODEL_DIR
+    from moeprune.testing.tiny import tiny_model
+
+    spec = TINY[model_type]
+    tokens = json.loads((MODEL_DIR / "config.json").read_text(encoding="utf-8"))
+    ids = {k: tokens[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    src = Path(work) / model_type
+    model = tiny_model(model_type, vocab_size=2048, **spec["config"], **ids)
+    model.save_pretrained(src, save_original_format=True)  # the hub's layout
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_bytes((MODEL_DIR / name).read_bytes())
+    out = rewrite_checkpoint(src, Path(work) / f"{model_type}-ragged", spec["ragged"], force=True)
+    print(f"wrote {src} and its ragged prune ({out.kept_counts})")
+
+
+def _deepseek_args(config: dict) -> dict:
+    # the testbed's config predates the hub routing fields vLLM reads (stock path only)
+    overrides: dict = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    layout = config.get("moeprune") or {}
+    reshaped = layout.get("mode") == "novice" or any(
+        n != config["n_routed_experts"] for n in (layout.get("experts_per_layer") or {}).values()
+    )
+    # stock vLLM's DeepSeek ignores tie_word_embeddings (the testbed ties; DeepSeek-V3 does not),
+    # so a tied uniform checkpoint goes through the plugin's class too, which ties them
+    tied = config.get("tie_word_embeddings", False)
+    if (reshaped or tied) and config["architectures"] != ["MoepruneForCausalLM"]:
+        # written before moeprune renamed ragged/novice architectures: name the plugin's class
+        overrides["architectures"] = ["MoepruneDeepseekV3ForCausalLM"]
+    return {
+        "hf_overrides": overrides,
+        # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
+        # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
+        # size 48); its torch version (forward_native) is right
+        "compilation_config": {"custom_ops": ["-rotary_embedding"]},
+    }
+
+
+# base model type -> the vLLM engine arguments its checkpoints need in this check
+ENGINE_ARGS = {
+    "deepseek_v3": _deepseek_args,
+    "gpt_oss": lambda config: {},  # stock vLLM and the plugin as they are
+}
+
+
 def run_vllm(ref_path: str) -> int:
     from vllm import LLM, SamplingParams
 
@@ -57,19 +120,8 @@ def run_vllm(ref_path: str) -> int:
     failed = 0
     for ckpt, rows in ref.items():
         start = time.time()
-        # the testbed's config predates the hub routing fields vLLM reads (stock path only)
-        overrides: dict = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
         config = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
-        layout = config.get("moeprune") or {}
-        reshaped = layout.get("mode") == "novice" or any(
-            n != config["n_routed_experts"] for n in (layout.get("experts_per_layer") or {}).values()
-        )
-        # stock vLLM's DeepSeek ignores tie_word_embeddings (the testbed ties; DeepSeek-V3 does not),
-        # so a tied uniform checkpoint goes through the plugin's class too, which ties them
-        tied = config.get("tie_word_embeddings", False)
-        if (reshaped or tied) and config["architectures"] != ["MoepruneForCausalLM"]:
-            # written before moeprune renamed ragged/novice architectures: name the plugin's class
-            overrides["architectures"] = ["MoepruneDeepseekV3ForCausalLM"]
+        base = (config.get("moeprune") or {}).get("base_model_type") or config["model_type"]
         llm = LLM(
             model=ckpt,
             dtype="float32",
@@ -78,11 +130,7 @@ def run_vllm(ref_path: str) -> int:
             seed=0,
             # on CPU this is the share of RAM vLLM reserves (KV cache); the machine may be shared
             gpu_memory_utilization=float(os.environ.get("VLLM_MEMORY_SHARE", "0.2")),
-            hf_overrides=overrides,
-            # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
-            # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
-            # size 48); its torch version (forward_native) is right
-            compilation_config={"custom_ops": ["-rotary_embedding"]},
+            **ENGINE_ARGS[base](config),
         )
         loaded = time.time() - start
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=False)
@@ -105,5 +153,7 @@ def run_vllm(ref_path: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "reference":
         reference(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "tiny":
+        tiny(sys.argv[2], sys.argv[3])
     else:
         sys.exit(run_vllm(sys.argv[2]))
