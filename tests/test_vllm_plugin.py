@@ -74,7 +74,9 @@ def test_dispatch_config_names_the_family_class_and_stock_type():
 
     cls = dispatch_config(GptOssConfig, "MoepruneGptOssForCausalLM")
     raw = GptOssConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]).to_dict()
-    renamed = cls.from_dict({**raw, "model_type": "moeprune_gpt_oss", "architectures": ["MoepruneForCausalLM"]})
+    renamed = cls.from_dict(
+        {**raw, "model_type": "moeprune_gpt_oss", "architectures": ["MoepruneForCausalLM"]}
+    )
     assert isinstance(renamed, GptOssConfig)
     assert renamed.architectures == ["MoepruneGptOssForCausalLM"] and renamed.model_type == "gpt_oss"
     config, unused = cls.from_dict(
