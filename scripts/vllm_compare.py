@@ -4,9 +4,11 @@
     python scripts/vllm_compare.py reference OUT.json CKPT [CKPT ...]   # moeprune's venv
     python scripts/vllm_compare.py vllm REF.json                        # vLLM's venv
 
-``tiny`` writes a tiny random model of another family (qwen3_moe, mixtral) with the testbed's
-vocabulary and tokenizer to WORK/MODEL_TYPE, to be pruned like the testbed. The reference writes
-each checkpoint's prompt and output token ids, and the log-probability of every output token; the
+``tiny`` writes a tiny random model of another family (qwen3_moe, mixtral, gpt_oss) with the
+testbed's vocabulary and tokenizer to WORK/MODEL_TYPE, to be pruned like the testbed; for gpt_oss
+also a ragged prune of it (WORK/gpt_oss-ragged: the ``--scope global`` plans of a random gpt-oss
+come out uniform, so the per-layer counts are set by hand). The reference writes each
+checkpoint's prompt and output token ids, and the log-probability of every output token; the
 vLLM side generates from the same prompt ids (no second tokenizer involved), prints how many
 outputs are identical and, over the tokens both chose, the largest |log-probability difference|.
 """
@@ -21,23 +23,23 @@ from pathlib import Path
 
 NEW_TOKENS = 16
 PER_DOMAIN = 4
-# the hub configs' flags (Qwen3-30B-A3B renormalises its top-8 weights; Mixtral always does);
-# head_dim 32: vLLM's CPU attention refuses the tiny models' 16 (it takes 32, 64, 80, ...)
-TINY_OVERRIDES: dict[str, dict] = {
-    "qwen3_moe": {"norm_topk_prob": True, "head_dim": 32},
-    "mixtral": {"head_dim": 32},
+# tiny random models: config overrides (the hub configs' flags: Qwen3-30B-A3B renormalises its
+# top-8 weights, Mixtral always does; head_dim 32: vLLM's CPU attention refuses the tiny models'
+# 16, it takes 32, 64, 80, ...), whether to take the testbed's special token ids, and for gpt-oss
+# the ragged kept experts written by hand
+TINY: dict[str, dict] = {
+    "qwen3_moe": {"config": {"num_hidden_layers": 3, "norm_topk_prob": True, "head_dim": 32}},
+    "mixtral": {"config": {"num_hidden_layers": 3, "head_dim": 32}},
+    "gpt_oss": {
+        "config": {
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "head_dim": 32,
+        },
+        "token_ids": True,
+        "ragged": {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5], 2: [1, 3, 5, 7], 3: [0, 2, 3, 4, 6]},
+    },
 }
-
-
-def tiny(work: str, model_type: str) -> None:
-    from moeprune.testbed import MODEL_DIR
-    from moeprune.testing.tiny import tiny_model
-
-    out = Path(work) / model_type
-    model = tiny_model(model_type, vocab_size=2048, num_hidden_layers=3, **TINY_OVERRIDES[model_type])
-    model.save_pretrained(out, save_original_format=True)  # the hub's layout (per-expert tensors)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((MODEL_DIR / name).read_bytes())
 
 
 def prompts() -> list[str]:
@@ -53,13 +55,14 @@ def prompts() -> list[str]:
 
 def reference(out: str, checkpoints: list[str]) -> None:
     import torch
-    from transformers import AutoTokenizer
 
     import moeprune
+    from moeprune.modelio import load_tokenizer
 
     result = {}
     for ckpt in checkpoints:
-        tok = AutoTokenizer.from_pretrained(ckpt)
+        # not AutoTokenizer: it would find a renamed checkpoint's remote code and ask on the terminal
+        tok = load_tokenizer(ckpt)
         model = moeprune.load(ckpt, dtype=torch.float32).eval()
         rows = []
         for text in prompts():
@@ -82,8 +85,27 @@ def reference(out: str, checkpoints: list[str]) -> None:
     Path(out).write_text(json.dumps(result), encoding="utf-8")
 
 
-def _deepseek_overrides(config: dict) -> dict:
-    """What the testbed (DeepSeek-V3 style) needs on top of its config.json in vLLM."""
+def tiny(work: str, model_type: str) -> None:
+    from moeprune.surgery import rewrite_checkpoint
+    from moeprune.testbed import MODEL_DIR
+    from moeprune.testing.tiny import tiny_model
+
+    spec = TINY[model_type]
+    ids = {}
+    if spec.get("token_ids"):
+        tokens = json.loads((MODEL_DIR / "config.json").read_text(encoding="utf-8"))
+        ids = {k: tokens[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    src = Path(work) / model_type
+    model = tiny_model(model_type, vocab_size=2048, **spec["config"], **ids)
+    model.save_pretrained(src, save_original_format=True)  # the hub's layout (per-expert tensors)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_bytes((MODEL_DIR / name).read_bytes())
+    if "ragged" in spec:
+        out = rewrite_checkpoint(src, Path(work) / f"{model_type}-ragged", spec["ragged"], force=True)
+        print(f"wrote {src} and its ragged prune ({out.kept_counts})")
+
+
+def _deepseek_args(config: dict) -> dict:
     # the testbed's config predates the hub routing fields vLLM reads (stock path only)
     overrides: dict = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
     layout = config.get("moeprune") or {}
@@ -96,7 +118,22 @@ def _deepseek_overrides(config: dict) -> dict:
     if (reshaped or tied) and config["architectures"] != ["MoepruneForCausalLM"]:
         # written before moeprune renamed ragged/novice architectures: name the plugin's class
         overrides["architectures"] = ["MoepruneDeepseekV3ForCausalLM"]
-    return overrides
+    return {
+        "hf_overrides": overrides,
+        # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
+        # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
+        # size 48); its torch version (forward_native) is right
+        "compilation_config": {"custom_ops": ["-rotary_embedding"]},
+    }
+
+
+# base model type -> the vLLM engine arguments its checkpoints need in this check
+ENGINE_ARGS = {
+    "deepseek_v3": _deepseek_args,
+    "qwen3_moe": lambda config: {},  # stock vLLM ops and the plugin as they are
+    "mixtral": lambda config: {},
+    "gpt_oss": lambda config: {},
+}
 
 
 def run_vllm(ref_path: str) -> int:
@@ -107,8 +144,7 @@ def run_vllm(ref_path: str) -> int:
     for ckpt, rows in ref.items():
         start = time.time()
         config = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
-        deepseek = "n_routed_experts" in config
-        overrides = _deepseek_overrides(config) if deepseek else {}
+        base = (config.get("moeprune") or {}).get("base_model_type") or config["model_type"]
         llm = LLM(
             model=ckpt,
             dtype="float32",
@@ -117,11 +153,7 @@ def run_vllm(ref_path: str) -> int:
             seed=0,
             # on CPU this is the share of RAM vLLM reserves (KV cache); the machine may be shared
             gpu_memory_utilization=float(os.environ.get("VLLM_MEMORY_SHARE", "0.2")),
-            hf_overrides=overrides,
-            # vLLM 0.32's CPU rotary op mis-rotates the [tokens, heads, 16] query slice of the
-            # non-MLA DeepSeek attention (VLLM_MLA_DISABLE=1, needed for the testbed's MLA head
-            # size 48); its torch version (forward_native) is right. Other families: stock ops
-            compilation_config={"custom_ops": ["-rotary_embedding"]} if deepseek else {},
+            **ENGINE_ARGS[base](config),
         )
         loaded = time.time() - start
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=False, logprobs=1)

@@ -63,6 +63,7 @@ def test_entry_point_names_register():
     [
         ("qwen3_moe", "moeprune.vllm_plugin.qwen3_moe:MoepruneQwen3MoeForCausalLM"),
         ("mixtral", "moeprune.vllm_plugin.mixtral:MoepruneMixtralForCausalLM"),
+        ("gpt_oss", "moeprune.vllm_plugin.gpt_oss:MoepruneGptOssForCausalLM"),
         ("deepseek_v3", "moeprune.vllm_plugin.deepseek:MoepruneDeepseekV3ForCausalLM"),
         ("deepseek_v2", "moeprune.vllm_plugin.deepseek:MoepruneDeepseekV3ForCausalLM"),
         (None, "moeprune.vllm_plugin.deepseek:MoepruneDeepseekV3ForCausalLM"),  # before the rename
@@ -84,21 +85,10 @@ def test_unserved_family_refused_in_one_line():
     assert "\n" not in str(err.value)
 
 
-def test_models_table_names_classes_that_exist():
-    """Every registered target is a module of the plugin defining that class (read as text: the
-    modules import vLLM), and every explicit name is the class's own."""
-    import moeprune.vllm_plugin as plugin
-
-    for name, target in plugin.MODELS.values():
-        module, _, cls = target.partition(":")
-        assert cls == name
-        path = ROOT / "src" / Path(*module.split(".")).with_suffix(".py")
-        assert f"class {cls}(" in path.read_text(encoding="utf-8")
-
-
 def test_configs_registered_as_the_stock_classes(monkeypatch):
-    """``moeprune_<base>`` is read as the stock config class of ``<base>`` (vLLM keys attention
-    and routing paths on the stock model_type); a fake mapping keeps transformers' global clean."""
+    """``moeprune_<base>`` is read as a subclass of the stock config class of ``<base>`` with its
+    model_type (vLLM keys attention and routing paths on the stock model_type); a fake mapping
+    keeps transformers' global clean."""
     from transformers.models.auto import configuration_auto
 
     import moeprune.vllm_plugin as plugin
@@ -119,9 +109,9 @@ def test_configs_registered_as_the_stock_classes(monkeypatch):
     monkeypatch.setattr(configuration_auto, "CONFIG_MAPPING", Mapping())
     plugin._register_configs()
     assert set(registered) == {f"moeprune_{base}" for base in plugin.MODELS}
-    for base in ("qwen3_moe", "mixtral", "deepseek_v3"):
+    for base in ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"):
         cls = registered[f"moeprune_{base}"]
-        assert cls is real[base] and cls.model_type == base
+        assert issubclass(cls, real[base]) and cls is not real[base] and cls.model_type == base
 
 
 def test_layout_counts_per_layer():
@@ -202,3 +192,68 @@ def test_softmax_novice_layer_is_exact(model_type, renormalize):
     with torch.no_grad():
         layer.experts.novice_outputs.zero_()
         assert not torch.allclose(layer(x.reshape(-1, hidden)).reshape(x.shape), want, atol=1e-3)
+
+
+def test_models_table_names_existing_classes():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    import moeprune.vllm_plugin as plugin
+
+    for base, (name, target) in plugin.MODELS.items():
+        assert base in CONFIG_MAPPING  # the stock config class the dispatch subclasses
+        module, cls = target.split(":")
+        assert cls == name and module.startswith("moeprune.vllm_plugin.")
+        source = (ROOT / "src" / Path(*module.split("."))).with_suffix(".py").read_text(encoding="utf-8")
+        assert f"class {name}(" in source  # a typo would only show when vLLM builds the model
+
+
+def test_dispatch_config_names_the_family_class_and_stock_type():
+    from transformers import GptOssConfig
+
+    from moeprune.vllm_plugin import dispatch_config
+
+    cls = dispatch_config(GptOssConfig, "MoepruneGptOssForCausalLM")
+    raw = GptOssConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]).to_dict()
+    renamed = cls.from_dict(
+        {**raw, "model_type": "moeprune_gpt_oss", "architectures": ["MoepruneForCausalLM"]}
+    )
+    assert isinstance(renamed, GptOssConfig)
+    assert renamed.architectures == ["MoepruneGptOssForCausalLM"] and renamed.model_type == "gpt_oss"
+    config, unused = cls.from_dict(
+        {**raw, "architectures": ["GptOssForCausalLM"]}, return_unused_kwargs=True, foo=1
+    )
+    assert config.architectures == ["GptOssForCausalLM"] and unused == {"foo": 1}  # others untouched
+
+
+def test_gpt_oss_novice_layer_matches_moeprune_load(tmp_path):
+    """The plugin's torch novice layer (what vLLM runs) against moeprune.load's, float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    import moeprune
+    from moeprune.surgery import rewrite_checkpoint
+    from moeprune.testing.tiny import tiny_model
+    from moeprune.vllm_plugin.gpt_oss_novice import NoviceGptOssMLP
+
+    model = tiny_model("gpt_oss")  # 8 experts, top-2, 2 layers, randomised routing
+    model.save_pretrained(tmp_path / "src", save_original_format=True)
+    novice_ids = {0: [1, 4, 6], 1: [0, 2, 3, 7]}
+    kept = {layer: [i for i in range(8) if i not in ids] for layer, ids in novice_ids.items()}
+    hidden = model.config.hidden_size
+    torch.manual_seed(0)
+    novices = {layer: torch.randn(len(ids), hidden) for layer, ids in novice_ids.items()}
+    rewrite_checkpoint(tmp_path / "src", tmp_path / "novice", kept, mode="novice", novices=novices)
+    reference = moeprune.load(tmp_path / "novice", dtype=torch.float32).eval()
+    tensors = load_file(tmp_path / "novice" / "model.safetensors")
+    x = torch.randn(64, hidden)
+    for layer, ids in novice_ids.items():
+        mine = NoviceGptOssMLP(model.config, ids)
+        prefix = f"model.layers.{layer}.mlp."
+        mine.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        chosen = mine.lookup[mine.route(x)[0]]
+        assert (chosen >= mine.kept).any() and (chosen < mine.kept).any()  # both kinds are hit
+        with torch.no_grad():
+            want = reference.model.layers[layer].mlp(x[None])[0][0]
+            got = mine(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, model.model.layers[layer].mlp(x[None])[0][0], atol=1e-4)

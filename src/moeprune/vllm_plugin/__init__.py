@@ -14,10 +14,16 @@ What it registers (``docs/vllm.md``):
   before the rename (``architectures: [DeepseekV3ForCausalLM]`` plus ``config.moeprune``):
   ``LLM(path, hf_overrides={"architectures": ["MoepruneDeepseekV3ForCausalLM"]})``.
 
-- ``MoepruneQwen3MoeForCausalLM``, ``MoepruneMixtralForCausalLM``: the same for Qwen3-MoE and
-  Mixtral (``MoepruneForCausalLM`` builds them for ``base_model_type`` ``qwen3_moe``/``mixtral``).
+- ``MoepruneQwen3MoeForCausalLM``, ``MoepruneMixtralForCausalLM``, ``MoepruneGptOssForCausalLM``:
+  the same for Qwen3-MoE, Mixtral and gpt-oss.
 
-Families served: DeepSeek-V3 (and the DeepSeek-V2 layout it shares), Qwen3-MoE, Mixtral.
+Families served: DeepSeek-V3 (and the DeepSeek-V2 layout it shares), Qwen3-MoE, Mixtral, gpt-oss.
+
+Dispatch: the ``moeprune_<base>`` config type reads as a subclass of ``<base>``'s stock config
+that names the family's class in ``architectures`` (and carries the stock ``model_type``), so
+``MoepruneForCausalLM`` checkpoints of every family in :data:`MODELS` reach their own class; a
+config that still names ``MoepruneForCausalLM`` (read some other way) is built through
+:func:`model_target` on ``config.moeprune.base_model_type``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ MODELS = {
         "MoepruneMixtralForCausalLM",
         "moeprune.vllm_plugin.mixtral:MoepruneMixtralForCausalLM",
     ),
+    "gpt_oss": ("MoepruneGptOssForCausalLM", "moeprune.vllm_plugin.gpt_oss:MoepruneGptOssForCausalLM"),
 }
 # base model types served by another family's class (None: configs written before the rename)
 ALIASES = {None: "deepseek_v3", "deepseek_v2": "deepseek_v3"}
@@ -70,11 +77,30 @@ def model_target(base_model_type: str | None) -> str:
 
 
 def _register_configs() -> None:
-    """``moeprune_<base>`` configs read as the stock config class of ``<base>`` itself: vLLM picks
-    attention and other paths by ``config.model_type`` (e.g. MLA for ``deepseek_v3``), so the
-    loaded config must carry the stock type (AutoConfig.register would insist on the new one)."""
+    """``moeprune_<base>`` configs read as :func:`dispatch_config` of ``<base>``'s stock config
+    class (AutoConfig.register would insist on a class whose ``model_type`` is the new name)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    for base in MODELS:
+    for base, (name, _) in MODELS.items():
         if PREFIX + base not in CONFIG_MAPPING:
-            CONFIG_MAPPING.register(PREFIX + base, CONFIG_MAPPING[base], exist_ok=True)
+            CONFIG_MAPPING.register(PREFIX + base, dispatch_config(CONFIG_MAPPING[base], name), exist_ok=True)
+
+
+def dispatch_config(stock: type, name: str) -> type:
+    """A subclass of the stock config class whose loaded configs name ``name`` instead of
+    ``MoepruneForCausalLM`` (vLLM resolves the model class from ``architectures``) and carry the
+    stock ``model_type``: vLLM picks attention and other paths by it (MLA for ``deepseek_v3``,
+    the harmony chat format for ``gpt_oss``)."""
+
+    class MoepruneConfig(stock):
+        @classmethod
+        def from_dict(cls, config_dict, **kwargs):
+            out = super().from_dict(config_dict, **kwargs)
+            config = out[0] if isinstance(out, tuple) else out  # (config, unused) on request
+            if list(getattr(config, "architectures", None) or []) == [ARCHITECTURE]:
+                config.architectures = [name]
+            config.model_type = stock.model_type
+            return out
+
+    MoepruneConfig.__name__ = MoepruneConfig.__qualname__ = f"Moeprune{stock.__name__}"
+    return MoepruneConfig
