@@ -19,6 +19,7 @@ import torch
 from vllm.model_executor.models import gpt_oss
 from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
 
+from .common import load_with_novices
 from .gpt_oss_novice import NoviceGptOssMLP
 from .layout import ServeLayout, read_layout
 
@@ -41,29 +42,7 @@ class MoepruneGptOssForCausalLM(GptOssForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Novice layers take their tensors by checkpoint name; everything else goes to vLLM's
         loader (which renames the hub's names, e.g. ``gate_up_proj`` -> ``w13_weight``)."""
-        own: dict[str, torch.Tensor] = {}
-        for name, module in self.named_modules():
-            if isinstance(module, NoviceGptOssMLP):
-                own.update({f"{name}.{k}": v for k, v in module.named_parameters()})
-        loaded: set[str] = set()
-
-        def rest() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if name in own:
-                    if own[name].shape != tensor.shape:
-                        raise ValueError(
-                            f"{name} is {list(tensor.shape)} in the checkpoint, {list(own[name].shape)} in the model"
-                        )
-                    own[name].data.copy_(tensor)
-                    loaded.add(name)
-                else:
-                    yield name, tensor
-
-        loaded |= super().load_weights(rest())
-        missing = sorted(set(own) - loaded)
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} novice-layer tensors, e.g. {missing[0]}")
-        return loaded
+        return load_with_novices(self, NoviceGptOssMLP, weights, super().load_weights)
 
 
 def _mlp_factory(stock: type, layout: ServeLayout) -> type:
