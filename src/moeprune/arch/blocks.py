@@ -54,7 +54,7 @@ class MoEBlock:
     # linear map of the experts' outputs to the residual stream (Muse-Spark; ArchFacts.expert_out_proj)
     expert_out_proj_path: str | None = None
     # the router's logits without its routing (ArchFacts.logits_only), for steered stock evaluation
-    logits_only: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    logits_only: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)

@@ -31,6 +31,7 @@ from ..errors import UserError
 from . import llama4
 from .blocks import MoEBlock
 from .experts import selected_expert_outputs
+from .routing import KeptView, kept_view, kept_view_problem, route_kept
 
 
 @dataclass
@@ -96,17 +97,59 @@ def _router_forward(
 ) -> Callable:
     """``logits_only``: when steered, compute only the logits (``block.logits_only``) and skip the
     router's own routing, which the steered routing replaces (the stock-experts evaluation: nothing
-    else reads the router's output)."""
+    else reads the router's output). A mask that its kept experts alone route exactly
+    (:func:`.routing.kept_view_problem`) is routed as the pruned checkpoint's router would route it:
+    logits of the kept rows only, no -inf mask, ids mapped back (the logits returned are then the
+    kept columns', [T, K], as the pruned router's)."""
     router = block.router(model)
     plain = block.adapter is None and not block.spec.extra_role and not block.spec.selects_extra
+    prefix = block.router_path + "."
+    weight_name = block.router_weight_path.removeprefix(prefix) if block.router_weight_path.startswith(prefix) else None
+    built: list = []  # [(key, (view, rows) or None)]: the current mask's kept view, built once
+
+    def kept_rows(control: BlockControl) -> tuple[KeptView, torch.Tensor] | None:
+        """The pruned router a mask leaves: its kept view and the kept rows of the router's weight
+        (None: the view would not route exactly as the mask, so the mask is applied to all E)."""
+        allowed = control.allowed
+        if allowed is None or weight_name is None:
+            return None
+        weight = getattr(router, weight_name) if "." not in weight_name else router.get_parameter(weight_name)
+        if built:
+            key, view = built[0]
+            a, av, w, wv, dev, k, b, bv = key
+            if (
+                a is allowed
+                and av == allowed._version
+                and w is weight
+                and wv == weight._version
+                and dev == weight.device
+                and k == control.top_k
+                and (b is None or bv == b._version)
+            ):  # (else a tensor changed in place, or the model moved: built again)
+                return view
+        bias = block.selection_bias(model)
+        view = None
+        if kept_view_problem(block.spec, allowed, control.top_k) is None:
+            v = kept_view(allowed, bias, weight.device)
+            view = (v, weight.detach()[v.kept])
+        bias_version = None if bias is None else bias._version
+        key = (allowed, allowed._version, weight, weight._version, weight.device, control.top_k, bias, bias_version)
+        built[:] = [(key, view)]
+        return view
 
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         control = session.controls.get(block.index)
         steer = control is not None and (control.allowed is not None or control.top_k is not None)
         if logits_only and plain and steer and block.logits_only is not None and not args and not kwargs:
-            logits = block.logits_only(router, hidden_states)
+            kept = kept_rows(control)
+            if kept is not None:  # route as the pruned checkpoint's router would, ids mapped back
+                view, rows = kept
+                logits = block.logits_only(router, hidden_states, rows)  # [T, K]: the kept columns
+                r = route_kept(block.spec, logits, view, control.top_k)
+            else:
+                logits = block.logits_only(router, hidden_states, None)
+                r = block.route(model, logits, allowed=control.allowed, top_k=control.top_k)
             state.logits, state.index = logits, None
-            r = block.route(model, logits, allowed=control.allowed, top_k=control.top_k)
             weights = r.top_k_weights
             if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
                 weights = weights / block.spec.scaling  # the block multiplies it back

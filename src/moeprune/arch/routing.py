@@ -181,6 +181,70 @@ def route(
     return Routing(probs=probs, top_k_index=chosen, top_k_weights=weights)
 
 
+def kept_view_problem(spec: RoutingSpec, allowed: torch.Tensor, top_k: int | None = None) -> str | None:
+    """Why routing over the ``allowed`` experts alone (:func:`route_kept`) would not be exactly
+    :func:`route` with the others forbidden (None: it is).
+
+    Forbidden experts hold -inf from the logits on: they score 0 (sigmoid, softplus) or add exp(-inf)
+    = 0 to a softmax, are never selected, and a group's max or top-2 sum is that of its allowed
+    experts. Routing the allowed columns alone, in their order, computes the same values (a softmax
+    sums its exponentials over fewer zeros: equal up to the order of a float sum) and selects the
+    same experts, provided the groups stay the same groups: every group keeps the same number of
+    experts (the pruned checkpoint's groups), at least two where a group scores by its top two, and
+    the chosen groups hold all top-k. Dropped groups filled with 0.0 (AXK-2) are left to the mask:
+    their many equal scores make top-k a tie that the two layouts need not break alike."""
+    k = top_k or spec.top_k
+    if spec.selector != "topk":
+        return "the sparsemixer selector"
+    if spec.extra_columns or spec.weight_scale:
+        return "router columns or weight scales beyond the E experts"
+    e = allowed.shape[-1]
+    n_kept = int(allowed.sum())
+    if n_kept < k:
+        return f"only {n_kept} experts allowed but top-k is {k}"
+    if spec.group_limited:
+        if spec.group_fill != float("-inf"):
+            return "dropped groups are filled with a finite score"
+        if e % spec.n_group:
+            return f"{e} experts do not split into {spec.n_group} groups"
+        counts = set(allowed.to(torch.bool).view(spec.n_group, -1).sum(dim=-1).tolist())
+        if len(counts) != 1:
+            return "the groups keep different numbers of experts"
+        per = counts.pop()
+        if spec.group_score == "top2_sum" and per < 2:
+            return "a group keeps fewer than the two experts it is scored by"
+        if spec.topk_group * per < k:
+            return "the chosen groups keep fewer than top-k experts"
+    return None
+
+
+@dataclass(frozen=True)
+class KeptView:
+    """The allowed experts of a mask as a router of their own: the pruned checkpoint's router.
+
+    ``kept``: their ids, ascending (a pruned checkpoint keeps this order, so groups stay contiguous);
+    ``selection_bias``: their entries of the selection bias (None: the router has none)."""
+
+    kept: torch.Tensor  # int64 [K]
+    selection_bias: torch.Tensor | None  # [K]
+
+
+def kept_view(allowed: torch.Tensor, selection_bias: torch.Tensor | None, device: torch.device) -> KeptView:
+    """The view of the experts ``allowed`` (bool [E]) leaves, its ids on ``device`` (the logits')."""
+    kept = allowed.to(torch.bool).nonzero().flatten()
+    bias = None if selection_bias is None else selection_bias.detach()[kept.to(selection_bias.device)]
+    return KeptView(kept=kept.to(device), selection_bias=bias)
+
+
+def route_kept(spec: RoutingSpec, logits: torch.Tensor, view: KeptView, top_k: int | None = None) -> Routing:
+    """:func:`route` over the kept experts' logits [T, K] alone, ids mapped back to the E experts:
+    the same routing as ``route(spec, all_logits, bias, allowed)`` where :func:`kept_view_problem`
+    finds none, at the pruned router's cost (no mask, K columns). ``probs`` are the kept columns'."""
+    r = route(spec, logits, view.selection_bias, top_k=top_k)
+    index = torch.take(view.kept, r.top_k_index)  # (one op: cheaper per forward than kept[index])
+    return Routing(probs=r.probs, top_k_index=index, top_k_weights=r.top_k_weights)
+
+
 def scores(score_fn: ScoreFn, logits: torch.Tensor) -> torch.Tensor:
     """Router probabilities p_t from logits [T, E] (a removed expert's -inf logit scores 0)."""
     if score_fn == "softmax":
@@ -207,9 +271,9 @@ def _limit_to_groups(spec: RoutingSpec, choice: torch.Tensor) -> torch.Tensor:
     else:
         group_scores = grouped.max(dim=-1).values
     best = torch.topk(group_scores, spec.topk_group, dim=-1).indices
-    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-    expert_mask = group_mask.unsqueeze(-1).expand(t, spec.n_group, per_group).reshape(t, e)
-    return choice.masked_fill(~expert_mask, spec.group_fill)
+    dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best, False)
+    # (the [T, G, 1] mask broadcasts over each group: no expanded copy, no negation, per forward)
+    return grouped.masked_fill(dropped.unsqueeze(-1), spec.group_fill).reshape(t, e)
 
 
 SPARSEMIXER_TOP_K = 2

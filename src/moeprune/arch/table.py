@@ -314,15 +314,19 @@ class ArchFacts:
     # The router's logits [T, E] from its input alone, computed exactly as its own forward does,
     # for routers whose forward is "logits, then routing, returned as (logits, weights, index)": a
     # masked evaluation replaces the routing, so it need not run (docs/benchmarks.md, compare rows).
-    # None: the router's own forward runs and its routing is recomputed.
-    logits_only: Callable[[nn.Module, Any], Any] | None = None
+    # None: the router's own forward runs and its routing is recomputed. Called as
+    # ``logits_only(router, hidden, rows)``: ``rows`` (None: all) are rows of the router's weight
+    # (MoEBlock.router_weight_path), the kept experts' for a mask (routing.route_kept).
+    logits_only: Callable[[nn.Module, Any, Any], Any] | None = None
 
 
-def float32_linear_logits(router: nn.Module, hidden: Any) -> Any:
-    """``F.linear(h.float(), W.float())``: DeepSeek-V3's ``TopkRouter`` forward, up to its routing."""
+def float32_linear_logits(router: nn.Module, hidden: Any, rows: Any = None) -> Any:
+    """``F.linear(h.float(), W.float())``: DeepSeek-V3's ``TopkRouter`` forward, up to its routing
+    (``rows``: some rows of W, as a pruned checkpoint's router holds them)."""
     import torch.nn.functional as F
 
-    return F.linear(hidden.view(-1, router.weight.shape[-1]).float(), router.weight.float())
+    w = router.weight if rows is None else rows
+    return F.linear(hidden.view(-1, w.shape[-1]).float(), w.float())
 
 
 _ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
