@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, os, sys, time
-import torch  # noqa: F401  (imported up front with moeprune.surgery: their memory is reported separately)
-import moeprune.surgery as surgery
+i0, ic0 = time.perf_counter(), os.times()
+import moeprune.surgery as surgery  # (and torch, before issue 17's torch-free rewrite)
+torch_at_import = "torch" in sys.modules
 
 def hwm_kb():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -75,8 +76,10 @@ result = surgery.rewrite_checkpoint(src, out, {int(k): v for k, v in kept.items(
 seconds, c1 = time.perf_counter() - t0, os.times()
 print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0][0],
                   "cpu_seconds": c1.user + c1.system - c0.user - c0.system,
-                  "transformers": "transformers" in sys.modules,
-                  "plan_seconds": writes[0][0] - t0,
+                  "import_seconds": t0 - i0, "import_cpu_seconds": c0.user + c0.system - ic0.user - ic0.system,
+                  "transformers": "transformers" in sys.modules, "torch": "torch" in sys.modules,
+                  "plan_seconds": writes[0][0] - t0, "tail_seconds": t0 + seconds - writes[-1][1],
+                  "torch_at_import": torch_at_import,
                   "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
                   "bytes_out": result.bytes_out, "shards": len(result.shards)}))
 """
@@ -187,7 +190,11 @@ def main() -> None:
             shutil.rmtree(work / "cp", ignore_errors=True)
             cps.append(time_cp(src, work / "cp", kept_bytes))
             subprocess.run(["sync"], check=False)
-            print(f"round {r + 1}: load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+            each = ", ".join(
+                f"{name} {runs[name][-1]['seconds']:.2f} s (writing {runs[name][-1]['write_seconds']:.2f})"
+                for name, _ in trees
+            )
+            print(f"round {r + 1}: {each}, cp {cps[-1][0]:.2f} s; load {os.getloadavg()[0]:.1f}", file=sys.stderr)
         load.append(os.getloadavg()[0])
         cp = {
             "seconds": statistics.median(c[0] for c in cps),
@@ -220,7 +227,17 @@ def main() -> None:
 def _median(children: list[dict]) -> dict:
     """Median of every timing over the runs of one checkout; the largest peak RSS."""
     out = dict(children[0])
-    for key in ("seconds", "write_seconds", "plan_seconds", "cpu_seconds", "hwm_after_imports_kb"):
+    for key in (
+        "seconds",
+        "write_seconds",
+        "plan_seconds",
+        "tail_seconds",
+        "cpu_seconds",
+        "import_seconds",
+        "import_cpu_seconds",
+        "process_seconds",
+        "hwm_after_imports_kb",
+    ):
         out[key] = statistics.median(c[key] for c in children)
     out["hwm_peak_kb"] = max(c["hwm_peak_kb"] for c in children)
     return out
@@ -229,15 +246,17 @@ def _median(children: list[dict]) -> dict:
 def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path) -> dict:
     """One rewrite in a fresh process importing moeprune from ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
         capture_output=True,
         text=True,
         env=env,
     )
+    process_seconds = time.perf_counter() - t0  # interpreter start to exit: what a command pays
     if proc.returncode != 0:
         sys.exit(f"rewrite failed ({tree}):\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_seconds": process_seconds}
 
 
 def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -> str:
@@ -245,6 +264,7 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
     base = child["hwm_after_imports_kb"] * 1024
     total_s, write_s, cpu_s = child["seconds"], child["write_seconds"], child["cpu_seconds"]
     cp_s, cp_cpu = cp["seconds"], cp["cpu_seconds"]
+    imp_s, imp_cpu = total_s + child["import_seconds"], cpu_s + child["import_cpu_seconds"]
     rows = [
         (f"checkpoint (bf16, {args.shards} shards)", f"{on_disk / 1e9:.2f} GB"),
         ("rewritten, keeping 32/64 experts", f"{kept_bytes / 1e9:.2f} GB in {child['shards']} shard(s)"),
@@ -252,9 +272,16 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
             f"peak RSS of the rewrite process (largest of {n})",
             f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}% of the checkpoint",
         ),
-        ("  of which after importing moeprune.surgery (torch)", f"{base / 1e6:.0f} MB"),
+        (
+            "  of which after importing moeprune.surgery"
+            + (" (and torch with it)" if child.get("torch_at_import") else " (no torch)"),
+            f"{base / 1e6:.0f} MB",
+        ),
         ("  added by the rewrite", f"{(peak - base) / 1e6:.0f} MB = {100 * (peak - base) / on_disk:.1f}%"),
-        ("  transformers imported by the call", "yes" if child["transformers"] else "no"),
+        (
+            "  imported by the end of the call",
+            ", ".join(m for m in ("torch", "transformers") if child.get(m)) or "neither torch nor transformers",
+        ),
         (
             f"cp of the kept bytes (median of {n})",
             f"{cp_s:.2f} s, CPU {cp_cpu:.2f} s (scaled from cp of {cp['bytes'] / 1e9:.2f} GB)",
@@ -263,8 +290,18 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
             f"rewrite, whole call (fresh process, median of {n})",
             f"{total_s:.2f} s = {total_s / cp_s:.2f} x cp; CPU {cpu_s:.2f} s = {cpu_s / cp_cpu:.2f} x cp",
         ),
+        (
+            "importing moeprune.surgery first (a command pays it)",
+            f"{child['import_seconds']:.2f} s, CPU {child['import_cpu_seconds']:.2f} s; with the call "
+            f"{imp_s:.2f} s = {imp_s / cp_s:.2f} x cp, CPU {imp_cpu:.2f} s = {imp_cpu / cp_cpu:.2f} x cp",
+        ),
+        (
+            "the whole process (interpreter start to exit)",
+            f"{child['process_seconds']:.2f} s = {child['process_seconds'] / cp_s:.2f} x cp",
+        ),
         ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_s:.2f} x cp"),
         ("rewrite before writing (config, keys, plan)", f"{child['plan_seconds']:.2f} s"),
+        ("rewrite after the last shard (config, index, card, rename)", f"{child['tail_seconds']:.2f} s"),
     ]
     return kv_table(rows)
 
