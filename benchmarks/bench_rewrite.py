@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, os, sys, time
+if os.environ.get("BENCH_TORCH_FIRST"):  # --with-torch: does a loaded torch slow the same rewrite?
+    import torch  # noqa: F401
 i0, ic0 = time.perf_counter(), os.times()
 import moeprune.surgery as surgery  # (and torch, before issue 17's torch-free rewrite)
 torch_at_import = "torch" in sys.modules
@@ -162,6 +164,9 @@ def main() -> None:
         help="a checkpoint this script generated (same --layers): reused, kept",
     )
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout's src to compare with")
+    parser.add_argument(
+        "--with-torch", action="store_true", help="also run this checkout with torch imported before the clock"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
@@ -180,6 +185,8 @@ def main() -> None:
         subprocess.run(["sync"], check=False)
 
         trees = [("this checkout", ROOT / "src")]
+        if args.with_torch:
+            trees.append(("this checkout, torch imported first", ROOT / "src"))
         if args.baseline is not None:
             trees.insert(0, ("baseline", args.baseline.resolve()))
         for _, tree in trees:  # as an installed package has it: else (PYTHONDONTWRITEBYTECODE) every
@@ -190,7 +197,7 @@ def main() -> None:
         for r in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes; order flips
             for name, tree in trees if r % 2 == 0 else trees[::-1]:
                 shutil.rmtree(out, ignore_errors=True)
-                runs[name].append(run_child(src, out, kept, tree))
+                runs[name].append(run_child(src, out, kept, tree, torch_first="torch" in name))
                 check_output(src, out, kept)
                 subprocess.run(["sync"], check=False)
             kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -221,6 +228,7 @@ def main() -> None:
     print(text)
     if args.append is not None:
         base = " --baseline BASE/src" if args.baseline is not None else ""
+        base += " --with-torch" if args.with_torch else ""
         cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --repeat {args.repeat}{base} --append docs/benchmarks.md"
         append_section(
             args.append,
@@ -256,9 +264,9 @@ def _median(children: list[dict]) -> dict:
     return out
 
 
-def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path) -> dict:
+def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path, torch_first: bool = False) -> dict:
     """One rewrite in a fresh process importing moeprune from ``tree``."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_TORCH_FIRST": "1" if torch_first else ""}
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
