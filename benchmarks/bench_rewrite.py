@@ -6,21 +6,24 @@ writing it shard by shard straight from a small pool of random bytes (no model i
 Then it rewrites it keeping 32 of 64 experts per layer (4 per group) in a child process, and reports:
 
 - peak RSS of the child as a fraction of the checkpoint size (goal < 10%), with the child's RSS
-  after importing ``moeprune.surgery`` (and with it torch) for scale. The child reports its own
+  after importing ``moeprune.surgery`` for scale (before issue 17 that imported torch, ~230 MB). The child reports its own
   high-water mark (``VmHWM`` in ``/proc/self/status``): on Linux
   ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` inherits the parent's high-water mark across fork +
   exec, so it would report this script's own memory;
 - rewrite time / time to ``cp`` the same number of bytes (goal <= 1.2), for the whole
-  ``rewrite_checkpoint`` call in a fresh process (importing ``moeprune.surgery`` and torch excluded,
-  done before the clock starts; anything the call imports itself, such as transformers, counted)
-  and for its shard-writing phase alone, in wall time and in CPU time (user + system: what a
+  ``rewrite_checkpoint`` call in a fresh process (importing ``moeprune.surgery`` excluded, done
+  before the clock starts; anything the call imports itself, such as transformers, counted), for
+  the import and the call together and for the whole process (interpreter start to exit: what a
+  command pays; the trees are byte-compiled first, as an installed package is), and for its
+  shard-writing phase alone, in wall time and in CPU time (user + system: what a
   loaded machine distorts least); the time before the first shard is the fixed cost (config,
   headers, key map, plan; before issue 17 also building the model on the meta device). ``cp``
   copies whole source shards adding up to about the kept bytes, and its times are scaled to
   exactly the kept bytes. Both read a source that is in the page cache (written and synced just
   before); neither syncs its output. With ``--repeat`` N, rewrites and ``cp`` alternate N times
   (the order of the checkouts flipping each round) and the medians are reported, with the largest
-  peak RSS.
+  peak RSS, and the fastest run of each (on a shared VM some runs of both take several times
+  the CPU time of the others).
 
 ``--baseline SRC`` also runs the child with another checkout's ``src`` (e.g. a worktree of the
 previous commit, ``git archive``) on the same checkpoint, alternating with this one (``--repeat`` times each), and
@@ -35,6 +38,7 @@ and leaves it).
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import resource
@@ -52,8 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, os, sys, time
-import torch  # noqa: F401  (imported up front with moeprune.surgery: their memory is reported separately)
-import moeprune.surgery as surgery
+if os.environ.get("BENCH_TORCH_FIRST"):  # --with-torch: does a loaded torch slow the same rewrite?
+    import torch  # noqa: F401
+i0, ic0 = time.perf_counter(), os.times()
+import moeprune.surgery as surgery  # (and torch, before issue 17's torch-free rewrite)
+torch_at_import = "torch" in sys.modules
 
 def hwm_kb():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -75,8 +82,10 @@ result = surgery.rewrite_checkpoint(src, out, {int(k): v for k, v in kept.items(
 seconds, c1 = time.perf_counter() - t0, os.times()
 print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0][0],
                   "cpu_seconds": c1.user + c1.system - c0.user - c0.system,
-                  "transformers": "transformers" in sys.modules,
-                  "plan_seconds": writes[0][0] - t0,
+                  "import_seconds": t0 - i0, "import_cpu_seconds": c0.user + c0.system - ic0.user - ic0.system,
+                  "transformers": "transformers" in sys.modules, "torch": "torch" in sys.modules,
+                  "plan_seconds": writes[0][0] - t0, "tail_seconds": t0 + seconds - writes[-1][1],
+                  "torch_at_import": torch_at_import,
                   "hwm_after_imports_kb": base, "hwm_peak_kb": hwm_kb(),
                   "bytes_out": result.bytes_out, "shards": len(result.shards)}))
 """
@@ -155,6 +164,9 @@ def main() -> None:
         help="a checkpoint this script generated (same --layers): reused, kept",
     )
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout's src to compare with")
+    parser.add_argument(
+        "--with-torch", action="store_true", help="also run this checkout with torch imported before the clock"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
@@ -173,25 +185,35 @@ def main() -> None:
         subprocess.run(["sync"], check=False)
 
         trees = [("this checkout", ROOT / "src")]
+        if args.with_torch:
+            trees.append(("this checkout, torch imported first", ROOT / "src"))
         if args.baseline is not None:
             trees.insert(0, ("baseline", args.baseline.resolve()))
+        for _, tree in trees:  # as an installed package has it: else (PYTHONDONTWRITEBYTECODE) every
+            # child compiles each module it imports, ~0.1 s that no user pays
+            compileall.compile_dir(str(tree), quiet=1)
         runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
         cps: list[tuple[float, float, int]] = []
         for r in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes; order flips
             for name, tree in trees if r % 2 == 0 else trees[::-1]:
                 shutil.rmtree(out, ignore_errors=True)
-                runs[name].append(run_child(src, out, kept, tree))
+                runs[name].append(run_child(src, out, kept, tree, torch_first="torch" in name))
                 check_output(src, out, kept)
                 subprocess.run(["sync"], check=False)
             kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             shutil.rmtree(work / "cp", ignore_errors=True)
             cps.append(time_cp(src, work / "cp", kept_bytes))
             subprocess.run(["sync"], check=False)
-            print(f"round {r + 1}: load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+            each = ", ".join(
+                f"{name} {runs[name][-1]['seconds']:.2f} s (writing {runs[name][-1]['write_seconds']:.2f})"
+                for name, _ in trees
+            )
+            print(f"round {r + 1}: {each}, cp {cps[-1][0]:.2f} s; load {os.getloadavg()[0]:.1f}", file=sys.stderr)
         load.append(os.getloadavg()[0])
         cp = {
             "seconds": statistics.median(c[0] for c in cps),
             "cpu_seconds": statistics.median(c[1] for c in cps),
+            "best_seconds": min(c[0] for c in cps),
             "bytes": cps[0][2],
         }
     finally:
@@ -206,6 +228,7 @@ def main() -> None:
     print(text)
     if args.append is not None:
         base = " --baseline BASE/src" if args.baseline is not None else ""
+        base += " --with-torch" if args.with_torch else ""
         cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --repeat {args.repeat}{base} --append docs/benchmarks.md"
         append_section(
             args.append,
@@ -220,24 +243,41 @@ def main() -> None:
 def _median(children: list[dict]) -> dict:
     """Median of every timing over the runs of one checkout; the largest peak RSS."""
     out = dict(children[0])
-    for key in ("seconds", "write_seconds", "plan_seconds", "cpu_seconds", "hwm_after_imports_kb"):
+    for key in (
+        "seconds",
+        "write_seconds",
+        "plan_seconds",
+        "tail_seconds",
+        "cpu_seconds",
+        "import_seconds",
+        "import_cpu_seconds",
+        "process_seconds",
+        "hwm_after_imports_kb",
+    ):
         out[key] = statistics.median(c[key] for c in children)
     out["hwm_peak_kb"] = max(c["hwm_peak_kb"] for c in children)
+    # the fastest run: on this shared VM some runs of both the rewrite and cp take 2-5 x the CPU
+    # time of the others (contention outside the process), so medians of few runs swing
+    out["best_seconds"] = min(c["seconds"] for c in children)
+    out["best_process_seconds"] = min(c["process_seconds"] for c in children)
+    out["best_with_import_seconds"] = min(c["seconds"] + c["import_seconds"] for c in children)
     return out
 
 
-def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path) -> dict:
+def run_child(src: Path, out: Path, kept: dict[int, list[int]], tree: Path, torch_first: bool = False) -> dict:
     """One rewrite in a fresh process importing moeprune from ``tree``."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_TORCH_FIRST": "1" if torch_first else ""}
+    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(src), str(out), json.dumps(kept)],
         capture_output=True,
         text=True,
         env=env,
     )
+    process_seconds = time.perf_counter() - t0  # interpreter start to exit: what a command pays
     if proc.returncode != 0:
         sys.exit(f"rewrite failed ({tree}):\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_seconds": process_seconds}
 
 
 def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -> str:
@@ -245,6 +285,7 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
     base = child["hwm_after_imports_kb"] * 1024
     total_s, write_s, cpu_s = child["seconds"], child["write_seconds"], child["cpu_seconds"]
     cp_s, cp_cpu = cp["seconds"], cp["cpu_seconds"]
+    imp_s, imp_cpu = total_s + child["import_seconds"], cpu_s + child["import_cpu_seconds"]
     rows = [
         (f"checkpoint (bf16, {args.shards} shards)", f"{on_disk / 1e9:.2f} GB"),
         ("rewritten, keeping 32/64 experts", f"{kept_bytes / 1e9:.2f} GB in {child['shards']} shard(s)"),
@@ -252,9 +293,16 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
             f"peak RSS of the rewrite process (largest of {n})",
             f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}% of the checkpoint",
         ),
-        ("  of which after importing moeprune.surgery (torch)", f"{base / 1e6:.0f} MB"),
+        (
+            "  of which after importing moeprune.surgery"
+            + (" (and torch with it)" if child.get("torch_at_import") else " (no torch)"),
+            f"{base / 1e6:.0f} MB",
+        ),
         ("  added by the rewrite", f"{(peak - base) / 1e6:.0f} MB = {100 * (peak - base) / on_disk:.1f}%"),
-        ("  transformers imported by the call", "yes" if child["transformers"] else "no"),
+        (
+            "  imported by the end of the call",
+            ", ".join(m for m in ("torch", "transformers") if child.get(m)) or "neither torch nor transformers",
+        ),
         (
             f"cp of the kept bytes (median of {n})",
             f"{cp_s:.2f} s, CPU {cp_cpu:.2f} s (scaled from cp of {cp['bytes'] / 1e9:.2f} GB)",
@@ -263,8 +311,24 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
             f"rewrite, whole call (fresh process, median of {n})",
             f"{total_s:.2f} s = {total_s / cp_s:.2f} x cp; CPU {cpu_s:.2f} s = {cpu_s / cp_cpu:.2f} x cp",
         ),
+        (
+            "importing moeprune.surgery first (a command pays it)",
+            f"{child['import_seconds']:.2f} s, CPU {child['import_cpu_seconds']:.2f} s; with the call "
+            f"{imp_s:.2f} s = {imp_s / cp_s:.2f} x cp, CPU {imp_cpu:.2f} s = {imp_cpu / cp_cpu:.2f} x cp",
+        ),
+        (
+            "the whole process (interpreter start to exit)",
+            f"{child['process_seconds']:.2f} s = {child['process_seconds'] / cp_s:.2f} x cp",
+        ),
+        (
+            f"best of {n}: cp / call / import + call / whole process",
+            f"{cp['best_seconds']:.2f} s / {child['best_seconds'] / cp['best_seconds']:.2f} / "
+            f"{child['best_with_import_seconds'] / cp['best_seconds']:.2f} / "
+            f"{child['best_process_seconds'] / cp['best_seconds']:.2f} x cp",
+        ),
         ("rewrite, writing the shards", f"{write_s:.2f} s = {write_s / cp_s:.2f} x cp"),
         ("rewrite before writing (config, keys, plan)", f"{child['plan_seconds']:.2f} s"),
+        ("rewrite after the last shard (config, index, card, rename)", f"{child['tail_seconds']:.2f} s"),
     ]
     return kv_table(rows)
 

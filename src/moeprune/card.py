@@ -1,8 +1,8 @@
 """The model card (``README.md``) of a pruned checkpoint: what was pruned, how, and how to load it.
 
 Written by :func:`moeprune.surgery.rewrite_checkpoint` from the rewrite's result, the plan and the
-profile's metadata. The metadata block the Hub reads (YAML between ``---`` lines) is written with
-``yaml.safe_dump``: ``base_model`` (a hub id only, never a local path), the source's license,
+profile's metadata. The metadata block the Hub reads (YAML between ``---`` lines, every string
+JSON-quoted, see :func:`_yaml_lines`): ``base_model`` (a hub id only, never a local path), the source's license,
 ``library_name``, tags and the moeprune version. Every string that comes from a file (model and
 folder names, the plan's method, data paths, task names, ``auto_map`` entries) goes through
 :func:`text`, which makes it one line of inert Markdown: no HTML, no table break, no heading, no
@@ -12,6 +12,7 @@ front-matter fence.
 from __future__ import annotations
 
 import html
+import json
 import re
 import unicodedata
 from pathlib import Path
@@ -266,8 +267,6 @@ def model_card(
 
 def front_matter(base: str | None, license_meta: dict[str, str], mode: str) -> str:
     """The YAML metadata block the Hub reads (``---`` fenced)."""
-    import yaml
-
     from . import __version__
 
     meta: dict[str, Any] = {}
@@ -278,7 +277,24 @@ def front_matter(base: str | None, license_meta: dict[str, str], mode: str) -> s
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["moeprune", "mixture-of-experts", "expert-pruning", f"moeprune-{mode}"]
     meta["moeprune"] = {"version": __version__, "mode": mode}
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=False) + "---"
+    return "---\n" + "".join(_yaml_lines(meta)) + "---"
+
+
+def _yaml_lines(meta: dict[str, Any], indent: str = "") -> list[str]:
+    """Block-style YAML of a mapping of strings, lists of strings and such mappings, each string
+    written as a JSON string (a valid YAML double-quoted scalar, ASCII, never read as another
+    type). Written by hand because importing PyYAML to dump it was a third of a rewrite's fixed
+    cost after the copy (docs/benchmarks.md); tests/test_card.py reads it back with PyYAML."""
+    lines = []
+    for key, value in meta.items():
+        name = key if re.fullmatch(r"[a-z_]+", key) else json.dumps(str(key))
+        if isinstance(value, dict):
+            lines += [f"{indent}{name}:\n", *_yaml_lines(value, indent + "  ")]
+        elif isinstance(value, list):
+            lines += [f"{indent}{name}:\n", *(f"{indent}- {json.dumps(str(v))}\n" for v in value)]
+        else:
+            lines.append(f"{indent}{name}: {json.dumps(str(value))}\n")
+    return lines
 
 
 def _license(src: Path, result: RewriteResult) -> tuple[list[str], dict[str, str]]:

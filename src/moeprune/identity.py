@@ -18,17 +18,20 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch where router weights are read: KEY is read by the torch-free rewrite
+    import torch
 
 KEY = "router_sha256"  # the metadata key in profiles, plans and libraries
 
 
 def router_digest(weights: Iterable[tuple[int, torch.Tensor]]) -> str:
     """sha256 of (layer, router weight) pairs in the canonical form described above."""
+    import torch
+
     h = hashlib.sha256(b"moeprune-router/1")
     for layer, w in weights:
         t = w.detach().to("cpu").float().to(torch.bfloat16).float().contiguous()

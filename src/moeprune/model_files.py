@@ -166,8 +166,6 @@ def _copy_folder(folder: Path, dst: Path, root: Path, pattern: re.Pattern[str], 
 
 def source_card_metadata(src: Path) -> dict[str, Any]:
     """The YAML metadata block of the source's ``README.md`` ({} when absent or unreadable)."""
-    import yaml
-
     real = inside(src / "README.md", model_root(src))
     if real is None:
         return {}
@@ -178,6 +176,8 @@ def source_card_metadata(src: Path) -> dict[str, Any]:
     m = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, flags=re.DOTALL)
     if m is None:
         return {}
+    import yaml  # (here: PyYAML's import is ~15 ms, and most local checkpoints have no card)
+
     try:
         data = yaml.safe_load(m.group(1))
     except (yaml.YAMLError, RecursionError):

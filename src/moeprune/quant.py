@@ -27,11 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch only to dequantize: the rewrite reads the format without it (arch/spec.py)
+    import torch
 
 __all__ = [
     "COMPANION_SUFFIXES",
@@ -171,6 +172,8 @@ def _scale_values(scale: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor
     """Scales as float32 multipliers. Exponent bytes (uint8, ``float8_e8m0fnu``) are powers of two,
     bias 127; a floating-point scale is a multiplier whatever ``scale_fmt`` says (DeepSeek-V3.1
     declares ``ue8m0`` and stores its power-of-two scales as float32)."""
+    import torch
+
     e8m0 = getattr(torch, "float8_e8m0fnu", None)
     if e8m0 is not None and scale.dtype == e8m0:
         scale = scale.view(torch.uint8)
@@ -183,12 +186,16 @@ def dequantize_fp8(
     weight: torch.Tensor,
     scale_inv: torch.Tensor,
     block_size: tuple[int, int] | None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     scale_fmt: str = "float",
 ) -> torch.Tensor:
     """``weight`` [..., R, C] (float8) times its per-block ``scale_inv`` [..., ceil(R/b0),
     ceil(C/b1)] (one scalar per tensor when ``block_size`` is None), in ``dtype``. Computed in
-    float32 and rounded once, as DeepSeek's reference and transformers' dequantizer do."""
+    float32 and rounded once, as DeepSeek's reference and transformers' dequantizer do (``dtype``
+    None: float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
     if weight.element_size() != 1:  # stored unquantized (a module in modules_to_not_convert)
         return weight.to(dtype)
     w = weight.to(torch.float32)
@@ -219,10 +226,14 @@ _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 
 
 def dequantize_mxfp4(
-    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """mxfp4 ``blocks`` [..., G, 16] uint8 with e8m0 ``scales`` [..., G] -> [..., G*32] in ``dtype``
-    (the rows as stored: gpt-oss's model tensor is the transpose of the last two axes)."""
+    (the rows as stored: gpt-oss's model tensor is the transpose of the last two axes; ``dtype``
+    None: float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
     if tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"mxfp4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
     lut = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=blocks.device)
@@ -245,6 +256,8 @@ def dequantize_tensors(
     """The checkpoint tensors ``tensors`` with every quantized weight replaced by its float value
     under the key the unquantized checkpoint uses (companions dropped; mxfp4 transposed into the
     model's layout). Floating tensors stored unquantized are returned as they are."""
+    import torch
+
     pairs = quantized_keys(list(tensors), fmt)
     used = {k for ks in pairs.values() for k in ks}
     out: dict[str, torch.Tensor] = {}
@@ -277,6 +290,8 @@ def expert_tensor(module: torch.nn.Module, name: str, expert: int, dtype: torch.
     the module holds it quantized (transformers' ``FP8Experts``: ``name`` in fp8 beside
     ``name_scale_inv``; a module loaded by moeprune with quantized experts: see
     :mod:`moeprune.offload`)."""
+    import torch
+
     source = module.__dict__.get("_moeprune_quantized")
     if source is not None:
         return source.expert(name, expert, dtype)

@@ -42,13 +42,9 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .arch import llama4
-from .arch.blocks import MoEBlock
-from .arch.keys import ExpertKey, ExpertKeyMap, map_expert_keys
+from .arch.keys import ExpertKey, ExpertKeyMap
 from .arch.pruned import (
     CONFIG_KEY,
     DOWN_BIAS,
@@ -59,7 +55,7 @@ from .arch.pruned import (
     pad_uniform_problem,
     padding_slots,
 )
-from .arch.routing import top_k_problem
+from .arch.spec import top_k_problem
 from .arch.table import EXPERT_COUNT_ATTRS, NESTED_COUNT_CONFIGS, TOP_K_ATTRS
 from .card import human_bytes as human_bytes  # re-exported: commands/prune.py imports it from here
 from .card import model_card
@@ -79,6 +75,14 @@ from .errors import UserError
 from .model_files import SourceFiles, copy_source_files, inside, model_root
 from .quant import quant_format
 from .remote import mark_config, remote_code_problem, serve_spec, write_modeling_file
+
+if TYPE_CHECKING:
+    # torch only where a tensor is computed (novice vectors, dead selection biases) or a model is
+    # built: a plain removal planned from the headers copies byte ranges and imports no torch,
+    # which a rewrite would otherwise pay ~230 MB of peak RSS and seconds for (docs/benchmarks.md)
+    import torch
+
+    from .arch.blocks import MoEBlock
 
 MODES = ("remove", "novice")
 
@@ -212,6 +216,8 @@ def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: 
     """Refuse a mode the architecture cannot do exactly (before anything is written)."""
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
+    from .arch import llama4
+
     mtype = _model_type(config)
     if mode == "novice" and blocks[0].spec.gate_site == "input":
         raise UserError(
@@ -303,17 +309,19 @@ def pruned_config(
 # --- the rewrite -----------------------------------------------------------------------------------
 
 
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_WRITABLE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # torch names
 
 
 def _entry_bytes(values: torch.Tensor, dtype: str, what: str) -> bytes:
     """``values`` as the raw little-endian bytes of a safetensors ``dtype``."""
-    if dtype not in _TORCH_DTYPES:
+    import torch
+
+    if dtype not in _WRITABLE_DTYPES:
         raise UserError(
             f"{what} is stored as {dtype}, which moeprune cannot write values into",
             "this checkpoint's dtype is not supported for this mode yet",
         )
-    t = values.detach().to("cpu", _TORCH_DTYPES[dtype]).contiguous().reshape(-1)
+    t = values.detach().to("cpu", getattr(torch, _WRITABLE_DTYPES[dtype])).contiguous().reshape(-1)
     return t.view(torch.uint8).numpy().tobytes()
 
 
@@ -348,6 +356,8 @@ def _generated_entry(
                 axis = ek.axis or 0
                 kept = [s for s in (rw.router or []) if s is not None]
                 bias = ckpt.experts(ek.key, kept, axis=axis) if kept else None
+                import torch
+
                 value = torch.tensor([dead_bias_value(bias)])
                 entry = info.entry_bytes(axis) // info.itemsize
                 dead[ek.key] = _entry_bytes(value.expand(entry), info.dtype, f"selection bias '{ek.key}'")
@@ -442,7 +452,7 @@ def _novice_buffer(ckpt: Checkpoint, keymap: ExpertKeyMap, ek: ExpertKey, rw: Bl
         prefix = b.experts_path
     dtype = "F32"
     for other in keymap.of_block(b.index):
-        if other.target == b.router_weight_path and ckpt.info(other.key).dtype in _TORCH_DTYPES:
+        if other.target == b.router_weight_path and ckpt.info(other.key).dtype in _WRITABLE_DTYPES:
             dtype = ckpt.info(other.key).dtype
     vectors = [rw.constants[pos] for pos in sorted(rw.constants)]
     data = b"".join(_entry_bytes(v, dtype, "a novice vector") for v in vectors)
@@ -476,6 +486,8 @@ def block_rewrites(
             original_experts=old_e,
         )
         return rewrites, layout, total
+    import torch
+
     replaced = {b.layer: sorted(set(range(b.num_experts)) - set(kept[b.layer])) for b in blocks}
     for b in blocks:
         vectors = (novices or {}).get(b.layer)
@@ -671,6 +683,7 @@ def _model_keymap(
     """The MoE blocks and expert keys found on the model built on the meta device (every
     architecture and mode), its hash-routed layers kept whole, and the checked kept ids."""
     from .arch import find_moe_blocks
+    from .arch.keys import map_expert_keys
     from .arch.variants import whole_layers
     from .modelio import build_on_meta
 
@@ -828,7 +841,6 @@ def _check_provenance(
     """The plan and the profile were made on this checkpoint (router weights, when they record
     them), and the profile on the plan's data."""
     from .identity import KEY, check_router, keymap_router_digest
-    from .plan import check_profile_data
 
     recorded = [x.get(KEY) for x in (plan, profile_meta) if isinstance(x, dict)]
     if any(recorded):
@@ -839,6 +851,8 @@ def _check_provenance(
         if profile_meta is not None:
             check_router(profile_meta.get(KEY), mine, "the profile", fix)
     if plan is not None and profile_meta is not None and not allow_other_profile:
+        from .plan import check_profile_data
+
         check_profile_data(plan.get("settings"), profile_meta, "the profile")
 
 

@@ -10,11 +10,46 @@
   padding experts and bias-stored novices are exact;
 """
 
-from .blocks import MoEBlock, decoder_layers, find_moe_blocks
-from .experts import ExpertsLayout, selected_expert_outputs, single_expert_forward
-from .patch import BlockControl, BlockEvent, kept_controls, patch_moe
-from .routing import Routing, RoutingSpec, route
-from .table import ARCH_TABLE, UNSUPPORTED, facts_for
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# where each name of the package lives; imported on first use, so that importing one torch-free
+# submodule (.header_keys, .header_config, .spec: the header-planned rewrite) imports no torch
+_WHERE = {
+    "MoEBlock": ".blocks",
+    "decoder_layers": ".blocks",
+    "find_moe_blocks": ".blocks",
+    "ExpertsLayout": ".experts",
+    "selected_expert_outputs": ".experts",
+    "single_expert_forward": ".experts",
+    "BlockControl": ".patch",
+    "BlockEvent": ".patch",
+    "kept_controls": ".patch",
+    "patch_moe": ".patch",
+    "Routing": ".routing",
+    "RoutingSpec": ".routing",
+    "route": ".routing",
+    "ARCH_TABLE": ".table",
+    "UNSUPPORTED": ".table",
+    "facts_for": ".table",
+}
+
+if TYPE_CHECKING:
+    from .blocks import MoEBlock, decoder_layers, find_moe_blocks
+    from .experts import ExpertsLayout, selected_expert_outputs, single_expert_forward
+    from .patch import BlockControl, BlockEvent, kept_controls, patch_moe
+    from .routing import Routing, RoutingSpec, route
+    from .table import ARCH_TABLE, UNSUPPORTED, facts_for
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
 
 __all__ = [
     "ARCH_TABLE",

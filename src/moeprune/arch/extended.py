@@ -44,13 +44,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from .spec import Routing, RoutingSpec
 
-from .routing import Routing, RoutingSpec
+if TYPE_CHECKING:  # torch only where a tensor is computed: .table imports this module (.spec says why)
+    import torch
+    from torch import nn
 
-if TYPE_CHECKING:
     from .table import ArchFacts
 
 
@@ -86,6 +85,8 @@ def init_routers_after_load(model: nn.Module, routers: list[nn.Module]) -> None:
         for t in list(router.parameters(recurse=False)) + list(router.buffers(recurse=False)):
             t._is_hf_initialized = True
         router._is_hf_initialized = False
+        import torch
+
         with torch.no_grad():
             model._init_weights(router)
 
@@ -113,6 +114,9 @@ def route_with_sinks(
     """Inkling: selection among the E routed columns (sigmoid + bias); the chosen k and the S sink
     columns share one normalisation of their sigmoids (written as transformers writes it: a
     softmax over log-sigmoids); sink weights in ``extra_weights``."""
+    import torch
+    import torch.nn.functional as F
+
     e = logits.shape[-1] - spec.extra_columns
     routed, sink = logits[:, :e], logits[:, e:]
     if allowed is not None:
@@ -146,6 +150,8 @@ def _gemma4_output(out: tuple, r: Routing, logits: torch.Tensor) -> tuple:
 
 
 def _inkling_logits(router: nn.Module, hidden: torch.Tensor, out: Any) -> torch.Tensor:
+    import torch.nn.functional as F
+
     return F.linear(hidden.reshape(-1, router.hidden_dim).float(), router.weight.float())
 
 

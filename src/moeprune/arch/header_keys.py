@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .keys import ExpertKey, ExpertKeyMap
-from .routing import RoutingSpec
+from .spec import RoutingSpec
 from .table import ARCH_TABLE
 
 _QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")

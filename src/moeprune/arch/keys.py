@@ -27,14 +27,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import UserError
 from ..quant import companion_of, is_companion
-from .blocks import MoEBlock
 from .variants import IDENTITY_ON_FLOAT_OPS, quantized_experts_problem
+
+if TYPE_CHECKING:  # read without torch by the header-planned rewrite (.spec says why)
+    from torch import nn
+
+    from .blocks import MoEBlock
 
 Kind = Literal["fused", "router", "per_expert"]
 

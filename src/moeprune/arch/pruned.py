@@ -26,14 +26,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
-
-from .blocks import MoEBlock
-from .experts import ExpertsLayout
 from .table import EXPERT_COUNT_ATTRS
+
+if TYPE_CHECKING:  # torch where a module is changed: the rewrite reads the layout without it (.spec says why)
+    import torch
+    from torch import nn
+
+    from .blocks import MoEBlock
+    from .experts import ExpertsLayout
 
 CHECKPOINT_FORMAT = "moeprune-checkpoint/1"
 CONFIG_KEY = "moeprune"  # config.json key holding the PrunedLayout
@@ -141,6 +143,9 @@ class PrunedLayout:
 
 def _resize(owner: nn.Module, name: str, axis: int, n: int) -> None:
     """Replace ``owner.<name>`` by an uninitialised tensor with ``n`` entries along ``axis``."""
+    import torch
+    from torch import nn
+
     old = owner._parameters.get(name)
     if old is None:
         old = owner._buffers[name]
@@ -275,6 +280,8 @@ class NoviceExperts:
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Router ids -> local ids, and the constant outputs by local id (``constants``, keyed by
         router id, override the stored ones: what :func:`moeprune.arch.patch_moe` passes)."""
+        import torch
+
         lookup = torch.tensor(self.expert_map, dtype=torch.long, device=top_k_index.device)
         local = torch.where(top_k_index >= 0, lookup[top_k_index.clamp(min=0).long()], top_k_index.long())
         kept = len(self.expert_map) - len(self.novice_ids)
@@ -307,6 +314,10 @@ def novice_class(cls: type) -> type:
 def make_novice(module: nn.Module, routed: int, novice_ids: list[int], hidden_size: int) -> nn.Module:
     """Turn a fused experts module already holding the kept experts' tensors into a novice module
     (in place): kept = the router ids not in ``novice_ids``, in ascending order."""
+    import torch
+
+    from .experts import ExpertsLayout
+
     novice_ids = sorted(int(i) for i in novice_ids)
     kept = [i for i in range(routed) if i not in set(novice_ids)]
     layout = ExpertsLayout.of(module)
@@ -383,6 +394,8 @@ def bias_novice_problem(module: nn.Module) -> str | None:
     With zero gate/up weights and biases the gated activation sees 0; the expert then outputs its
     down bias exactly if the activation of 0 is 0 (plain and clamped SwiGLU: 0 * sigmoid(0) = 0)
     and no norm follows the down projection."""
+    import torch
+
     if not getattr(module, "has_bias", False):
         return "its experts have no biases"
     if getattr(module, "has_post_expert_norm", False):

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .extended import RouterAdapter, extended_facts
-from .routing import SPARSEMIXER_TOP_K, RoutingSpec
+from .spec import SPARSEMIXER_TOP_K, RoutingSpec
 
-SpecBuilder = Callable[[nn.Module, nn.Module, Any], RoutingSpec]
+if TYPE_CHECKING:  # the table is read without torch by the header-planned rewrite (.spec says why)
+    from torch import nn
+
+SpecBuilder = Callable[["nn.Module", "nn.Module", Any], RoutingSpec]
 
 # Config attribute names, most common first (shared/transformers-moe.md, "Config names for counts").
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

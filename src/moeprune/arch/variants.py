@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch where a tensor is looked at: arch.keys imports this module (.spec says why)
+    import torch
+    from torch import nn
 
 # Children of an experts module whose parameter has one row per expert (Ergo's post-expert norm).
 _PER_EXPERT_CHILDREN = ("post_expert_norm",)
@@ -27,6 +28,8 @@ def per_expert_norm(module: nn.Module) -> nn.Module | None:
 
     transformers' own ``has_post_expert_norm`` flag means one shared norm called on the output
     alone; this is the other kind (Ergo's ``ErgoExpertNorm``)."""
+    import torch
+
     if getattr(module, "has_post_expert_norm", False):
         return None
     norm = getattr(module, "post_expert_norm", None)
@@ -38,6 +41,8 @@ def per_expert_norm(module: nn.Module) -> nn.Module | None:
 
 def expert_axis_children(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """Tensors below the experts module's children that carry the expert axis (name -> shape)."""
+    from torch import nn
+
     out: dict[str, tuple[int, ...]] = {}
     for child in _PER_EXPERT_CHILDREN:
         if child == "post_expert_norm" and per_expert_norm(module) is None:
@@ -54,12 +59,16 @@ def apply_per_expert_norm(module: nn.Module, expert: int, out: torch.Tensor) -> 
     norm = per_expert_norm(module)
     if norm is None:
         return out
+    import torch
+
     ids = torch.full((out.shape[0],), expert, dtype=torch.long, device=out.device)
     return norm(out, ids)
 
 
 def is_hash_routed(block: nn.Module) -> bool:
     """A block that routes by a token-id -> expert table (DeepSeek-V4 ``hash_moe`` layers)."""
+    import torch
+
     router = getattr(block, "gate", None)
     return bool(getattr(block, "is_hash", False)) or isinstance(getattr(router, "tid2eid", None), torch.Tensor)
 

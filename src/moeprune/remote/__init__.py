@@ -19,9 +19,10 @@ A checkpoint stock transformers cannot build (:func:`moeprune.load.needs_moeprun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # surgery imports this module on the torch-free rewrite path (arch/spec.py)
+    from torch import nn
 
 TEMPLATE = Path(__file__).with_name("modeling_moeprune.py")
 MODELING_FILE = TEMPLATE.name
