@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from _models import dsv3_config, qwen3_config
-from moeprune.arch import experts, find_moe_blocks, patch_moe
+from moeprune.arch import find_moe_blocks, patch_moe
 from moeprune.calibrate import Accumulator, _forward_kwargs, calibrate
 from moeprune.data import batches
 
@@ -137,18 +137,11 @@ def main() -> None:
         default="auto",
         help="how the accumulator computes per-expert moments (auto: loop on CPU for large batches)",
     )
-    ap.add_argument(
-        "--slot-kernels",
-        choices=("auto", "grouped", "loop"),
-        default="auto",
-        help="which kernels give the per-slot outputs (moeprune.arch.experts.SLOT_KERNELS)",
-    )
     ap.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.moments != "auto":
         Accumulator.moments_by_loop = args.moments == "loop"
-    experts.SLOT_KERNELS = args.slot_kernels
     dtype = getattr(torch, args.dtype)
     load = [os.getloadavg()[0]]
 
@@ -173,7 +166,6 @@ def main() -> None:
             ("threads", args.threads),
             ("repeats", args.repeats),
             ("batches", args.batches),
-            ("slot-kernels", args.slot_kernels),
         )
     )
     lines = [

@@ -200,18 +200,12 @@ class SlotOutputs:
 
     def weighted_sum(self, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Σ_k g e per token [T, H], in the rows' dtype, the way transformers' grouped kernels sum
-        (weight the rows, back to pair order, sum over the k slots; in float32 on CPU as its eager
-        experts do)."""
+        (weight the rows, back to pair order, sum over the k slots)."""
         h = self.rows.shape[-1]
         g = top_k_weights.reshape(-1).to(self.rows.dtype)
         if self.perm is None:
             return (self.rows.view(-1, self.top_k, h) * g.view(-1, self.top_k, 1)).sum(dim=1)
         weighted = self.rows * g[self.perm].unsqueeze(1)
-        if self.rows.dtype == torch.float32 and self.rows.device.type == "cpu":
-            # transformers' eager experts' form (the faster one in float32 on CPU): add each row to
-            # its token; float32 sums in another order than over the k slots (rounding only)
-            tokens = torch.div(self.perm, self.top_k, rounding_mode="floor")
-            return torch.zeros(self.perm.numel() // self.top_k, h, dtype=weighted.dtype).index_add_(0, tokens, weighted)
         inverse = torch.empty_like(self.perm)
         inverse[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
         return weighted.index_select(0, inverse).view(-1, self.top_k, h).sum(dim=1)
