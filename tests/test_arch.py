@@ -121,14 +121,24 @@ def test_grouped_per_slot_outputs_equal_the_per_expert_loop(tiny, monkeypatch):
     model_type, model, blocks = tiny
     x = _inputs(model)
     got = {}
-    for grouped in (True, False):
-        monkeypatch.setattr(X, "GROUPED", grouped)
+    for kernels in ("grouped", "loop"):
+        monkeypatch.setattr(X, "SLOT_KERNELS", kernels)
         events: list = []
         with torch.no_grad(), patch_moe(model, blocks, observer=events.append):
             logits = model(x, use_cache=False).logits
-        got[grouped] = (logits, [e.expert_outputs for e in events])
-    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(got[True][1], got[False][1], strict=True):
+        got[kernels] = (logits, [e.expert_outputs for e in events])
+        for e in events:  # the rows come grouped by expert, in the order `perm` says
+            slots = e.slot_outputs
+            if slots.perm is None:
+                continue
+            ids = slots.sorted_ids.long()
+            real = ids[(ids >= 0) & (ids < e.block.num_experts)]
+            assert bool((real[1:] >= real[:-1]).all())
+            assert torch.equal(ids[: real.numel()], real)  # no-expert slots last
+            kept = (ids >= 0) & (ids < e.block.num_experts)
+            assert torch.equal(e.top_k_index.reshape(-1)[slots.perm].long()[kept], ids[kept])
+    torch.testing.assert_close(got["grouped"][0], got["loop"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got["grouped"][1], got["loop"][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the grouped path itself, on ids with sentinel slots
     module = blocks[0].experts(model)
@@ -136,16 +146,20 @@ def test_grouped_per_slot_outputs_equal_the_per_expert_loop(tiny, monkeypatch):
     hidden = torch.randn(6, H, generator=torch.Generator().manual_seed(2))
     idx = torch.randint(0, blocks[0].num_experts, (6, blocks[0].top_k), generator=torch.Generator().manual_seed(3))
     idx[1, 0] = -1
-    monkeypatch.setattr(X, "GROUPED", False)
+    monkeypatch.setattr(X, "SLOT_KERNELS", "loop")
     with torch.no_grad():
         loop = X.selected_expert_outputs(module, hidden, idx)
-        grouped = X.grouped_expert_outputs(module, hidden, idx)
-    if X._groupable(module, hidden):
-        assert grouped is not None
-        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
-        assert torch.equal(grouped[1, 0], torch.zeros(H))
-    else:
-        assert grouped is None
+        assert torch.equal(loop[1, 0], torch.zeros(H))
+        if X._groupable(module, hidden):
+            grouped = X.grouped_expert_outputs(module, hidden, idx).slots()
+            torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+            assert torch.equal(grouped[1, 0], torch.zeros(H))
+            # "auto" takes the loop in float32 on CPU, the grouped kernels in other dtypes
+            monkeypatch.setattr(X, "SLOT_KERNELS", "auto")
+            assert X._use_grouped(module, hidden) is False
+            monkeypatch.setattr(X, "_groupable", lambda module, hidden: True)
+            assert X._use_grouped(module, hidden.bfloat16()) is True
+            assert X._use_grouped(module, hidden) is False
 
 
 def test_masking_forbids_experts(tiny):

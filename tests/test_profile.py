@@ -40,7 +40,15 @@ def model(request):
 # --- exactness ----------------------------------------------------------------------------------
 
 
-def test_statistics_match_naive_float64_reference(model):
+@pytest.mark.parametrize("slot_kernels", ["grouped", "loop"])
+@pytest.mark.parametrize("moments_by_loop", [True, False])
+def test_statistics_match_naive_float64_reference(model, monkeypatch, slot_kernels, moments_by_loop):
+    """Every way of computing the per-slot outputs (grouped kernels: rows grouped by expert; the
+    per-expert loop) and the moments (per-expert blocks; large kernels), padding included."""
+    from moeprune.arch import experts
+
+    monkeypatch.setattr(experts, "SLOT_KERNELS", slot_kernels)
+    monkeypatch.setattr(Accumulator, "moments_by_loop", moments_by_loop)
     seqs = _seqs(LENGTHS)
     ka = 3
     got = calibrate(model, seqs, batch_size=3, premoe_ka=ka, per_sample=True, premoe_exact=True)
@@ -750,3 +758,32 @@ def test_self_generate_into_its_own_data_file_is_one_clear_line(model_dir, data_
     rc, _, err = run_cli(capsys, "profile", model_dir, "--data", data, "--out", out, "--self-generate", "4")
     assert_user_error(rc, err, "--self-generate", "run.profile.safetensors", "data file being read", "another --out")
     assert not out.exists()
+
+
+def test_easyep_factor_in_float32_keeps_small_factors():
+    """1 − cos(h, h + r) in float32 via ‖ĥ − ĥ′‖²/2 agrees with float64 even where the factor is far
+    below float32's epsilon (where 1 − cos computed directly in float32 is all rounding), and a zero
+    vector counts as cos 0."""
+    from moeprune.calibrate import easyep_factor
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 256, generator=g)
+    h0 = h.clone()
+    for scale in (1.0, 1e-2, 1e-4):
+        r = torch.randn(64, 256, generator=g) * scale
+        h64, n64 = h.double(), h.double() + r.double()
+        ref = 1 - torch.nn.functional.cosine_similarity(h64, n64, dim=-1)
+        got = easyep_factor(h, r)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=0)
+        if scale == 1e-4:  # the naive float32 form cannot resolve it
+            naive = 1 - torch.nn.functional.cosine_similarity(h, h + r, dim=-1).double()
+            assert float(((naive - ref).abs() / ref).max()) > 0.1
+    # bfloat16 inputs are read as they are (no rounding of the sum to bfloat16)
+    hb, rb = h.bfloat16(), (torch.randn(64, 256, generator=g) * 0.1).bfloat16()
+    ref = 1 - torch.nn.functional.cosine_similarity(hb.double(), hb.double() + rb.double(), dim=-1)
+    torch.testing.assert_close(easyep_factor(hb, rb).double(), ref, rtol=1e-4, atol=1e-9)
+    z = torch.zeros(2, 256)
+    z[1] = 1.0
+    torch.testing.assert_close(easyep_factor(z, -z), torch.ones(2))  # h = 0; h + r = 0
+    assert torch.equal(h, h0)  # the inputs are not modified (float32: no copy would be in place)

@@ -103,71 +103,83 @@ def init_distributed(device: str) -> DistInfo:
 
 
 def _moments_by_loop(
-    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, g: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-expert statistics of the (token, expert) pairs ``rows`` [P, H] (any float dtype; P = T·k,
-    pair p = token p // k), whose pair p belongs to expert ``key[p]`` (``key == E``: padding or a
-    zero slot, ignored), with gate weights ``g`` [P] (float32) and ``counts`` [E] real pairs per
-    expert. Returns, all float32 and summed within this batch only (the caller adds them to its
-    float64 totals once per batch):
+    rows: torch.Tensor,
+    key: torch.Tensor,
+    segments: torch.Tensor,
+    g: torch.Tensor,
+    tokens: torch.Tensor | None,
+    num_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-expert statistics of the (token, expert) pairs ``rows`` [P, H] (any float dtype), grouped
+    by expert: expert i's pairs are the ``segments[i]`` contiguous rows after those of experts < i
+    (any rows past them belong to no expert). ``key`` [P] is each row's expert, or E for a row that
+    must not count (padding, a zero slot); ``g`` [P] the gate weights (float32). Returns, all
+    float32 and summed within this batch only (the caller adds them to its float64 totals once per
+    batch):
 
-    - ``order`` [P]: the pair of each entry of ``norms`` (pairs sorted by expert; the ignored last),
-    - ``norms`` [P]: ‖e‖ of each pair, in that order,
+    - ``norms`` [P]: ‖e‖ of each row,
     - ``mean``, ``m2``, ``lsq`` [E, H]: per expert the mean, the centred Σ (e − mean)² (two-pass)
-      and Σ g² e,
-    - ``routed`` [T, H]: Σ_k g e of each token.
+      and Σ g² e over the rows that count,
+    - ``routed`` [num_tokens, H]: Σ_k g e of each token (row p is token ``tokens[p]``); None when
+      ``tokens`` is None (the block gave its own sum).
 
-    Each expert's rows are gathered into a block that stays in cache, upcast there (never the whole
+    Each expert's rows are a contiguous block that stays in cache, upcast there (never the whole
     [P, H] outputs), and reduced with two small matmuls: the fastest form on CPU once the rows no
     longer fit in cache."""
     P, H = rows.shape
-    E = counts.numel()
+    E = segments.numel()
     f32, dev = torch.float32, rows.device
-    order = torch.argsort(key, stable=True)
-    g_s = g[order]
-    tok_s = torch.div(order, k, rounding_mode="floor")
-    weights = torch.stack([torch.ones_like(g_s), g_s.square()])  # [2, P]: Σ e and Σ g² e in one matmul
-    norms = torch.empty(P, dtype=f32, device=dev)
+    counts = key.bincount(minlength=E + 1)[:E].tolist()
+    real = (key < E).to(f32)
+    weights = torch.stack([real, g.square() * real])  # [2, P]: Σ e and Σ g² e in one matmul
+    norms = torch.zeros(P, dtype=f32, device=dev)
     sums = torch.zeros(E, 2, H, dtype=f32, device=dev)
     m2 = torch.zeros(E, H, dtype=f32, device=dev)
-    routed = torch.zeros(P // k, H, dtype=f32, device=dev)
+    routed = torch.zeros(num_tokens, H, dtype=f32, device=dev) if tokens is not None else None
     # Hundreds of small in-cache ops: intra-op threads only add barriers (and stall badly when
     # the cores are shared), so the loop runs on one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         start = 0
-        for i, n in enumerate(counts.tolist()):
+        for i, n in enumerate(segments.tolist()):
             if n == 0:
                 continue
             end = start + n
-            chunk = rows.index_select(0, order[start:end])
-            if chunk.dtype != f32:
-                chunk = chunk.float()
+            view = rows[start:end]
+            chunk = view.float() if view.dtype != f32 else view.clone()  # upcast here, in cache
             torch.linalg.vector_norm(chunk, dim=1, out=norms[start:end])
-            routed.index_add_(0, tok_s[start:end], chunk * g_s[start:end, None])
-            torch.mm(weights[:, start:end], chunk, out=sums[i])
-            chunk -= sums[i, 0] / n
-            torch.mm(weights[:1, start:end], chunk.square_(), out=m2[i : i + 1])
+            if routed is not None:
+                routed.index_add_(0, tokens[start:end], chunk * g[start:end, None])
+            if counts[i]:
+                torch.mm(weights[:, start:end], chunk, out=sums[i])
+                chunk -= sums[i, 0] / counts[i]
+                torch.mm(weights[:1, start:end], chunk.square_(), out=m2[i : i + 1])
             start = end
     finally:
         torch.set_num_threads(threads)
-    if start < P:  # the ignored pairs' norms (their statistics land nowhere)
-        norms[start:] = 0
-    mean = sums[:, 0] / counts.clamp(min=1).unsqueeze(1).to(f32)
-    return order, norms, mean, m2, sums[:, 1], routed
+    n = torch.tensor(counts, dtype=f32, device=dev).clamp(min=1).unsqueeze(1)
+    return norms, sums[:, 0] / n, m2, sums[:, 1], routed
 
 
 def _moments_vectorized(
-    rows: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, g: torch.Tensor, k: int
-) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows: torch.Tensor,
+    key: torch.Tensor,
+    segments: torch.Tensor,
+    g: torch.Tensor,
+    tokens: torch.Tensor | None,
+    num_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Same as :func:`_moments_by_loop` with a fixed number of large kernels (GPUs, small batches);
-    ``norms`` in pair order (``order`` None)."""
+    the rows may come in any order (``segments`` unused)."""
     P, H = rows.shape
-    E = counts.numel()
+    E = segments.numel()
     x = rows.float()  # a copy only when the model computes in another dtype
     norms = torch.linalg.vector_norm(x, dim=1)
-    routed = torch.bmm(g.view(-1, 1, k), x.view(-1, k, H)).squeeze(1)
+    routed = None
+    if tokens is not None:
+        routed = torch.zeros(num_tokens, H, dtype=x.dtype, device=x.device).index_add_(0, tokens, x * g.unsqueeze(1))
+    counts = key.bincount(minlength=E + 1)[:E]
     total = torch.zeros(E + 1, H, dtype=x.dtype, device=x.device).index_add_(0, key, x)
     total[:E] /= counts.clamp(min=1).unsqueeze(1).to(x.dtype)
     total[E] = 0
@@ -175,7 +187,22 @@ def _moments_vectorized(
     centred = torch.nn.functional.embedding(key, total)  # each row's expert mean (a fast gather)
     torch.sub(x, centred, out=centred)
     m2 = torch.zeros(E + 1, H, dtype=x.dtype, device=x.device).index_add_(0, key, centred.square_())
-    return None, norms, total[:E], m2[:E], lsq[:E], routed
+    return norms, total[:E], m2[:E], lsq[:E], routed
+
+
+def easyep_factor(h: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """EASY-EP's token factor max(0, 1 − cos(h, h̃)), h̃ = h + ``routed``, per row, in float32
+    without cancellation: for unit vectors 1 − cos = ‖ĥ − ĥ′‖² / 2, whose error shrinks with the
+    difference (1 − cos itself would lose every digit below float32's epsilon). A zero vector has
+    cos 0: factor 1. Two float32 copies, everything else in place."""
+    f32, tiny = torch.float32, torch.finfo(torch.float32).tiny
+    u = h.to(f32, copy=True)
+    v = routed.to(f32, copy=True).add_(u)
+    nu = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    nv = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    u.div_(nu.clamp_min(tiny)).sub_(v.div_(nv.clamp_min(tiny)))
+    factor = torch.linalg.vector_norm(u, dim=-1).square_().mul_(0.5)
+    return factor.masked_fill_(((nu == 0) | (nv == 0)).squeeze(-1), 1.0)
 
 
 class Accumulator:
@@ -296,7 +323,6 @@ class Accumulator:
         logits = event.logits.reshape(-1, event.logits.shape[-1]).to(dev)
         idx_all = event.top_k_index.to(dev)
         g_all = event.top_k_weights.to(dev).float()
-        e = event.expert_outputs.to(dev)
         h = event.residual.to(dev)
         sel = self._sel
         # per-token tensors are cheap to select; the [T, k, H] outputs are never copied whole
@@ -338,39 +364,46 @@ class Accumulator:
             cell = self._rows.repeat_interleave(k) * E + flat
             self.sample_gate[li].view(-1).index_add_(0, cell, g64)
 
-        # Output-aware statistics. The [T, k, H] outputs stay in the model's dtype and are read
-        # once, expert by expert or in a few large kernels (_moments_*), into float32 sums of this
-        # batch; only those [E, H] sums are added in float64. The MoNE mean/M2 are two-pass and
-        # centred within the batch; batches are combined in float64 with Chan's update.
-        g_pair = g_all.reshape(-1)
-        n_b = torch.zeros(E + 1, dtype=torch.long, device=dev).index_add_(0, key, torch.ones_like(key))[:E]
-        rows = e.reshape(-1, H)
+        # Output-aware statistics. The outputs come grouped by expert (as the experts computed
+        # them), stay in the model's dtype and are read once, expert by expert or in a few large
+        # kernels (_moments_*), into float32 sums of this batch; only those [E, H] sums are added in
+        # float64. The MoNE mean/M2 are two-pass and centred within the batch; batches are combined
+        # in float64 with Chan's update.
+        slots = event.slot_outputs
+        rows, perm = slots.rows.to(dev), slots.perm
+        if perm is None:  # outputs in pair order: group them by expert once
+            perm = torch.argsort(key, stable=True)
+            rows = rows.index_select(0, perm)
+            row_expert = key[perm]
+        else:
+            perm = perm.to(dev)
+            row_expert = slots.sorted_ids.to(dev).long()
+        row_key = key[perm]  # E: padding / no expert
+        segments = row_expert.masked_fill((row_expert < 0) | (row_expert >= E), E).bincount(minlength=E + 1)[:E]
+        g_rows = g_all.reshape(-1)[perm]
+        row_token = torch.div(perm, k, rounding_mode="floor")
         moments = _moments_by_loop if self._use_loop(rows) else _moments_vectorized
-        order, norms, mean_b, m2_b, lsq_b, routed = moments(rows, key, n_b, g_pair, k)
-        # EASY-EP token factor: max(0, 1 - cos(h, h~)) with h~ = h + sum_k g e (routed experts),
-        # per token in float64 (1 - cos cancels)
+        own_sum = event.routed is not None
+        norms, mean_b, m2_b, lsq_b, routed = moments(
+            rows, row_key, segments, g_rows, None if own_sum else row_token, self._mask.numel()
+        )
+        if own_sum:
+            routed = event.routed.to(dev).reshape(-1, H)
+        # EASY-EP token factor: max(0, 1 - cos(h, h~)) with h~ = h + sum_k g e (routed experts)
         if sel is not None:
             h, routed = h[sel], routed[sel]
-        h64 = h.double()
-        h_new = routed.double().add_(h64)
-        dot = torch.linalg.vecdot(h64, h_new)
-        denom = torch.linalg.vector_norm(h64, dim=-1) * torch.linalg.vector_norm(h_new, dim=-1)
-        factor = (1.0 - dot / denom.clamp_min(torch.finfo(f64).tiny)).clamp_min(0.0)
+        factor = easyep_factor(h, routed)
         if sel is not None:
-            factor = torch.zeros(self._mask.numel(), dtype=f64, device=dev).index_copy_(0, sel, factor)
+            factor = torch.zeros(self._mask.numel(), dtype=factor.dtype, device=dev).index_copy_(0, sel, factor)
         # the per-pair sums (count, gate, gate², g‖e‖, g‖e‖·factor) in one float64 index_add_,
         # in the order the norms come in
-        if order is None:
-            key_p, g_p, fac = key, g_pair, factor.repeat_interleave(k)
-        else:
-            key_p, g_p, fac = key[order], g_pair[order], factor[torch.div(order, k, rounding_mode="floor")]
-        g64 = g_p.double()
+        g64 = g_rows.double()
         gn = g64 * norms.double()  # g ||e|| per pair
-        vals = torch.stack([torch.ones_like(g64), g64, g64.square(), gn, gn * fac])
-        pair = torch.zeros(len(PAIR_SUMS), E + 1, dtype=f64, device=dev).index_add_(1, key_p, vals)
+        vals = torch.stack([torch.ones_like(g64), g64, g64.square(), gn, gn * factor[row_token].double()])
+        pair = torch.zeros(len(PAIR_SUMS), E + 1, dtype=f64, device=dev).index_add_(1, row_key, vals)
         self._sum_stack[self._pair_rows, li] += pair[:, :E]
         self.lsq_num[li] += lsq_b
-        nb = n_b.to(f64)
+        nb = pair[0, :E]
         n_a = sums["count"][li] - nb
         _, self.mean[li], self.m2[li] = chan_merge(
             n_a, self.mean[li], self.m2[li], nb, mean_b.double(), m2_b.double()

@@ -166,51 +166,112 @@ def single_expert_forward(module: nn.Module, expert: int, x: torch.Tensor) -> to
     return variants.apply_per_expert_norm(module, expert, out)
 
 
+@dataclass
+class SlotOutputs:
+    """The unweighted output e_{i,t} of every (token, slot) pair of one experts call, P = T·k rows,
+    kept in the order the experts computed them: grouped by expert (ascending id, slots with no
+    expert last), so that per-expert statistics read contiguous rows and nothing is permuted twice.
+
+    ``perm`` [P] gives each row's pair index t·k + j and ``sorted_ids`` [P] its expert (an id < 0 or
+    >= the expert count: no expert, output 0); both None when ``rows`` are already in pair order
+    (outputs handed over as [T, k, H], e.g. by Llama-4's input-gated block)."""
+
+    rows: torch.Tensor  # [P, H]
+    perm: torch.Tensor | None
+    sorted_ids: torch.Tensor | None
+    top_k: int
+
+    @classmethod
+    def in_pair_order(cls, outputs: torch.Tensor) -> SlotOutputs:
+        """Wrap [T, k, H] outputs."""
+        t, k, h = outputs.shape
+        return cls(outputs.reshape(t * k, h), None, None, k)
+
+    def slots(self) -> torch.Tensor:
+        """[T, k, H] in pair order (a copy when the rows are grouped by expert)."""
+        h = self.rows.shape[-1]
+        if self.perm is None:
+            return self.rows.view(-1, self.top_k, h)
+        return torch.empty_like(self.rows).index_copy_(0, self.perm, self.rows).view(-1, self.top_k, h)
+
+    def map_rows(self, fn) -> SlotOutputs:
+        """The same pairs with ``fn`` applied to every row (a row-wise map, e.g. a linear layer)."""
+        return SlotOutputs(fn(self.rows), self.perm, self.sorted_ids, self.top_k)
+
+    def weighted_sum(self, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k g e per token [T, H], in the rows' dtype, the way transformers' grouped kernels sum
+        (weight the rows, back to pair order, sum over the k slots)."""
+        h = self.rows.shape[-1]
+        g = top_k_weights.reshape(-1).to(self.rows.dtype)
+        if self.perm is None:
+            return (self.rows.view(-1, self.top_k, h) * g.view(-1, self.top_k, 1)).sum(dim=1)
+        weighted = self.rows * g[self.perm].unsqueeze(1)
+        inverse = torch.empty_like(self.perm)
+        inverse[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        return weighted.index_select(0, inverse).view(-1, self.top_k, h).sum(dim=1)
+
+
 def selected_expert_outputs(
     module: nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     constant_outputs: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Each selected expert's unweighted output, computed once per (token, expert) pair.
+    """Each selected expert's unweighted output, computed once per (token, expert) pair: [T, k, H]
+    (:func:`expert_slot_outputs` in pair order)."""
+    return expert_slot_outputs(module, hidden_states, top_k_index, constant_outputs).slots()
 
-    Returns [T, k, H]. Tokens are grouped by expert so each expert runs one matmul on its tokens;
-    no expert ever runs on a token that did not select it. ``constant_outputs`` maps expert ids to a
-    fixed [H] vector that replaces the expert's computation (MoNE novices). A novice experts module
-    (:class:`moeprune.arch.pruned.NoviceExperts`) takes router ids and adds its stored constants.
-    """
+
+def expert_slot_outputs(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    constant_outputs: dict[int, torch.Tensor] | None = None,
+) -> SlotOutputs:
+    """Each selected expert's unweighted output, computed once per (token, expert) pair, grouped by
+    expert. Each expert runs on its own tokens only (transformers' grouped kernels where they
+    compute the module exactly, else one matmul per expert). ``constant_outputs`` maps expert ids
+    to a fixed [H] vector that replaces the expert's computation (MoNE novices). A novice experts
+    module (:class:`moeprune.arch.pruned.NoviceExperts`) takes router ids and adds its stored
+    constants."""
     novice_route = getattr(module, "novice_route", None)
     if novice_route is not None:
         top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
-    if GROUPED and not constant_outputs:
-        grouped = grouped_expert_outputs(module, hidden_states, top_k_index)
-        if grouped is not None:
-            return grouped
+    if not constant_outputs and _use_grouped(module, hidden_states):
+        return grouped_expert_outputs(module, hidden_states, top_k_index)
     t, k = top_k_index.shape
-    flat = top_k_index.reshape(-1)
-    out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
-    order = torch.argsort(flat, stable=True)
+    flat = top_k_index.reshape(-1).long()
+    order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
     sorted_ids = flat[order]
+    out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
     experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        rows = order[start : start + count]
-        start += count
-        if expert < 0:  # expert-parallel sentinels; never produced on one process
-            out[rows] = 0
-            continue
-        if constant_outputs is not None and expert in constant_outputs:
-            out[rows] = constant_outputs[expert].to(out.dtype)
-            continue
-        tokens = torch.div(rows, k, rounding_mode="floor")
-        out[rows] = single_expert_forward(module, expert, hidden_states[tokens]).to(out.dtype)
-    return out.view(t, k, -1)
+        end = start + count
+        if expert < 0:  # expert-parallel sentinels, zero / skip slots
+            out[start:end] = 0
+        elif constant_outputs is not None and expert in constant_outputs:
+            out[start:end] = constant_outputs[expert].to(out.dtype)
+        else:
+            tokens = torch.div(order[start:end], k, rounding_mode="floor")
+            out[start:end] = single_expert_forward(module, expert, hidden_states[tokens]).to(out.dtype)
+        start = end
+    return SlotOutputs(out, order, sorted_ids, k)
 
 
-# Per-slot outputs from transformers' grouped kernels wherever they compute this module exactly
-# (:func:`_groupable`): a fixed number of large kernels, so that busy cores hurt them no more than
-# the stock forward. False forces the per-expert loop (tests of that path).
-GROUPED = True
+# Which kernels compute the per-slot outputs: "grouped" (transformers' grouped kernels, wherever
+# they compute the module exactly: :func:`_groupable`), "loop" (one matmul per expert, as
+# transformers' eager experts), or "auto": the grouped kernels except in float32 on CPU, where the
+# per-expert loop is the faster of the two (docs/benchmarks.md, "Statistics that cost nothing").
+SLOT_KERNELS = "auto"
+
+
+def _use_grouped(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    if SLOT_KERNELS == "loop":
+        return False
+    if SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32:
+        return False
+    return _groupable(module, hidden_states)
 
 
 def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -235,14 +296,10 @@ def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return True
 
 
-def grouped_expert_outputs(
-    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
-) -> torch.Tensor | None:
-    """:func:`selected_expert_outputs` with transformers' grouped kernels (the ``grouped_mm``
-    experts implementation, stopped before the gate weights): a fixed number of large kernels
-    instead of a few small ops per expert. None where they do not apply (:func:`_groupable`)."""
-    if not _groupable(module, hidden_states):
-        return None
+def grouped_expert_outputs(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> SlotOutputs:
+    """:func:`expert_slot_outputs` with transformers' grouped kernels (the ``grouped_mm`` experts
+    implementation, stopped before the gate weights): a fixed number of large kernels instead of a
+    few small ops per expert. Only where :func:`_groupable` holds."""
     from transformers.integrations.moe import _grouped_linear
 
     t, k = top_k_index.shape
@@ -269,4 +326,4 @@ def grouped_expert_outputs(
         out = module.post_expert_norm(out)
     if sentinel:  # rows past the last offset are left uninitialised by the kernel
         out = out.masked_fill((ids_g >= n_exp).unsqueeze(1), 0.0)
-    return torch.empty_like(out).index_copy_(0, perm, out).view(t, k, -1)
+    return SlotOutputs(out, perm, ids_g, k)

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import UserError
 from . import llama4
 from .blocks import MoEBlock
-from .experts import selected_expert_outputs
+from .experts import SlotOutputs, expert_slot_outputs
 from .routing import KeptView, kept_view, kept_view_problem, route_kept
 
 
@@ -43,9 +43,17 @@ class BlockEvent:
     logits: torch.Tensor  # [T, E] router logits
     top_k_index: torch.Tensor  # [T, k]
     top_k_weights: torch.Tensor  # [T, k] gate weights the model really applies (incl. scaling)
-    expert_outputs: torch.Tensor  # [T, k, H] unweighted outputs e_{i,t}, in the residual stream's space
+    slot_outputs: SlotOutputs  # unweighted outputs e_{i,t} of every pair, in the residual stream's space
     residual: torch.Tensor  # [T, H] residual stream h_t entering the block (the block input for post-norm layers)
     token_mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens, if set
+    # [T, H] Σ_k g e as the block adds it to the residual stream (its own sum, in its dtype), when
+    # the experts' output is exactly that; None: observers sum the slots themselves
+    routed: torch.Tensor | None = None
+
+    @property
+    def expert_outputs(self) -> torch.Tensor:
+        """[T, k, H] unweighted outputs in pair order (a copy when grouped by expert)."""
+        return self.slot_outputs.slots()
 
 
 @dataclass
@@ -226,10 +234,12 @@ def _experts_forward(
             # block adds the identity itself), ZAYA its skip slots: no expert selection, so -1
             identity = state.index.reshape(top_k_index.shape) >= block.num_experts
             top_k_index = top_k_index.masked_fill(identity, -1)
-        outputs = selected_expert_outputs(module, hidden_states, top_k_index, novices)
+        outputs = expert_slot_outputs(module, hidden_states, top_k_index, novices)
+        summed = outputs.weighted_sum(top_k_weights)
         if observer is not None:
             applied = top_k_weights
-            if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
+            scaled = block.spec.scaling_site == "block" and block.spec.scaling != 1.0
+            if scaled:
                 applied = top_k_weights * block.spec.scaling
             observer(
                 BlockEvent(
@@ -240,13 +250,13 @@ def _experts_forward(
                     top_k_weights=applied,
                     # experts in a projected space (Muse-Spark): each output as the block maps the
                     # weighted sum to the residual stream (a linear map: the same sum)
-                    expert_outputs=outputs if out_proj is None else out_proj(outputs),
+                    slot_outputs=outputs if out_proj is None else outputs.map_rows(out_proj),
                     residual=state.residual if block.prenorm_path is not None else hidden_states,
                     token_mask=session.token_mask,
+                    routed=summed if out_proj is None and not scaled else None,
                 )
             )
-        weighted = outputs * top_k_weights.unsqueeze(-1).to(outputs.dtype)
-        return weighted.sum(dim=1).to(hidden_states.dtype).reshape(shape)
+        return summed.to(hidden_states.dtype).reshape(shape)
 
     return forward
 
@@ -288,7 +298,7 @@ def _input_gated_forwards(
                     logits=state.logits,
                     top_k_index=index,
                     top_k_weights=weights,
-                    expert_outputs=outputs,
+                    slot_outputs=SlotOutputs.in_pair_order(outputs),
                     residual=state.residual if block.prenorm_path is not None else hidden,
                     token_mask=session.token_mask,
                 )

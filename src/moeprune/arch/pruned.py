@@ -292,13 +292,12 @@ class NoviceExperts:
         return local, out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        from .experts import selected_expert_outputs
+        from .experts import expert_slot_outputs
 
         shape = hidden_states.shape  # [T, H]; DBRX passes [B, S, H] and gets that shape back
         hidden_states = hidden_states.reshape(-1, shape[-1])
-        outputs = selected_expert_outputs(self, hidden_states, top_k_index)  # type: ignore[arg-type]
-        weighted = outputs * top_k_weights.unsqueeze(-1).to(outputs.dtype)
-        return weighted.sum(dim=1).to(hidden_states.dtype).reshape(shape)
+        outputs = expert_slot_outputs(self, hidden_states, top_k_index)  # type: ignore[arg-type]
+        return outputs.weighted_sum(top_k_weights).to(hidden_states.dtype).reshape(shape)
 
 
 _NOVICE_CLASSES: dict[type, type] = {}

@@ -12,6 +12,8 @@ The architecture tests check `route(spec, logits)` against each router's own out
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # the spec lives in a torch-free module (.spec says why); re-exported here, where it always was
