@@ -160,3 +160,29 @@ def test_masked_stock_evaluation_routes_through_the_kept_view():
             got = model(x, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, first)
+
+
+def test_kept_cache_is_built_again_for_any_change_it_depends_on():
+    """The cached view stands only for the very tensors it was built from, unchanged: another
+    mask, weight or bias tensor, an in-place change of any of them, or another top-k invalidates it."""
+    from moeprune.arch.patch import _KeptCache
+
+    allowed, weight, bias = torch.ones(8, dtype=torch.bool), torch.randn(8, 4), torch.zeros(8)
+    cache = _KeptCache()
+    assert not cache.valid_for(allowed, weight, bias, None)  # empty
+    cache.store(allowed, weight, bias, None, None)
+    assert cache.valid_for(allowed, weight, bias, None)
+    assert not cache.valid_for(allowed.clone(), weight, bias, None)
+    assert not cache.valid_for(allowed, weight.clone(), bias, None)
+    assert not cache.valid_for(allowed, weight, bias.clone(), None)
+    assert not cache.valid_for(allowed, weight, None, None)
+    assert not cache.valid_for(allowed, weight, bias, 2)
+    for t in (allowed, weight, bias):
+        cache.store(allowed, weight, bias, None, None)
+        if t.dtype == torch.bool:
+            t.logical_not_()
+        else:
+            t.add_(1)
+        assert not cache.valid_for(allowed, weight, bias, None)
+    cache.store(allowed, weight, None, 2, None)
+    assert cache.valid_for(allowed, weight, None, 2)

@@ -94,6 +94,46 @@ class PatchSession:
     token_mask: torch.Tensor | None = None
 
 
+def _versions(*tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else t._version for t in tensors)
+
+
+@dataclass
+class _KeptCache:
+    """The kept view of the last mask a router was steered by, and what it was built from. It is
+    built again when the mask, the router weight or the selection bias is another tensor or was
+    changed in place (``_version``), the weight moved to another device, or top-k changed."""
+
+    allowed: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    top_k: int | None = None
+    device: torch.device | None = None
+    versions: tuple = ()
+    view: tuple[KeptView, torch.Tensor] | None = None
+
+    def valid_for(self, allowed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int | None) -> bool:
+        return (
+            self.allowed is allowed
+            and self.weight is weight
+            and self.bias is bias
+            and self.top_k == top_k
+            and self.device == weight.device
+            and self.versions == _versions(allowed, weight, bias)
+        )
+
+    def store(
+        self,
+        allowed: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        top_k: int | None,
+        view: tuple[KeptView, torch.Tensor] | None,
+    ) -> None:
+        self.allowed, self.weight, self.bias, self.top_k, self.view = allowed, weight, bias, top_k, view
+        self.device, self.versions = weight.device, _versions(allowed, weight, bias)
+
+
 def _router_forward(
     model: nn.Module,
     block: MoEBlock,
@@ -113,7 +153,7 @@ def _router_forward(
     plain = block.adapter is None and not block.spec.extra_role and not block.spec.selects_extra
     prefix = block.router_path + "."
     weight_name = block.router_weight_path.removeprefix(prefix) if block.router_weight_path.startswith(prefix) else None
-    built: list = []  # [(key, (view, rows) or None)]: the current mask's kept view, built once
+    cache = _KeptCache()
 
     def kept_rows(control: BlockControl) -> tuple[KeptView, torch.Tensor] | None:
         """The pruned router a mask leaves: its kept view and the kept rows of the router's weight
@@ -122,27 +162,14 @@ def _router_forward(
         if allowed is None or weight_name is None:
             return None
         weight = getattr(router, weight_name) if "." not in weight_name else router.get_parameter(weight_name)
-        if built:
-            key, view = built[0]
-            a, av, w, wv, dev, k, b, bv = key
-            if (
-                a is allowed
-                and av == allowed._version
-                and w is weight
-                and wv == weight._version
-                and dev == weight.device
-                and k == control.top_k
-                and (b is None or bv == b._version)
-            ):  # (else a tensor changed in place, or the model moved: built again)
-                return view
         bias = block.selection_bias(model)
+        if cache.valid_for(allowed, weight, bias, control.top_k):
+            return cache.view
         view = None
         if kept_view_problem(block.spec, allowed, control.top_k) is None:
             v = kept_view(allowed, bias, weight.device)
             view = (v, weight.detach()[v.kept])
-        bias_version = None if bias is None else bias._version
-        key = (allowed, allowed._version, weight, weight._version, weight.device, control.top_k, bias, bias_version)
-        built[:] = [(key, view)]
+        cache.store(allowed, weight, bias, control.top_k, view)
         return view
 
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
