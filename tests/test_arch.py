@@ -252,10 +252,10 @@ def test_architectures_doc_lists_every_type():
 
 
 def test_steered_stock_evaluation_skips_the_routers_own_routing():
-    """Where the table knows how a router computes its logits (DeepSeek-V3), a masked stock
-    evaluation computes only them: the router's own forward never runs, and the logits are those
-    of the per-slot forward, which runs it (a family without the entry still runs it)."""
-    for model_type, expect_calls in (("deepseek_v3", False), ("qwen3_moe", True)):
+    """Where the table knows how a router computes its logits (DeepSeek-V3, Qwen3-MoE), a masked
+    stock evaluation computes only them: the router's own forward never runs, and the logits are
+    those of the per-slot forward, which runs it (a family without the entry, Mixtral, still runs it)."""
+    for model_type, expect_calls in (("deepseek_v3", False), ("qwen3_moe", False), ("mixtral", True)):
         model = tiny_model(model_type).eval()
         blocks = find_moe_blocks(model)
         assert (blocks[0].logits_only is not None) is not expect_calls
@@ -278,3 +278,34 @@ def test_steered_stock_evaluation_skips_the_routers_own_routing():
                 stock = model(x, use_cache=False).logits
         assert bool(calls) is expect_calls, model_type
         torch.testing.assert_close(stock, slots, rtol=1e-5, atol=1e-5)
+
+
+LOGITS_ONLY = sorted(t for t, facts in ARCH_TABLE.items() if facts.logits_only is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("model_type", LOGITS_ONLY)
+def test_logits_only_entries_compute_what_the_router_computes(model_type, dtype):
+    """Each table entry that lets a steered stock evaluation skip the router's own routing
+    (ArchFacts.logits_only) computes the router's logits bit for bit, and the steered router hands
+    the block weights and ids of the dtypes the router's own forward returns, with the same values
+    when nothing is masked (float32 and bfloat16 models)."""
+    model = tiny_model(model_type).to(dtype)
+    blocks = find_moe_blocks(model)
+    block = blocks[0]
+    router = block.router(model)
+    h = torch.randn(3, 5, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        own = router(h)
+        assert torch.equal(block.logits_only(router, h, None), own[0])
+        every = torch.ones(block.num_experts, dtype=torch.bool)
+        with patch_moe(model, blocks, controls={block.index: BlockControl(allowed=every)}, stock_experts=True):
+            steered = router(h)
+    assert len(steered) == len(own)
+    assert [t.dtype for t in steered] == [t.dtype for t in own]
+    torch.testing.assert_close(steered[0], own[0], rtol=0, atol=0)
+    ids, order = steered[2].sort(dim=-1)
+    own_ids, own_order = own[2].sort(dim=-1)
+    assert torch.equal(ids, own_ids)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(steered[1].gather(-1, order), own[1].gather(-1, own_order), rtol=tol, atol=tol)

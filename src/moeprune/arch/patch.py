@@ -188,7 +188,8 @@ def _router_forward(
             weights = r.top_k_weights
             if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
                 weights = weights / block.spec.scaling  # the block multiplies it back
-            return logits, weights, r.top_k_index  # (float32 weights, int64 ids: as DeepSeek-V3's router)
+            # weights in the logits' dtype and int64 ids, as these routers return them
+            return logits, weights.to(logits.dtype), r.top_k_index
         out = original(hidden_states, *args, **kwargs)
         logits = block.router_logits(router, hidden_states, out)
         state.logits = logits

@@ -317,7 +317,9 @@ class ArchFacts:
     # masked evaluation replaces the routing, so it need not run (docs/benchmarks.md, compare rows).
     # None: the router's own forward runs and its routing is recomputed. Called as
     # ``logits_only(router, hidden, rows)``: ``rows`` (None: all) are rows of the router's weight
-    # (MoEBlock.router_weight_path), the kept experts' for a mask (routing.route_kept).
+    # (MoEBlock.router_weight_path), the kept experts' for a mask (routing.route_kept). Only for
+    # routers that return their weights in the logits' dtype (not Mixtral's: float32 weights of
+    # bf16 logits); tests/test_arch.py checks each entry against the router's own forward.
     logits_only: Callable[[nn.Module, Any, Any], Any] | None = None
 
 
@@ -330,10 +332,20 @@ def float32_linear_logits(router: nn.Module, hidden: Any, rows: Any = None) -> A
     return F.linear(hidden.view(-1, w.shape[-1]).float(), w.float())
 
 
+def linear_logits(router: nn.Module, hidden: Any, rows: Any = None) -> Any:
+    """``F.linear(h, W)`` in the model's dtype: the ``TopKRouter`` forward of Qwen2/3-MoE, OLMoE and
+    their copies, up to its routing (softmax in float32, top-k, weights back in the logits' dtype)."""
+    import torch.nn.functional as F
+
+    w = router.weight if rows is None else rows
+    return F.linear(hidden.reshape(-1, w.shape[-1]), w)
+
+
 _ROUTER_BIAS = ("gate.e_score_correction_bias", "router.e_score_correction_bias")
 _BLOCK_BIAS = ("e_score_correction_bias",)
 
 _A = ArchFacts(softmax_topk(), family="softmax -> top-k, renormalised iff norm_topk_prob")
+_A_LOGITS = replace(_A, logits_only=linear_logits)  # routers of Qwen3-MoE's code
 _A_RENORM = ArchFacts(softmax_topk(default_renorm=True), family="softmax -> top-k, renormalised")
 _B = ArchFacts(topk_softmax(), family="top-k logits -> softmax over k")
 _C = ArchFacts(
@@ -341,23 +353,24 @@ _C = ArchFacts(
     _ROUTER_BIAS,
     family="sigmoid + correction bias, group-limited top-k, scaled (DeepSeek-V3)",
 )
+_C_LOGITS = replace(_C, logits_only=float32_linear_logits)  # routers of DeepSeek-V3's code
 
 ARCH_TABLE: dict[str, ArchFacts] = {
     # A. softmax over E -> top-k, renormalise iff norm_topk_prob
-    "qwen2_moe": _A,
-    "qwen3_moe": _A,
-    "qwen3_next": _A,
-    "qwen4_exp": replace(_A, prenorm_name=None),  # hyper-connection residual: no single h_t
-    "qwen4_exp_text": replace(_A, prenorm_name=None),
-    "olmoe": _A,
-    "flex_olmo": replace(_A, prenorm_name=None),  # post-norm: no norm before the MoE
-    "mellum": _A,
+    "qwen2_moe": _A_LOGITS,
+    "qwen3_moe": _A_LOGITS,
+    "qwen3_next": _A_LOGITS,
+    "qwen4_exp": replace(_A_LOGITS, prenorm_name=None),  # hyper-connection residual: no single h_t
+    "qwen4_exp_text": replace(_A_LOGITS, prenorm_name=None),
+    "olmoe": _A_LOGITS,
+    "flex_olmo": replace(_A_LOGITS, prenorm_name=None),  # post-norm: no norm before the MoE
+    "mellum": _A_LOGITS,
     "lara_mini": _A,
     # A'. always renormalised
     "mixtral": _A_RENORM,
     "minimax": replace(_A_RENORM, prenorm_name=None),  # post-norm: the residual is the normed state
-    "qwen3_5_moe": _A_RENORM,
-    "qwen3_5_moe_text": _A_RENORM,
+    "qwen3_5_moe": replace(_A_RENORM, logits_only=linear_logits),
+    "qwen3_5_moe_text": replace(_A_RENORM, logits_only=linear_logits),
     "hunyuan_v1_moe": replace(_A_RENORM, router_name="gate"),
     # A''. never renormalised
     "jamba": ArchFacts(
@@ -374,25 +387,25 @@ ARCH_TABLE: dict[str, ArchFacts] = {
         cohere2(), prenorm_name="input_layernorm", family="top-k logits -> softmax/sigmoid"
     ),
     # C. DeepSeek-V3 family
-    "deepseek_v3": replace(_C, logits_only=float32_linear_logits),
-    "deepseek_v32": _C,
-    "axk1": _C,
-    "bailing_hybrid": _C,
-    "dots1": _C,
-    "dots3_note": _C,
-    "dots3_note_text": _C,
-    "exaone_moe": _C,
-    "glm4_moe": _C,
-    "glm4_moe_lite": _C,
-    "glm_moe_dsa": _C,
-    "hy_v4": replace(_C, prenorm_name=None),  # hyper-connections around the block
-    "kimi_linear": _C,
-    "mimo_v2_flash": _C,
-    "nemotron_h": replace(_C, prenorm_name="norm"),
-    "solar_open": _C,
+    "deepseek_v3": _C_LOGITS,
+    "deepseek_v32": _C_LOGITS,
+    "axk1": _C_LOGITS,
+    "bailing_hybrid": _C_LOGITS,
+    "dots1": _C_LOGITS,
+    "dots3_note": _C_LOGITS,
+    "dots3_note_text": _C_LOGITS,
+    "exaone_moe": _C_LOGITS,
+    "glm4_moe": _C_LOGITS,
+    "glm4_moe_lite": _C_LOGITS,
+    "glm_moe_dsa": _C_LOGITS,
+    "hy_v4": replace(_C_LOGITS, prenorm_name=None),  # hyper-connections around the block
+    "kimi_linear": _C_LOGITS,
+    "mimo_v2_flash": _C_LOGITS,
+    "nemotron_h": replace(_C_LOGITS, prenorm_name="norm"),
+    "solar_open": _C_LOGITS,
     "minicpm5_moe": _C,
-    "axk2": replace(_C, spec=sigmoid_biased(group_fill=0.0)),
-    "beam": replace(_C, spec=sigmoid_biased(scaling_site="block")),
+    "axk2": replace(_C_LOGITS, spec=sigmoid_biased(group_fill=0.0)),
+    "beam": replace(_C_LOGITS, spec=sigmoid_biased(scaling_site="block")),
     # DeepSeek-V4: hash-routed layers kept whole, learned-router layers pruned (arch/variants.py)
     "deepseek_v4": ArchFacts(
         deepseek_v4(),
