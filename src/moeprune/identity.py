@@ -1,6 +1,6 @@
 """Which model a profile, plan or library was made on: beyond the config, a digest of the weights.
 
-The config fingerprint (:func:`moeprune.profile.model_fingerprint`) says whether a file fits the
+The config fingerprint (:func:`model_fingerprint`) says whether a file fits the
 model's expert layout; two checkpoints of the same shape (another fine-tune, another seed) share
 it. The *router digest* tells them apart without loading the model: a sha256 over, for every MoE
 layer in order, its decoder index, the router weight's shape and its values rounded to bfloat16
