@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
+    if args.cli and args.with_torch:  # the command has no way to import torch first
+        parser.error("--with-torch times the call; it does not apply with --cli")
 
     work = Path(tempfile.mkdtemp(prefix="moeprune-bench-rewrite-", dir=args.dir))
     load = [os.getloadavg()[0]]
