@@ -29,10 +29,15 @@ Then it rewrites it keeping 32 of 64 experts per layer (4 per group) in a child 
 previous commit, ``git archive``) on the same checkpoint, alternating with this one (``--repeat`` times each), and
 reports both: before/after figures of one run.
 
+``--cli`` times the command instead of the call: ``moeprune prune SRC --plan PLAN --out OUT`` as a
+whole process (interpreter start to exit, what a user waits for), with a plan file as
+`moeprune plan` writes one (the checkpoint's fingerprint and router digest), its peak RSS (the
+child's ``VmHWM``), CPU time and what it imported, against the same ``cp``.
+
 Everything generated is deleted at the end (``--source`` reuses a checkpoint this script generated
 and leaves it).
 
-    python benchmarks/bench_rewrite.py [--layers 12] [--baseline ../main/src] [--append docs/benchmarks.md]
+    python benchmarks/bench_rewrite.py [--layers 12] [--baseline ../main/src] [--cli] [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -90,6 +95,19 @@ print(json.dumps({"seconds": seconds, "write_seconds": writes[-1][1] - writes[0]
                   "bytes_out": result.bytes_out, "shards": len(result.shards)}))
 """
 
+# --cli: the command itself, as the `moeprune` entry point runs it (moeprune.cli.main), reporting
+# its own high-water mark and imports on stderr's last line (stdout is the command's)
+CLI_CHILD = r"""
+import json, sys
+from moeprune.cli import main
+rc = main(sys.argv[1:])
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+print(json.dumps({"rc": rc, "hwm_peak_kb": hwm, "torch": "torch" in sys.modules,
+                  "transformers": "transformers" in sys.modules, "numpy": "numpy" in sys.modules}),
+      file=sys.stderr)
+sys.exit(rc)
+"""
+
 
 def config(layers: int):
     return dsv3_config(layers, dtype="bfloat16")
@@ -138,6 +156,78 @@ def time_cp(src: Path, dst: Path, kept_bytes: int) -> tuple[float, float, int]:
     return seconds * kept_bytes / size, cpu * kept_bytes / size, size
 
 
+def write_plan(src: Path, kept: dict[int, list[int]], path: Path) -> Path:
+    """A plan file for ``kept`` as `moeprune plan` writes one: the checkpoint's config fingerprint
+    and router digest (which `moeprune prune` checks), equal groups of the 8 routing groups."""
+    from moeprune.arch import find_moe_blocks
+    from moeprune.identity import checkpoint_router_digest, fingerprint_fields, model_fingerprint
+    from moeprune.modelio import build_on_meta, load_config
+    from moeprune.plan import Plan
+
+    cfg = load_config(str(src))
+    blocks = find_moe_blocks(build_on_meta(cfg))
+    plan = Plan(
+        model_fingerprint=model_fingerprint(fingerprint_fields(cfg, blocks)),
+        model_type=cfg.model_type,
+        layers=sorted(kept),
+        num_experts=blocks[0].num_experts,
+        top_k=blocks[0].top_k,
+        method="frequency",
+        kept=kept,
+        settings={"n_group": blocks[0].spec.n_group},
+        router_sha256=checkpoint_router_digest(src, cfg) or "",
+    )
+    path.write_text(plan.dumps())
+    return path
+
+
+def run_cli(src: Path, out: Path, plan: Path, tree: Path) -> dict:
+    """`moeprune prune SRC --plan PLAN --out OUT` in a fresh process importing moeprune from ``tree``:
+    wall and CPU seconds from interpreter start to exit, its peak RSS and imports."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI_CHILD, "prune", str(src), "--plan", str(plan), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # CPU times add up per child; ru_maxrss does not
+    if proc.returncode != 0:
+        sys.exit(f"moeprune prune failed ({tree}):\n{proc.stdout}{proc.stderr}")
+    child = json.loads(proc.stderr.strip().splitlines()[-1])
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return {**child, "process_seconds": seconds, "cpu_seconds": cpu}
+
+
+def cli_report(runs: list[dict], on_disk: int, kept_bytes: int, cp: dict) -> str:
+    """The --cli table of one checkout: medians over its runs, the largest peak RSS."""
+    n = len(runs)
+    wall = statistics.median(r["process_seconds"] for r in runs)
+    cpu = statistics.median(r["cpu_seconds"] for r in runs)
+    best = min(r["process_seconds"] for r in runs)
+    peak = max(r["hwm_peak_kb"] for r in runs) * 1024
+    imported = [m for m in ("torch", "transformers", "numpy") if any(r[m] for r in runs)]
+    rows = [
+        ("checkpoint -> kept bytes", f"{on_disk / 1e9:.2f} GB -> {kept_bytes / 1e9:.2f} GB"),
+        (f"peak RSS of `moeprune prune` (largest of {n})", f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}%"),
+        ("imported", ", ".join(imported) or "neither torch nor transformers (nor numpy)"),
+        (
+            f"cp of the kept bytes (median of {n})",
+            f"{cp['seconds']:.2f} s, CPU {cp['cpu_seconds']:.2f} s (fastest {cp['best_seconds']:.2f} s)",
+        ),
+        (
+            f"`moeprune prune`, interpreter start to exit (median of {n})",
+            f"{wall:.2f} s = {wall / cp['seconds']:.2f} x cp; CPU {cpu:.2f} s = {cpu / cp['cpu_seconds']:.2f} x cp",
+        ),
+        ("fastest run / fastest cp", f"{best:.2f} s = {best / cp['best_seconds']:.2f} x cp"),
+        ("each run", ", ".join(f"{r['process_seconds']:.2f}" for r in runs) + " s"),
+    ]
+    return kv_table(rows)
+
+
 def check_output(src: Path, out: Path, kept: dict[int, list[int]]) -> None:
     """One sliced tensor of the output equals the kept rows of the source (bytes compared)."""
     import torch
@@ -167,9 +257,14 @@ def main() -> None:
     parser.add_argument(
         "--with-torch", action="store_true", help="also run this checkout with torch imported before the clock"
     )
+    parser.add_argument(
+        "--cli", action="store_true", help="time the whole `moeprune prune` command instead of the call"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
+    if args.cli and args.with_torch:  # the command has no way to import torch first
+        parser.error("--with-torch times the call; it does not apply with --cli")
 
     work = Path(tempfile.mkdtemp(prefix="moeprune-bench-rewrite-", dir=args.dir))
     load = [os.getloadavg()[0]]
@@ -182,6 +277,7 @@ def main() -> None:
             print(f"generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         on_disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         kept = kept_plan(args.layers)
+        plan = write_plan(src, kept, work / "plan.json") if args.cli else None
         subprocess.run(["sync"], check=False)
 
         trees = [("this checkout", ROOT / "src")]
@@ -197,7 +293,10 @@ def main() -> None:
         for r in range(args.repeat):  # alternating: rewrite(s), then cp of the kept bytes; order flips
             for name, tree in trees if r % 2 == 0 else trees[::-1]:
                 shutil.rmtree(out, ignore_errors=True)
-                runs[name].append(run_child(src, out, kept, tree, torch_first="torch" in name))
+                if plan is not None:
+                    runs[name].append(run_cli(src, out, plan, tree))
+                else:
+                    runs[name].append(run_child(src, out, kept, tree, torch_first="torch" in name))
                 check_output(src, out, kept)
                 subprocess.run(["sync"], check=False)
             kept_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -205,7 +304,9 @@ def main() -> None:
             cps.append(time_cp(src, work / "cp", kept_bytes))
             subprocess.run(["sync"], check=False)
             each = ", ".join(
-                f"{name} {runs[name][-1]['seconds']:.2f} s (writing {runs[name][-1]['write_seconds']:.2f})"
+                f"{name} {runs[name][-1]['process_seconds']:.2f} s"
+                if plan is not None
+                else f"{name} {runs[name][-1]['seconds']:.2f} s (writing {runs[name][-1]['write_seconds']:.2f})"
                 for name, _ in trees
             )
             print(f"round {r + 1}: {each}, cp {cps[-1][0]:.2f} s; load {os.getloadavg()[0]:.1f}", file=sys.stderr)
@@ -220,7 +321,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     tables = [
-        (name, report(_median(runs[name]), args, on_disk, kept_bytes, cp, len(runs[name])))
+        (
+            name,
+            cli_report(runs[name], on_disk, kept_bytes, cp)
+            if args.cli
+            else report(_median(runs[name]), args, on_disk, kept_bytes, cp, len(runs[name])),
+        )
         for name, _ in trees
     ]
     text = "\n\n".join(f"{name}:\n\n{table}" if len(tables) > 1 else table for name, table in tables)
@@ -229,6 +335,7 @@ def main() -> None:
     if args.append is not None:
         base = " --baseline BASE/src" if args.baseline is not None else ""
         base += " --with-torch" if args.with_torch else ""
+        base += " --cli" if args.cli else ""
         cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --repeat {args.repeat}{base} --append docs/benchmarks.md"
         append_section(
             args.append,

@@ -184,3 +184,109 @@ def test_header_rewrite_imports_no_model_code(root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def _plan_for(config, blocks, kept_ids, **over):
+    from moeprune.identity import fingerprint_fields, model_fingerprint
+    from moeprune.plan import Plan
+
+    fields = {
+        "model_fingerprint": model_fingerprint(fingerprint_fields(config, blocks)),
+        "model_type": config.model_type,
+        "layers": sorted(kept_ids),
+        "num_experts": blocks[0].num_experts,
+        "top_k": blocks[0].top_k,
+        "method": "frequency",
+        "kept": kept_ids,
+    }
+    fields.update(over)
+    return Plan(**fields)
+
+
+@pytest.mark.parametrize("model_type, layout, overrides", [(t, lay, {}) for t, lay in CASES] + LAYER_CASES)
+def test_header_plan_checks_equal_model_checks(model_type, layout, overrides, root):
+    """`prune`'s plan checks on the config and blocks read from config.json and the headers
+    (api._header_blocks: no model built) give what they give on the model built from
+    transformers' config: the same fingerprint, top-k, and the same refusals."""
+    from moeprune.api import _header_blocks, _model_top_k, check_plan_matches
+    from moeprune.errors import UserError
+    from moeprune.identity import fingerprint_fields
+
+    path = _saved(model_type, layout, root, json.dumps(overrides))
+    config = load_config(str(path))
+    blocks = find_moe_blocks(build_on_meta(config))
+    header = _header_blocks(path)
+    assert header is not None, f"{model_type} {layout}: no header config or map"
+    light, light_blocks = header
+    assert type(light).__name__ == "HeaderConfig"
+    assert fingerprint_fields(light, light_blocks) == fingerprint_fields(config, blocks)
+    assert _model_top_k(light) == _model_top_k(config)
+    kept = _kept(blocks)
+    check_plan_matches(_plan_for(config, blocks, kept), light, light_blocks)
+    first, last = blocks[0].layer, blocks[-1].layer
+    wrong = [
+        {"model_fingerprint": "0" * 64},
+        {"model_type": "mixtral" if model_type != "mixtral" else "olmoe"},
+        {"num_experts": blocks[0].num_experts + 8, "model_fingerprint": ""},
+        {"layers": sorted(kept)[1:], "kept": {k: v for k, v in kept.items() if k != first}, "model_fingerprint": ""},
+        {"layers": [*sorted(kept), last + 50], "kept": {**kept, last + 50: kept[last]}, "model_fingerprint": ""},
+    ]
+    for over in wrong:
+        plan = _plan_for(config, blocks, kept, **over)
+        errors = []
+        for args in ((light, light_blocks), (config,)):
+            with pytest.raises(UserError) as exc:
+                check_plan_matches(plan, *args)
+            errors.append(exc.value.line())
+        assert errors[0] == errors[1], over
+
+
+def test_cli_prune_imports_no_torch(root, tmp_path):
+    """`moeprune prune MODEL --plan PLAN --out DIR` (remove mode, a family the headers tell, a
+    bfloat16 checkpoint, a plan recording the router digest) runs in a fresh process without
+    importing torch or transformers (nor numpy: the BF16 digest is a copy of bytes), and writes
+    what the model-based path writes; --help, --version and prune --help import neither."""
+    import torch
+
+    from moeprune.identity import checkpoint_router_digest
+
+    src = tmp_path / "bf16"
+    tiny_model("qwen3_moe").to(torch.bfloat16).save_pretrained(src)
+    config = load_config(str(src))
+    blocks = find_moe_blocks(build_on_meta(config))
+    digest = checkpoint_router_digest(src)
+    assert digest
+    plan = tmp_path / "plan.json"
+    plan.write_text(_plan_for(config, blocks, _kept(blocks), router_sha256=digest).dumps())
+    heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'numpy'})"
+
+    def run(*args: str) -> tuple[int, list[str]]:
+        code = (
+            "import json, sys\n"
+            "from moeprune.cli import main\n"
+            f"try:\n    rc = main({list(args)!r})\nexcept SystemExit as exc:\n    rc = exc.code\n"
+            f"print(json.dumps([rc, {heavy}]))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        rc, modules = json.loads(proc.stdout.strip().splitlines()[-1])
+        return rc, modules
+
+    for args in (("--help",), ("--version",), ("prune", "--help")):
+        assert run(*args) == (0, []), args
+    assert run("prune", str(src), "--plan", str(plan), "--out", str(tmp_path / "out")) == (0, [])
+    # a plan of other router weights is still refused (the digest read from the stored bytes)
+    other = tmp_path / "other.json"
+    other.write_text(_plan_for(config, blocks, _kept(blocks), router_sha256="f" * 64).dumps())
+    assert run("prune", str(src), "--plan", str(other), "--out", str(tmp_path / "out2"))[0] == 2
+    assert not (tmp_path / "out2").exists()
+    via_model = plan_rewrite(src, tmp_path / "x", _kept(blocks))
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == via_model.new_config
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".moeprune-output",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "plan.json",
+    ]

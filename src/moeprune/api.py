@@ -429,7 +429,6 @@ def _prune(
     from .modelio import load_config, resolve_model_dir
     from .outputs import check_output
     from .plan import Plan
-    from .profile import Profile
     from .surgery import rewrite_checkpoint
 
     # --- check everything before writing anything --------------------------------------------------
@@ -445,18 +444,23 @@ def _prune(
     name = model_source(model)
     src = resolve_model_dir(name)
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if isinstance(profile, Profile):
-        profile_meta = profile.meta
+    given_profile = _is_profile(profile)
+    if given_profile:
+        profile_meta = profile.meta  # type: ignore[union-attr]
     else:
-        profile_meta = _profile_meta(Path(profile)) if profile is not None else None
+        profile_meta = _profile_meta(Path(profile)) if profile is not None else None  # type: ignore[arg-type]
     out = Path(out)
     inputs = _file_inputs("plan", [None if isinstance(plan, Plan) else plan])
-    inputs += _file_inputs("profile", [None if isinstance(profile, Profile) else profile])
+    inputs += _file_inputs("profile", [None if given_profile else profile])
     inputs += list(reads)
     if into is None:
         check_output(out, inputs=[("input model", src), *inputs], force=force)
-    config = load_config(str(src))
-    check_plan_matches(the_plan, config)
+    header = _header_blocks(src) if mode == "remove" and not pad_uniform else None
+    if header is not None:  # a plain removal of a family the headers tell: no torch, no transformers
+        config, blocks = header
+    else:
+        config, blocks = load_config(str(src)), None
+    check_plan_matches(the_plan, config, blocks)
     novices = None
     if mode == "novice" and profile is not None:
         novices = _novice_vectors(profile, the_plan, config, name, novice)
@@ -727,11 +731,41 @@ def _novice_vectors(
     return out
 
 
-def check_plan_matches(plan: Plan, config: Any) -> None:
-    """Error unless the plan was made for this model (type, fingerprint, expert count, MoE layers)."""
-    from .arch import find_moe_blocks
-    from .modelio import build_on_meta
-    from .profile import fingerprint_fields, model_fingerprint
+def _is_profile(profile: Any) -> bool:
+    """``profile`` is a loaded :class:`moeprune.profile.Profile` (not a path). Without importing
+    that module (torch): an object of the class exists only once it is imported."""
+    module = sys.modules.get("moeprune.profile")
+    return module is not None and isinstance(profile, module.Profile)
+
+
+def _header_blocks(src: Path) -> tuple[Any, list[Any]] | None:
+    """The config and MoE blocks of the checkpoint ``src`` for a plain removal, read from
+    ``config.json`` and the shard headers alone where :mod:`moeprune.arch.header_config` and
+    :mod:`moeprune.arch.header_keys` vouch for them (the blocks the model built on the meta device
+    has: tests/test_header_keys.py), else None: the caller reads the config with transformers,
+    which also names any problem of the files (the rewrite then reads them again)."""
+    from .arch.header_config import header_config
+    from .arch.header_keys import header_key_map
+    from .checkpoint import Checkpoint
+    from .modelio import read_raw_config
+    from .surgery import mtp_keys
+
+    try:
+        raw = read_raw_config(src)
+        config = header_config(raw)
+        if config is None:
+            return None
+        ckpt = Checkpoint.open(src)
+    except UserError:
+        return None
+    keymap = header_key_map(config, ckpt.shapes(), mtp_keys(ckpt.tensors, raw))
+    return None if keymap is None else (config, list(keymap.blocks))
+
+
+def check_plan_matches(plan: Plan, config: Any, blocks: Sequence[Any] | None = None) -> None:
+    """Error unless the plan was made for this model (type, fingerprint, expert count, MoE layers).
+    ``blocks``: the model's MoE blocks, when known without building it (:func:`_header_blocks`)."""
+    from .identity import fingerprint_fields, model_fingerprint
 
     text = config.get_text_config()
     types = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
@@ -740,7 +774,11 @@ def check_plan_matches(plan: Plan, config: Any) -> None:
             f"this plan was made for a '{plan.model_type}' model, not '{config.model_type}'",
             "make a plan from a profile of this model",
         )
-    blocks = find_moe_blocks(build_on_meta(config))
+    if blocks is None:
+        from .arch import find_moe_blocks
+        from .modelio import build_on_meta
+
+        blocks = find_moe_blocks(build_on_meta(config))
     if plan.model_fingerprint:
         plan.check_model(model_fingerprint(fingerprint_fields(config, blocks)))
     num_experts = blocks[0].num_experts

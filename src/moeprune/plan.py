@@ -26,12 +26,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UserError
 from .fileio import read_json
+
+if TYPE_CHECKING:  # torch inside the functions that compute on tensors: a plan is read and checked
+    import torch  # without it (the torch-free `moeprune prune`, docs/benchmarks.md)
 
 PLAN_FORMAT = "moeprune-plan/1"
 # More routed experts per layer than any model has (the largest have a few hundred): a count read
@@ -76,6 +77,8 @@ class Plan:
 
     def kept_mask(self) -> torch.Tensor:
         """bool [L, E]: True where the expert is kept (rows in ``layers`` order)."""
+        import torch
+
         mask = torch.zeros(len(self.layers), self.num_experts, dtype=torch.bool)
         for row, layer in enumerate(self.layers):
             mask[row, self.kept[layer]] = True
@@ -384,6 +387,8 @@ def check_keep(
     """K for ``keep`` under every rule of :func:`make_plan` with equal groups (none depends on the
     scores), or the UserError that `moeprune plan` would give: for inspect, one-shot and library
     build, before any scores exist."""
+    import torch
+
     plan = make_plan(
         torch.zeros(1, num_experts, dtype=torch.float64),
         keep=keep,
@@ -494,6 +499,8 @@ def _works(scores: torch.Tensor, args: dict[str, Any]) -> bool:
 def _working_changes(scores: torch.Tensor, args: dict[str, Any], can_change: tuple[str, ...]) -> list[str]:
     """Hints for a refused plan: the nearest keeps below and above, fewer active experts, or free
     groups, each only if a plan with it succeeds (scores matter only for free groups)."""
+    import torch
+
     n_experts = int(scores.shape[1])
     fixes: list[str] = []
     if "keep" in can_change:
@@ -551,6 +558,8 @@ def _make_plan(
     router_sha256: str,
     unchanged: bool = False,
 ) -> Plan:
+    import torch
+
     if scores.dim() != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
         raise UserError(f"scores must be [layers, experts], got {list(scores.shape)}", "check the profile")
     scores = scores.to(torch.float64)
@@ -767,6 +776,8 @@ def plan_summary(
     """Experts kept per layer, the share of calibration gate mass each layer keeps, and the
     parameter count before/after when ``params_per_expert`` and ``other_params`` (everything
     that is not a routed expert, as from :func:`moeprune.summary.summarize`) are given."""
+    import torch
+
     rows: list[dict[str, Any]] = []
     gate = None
     if profile is not None and "gate" in profile.tensors:

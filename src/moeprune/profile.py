@@ -27,6 +27,10 @@ import torch
 
 from .errors import UserError
 
+# the config fingerprint lives in the torch-free identity module (the rewrite checks it); named
+# here too for the callers that import it from the profile module
+from .identity import fingerprint_fields, model_fingerprint  # noqa: F401
+
 __all__ = [
     "FORMAT",
     "NOVICE_FITS",
@@ -72,30 +76,6 @@ META_KEYS = (
 
 
 # --- model identity ---------------------------------------------------------------------------
-
-
-def fingerprint_fields(config: Any, blocks: Sequence[Any] | None = None) -> dict[str, Any]:
-    """The config facts that fix the expert layout (MoE layers found by structure, on the meta
-    device when no ``blocks`` are given)."""
-    if blocks is None:
-        from .arch import find_moe_blocks
-        from .modelio import build_on_meta
-
-        blocks = find_moe_blocks(build_on_meta(config))
-    text = config.get_text_config()
-    return {
-        "model_type": str(getattr(config, "model_type", None) or getattr(text, "model_type", "?")),
-        "hidden_size": int(text.hidden_size),
-        "num_hidden_layers": int(text.num_hidden_layers),
-        "num_experts": int(blocks[0].num_experts),
-        "top_k": int(blocks[0].top_k),
-        "moe_layers": [int(b.layer) for b in blocks],
-    }
-
-
-def model_fingerprint(fields: dict[str, Any]) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _describe(fields: dict[str, Any]) -> str:
