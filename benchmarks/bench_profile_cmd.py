@@ -14,12 +14,15 @@ system, from ``getrusage``) are taken by this script around the process:
   same files, sorted and padded as ``moeprune.data.batches`` does; the ids are handed over in a JSON
   file). Every experts implementation of transformers (``grouped_mm``, ``batched_mm``, ``eager``)
   in float32 and bfloat16 runs in the first round; the fastest (``--keep``, default 2) are kept for the
-  other rounds, and the fastest by median counts.
+  other rounds, and the fastest by median counts. A setting ``dtype:experts:gc`` (``--stock``) is the
+  stock script with the command's collector handling (paused over imports and load, everything
+  frozen after the load and before exit): reported apart, as "stock +gc".
 - **parts**: the command again, in a process that times its parts: importing torch and
   transformers (what the stock script imports), importing the CLI, then inside the call the
   functions it calls (config, records, model load, tokenization, calibration, router digest,
   profile build, write; each time excludes the timed calls inside it), the rest of the call, and
-  the interpreter start and exit (process wall minus the time inside).
+  the interpreter start and exit (process wall minus the time inside). It imports torch and
+  transformers itself, with the collector on (as the stock script does), before the command runs.
 
 Ratios: command / stock process (wall and CPU), and calibrate / the fastest stock forward (the
 forward loop alone, in the stock process; both fresh processes). Models (``--models``): ``testbed``
@@ -56,8 +59,11 @@ STOCK_SETTINGS = ",".join(
 
 # A plain transformers forward over the batches in a JSON file; prints its own phase times.
 STOCK = r"""
-import json, sys, time
+import gc, json, sys, time
 t0 = time.perf_counter()
+with_gc = sys.argv[5:] == ["gc"]  # the command's collector handling: paused over imports + load, frozen
+if with_gc:
+    gc.disable()
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 t1 = time.perf_counter()
@@ -66,6 +72,9 @@ model = AutoModelForCausalLM.from_pretrained(
     path, dtype=getattr(torch, dtype), experts_implementation=impl
 ).eval()
 tok = AutoTokenizer.from_pretrained(path)
+if with_gc:
+    gc.freeze()
+    gc.enable()
 t2 = time.perf_counter()
 batches = json.loads(open(batches_file).read())
 t3 = time.perf_counter()
@@ -74,6 +83,8 @@ with torch.no_grad():
         model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), use_cache=False, logits_to_keep=1)
 t4 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "batches": t3 - t2, "forward": t4 - t3, "inside": t4 - t0}))
+if with_gc:
+    gc.freeze()
 """
 
 # The profile command in-process, with the functions it calls timed (exclusive of nested timed calls).
@@ -157,12 +168,13 @@ def run_command(
     return row
 
 
-def run_stock(dtype: str, impl: str, model: Path, batches_file: Path, env: dict) -> dict | None:
-    """The stock script; None when this setting cannot run here (batched_mm's memory on large models)."""
-    argv = [sys.executable, "-c", STOCK, str(model), str(batches_file), dtype, impl]
+def run_stock(setting: str, model: Path, batches_file: Path, env: dict) -> dict | None:
+    """The stock script with ``setting`` = dtype:experts[:gc]; None when this setting cannot run
+    here (batched_mm's memory on large models)."""
+    argv = [sys.executable, "-c", STOCK, str(model), str(batches_file), *setting.split(":")]
     wall, cpu, stdout, err = run_child(argv, env, False)
     if not stdout:
-        print(f"  stock {dtype} {impl} failed: {err}", file=sys.stderr)
+        print(f"  stock {setting} failed: {err}", file=sys.stderr)
         return None
     return {"wall": wall, "cpu": cpu, **json.loads(stdout.strip().splitlines()[-1])}
 
@@ -265,8 +277,9 @@ def main() -> None:
             cmd = partial(run_command, model=model, data_args=data_args, out=out, env=base_env)
             runs = {f"command ({t})": partial(cmd, src) for t, src in trees.items()}
             runs["parts (this tree)"] = partial(cmd, SRC, parts=True)
-            for d, i in (x.split(":") for x in args.stock.split(",")):
-                runs[f"stock {d} {i}"] = partial(run_stock, d, i, model, batches_file, base_env)
+            for setting in args.stock.split(","):
+                label = "stock " + setting.replace(":gc", " +gc").replace(":", " ")
+                runs[label] = partial(run_stock, setting, model, batches_file, base_env)
             got: dict[str, list[dict]] = {k: [] for k in runs}
             print(f"{label}, {threads} thread(s): {n_rec} records, {n_tok} tokens", file=sys.stderr)
             for rnd in range(args.repeats + 1):
@@ -311,12 +324,13 @@ def report(results: list, trees: dict, args: argparse.Namespace, uptime: list[st
     head = ["model, threads", "records / tokens", "fastest stock (dtype, experts)", "stock process"]
     for t in trees:
         head += [f"command ({t})", f"command / stock ({t}): wall, CPU"]
-    head += ["stock forward", "calibrate", "calibrate / stock forward: wall"]
+    head += ["fastest stock +gc", "command / stock +gc: wall, CPU"]
+    head += ["fastest stock forward", "calibrate", "calibrate / stock forward: wall"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for label, threads, n_rec, n_tok, kept, _first in results:
-        stocks = [k for k in kept if k.startswith("stock")]
-        fastest = min(stocks, key=lambda k: med([r["wall"] for r in kept[k]]))
+        plain = [k for k in kept if k.startswith("stock") and not k.endswith("+gc")]
+        fastest = min(plain, key=lambda k: med([r["wall"] for r in kept[k]]))
         s_wall, s_cpu = med([r["wall"] for r in kept[fastest]]), med([r["cpu"] for r in kept[fastest]])
         row = [
             f"{label.split(' (')[0]}, {threads}",
@@ -328,16 +342,31 @@ def report(results: list, trees: dict, args: argparse.Namespace, uptime: list[st
             c = kept[f"command ({t})"]
             c_wall, c_cpu = med([r["wall"] for r in c]), med([r["cpu"] for r in c])
             row += [f"{c_wall:.2f} s (CPU {c_cpu:.2f} s)", f"**{c_wall / s_wall:.2f}**, {c_cpu / s_cpu:.2f}"]
-        fwd = med([r["forward"] for r in kept[fastest]])
+        c = kept["command (this tree)"]
+        c_wall, c_cpu = med([r["wall"] for r in c]), med([r["cpu"] for r in c])
+        with_gc = [k for k in kept if k.endswith("+gc")]
+        if with_gc:
+            g = min(with_gc, key=lambda k: med([r["wall"] for r in kept[k]]))
+            g_wall, g_cpu = med([r["wall"] for r in kept[g]]), med([r["cpu"] for r in kept[g]])
+            row += [
+                f"{g.removeprefix('stock ')}: {g_wall:.2f} s (CPU {g_cpu:.2f} s)",
+                f"**{c_wall / g_wall:.2f}**, {c_cpu / g_cpu:.2f}",
+            ]
+        else:
+            row += ["-", "-"]
+        stocks = [k for k in kept if k.startswith("stock")]
+        by_forward = min(stocks, key=lambda k: med([r["forward"] for r in kept[k]]))
+        fwd = med([r["forward"] for r in kept[by_forward]])
         cal = med([r["calibrate"] for r in kept["parts (this tree)"]])
-        row += [f"{fwd:.2f} s", f"{cal:.2f} s", f"**{cal / fwd:.2f}**"]
+        row += [f"{by_forward.removeprefix('stock ')}: {fwd:.2f} s", f"{cal:.2f} s", f"**{cal / fwd:.2f}**"]
         print("| " + " | ".join(row) + " |")
     print(
         "\nWhere the time goes (medians, s): the command in parts (this tree) and the fastest stock process\n"
     )
     for label, threads, _n_rec, _n_tok, kept, first in results:
         stocks = [k for k in kept if k.startswith("stock")]
-        fastest = min(stocks, key=lambda k: med([r["wall"] for r in kept[k]]))
+        plain = [k for k in stocks if not k.endswith("+gc")]
+        fastest = min(plain, key=lambda k: med([r["wall"] for r in kept[k]]))
         parts = kept["parts (this tree)"]
         keys = [k for k in parts[0] if k not in ("wall", "cpu", "inside")]
         cells = [f"{k} {med([r.get(k, 0.0) for r in parts]):.3f}" for k in keys]
