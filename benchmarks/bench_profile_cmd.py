@@ -278,8 +278,8 @@ def main() -> None:
             runs = {f"command ({t})": partial(cmd, src) for t, src in trees.items()}
             runs["parts (this tree)"] = partial(cmd, SRC, parts=True)
             for setting in args.stock.split(","):
-                label = "stock " + setting.replace(":gc", " +gc").replace(":", " ")
-                runs[label] = partial(run_stock, setting, model, batches_file, base_env)
+                key = "stock " + setting.replace(":gc", " +gc").replace(":", " ")
+                runs[key] = partial(run_stock, setting, model, batches_file, base_env)
             got: dict[str, list[dict]] = {k: [] for k in runs}
             print(f"{label}, {threads} thread(s): {n_rec} records, {n_tok} tokens", file=sys.stderr)
             for rnd in range(args.repeats + 1):
