@@ -42,6 +42,7 @@ import compileall
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -306,6 +307,7 @@ def main() -> None:
             kept = {k: (v[1:] or v) for k, v in got.items() if k in runs}
             first = {k: v[0] for k, v in got.items() if k.startswith("stock")}
             results.append((label, threads, n_rec, n_tok, kept, first))
+    shutil.rmtree(tmp, ignore_errors=True)
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(f"end: {uptime[1]}", file=sys.stderr)
     report(results, trees, args, uptime)
