@@ -24,3 +24,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _command_process_state():
+    """`moeprune.cli.run()` is the process entry point: it marks the process as the command's
+    (`cli.OWNS_PROCESS`) and freezes every object before exiting. Tests call it in-process, so
+    neither may outlive the test (a frozen model is never collected)."""
+    yield
+    import gc
+
+    from moeprune import cli, modelio
+
+    cli.OWNS_PROCESS = False
+    modelio.FREEZE_AFTER_PAUSE = False
+    gc.unfreeze()

@@ -180,20 +180,22 @@ def _run_profile(
     premoe_exact: bool = False,
 ) -> tuple[Profile, list[dict[str, Any]] | None]:
     """The calibration pass: the profile and (with self-generation) the demonstrations."""
-    import torch
+    from .modelio import gc_paused, load_config, load_model, resolve_model_dir
 
-    from .arch import find_moe_blocks
-    from .calibrate import calibrate, dist_info, init_distributed, wants_distributed
-    from .data import (
-        MAX_CHARS_PER_TOKEN,
-        encode_prompt,
-        load_records,
-        pad_token_id,
-        select_records,
-        tokenize_records,
-    )
-    from .modelio import load_config, load_model, resolve_model_dir
-    from .profile import Profile
+    with gc_paused():  # torch and transformers: ~200k long-lived objects, no full collections among them
+        import torch
+
+        from .arch import find_moe_blocks
+        from .calibrate import calibrate, dist_info, init_distributed, wants_distributed
+        from .data import (
+            MAX_CHARS_PER_TOKEN,
+            encode_prompt,
+            load_records,
+            pad_token_id,
+            select_records,
+            tokenize_records,
+        )
+        from .profile import Profile
 
     records, files = load_records(data, text_field)
     records = select_records(records, max_samples, seed)

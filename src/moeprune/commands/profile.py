@@ -145,6 +145,10 @@ def create(
             "pass --out P.profile.safetensors (or --dry-run to see the plan without running)",
         )
 
+    from .. import cli, modelio
+
+    if cli.OWNS_PROCESS and offload == "none":  # one model, kept until the process exits
+        modelio.FREEZE_AFTER_PAUSE = True
     profile(
         model,
         data,
