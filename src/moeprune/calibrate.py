@@ -25,7 +25,7 @@ import torch
 from .arch import BlockEvent, MoEBlock
 from .arch.routing import scores
 from .errors import UserError
-from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins, premoe_edges, premoe_token_entries
+from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins_of, premoe_edges, premoe_token_entries
 
 __all__ = [
     "SUM_NAMES",
@@ -517,7 +517,7 @@ class Accumulator:
         v1 = torch.gather(s, -1, ids[..., :1])[..., 0].double()  # [n, t]: the top logit
         self.sums["premoe_v1"].view(-1).index_add_(0, (ids[..., 0] + (layers * E).unsqueeze(1)).reshape(-1), v1.reshape(-1))
         # hist [L, 3, E·B]: the three histograms of layer l at l·3·E·B + j·E·B + cell
-        cell = ids * B + premoe_bins(q64, self.edges) + (layers * (3 * E * B)).view(n, 1, 1)
+        cell = ids * B + premoe_bins_of(q, self.edges, self.ka) + (layers * (3 * E * B)).view(n, 1, 1)
         cell = cell.reshape(-1)
         where = torch.cat([cell, cell + E * B, cell + 2 * E * B])
         vals = torch.cat([f64v.reshape(-1), (q64 * f64v).reshape(-1), torch.ones(n * t * ka, dtype=f64, device=q.device)])
