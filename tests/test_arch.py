@@ -154,9 +154,16 @@ def test_grouped_per_slot_outputs_equal_the_per_expert_loop(tiny, monkeypatch):
             grouped = X.grouped_expert_outputs(module, hidden, idx).slots()
             torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
             assert torch.equal(grouped[1, 0], torch.zeros(H))
-            # "auto" takes the loop in float32 on CPU, the grouped kernels in other dtypes
+            # "auto" takes the loop for float32 experts of LOOP_MIN_EXPERT_SIZE weights or more on
+            # CPU, the grouped kernels for smaller ones and in other dtypes
             monkeypatch.setattr(X, "SLOT_KERNELS", "auto")
+            size = X._expert_size(module)
+            assert size == sum(p.numel() for p in module.parameters() if p.dim() == 3) // blocks[0].num_experts
+            monkeypatch.setattr(X, "LOOP_MIN_EXPERT_SIZE", size)
             assert X._use_grouped(module, hidden) is False
+            monkeypatch.setattr(X, "LOOP_MIN_EXPERT_SIZE", size + 1)
+            assert X._use_grouped(module, hidden) is True
+            monkeypatch.setattr(X, "LOOP_MIN_EXPERT_SIZE", size)
             monkeypatch.setattr(X, "_groupable", lambda module, hidden: True)
             assert X._use_grouped(module, hidden.bfloat16()) is True
             assert X._use_grouped(module, hidden) is False

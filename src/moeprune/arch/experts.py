@@ -261,17 +261,27 @@ def expert_slot_outputs(
 
 # Which kernels compute the per-slot outputs: "grouped" (transformers' grouped kernels, wherever
 # they compute the module exactly: :func:`_groupable`), "loop" (one matmul per expert, as
-# transformers' eager experts), or "auto": the grouped kernels except in float32 on CPU, where the
-# per-expert loop is the faster of the two (docs/benchmarks.md, "Statistics that cost nothing").
+# transformers' eager experts), or "auto": the grouped kernels except for float32 experts of at
+# least LOOP_MIN_EXPERT_SIZE weights on CPU, where the per-expert loop is the faster of the two
+# (docs/benchmarks.md, "Statistics that cost nothing"); small experts (the testbed's) spend more
+# on the loop's few small ops per expert than on the grouped kernels ("All layers' statistics").
 SLOT_KERNELS = "auto"
+LOOP_MIN_EXPERT_SIZE = 65536
+
+
+def _expert_size(module: nn.Module) -> int:
+    """Weights of one expert of a fused experts module (its projections, biases left out)."""
+    n_exp = int(module.num_experts)
+    first = module.gate_up_proj if module.has_gate else module.up_proj
+    return (first.numel() + module.down_proj.numel()) // max(n_exp, 1)
 
 
 def _use_grouped(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    if SLOT_KERNELS == "loop":
+    if SLOT_KERNELS == "loop" or not _groupable(module, hidden_states):
         return False
     if SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32:
-        return False
-    return _groupable(module, hidden_states)
+        return _expert_size(module) < LOOP_MIN_EXPERT_SIZE
+    return True
 
 
 def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
