@@ -180,6 +180,10 @@ class SlotOutputs:
     perm: torch.Tensor | None
     sorted_ids: torch.Tensor | None
     top_k: int
+    # Σ_k g e, when the experts summed as they went (:func:`_eager_loop_outputs`), and the gate
+    # weights it was summed with
+    summed: torch.Tensor | None = None
+    summed_with: torch.Tensor | None = None
 
     @classmethod
     def in_pair_order(cls, outputs: torch.Tensor) -> SlotOutputs:
@@ -201,6 +205,8 @@ class SlotOutputs:
     def weighted_sum(self, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Σ_k g e per token [T, H], in the rows' dtype, the way transformers' grouped kernels sum
         (weight the rows, back to pair order, sum over the k slots)."""
+        if self.summed is not None and top_k_weights is self.summed_with:
+            return self.summed
         h = self.rows.shape[-1]
         g = top_k_weights.reshape(-1).to(self.rows.dtype)
         if self.perm is None:
@@ -227,18 +233,22 @@ def expert_slot_outputs(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     constant_outputs: dict[int, torch.Tensor] | None = None,
+    top_k_weights: torch.Tensor | None = None,
 ) -> SlotOutputs:
     """Each selected expert's unweighted output, computed once per (token, expert) pair, grouped by
     expert. Each expert runs on its own tokens only (transformers' grouped kernels where they
     compute the module exactly, else one matmul per expert). ``constant_outputs`` maps expert ids
     to a fixed [H] vector that replaces the expert's computation (MoNE novices). A novice experts
     module (:class:`moeprune.arch.pruned.NoviceExperts`) takes router ids and adds its stored
-    constants."""
+    constants. ``top_k_weights``: the gate weights the caller will sum with
+    (:meth:`SlotOutputs.weighted_sum`), where the experts may sum as they go (:func:`_use_eager_loop`)."""
     novice_route = getattr(module, "novice_route", None)
     if novice_route is not None:
         top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
     if not constant_outputs and _use_grouped(module, hidden_states):
         return grouped_expert_outputs(module, hidden_states, top_k_index)
+    if not constant_outputs and top_k_weights is not None and _use_eager_loop(module, hidden_states):
+        return _eager_loop_outputs(module, hidden_states, top_k_index, top_k_weights)
     t, k = top_k_index.shape
     flat = top_k_index.reshape(-1).long()
     order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
@@ -279,9 +289,52 @@ def _expert_size(module: nn.Module) -> int:
 def _use_grouped(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     if SLOT_KERNELS == "loop" or not _groupable(module, hidden_states):
         return False
-    if SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32:
+    if SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu":
         return _expert_size(module) < LOOP_MIN_EXPERT_SIZE
     return True
+
+
+def _use_eager_loop(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Large experts in 16-bit on CPU, under ``auto``: the loop of transformers' ``eager`` experts,
+    summing as it goes. Each expert's rows are gathered just before its matmuls, while they are in
+    cache, instead of all [T·k, H] rows in one gather and again back to pair order for the sum
+    (docs/benchmarks.md, "Quiet rerun after the merge"). Not in float32, where the weighted sum
+    keeps the grouped kernels' order and rounding (the exactness tests' reference)."""
+    return (
+        SLOT_KERNELS == "auto"
+        and hidden_states.device.type == "cpu"
+        and hidden_states.dtype != torch.float32
+        and _groupable(module, hidden_states)
+    )
+
+
+def _eager_loop_outputs(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> SlotOutputs:
+    """:func:`expert_slot_outputs` computed as transformers' ``eager`` experts compute their forward
+    (experts in ascending order, each on its own rows, its weighted output added with
+    ``index_add_`` in the activations' dtype), keeping each expert's unweighted rows: the sum is
+    the stock ``eager`` forward's, bit for bit (tested)."""
+    t, k = top_k_index.shape
+    flat = top_k_index.reshape(-1).long()
+    order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
+    sorted_ids = flat[order]
+    rows = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
+    summed = torch.zeros_like(hidden_states)
+    gates = top_k_weights.reshape(-1)[order]
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        end = start + count
+        if expert < 0:  # expert-parallel sentinels, zero / skip slots: no expert, output 0
+            rows[start:end] = 0
+        else:
+            tokens = torch.div(order[start:end], k, rounding_mode="floor")
+            out = single_expert_forward(module, expert, hidden_states[tokens])
+            rows[start:end] = out
+            summed.index_add_(0, tokens, (out * gates[start:end, None]).to(summed.dtype))
+        start = end
+    return SlotOutputs(rows, order, sorted_ids, k, summed, top_k_weights)
 
 
 def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:

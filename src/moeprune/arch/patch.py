@@ -262,7 +262,7 @@ def _experts_forward(
             # block adds the identity itself), ZAYA its skip slots: no expert selection, so -1
             identity = state.index.reshape(top_k_index.shape) >= block.num_experts
             top_k_index = top_k_index.masked_fill(identity, -1)
-        outputs = expert_slot_outputs(module, hidden_states, top_k_index, novices)
+        outputs = expert_slot_outputs(module, hidden_states, top_k_index, novices, top_k_weights)
         summed = outputs.weighted_sum(top_k_weights)
         if observer is not None:
             applied = top_k_weights
