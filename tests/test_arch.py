@@ -154,8 +154,8 @@ def test_grouped_per_slot_outputs_equal_the_per_expert_loop(tiny, monkeypatch):
             grouped = X.grouped_expert_outputs(module, hidden, idx).slots()
             torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
             assert torch.equal(grouped[1, 0], torch.zeros(H))
-            # "auto" takes a loop for experts of LOOP_MIN_EXPERT_SIZE weights or more on CPU (in
-            # 16-bit the loop that sums as it goes), the grouped kernels for smaller ones
+            # "auto" takes the loop that sums as it goes for experts of LOOP_MIN_EXPERT_SIZE
+            # weights or more on CPU, the grouped kernels for smaller ones
             monkeypatch.setattr(X, "SLOT_KERNELS", "auto")
             size = X._expert_size(module)
             assert size == sum(p.numel() for p in module.parameters() if p.dim() == 3) // blocks[0].num_experts
@@ -168,22 +168,25 @@ def test_grouped_per_slot_outputs_equal_the_per_expert_loop(tiny, monkeypatch):
             assert X._use_grouped(module, hidden.bfloat16()) is False
             assert X._use_eager_loop(module, hidden.bfloat16()) is True
             assert X._use_grouped(module, hidden) is False
+            assert X._use_eager_loop(module, hidden) is True
+            monkeypatch.setattr(X, "SLOT_KERNELS", "loop")
             assert X._use_eager_loop(module, hidden) is False
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"])
-def test_large_16bit_experts_sum_as_stock_eager(model_type, monkeypatch):
-    """On CPU in bfloat16, experts the loop computes (LOOP_MIN_EXPERT_SIZE weights or more) sum
-    their weighted outputs as they go, as transformers' `eager` experts do: the patched forward's
-    logits are the stock eager forward's bit for bit, and the per-slot rows the observer sees are
-    the plain loop's."""
+def test_large_experts_sum_as_stock_eager(model_type, dtype, monkeypatch):
+    """On CPU, experts the loop computes (LOOP_MIN_EXPERT_SIZE weights or more) sum their weighted
+    outputs as they go, as transformers' `eager` experts do: the patched forward's logits are the
+    stock eager forward's bit for bit, and the per-slot rows the observer sees are the plain
+    loop's (float32 and bfloat16)."""
     from moeprune.arch import experts as X
 
-    model = tiny_model(model_type).to(torch.bfloat16)
+    model = tiny_model(model_type).to(dtype)
     blocks = find_moe_blocks(model)
     x = _inputs(model)
     monkeypatch.setattr(X, "LOOP_MIN_EXPERT_SIZE", 0)
-    assert X._use_eager_loop(blocks[0].experts(model), torch.zeros(1, 1, dtype=torch.bfloat16).expand(1, 1))
+    assert X._use_eager_loop(blocks[0].experts(model), torch.zeros(1, 1, dtype=dtype))
     with torch.no_grad():
         model.set_experts_implementation("eager")
         stock = model(x, use_cache=False).logits

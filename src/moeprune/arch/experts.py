@@ -295,17 +295,12 @@ def _use_grouped(module: nn.Module, hidden_states: torch.Tensor) -> bool:
 
 
 def _use_eager_loop(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Large experts in 16-bit on CPU, under ``auto``: the loop of transformers' ``eager`` experts,
-    summing as it goes. Each expert's rows are gathered just before its matmuls, while they are in
-    cache, instead of all [T·k, H] rows in one gather and again back to pair order for the sum
-    (docs/benchmarks.md, "Quiet rerun after the merge"). Not in float32, where the weighted sum
-    keeps the grouped kernels' order and rounding (the exactness tests' reference)."""
-    return (
-        SLOT_KERNELS == "auto"
-        and hidden_states.device.type == "cpu"
-        and hidden_states.dtype != torch.float32
-        and _groupable(module, hidden_states)
-    )
+    """Large experts on CPU (the grouped kernels are for the small ones), under ``auto``: the loop
+    of transformers' ``eager`` experts, summing as it goes. Each expert's rows are gathered just
+    before its matmuls, while they are in cache, and its weighted output added at once, instead of
+    a second pass over all [T·k, H] rows gathering them back to pair order for the sum
+    (docs/benchmarks.md, "Quiet rerun after the merge")."""
+    return SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and _groupable(module, hidden_states)
 
 
 def _eager_loop_outputs(
