@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from _models import dsv3_config, qwen3_config
-from moeprune.arch import find_moe_blocks, patch_moe
+from moeprune.arch import experts, find_moe_blocks, patch_moe
 from moeprune.calibrate import Accumulator, _forward_kwargs, calibrate
 from moeprune.data import batches
 
@@ -68,7 +68,9 @@ STOCK_IMPLEMENTATIONS = ("grouped_mm", "eager")
 
 
 @torch.no_grad()
-def measure(model, seq_len: int, batch_size: int, n_batches: int, repeats: int) -> dict[str, float]:
+def measure(
+    model, seq_len: int, batch_size: int, n_batches: int, repeats: int, also: str | None = None
+) -> dict[str, float]:
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, vocab, (seq_len,), generator=g).tolist() for _ in range(batch_size * n_batches)]
@@ -95,8 +97,20 @@ def measure(model, seq_len: int, batch_size: int, n_batches: int, repeats: int) 
     def calib() -> None:
         calibrate(model, seqs, blocks=blocks, batch_size=batch_size)
 
+    def calib_with(kernels: str):
+        def run() -> None:
+            experts.SLOT_KERNELS = kernels
+            try:
+                calib()
+            finally:
+                experts.SLOT_KERNELS = "auto"
+
+        return run
+
     runs = {f"stock {impl}": stock(impl) for impl in STOCK_IMPLEMENTATIONS}
     runs.update({"patched": patched, "calibrate": calib})
+    if also is not None:  # the same calibration with other per-slot kernels, alternating with the rest
+        runs["calibrate also"] = calib_with(also)
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up
@@ -137,6 +151,14 @@ def main() -> None:
         default="auto",
         help="how the accumulator computes per-expert moments (auto: loop on CPU for large batches)",
     )
+    ap.add_argument(
+        "--also-kernels",
+        choices=("grouped", "loop"),
+        default=None,
+        help="also time calibration with these per-slot kernels (arch.experts.SLOT_KERNELS), in the same "
+        "process: grouped = all [T*k, H] rows in one gather (bf16 before the loop that sums as it goes), "
+        "loop = the per-expert loop with the weighted sum gathered afterwards (float32 before)",
+    )
     ap.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,7 +176,8 @@ def main() -> None:
         model = model.to(dtype)
         print(f"{label} ({args.dtype}, {args.threads} threads)", file=sys.stderr)
         n_pos = min(seq_len, model.config.get_text_config().max_position_embeddings)
-        rows.append((f"{label}; {n_pos} tok x 4", measure(model, n_pos, 4, args.batches, args.repeats)))
+        m = measure(model, n_pos, 4, args.batches, args.repeats, args.also_kernels)
+        rows.append((f"{label}; {n_pos} tok x 4", m))
         load.append(os.getloadavg()[0])
         del model
 
@@ -179,6 +202,14 @@ def main() -> None:
             f"{m['patched']:.2f} s | {m['calibrate']:.2f} s | {m['calibrate'] / m['patched']:.3f} | "
             f"{m['calibrate'] / m['stock']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
         )
+    if args.also_kernels is not None:
+        lines.append("")
+        lines.append(f"| model | calib ({args.also_kernels}) / fastest stock (CPU time) | calib (auto) / fastest stock (CPU time) |")
+        lines.append("|---|---|---|")
+        for label, m in rows:
+            lines.append(
+                f"| {label} | {m['calibrate also_cpu'] / m['stock_cpu']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
+            )
     table = "\n".join(lines)
     print(table)
     loads = f"load {min(load):.1f}-{max(load):.1f}"
