@@ -271,10 +271,11 @@ def expert_slot_outputs(
 
 # Which kernels compute the per-slot outputs: "grouped" (transformers' grouped kernels, wherever
 # they compute the module exactly: :func:`_groupable`), "loop" (one matmul per expert, as
-# transformers' eager experts), or "auto": the grouped kernels except for float32 experts of at
-# least LOOP_MIN_EXPERT_SIZE weights on CPU, where the per-expert loop is the faster of the two
-# (docs/benchmarks.md, "Statistics that cost nothing"); small experts (the testbed's) spend more
-# on the loop's few small ops per expert than on the grouped kernels ("All layers' statistics").
+# transformers' eager experts, the weighted sum gathered afterwards), or "auto": the grouped
+# kernels except for experts of at least LOOP_MIN_EXPERT_SIZE weights on CPU, which run the loop
+# that sums as it goes (:func:`_use_eager_loop`: the faster there, docs/benchmarks.md, "The loop
+# that sums as it goes"); small experts (the testbed's) spend more on the loop's few small ops per
+# expert than on the grouped kernels ("All layers' statistics").
 SLOT_KERNELS = "auto"
 LOOP_MIN_EXPERT_SIZE = 65536
 
