@@ -180,7 +180,7 @@ class SlotOutputs:
     perm: torch.Tensor | None
     sorted_ids: torch.Tensor | None
     top_k: int
-    # Σ_k g e, when the experts summed as they went (:func:`_eager_loop_outputs`), and the gate
+    # Σ_k g e, when the experts summed as they went (:func:`_use_eager_loop`), and the gate
     # weights it was summed with
     summed: torch.Tensor | None = None
     summed_with: torch.Tensor | None = None
@@ -247,13 +247,15 @@ def expert_slot_outputs(
         top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
     if not constant_outputs and _use_grouped(module, hidden_states):
         return grouped_expert_outputs(module, hidden_states, top_k_index)
-    if not constant_outputs and top_k_weights is not None and _use_eager_loop(module, hidden_states):
-        return _eager_loop_outputs(module, hidden_states, top_k_index, top_k_weights)
+    # the loop of transformers' eager experts: each expert's weighted output added as it is computed
+    summing = not constant_outputs and top_k_weights is not None and _use_eager_loop(module, hidden_states)
     t, k = top_k_index.shape
     flat = top_k_index.reshape(-1).long()
     order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
     sorted_ids = flat[order]
     out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
+    summed = torch.zeros_like(hidden_states) if summing else None
+    gates = top_k_weights.reshape(-1)[order] if summing else None
     experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
@@ -264,9 +266,12 @@ def expert_slot_outputs(
             out[start:end] = constant_outputs[expert].to(out.dtype)
         else:
             tokens = torch.div(order[start:end], k, rounding_mode="floor")
-            out[start:end] = single_expert_forward(module, expert, hidden_states[tokens]).to(out.dtype)
+            e = single_expert_forward(module, expert, hidden_states[tokens]).to(out.dtype)
+            out[start:end] = e
+            if summed is not None:  # as eager does: weighted in the gates' dtype, added in the activations'
+                summed.index_add_(0, tokens, (e * gates[start:end, None]).to(summed.dtype))
         start = end
-    return SlotOutputs(out, order, sorted_ids, k)
+    return SlotOutputs(out, order, sorted_ids, k, summed, top_k_weights if summing else None)
 
 
 # Which kernels compute the per-slot outputs: "grouped" (transformers' grouped kernels, wherever
@@ -302,35 +307,6 @@ def _use_eager_loop(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     a second pass over all [T·k, H] rows gathering them back to pair order for the sum
     (docs/benchmarks.md, "Quiet rerun after the merge")."""
     return SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and _groupable(module, hidden_states)
-
-
-def _eager_loop_outputs(
-    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> SlotOutputs:
-    """:func:`expert_slot_outputs` computed as transformers' ``eager`` experts compute their forward
-    (experts in ascending order, each on its own rows, its weighted output added with
-    ``index_add_`` in the activations' dtype), keeping each expert's unweighted rows: the sum is
-    the stock ``eager`` forward's, bit for bit (tested)."""
-    t, k = top_k_index.shape
-    flat = top_k_index.reshape(-1).long()
-    order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
-    sorted_ids = flat[order]
-    rows = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
-    summed = torch.zeros_like(hidden_states)
-    gates = top_k_weights.reshape(-1)[order]
-    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    start = 0
-    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        end = start + count
-        if expert < 0:  # expert-parallel sentinels, zero / skip slots: no expert, output 0
-            rows[start:end] = 0
-        else:
-            tokens = torch.div(order[start:end], k, rounding_mode="floor")
-            out = single_expert_forward(module, expert, hidden_states[tokens])
-            rows[start:end] = out
-            summed.index_add_(0, tokens, (out * gates[start:end, None]).to(summed.dtype))
-        start = end
-    return SlotOutputs(rows, order, sorted_ids, k, summed, top_k_weights)
 
 
 def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
