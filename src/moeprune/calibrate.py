@@ -229,11 +229,7 @@ class _Pending:
     lsq: torch.Tensor
 
     def nbytes(self) -> int:
-        return sum(
-            x.numel() * x.element_size()
-            for x in (self.logits, self.idx, self.g, self.row_key, self.g_rows, self.norms, self.factor, self.mean, self.m2, self.lsq)
-            if x is not None
-        )
+        return sum(x.numel() * x.element_size() for x in vars(self).values() if isinstance(x, torch.Tensor))
 
 
 class Accumulator:
