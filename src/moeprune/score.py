@@ -218,6 +218,11 @@ PREMOE_BINS = 1024  # histogram bins over q of a bounded profile
 PREMOE_HIST = ("premoe_hist_f", "premoe_hist_qf", "premoe_hist_n")  # [L, E, B] float64 each
 
 
+def _premoe_low_bins(bins: int) -> int:
+    """How many of the q histogram's bins cover [0, 1/Ka) (:func:`premoe_edges`)."""
+    return bins // 8
+
+
 def premoe_edges(ka: int, bins: int = PREMOE_BINS) -> torch.Tensor:
     """Lower bin edges [bins] (float64, ascending) of the q histogram: bin b holds
     edges[b] <= q < edges[b + 1]; the last bin holds q == 1 exactly (saturated softmax; Ka = 1).
@@ -226,7 +231,7 @@ def premoe_edges(ka: int, bins: int = PREMOE_BINS) -> torch.Tensor:
     f64 = torch.float64
     if ka <= 1:
         return torch.linspace(0.0, 1.0, bins, dtype=f64)
-    low = bins // 8
+    low = _premoe_low_bins(bins)
     return torch.cat(
         [torch.linspace(0.0, 1.0 / ka, low + 1, dtype=f64)[:-1], torch.linspace(1.0 / ka, 1.0, bins - low, dtype=f64)]
     )
@@ -249,7 +254,7 @@ def premoe_bins_of(q: torch.Tensor, edges: torch.Tensor, ka: int) -> torch.Tenso
     if ka <= 1:
         est = q * float(n - 1)
     else:
-        low, inv = n // 8, 1.0 / ka
+        low, inv = _premoe_low_bins(n), 1.0 / ka
         slope = (n - low - 1) / (1.0 - inv)
         est = torch.where(q < inv, q * float(ka * low), q * slope + (low - inv * slope))
     b = est.nan_to_num_(nan=float(n - 1)).clamp_(0, n - 1).long()
