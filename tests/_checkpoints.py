@@ -157,3 +157,22 @@ def check_layer_by_layer_profile(path: Path, reference, differs_from=None) -> No
     if differs_from is not None:
         with pytest.raises(AssertionError):
             assert_same(got, calibrate(differs_from, seqs, **kwargs))
+
+
+def plan_for(config, blocks, kept_ids: dict[int, list[int]], **over):
+    """A removal plan for the model of ``config`` and its MoE ``blocks`` keeping ``kept_ids``, as
+    `moeprune plan` writes one (``over``: fields to replace or add)."""
+    from moeprune.identity import fingerprint_fields, model_fingerprint
+    from moeprune.plan import Plan
+
+    fields = {
+        "model_fingerprint": model_fingerprint(fingerprint_fields(config, blocks)),
+        "model_type": config.model_type,
+        "layers": sorted(kept_ids),
+        "num_experts": blocks[0].num_experts,
+        "top_k": blocks[0].top_k,
+        "method": "frequency",
+        "kept": kept_ids,
+    }
+    fields.update(over)
+    return Plan(**fields)

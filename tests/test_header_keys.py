@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import moeprune.arch.header_keys as header_keys
+from _checkpoints import plan_for
 from moeprune.arch import find_moe_blocks
 from moeprune.arch.header_keys import FAMILIES, header_key_map
 from moeprune.arch.keys import map_expert_keys
@@ -186,23 +187,6 @@ def test_header_rewrite_imports_no_model_code(root, tmp_path):
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def _plan_for(config, blocks, kept_ids, **over):
-    from moeprune.identity import fingerprint_fields, model_fingerprint
-    from moeprune.plan import Plan
-
-    fields = {
-        "model_fingerprint": model_fingerprint(fingerprint_fields(config, blocks)),
-        "model_type": config.model_type,
-        "layers": sorted(kept_ids),
-        "num_experts": blocks[0].num_experts,
-        "top_k": blocks[0].top_k,
-        "method": "frequency",
-        "kept": kept_ids,
-    }
-    fields.update(over)
-    return Plan(**fields)
-
-
 @pytest.mark.parametrize("model_type, layout, overrides", [(t, lay, {}) for t, lay in CASES] + LAYER_CASES)
 def test_header_plan_checks_equal_model_checks(model_type, layout, overrides, root):
     """`prune`'s plan checks on the config and blocks read from config.json and the headers
@@ -222,7 +206,7 @@ def test_header_plan_checks_equal_model_checks(model_type, layout, overrides, ro
     assert fingerprint_fields(light, light_blocks) == fingerprint_fields(config, blocks)
     assert _model_top_k(light) == _model_top_k(config)
     kept = _kept(blocks)
-    check_plan_matches(_plan_for(config, blocks, kept), light, light_blocks)
+    check_plan_matches(plan_for(config, blocks, kept), light, light_blocks)
     first, last = blocks[0].layer, blocks[-1].layer
     wrong = [
         {"model_fingerprint": "0" * 64},
@@ -232,7 +216,7 @@ def test_header_plan_checks_equal_model_checks(model_type, layout, overrides, ro
         {"layers": [*sorted(kept), last + 50], "kept": {**kept, last + 50: kept[last]}, "model_fingerprint": ""},
     ]
     for over in wrong:
-        plan = _plan_for(config, blocks, kept, **over)
+        plan = plan_for(config, blocks, kept, **over)
         errors = []
         for args in ((light, light_blocks), (config,)):
             with pytest.raises(UserError) as exc:
@@ -257,7 +241,7 @@ def test_cli_prune_imports_no_torch(root, tmp_path):
     digest = checkpoint_router_digest(src)
     assert digest
     plan = tmp_path / "plan.json"
-    plan.write_text(_plan_for(config, blocks, _kept(blocks), router_sha256=digest).dumps())
+    plan.write_text(plan_for(config, blocks, _kept(blocks), router_sha256=digest).dumps())
     heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'numpy'})"
 
     def run(*args: str) -> tuple[int, list[str]]:
@@ -277,7 +261,7 @@ def test_cli_prune_imports_no_torch(root, tmp_path):
     assert run("prune", str(src), "--plan", str(plan), "--out", str(tmp_path / "out")) == (0, [])
     # a plan of other router weights is still refused (the digest read from the stored bytes)
     other = tmp_path / "other.json"
-    other.write_text(_plan_for(config, blocks, _kept(blocks), router_sha256="f" * 64).dumps())
+    other.write_text(plan_for(config, blocks, _kept(blocks), router_sha256="f" * 64).dumps())
     assert run("prune", str(src), "--plan", str(other), "--out", str(tmp_path / "out2"))[0] == 2
     assert not (tmp_path / "out2").exists()
     via_model = plan_rewrite(src, tmp_path / "x", _kept(blocks))

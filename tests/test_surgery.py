@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from _checkpoints import plan_for
 from _cli import assert_user_error, run_cli
 from moeprune.arch import ARCH_TABLE, find_moe_blocks, kept_controls, patch_moe
 from moeprune.checkpoint import Checkpoint, TensorInfo, read_header
 from moeprune.errors import UserError
 from moeprune.outputs import write_marker
-from moeprune.plan import Plan
 from moeprune.surgery import rewrite_checkpoint
 from moeprune.testing.tiny import buildable_types, tiny_model
 
@@ -254,21 +254,10 @@ def test_interrupt_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def _plan_file(path: Path, model_dir: Path, kept: dict[int, list[int]], **over) -> Path:
     from moeprune.modelio import load_config
-    from moeprune.profile import fingerprint_fields, model_fingerprint
 
     config = load_config(str(model_dir))
     blocks = find_moe_blocks(_model(config.model_type)[0])
-    fields = {
-        "model_fingerprint": model_fingerprint(fingerprint_fields(config, blocks)),
-        "model_type": config.model_type,
-        "layers": sorted(kept),
-        "num_experts": blocks[0].num_experts,
-        "top_k": blocks[0].top_k,
-        "method": "frequency",
-        "kept": kept,
-    }
-    fields.update(over)
-    path.write_text(Plan(**fields).dumps())
+    path.write_text(plan_for(config, blocks, kept, **over).dumps())
     return path
 
 
