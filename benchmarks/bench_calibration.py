@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from _models import dsv3_config, qwen3_config
-from moeprune.arch import experts, find_moe_blocks, patch_moe
+from moeprune.arch import experts, find_moe_blocks, patch, patch_moe
 from moeprune.calibrate import Accumulator, _forward_kwargs, calibrate
 from moeprune.data import batches
 
@@ -69,7 +69,13 @@ STOCK_IMPLEMENTATIONS = ("grouped_mm", "eager")
 
 @torch.no_grad()
 def measure(
-    model, seq_len: int, batch_size: int, n_batches: int, repeats: int, also: str | None = None
+    model,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+    repeats: int,
+    also: str | None = None,
+    also_fresh_rows: bool = False,
 ) -> dict[str, float]:
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
@@ -107,10 +113,20 @@ def measure(
 
         return run
 
+    def calib_fresh_rows() -> None:  # a new [T*k, H] tensor per experts call, as before the shared buffer
+        saved = patch.PatchSession.rows_buffer
+        patch.PatchSession.rows_buffer = lambda self, n, like: None
+        try:
+            calib()
+        finally:
+            patch.PatchSession.rows_buffer = saved
+
     runs = {f"stock {impl}": stock(impl) for impl in STOCK_IMPLEMENTATIONS}
     runs.update({"patched": patched, "calibrate": calib})
     if also is not None:  # the same calibration with other per-slot kernels, alternating with the rest
         runs["calibrate also"] = calib_with(also)
+    if also_fresh_rows:
+        runs["calibrate fresh rows"] = calib_fresh_rows
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up
@@ -159,6 +175,11 @@ def main() -> None:
         "process: grouped = all [T*k, H] rows in one gather (bf16 before the loop that sums as it goes), "
         "loop = the per-expert loop with the weighted sum gathered afterwards (float32 before)",
     )
+    ap.add_argument(
+        "--also-fresh-rows",
+        action="store_true",
+        help="also time calibration with a new per-slot rows tensor per experts call (before the shared buffer)",
+    )
     ap.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,7 +197,7 @@ def main() -> None:
         model = model.to(dtype)
         print(f"{label} ({args.dtype}, {args.threads} threads)", file=sys.stderr)
         n_pos = min(seq_len, model.config.get_text_config().max_position_embeddings)
-        m = measure(model, n_pos, 4, args.batches, args.repeats, args.also_kernels)
+        m = measure(model, n_pos, 4, args.batches, args.repeats, args.also_kernels, args.also_fresh_rows)
         rows.append((f"{label}; {n_pos} tok x 4", m))
         load.append(os.getloadavg()[0])
         del model
@@ -209,6 +230,14 @@ def main() -> None:
         for label, m in rows:
             lines.append(
                 f"| {label} | {m['calibrate also_cpu'] / m['stock_cpu']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
+            )
+    if args.also_fresh_rows:
+        lines.append("")
+        lines.append("| model | calib (fresh rows) / fastest stock (CPU time) | calib (one rows buffer) / fastest stock (CPU time) |")
+        lines.append("|---|---|---|")
+        for label, m in rows:
+            lines.append(
+                f"| {label} | {m['calibrate fresh rows_cpu'] / m['stock_cpu']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
             )
     table = "\n".join(lines)
     print(table)

@@ -205,6 +205,53 @@ def test_large_experts_sum_as_stock_eager(model_type, dtype, monkeypatch):
     assert torch.equal(events[0].expert_outputs, plain[0].expert_outputs)
 
 
+def test_rows_buffer_is_shared_only_when_the_observer_lets_go(monkeypatch):
+    """An observer that promises to be done with the rows when it returns gets every layer's rows
+    in one buffer (the same memory each call), with the values the default (a tensor per call)
+    gives; by default each event keeps its own rows after the forward."""
+    from moeprune.arch import experts as X
+
+    model = tiny_model("qwen3_moe")
+    blocks = find_moe_blocks(model)
+    assert len(blocks) >= 2
+    x = _inputs(model)
+    monkeypatch.setattr(X, "LOOP_MIN_EXPERT_SIZE", 0)  # the per-expert loop, which writes the rows
+
+    def run(keeps: bool) -> tuple[torch.Tensor, list, list]:
+        events: list = []
+        seen: list = []
+
+        def observe(event) -> None:
+            events.append(event)
+            seen.append((event.slot_outputs.rows.data_ptr(), event.slot_outputs.rows.clone()))
+
+        with torch.no_grad(), patch_moe(model, blocks, observer=observe, observer_keeps_rows=keeps) as session:
+            logits = model(x, use_cache=False).logits
+        assert session.reuse_rows is not keeps
+        return logits, events, seen
+
+    own_logits, own_events, own_seen = run(True)
+    shared_logits, _, shared_seen = run(False)
+    assert torch.equal(own_logits, shared_logits)
+    assert len({ptr for ptr, _ in shared_seen}) == 1
+    assert len({ptr for ptr, _ in own_seen}) == len(own_seen)
+    for event, (_, rows), (_, shared_rows) in zip(own_events, own_seen, shared_seen, strict=True):
+        assert torch.equal(event.slot_outputs.rows, rows)  # still there after the forward
+        assert torch.equal(shared_rows, rows)
+    # the buffer grows for a larger call; the rows must fit it exactly
+    from moeprune.arch.patch import PatchSession
+
+    session = PatchSession(blocks=blocks, reuse_rows=True)
+    like = torch.zeros(2, 8)
+    small, large = session.rows_buffer(3, like), session.rows_buffer(5, like)
+    assert small.shape == (3, 8) and large.shape == (5, 8) and session.rows_buffer(4, like).data_ptr() == large.data_ptr()
+    assert PatchSession(blocks=blocks).rows_buffer(3, like) is None
+    module = blocks[0].experts(model)
+    H = model.config.get_text_config().hidden_size
+    with pytest.raises(ValueError, match="out must be"):
+        X.expert_slot_outputs(module, torch.zeros(2, H), torch.zeros(2, blocks[0].top_k, dtype=torch.long), out=torch.zeros(3, H))
+
+
 def test_masking_forbids_experts(tiny):
     model_type, model, blocks = tiny
     x = _inputs(model)

@@ -87,6 +87,33 @@ def test_early_flush_gives_the_statistics_of_one_flush(model, monkeypatch):
     assert_same(early, once, rtol=1e-6, atol=1e-9)
 
 
+def test_one_rows_buffer_gives_the_profile_of_a_tensor_per_call(model, monkeypatch):
+    """Calibration writes every experts call's per-slot rows into one buffer (the observer is done
+    with them when it returns): the profile is the one of a new tensor per call, bit for bit."""
+    from moeprune.arch import experts
+    from moeprune.arch.patch import PatchSession
+
+    monkeypatch.setattr(experts, "SLOT_KERNELS", "loop")
+    seqs = _seqs(LENGTHS, seed=3)
+    given: list = []
+    rows_buffer = PatchSession.rows_buffer
+
+    def spy(self, n, like):
+        buf = rows_buffer(self, n, like)
+        given.append(buf is not None)
+        return buf
+
+    monkeypatch.setattr(PatchSession, "rows_buffer", spy)
+    shared = calibrate(model, seqs, batch_size=3, per_sample=True, premoe_exact=True)
+    # Llama-4's input-gated experts hand over [T, k, H] outputs of their own
+    assert all(given) and bool(given) == (model.config.model_type != "llama4_text")
+    monkeypatch.setattr(PatchSession, "rows_buffer", lambda self, n, like: None)
+    fresh = calibrate(model, seqs, batch_size=3, per_sample=True, premoe_exact=True)
+    assert shared.keys() == fresh.keys()
+    for name in shared:
+        assert torch.equal(shared[name], fresh[name]), name
+
+
 def test_batch_size_and_padding_do_not_matter(model, monkeypatch):
     seqs = _seqs(LENGTHS, seed=1)
     with monkeypatch.context() as m:  # the per-expert loop used for large batches on CPU

@@ -743,7 +743,7 @@ def calibrate(
     kwargs = _forward_kwargs(model)
     bar = _Progress(progress and info.rank == 0, "calibrating", sum(len(seqs[i]) for i in mine))
     try:
-        with aux_loss_off(model), patch_moe(model, blocks, observer=acc.observe) as session:
+        with aux_loss_off(model), patch_moe(model, blocks, observer=acc.observe, observer_keeps_rows=False) as session:
             for batch in batches(seqs, batch_size, pad_id, order=mine):
                 ids = batch.input_ids.to(device)
                 mask = batch.attention_mask.to(device)

@@ -691,7 +691,7 @@ def calibrate_sequential(
             init_routers_after_load(
                 model, [b.router(model) for b in mine_blocks if b.adapter is not None and b.adapter.init_after_load]
             )
-            with patch_moe(model, mine_blocks, observer=acc.observe) as session:
+            with patch_moe(model, mine_blocks, observer=acc.observe, observer_keeps_rows=False) as session:
                 for batch in work:
                     args, kwargs = _with_carried(batch.inputs.pop(i), batch.carried)
                     mask = batch.mask.to(device)

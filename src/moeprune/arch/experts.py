@@ -234,6 +234,7 @@ def expert_slot_outputs(
     top_k_index: torch.Tensor,
     constant_outputs: dict[int, torch.Tensor] | None = None,
     top_k_weights: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> SlotOutputs:
     """Each selected expert's unweighted output, computed once per (token, expert) pair, grouped by
     expert. Each expert runs on its own tokens only (transformers' grouped kernels where they
@@ -241,7 +242,9 @@ def expert_slot_outputs(
     to a fixed [H] vector that replaces the expert's computation (MoNE novices). A novice experts
     module (:class:`moeprune.arch.pruned.NoviceExperts`) takes router ids and adds its stored
     constants. ``top_k_weights``: the gate weights the caller will sum with
-    (:meth:`SlotOutputs.weighted_sum`), where the experts may sum as they go (:func:`_use_eager_loop`)."""
+    (:meth:`SlotOutputs.weighted_sum`), where the experts may sum as they go (:func:`_use_eager_loop`).
+    ``out``: [T·k, H] memory in the activations' dtype for the rows of the per-expert loop (the
+    grouped kernels allocate their own)."""
     novice_route = getattr(module, "novice_route", None)
     if novice_route is not None:
         top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
@@ -253,7 +256,10 @@ def expert_slot_outputs(
     flat = top_k_index.reshape(-1).long()
     order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
     sorted_ids = flat[order]
-    out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
+    if out is None:
+        out = hidden_states.new_empty((t * k, hidden_states.shape[-1]))
+    elif out.shape != (t * k, hidden_states.shape[-1]) or out.dtype != hidden_states.dtype:
+        raise ValueError(f"out must be [{t * k}, {hidden_states.shape[-1]}] {hidden_states.dtype}")
     summed = torch.zeros_like(hidden_states) if summing else None
     gates = top_k_weights.reshape(-1)[order] if summing else None
     experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)

@@ -92,6 +92,22 @@ class PatchSession:
     blocks: list[MoEBlock]
     controls: dict[int, BlockControl] = field(default_factory=dict)
     token_mask: torch.Tensor | None = None
+    reuse_rows: bool = False  # every experts call writes its per-slot rows into one buffer
+    _rows: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = field(default_factory=dict)
+
+    def rows_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        """[n, H] memory for one experts call's per-slot rows, shared by all calls of the session
+        (None unless ``reuse_rows``). A new [T·k, H] tensor per layer is a fresh allocation the
+        size of the layer's activations times k: above glibc's mmap threshold (32 MiB) each one is
+        mapped and page-faulted anew, which costs more than writing the rows
+        (docs/benchmarks.md, "One buffer for the per-slot rows")."""
+        if not self.reuse_rows:
+            return None
+        key = (like.dtype, like.device, like.shape[-1])
+        buf = self._rows.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = self._rows[key] = like.new_empty((n, like.shape[-1]))
+        return buf[:n]
 
 
 def _versions(*tensors: torch.Tensor | None) -> tuple:
@@ -262,7 +278,8 @@ def _experts_forward(
             # block adds the identity itself), ZAYA its skip slots: no expert selection, so -1
             identity = state.index.reshape(top_k_index.shape) >= block.num_experts
             top_k_index = top_k_index.masked_fill(identity, -1)
-        outputs = expert_slot_outputs(module, hidden_states, top_k_index, novices, top_k_weights)
+        out = session.rows_buffer(top_k_index.numel(), hidden_states)
+        outputs = expert_slot_outputs(module, hidden_states, top_k_index, novices, top_k_weights, out=out)
         summed = outputs.weighted_sum(top_k_weights)
         if observer is not None:
             applied = top_k_weights
@@ -379,13 +396,19 @@ def patch_moe(
     controls: dict[int, BlockControl] | None = None,
     reroute: bool = False,
     stock_experts: bool = False,
+    observer_keeps_rows: bool = True,
 ) -> Iterator[PatchSession]:
     """Patch every block's router and experts (instances only) for the duration of the context.
     ``stock_experts`` (without ``observer``): the experts keep their own forward (module docstring);
-    an experts module that routes novices itself (a novice checkpoint's) keeps the per-slot one."""
+    an experts module that routes novices itself (a novice checkpoint's) keeps the per-slot one.
+    ``observer_keeps_rows=False`` promises that the observer is done with an event's
+    ``slot_outputs.rows`` when it returns: every experts call then writes its rows into the same
+    buffer (:meth:`PatchSession.rows_buffer`), as it does without an observer."""
     if stock_experts and observer is not None:
         raise ValueError("stock_experts gives no per-slot outputs to observe")
-    session = PatchSession(blocks=blocks, controls=dict(controls or {}))
+    session = PatchSession(
+        blocks=blocks, controls=dict(controls or {}), reuse_rows=observer is None or not observer_keeps_rows
+    )
     for block in blocks:
         control = session.controls.get(block.index)
         if block.expert_out_proj_path is not None and control is not None and control.novices:
