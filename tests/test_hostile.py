@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from _cli import assert_user_error, run_cli
+from moeprune.errors import UserError
 from moeprune.testing.tiny import byte_tokenizer, tiny_model
 
 
@@ -327,3 +328,40 @@ def test_eval_refuses_non_finite_weights(model_dir, tmp_path, capsys):
     _retensor(src / "model.safetensors", lambda t: t["model.norm.weight"].view(-1).__setitem__(3, float("nan")))
     rc, _, err = run_cli(capsys, *args)
     assert_user_error(rc, err, "'model.norm.weight' holds NaN")
+
+
+def test_an_opened_checkpoint_is_parsed_again_only_when_its_files_change(model_dir, tmp_path, monkeypatch):
+    """Checkpoint.open keeps what it parsed while the index and shard headers stay the same bytes: a
+    header edited in place at once (same size, the same modification-time tick) is read again."""
+    from moeprune import checkpoint as C
+
+    src = _copy(model_dir, tmp_path)
+    parsed: list[Path] = []
+    read_header = C.read_header
+    monkeypatch.setattr(C, "read_header", lambda path: (parsed.append(Path(path)), read_header(path))[1])
+    first = C.Checkpoint.open(src)
+    again = C.Checkpoint.open(src)
+    assert len(parsed) == 1 and again.tensors == first.tensors and again.tensors is not first.tensors
+    again.tensors.clear()  # each caller gets containers of its own
+    assert C.Checkpoint.open(src).tensors == first.tensors and len(parsed) == 1
+    assert C.Checkpoint.open(str(src)).shard_files == first.shard_files  # the same path, as a string
+    _edit_header(src / "model.safetensors", _set(UP3, "dtype", "F99"))
+    with pytest.raises(UserError, match="F99"):
+        C.Checkpoint.open(src)
+    (src / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no model.safetensors"):
+        C.Checkpoint.open(src)
+
+
+def test_prune_parses_each_source_header_once(model_dir, plan_file, tmp_path, capsys, monkeypatch):
+    """`moeprune prune` opens the source checkpoint for the plan check and again for the rewrite;
+    its headers are parsed once."""
+    from moeprune import checkpoint as C
+
+    src = _copy(model_dir, tmp_path)
+    parsed: list[Path] = []
+    read_header = C.read_header
+    monkeypatch.setattr(C, "read_header", lambda path: (parsed.append(Path(path)), read_header(path))[1])
+    rc, _, err = run_cli(capsys, "prune", src, "--plan", plan_file, "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert [p for p in parsed if p.parent == src] == [src / "model.safetensors"]

@@ -17,6 +17,7 @@ Entries that exist in no source file (padding experts, constant vectors) are :cl
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -304,7 +305,30 @@ class Checkpoint:
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> Checkpoint:
+        """The checkpoint in ``directory``, from its index and shard headers (parsed again only when
+        one of those files changed since the last time this process opened it: :data:`_OPENED`)."""
         directory = Path(directory)
+        key = (str(directory), os.getcwd())  # the entries' file paths are the directory's as given
+        cached = _OPENED.get(key)
+        if cached is not None and cached[0] == _files_identity(directory, cached[1].shard_files):
+            return cached[1].copy()
+        _OPENED.pop(key, None)
+        opened = cls._read(directory)
+        identity = _files_identity(directory, opened.shard_files)
+        while len(_OPENED) >= _OPENED_MAX:
+            _OPENED.pop(next(iter(_OPENED)))
+        if identity is not None:
+            _OPENED[key] = (identity, opened)
+        return opened.copy()
+
+    def copy(self) -> Checkpoint:
+        """The same checkpoint with containers of its own (the tensor entries are immutable)."""
+        return Checkpoint(
+            self.directory, dict(self.tensors), list(self.shard_files), dict(self.index_metadata), dict(self.file_metadata)
+        )
+
+    @classmethod
+    def _read(cls, directory: Path) -> Checkpoint:
         index = directory / INDEX_NAME
         single = directory / SINGLE_NAME
         weight_map: dict[str, str] | None = None
@@ -423,6 +447,35 @@ class OutTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+# The checkpoints this process opened last, with the identity of the files they were read from. One
+# command opens the same checkpoint several times (the plan check, the router digest, the rewrite),
+# and a large model's headers take long to parse and check (DeepSeek-V3: 163 shards, ~91k tensors).
+_OPENED: dict[tuple[str, str], tuple[tuple, Checkpoint]] = {}
+_OPENED_MAX = 4
+
+
+def _files_identity(directory: Path, shard_files: Sequence[Path]) -> tuple | None:
+    """What a :class:`Checkpoint` is read from: the index's bytes and each shard's size and header
+    bytes, as a digest (None when a file cannot be read: then it is read again, and fails with its
+    own message). Modification times would not do: they tick in jiffies, so a file written twice
+    in a few milliseconds can keep one."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        for path in (directory / INDEX_NAME, directory / SINGLE_NAME):
+            digest.update(path.read_bytes() if path.name == INDEX_NAME and path.is_file() else b"")
+            digest.update(b"\0" if path.is_file() else b"\1")
+        for path in shard_files:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                digest.update(struct.pack("<QQ", size, n))
+                digest.update(fh.read(min(n, _MAX_HEADER)))
+    except OSError:
+        return None
+    return (digest.digest(),)
 
 
 def safetensors_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
