@@ -252,6 +252,61 @@ def test_rows_buffer_is_shared_only_when_the_observer_lets_go(monkeypatch):
         X.expert_slot_outputs(module, torch.zeros(2, H), torch.zeros(2, blocks[0].top_k, dtype=torch.long), out=torch.zeros(3, H))
 
 
+def test_masked_stock_forward_shows_the_experts_only_the_kept_ones(tiny, monkeypatch):
+    """Under a mask its router routes within the kept experts, the experts module's own forward
+    sees only those, moved in front of its tensors in place: the logits are the ones it gives over
+    all E, bit for bit, and every weight, parameter object and expert count is back after the
+    session, an error inside it too."""
+    from moeprune.arch import patch as P
+    from moeprune.arch.compact import KeptExperts, compactable
+    from moeprune.arch.routing import kept_view_problem
+
+    model_type, model, blocks = tiny
+    x = _inputs(model)
+    E = blocks[0].num_experts
+    allowed = torch.ones(E, dtype=torch.bool)
+    allowed[:: E // max(blocks[0].spec.n_group, 1)] = False  # one expert per group
+    controls = {b.index: BlockControl(allowed=allowed) for b in blocks}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    counts = {b.index: b.experts(model).num_experts for b in blocks if hasattr(b.experts(model), "num_experts")}
+    expected = [
+        b.index
+        for b in blocks
+        if compactable(b.experts(model))
+        and b.experts(model).num_experts == b.num_experts
+        and kept_view_problem(b.spec, allowed) is None
+        and not b.router_extra
+    ]
+    applied: list = []
+    apply = KeptExperts.apply
+    monkeypatch.setattr(KeptExperts, "apply", lambda self: (applied.append(self), apply(self))[1])
+
+    def unchanged() -> None:
+        assert dict(model.named_parameters()).keys() == params.keys()
+        assert all(p is params[n] for n, p in model.named_parameters())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert {i: blocks[i].experts(model).num_experts for i in counts} == counts
+
+    with torch.no_grad():
+        with patch_moe(model, blocks, controls=controls, stock_experts=True):
+            front = model(x, use_cache=False).logits
+            again = model(x, use_cache=False).logits  # the kept experts stay in front
+        assert len(applied) == len(expected)
+        unchanged()
+        with monkeypatch.context() as m:
+            m.setattr(P, "compactable", lambda module: False)
+            with patch_moe(model, blocks, controls=controls, stock_experts=True):
+                whole = model(x, use_cache=False).logits
+        with pytest.raises(KeyboardInterrupt), patch_moe(model, blocks, controls=controls, stock_experts=True):
+            model(x, use_cache=False)
+            raise KeyboardInterrupt
+    unchanged()
+    assert torch.equal(front, whole) and torch.equal(again, whole)
+    if model_type in ("qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss", "olmoe"):
+        assert expected  # the common layouts take it
+
+
 def test_masking_forbids_experts(tiny):
     model_type, model, blocks = tiny
     x = _inputs(model)

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import UserError
 from . import llama4
 from .blocks import MoEBlock
+from .compact import KeptExperts, compactable
 from .experts import SlotOutputs, expert_slot_outputs
 from .routing import KeptView, kept_view, kept_view_problem, route_kept
 
@@ -355,10 +356,13 @@ def _input_gated_forwards(
     )
 
 
-def _stock_experts_forward(block: MoEBlock, original: Callable, session: PatchSession) -> Callable:
+def _stock_experts_forward(
+    block: MoEBlock, original: Callable, session: PatchSession, kept: _KeptSlot | None = None
+) -> Callable:
     """The experts module's own forward; a block with novices gets, for each slot routed to a
     novice, gate weight x its constant instead of the expert's output (weight 0 in the module's
-    own forward, so that the expert adds nothing)."""
+    own forward, so that the expert adds nothing). ``kept``: under a mask, the module sees only the
+    experts the mask keeps (:mod:`.compact`), the router's ids mapped to theirs."""
 
     # the novices' table [E, H] and mask [E], built once per novices dict and device (not per forward)
     built: list[tuple[dict, torch.device, torch.Tensor, torch.Tensor]] = []
@@ -376,6 +380,9 @@ def _stock_experts_forward(block: MoEBlock, original: Callable, session: PatchSe
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         control = session.controls.get(block.index)
+        front = kept.sync(control) if kept is not None else None
+        if front is not None:
+            return original(hidden_states, front.lookup[top_k_index], top_k_weights)
         if control is None or not control.novices:
             return original(hidden_states, top_k_index, top_k_weights)
         table, is_novice = tables(control.novices, hidden_states.device, hidden_states.shape[-1])
@@ -386,6 +393,49 @@ def _stock_experts_forward(block: MoEBlock, original: Callable, session: PatchSe
         return out + constant.to(out.dtype).reshape(out.shape)
 
     return forward
+
+
+class _KeptSlot:
+    """Which experts a block's experts module shows its own forward: under a mask that its steered
+    router routes within the kept experts alone (:func:`.routing.kept_view_problem`), only those
+    (:class:`.compact.KeptExperts`), moved in front at the first forward and again whenever the mask
+    is replaced or changed in place; else all of them."""
+
+    def __init__(self, block: MoEBlock, module: nn.Module) -> None:
+        self.block, self.module = block, module
+        self.front: KeptExperts | None = None
+        self._key: tuple | None = None
+        self._allowed: torch.Tensor | None = None
+
+    def sync(self, control: BlockControl | None) -> KeptExperts | None:
+        allowed = None if control is None else control.allowed
+        key = (
+            None if allowed is None else allowed._version,
+            None if control is None else control.top_k,
+            bool(control is not None and control.novices),
+        )
+        if self._key is not None and allowed is self._allowed and key == self._key:
+            return self.front
+        self.restore()
+        front = None
+        if self._shows_kept_alone(control):
+            assert control is not None and allowed is not None
+            front = KeptExperts(self.module, allowed.to(torch.bool).nonzero().flatten().cpu())
+            front.apply()
+        self.front, self._key, self._allowed = front, key, allowed
+        return front
+
+    def _shows_kept_alone(self, control: BlockControl | None) -> bool:
+        if control is None or control.allowed is None or control.novices or not compactable(self.module):
+            return False
+        if self.block.num_experts != self.module.num_experts:
+            return False
+        return kept_view_problem(self.block.spec, control.allowed, control.top_k) is None
+
+    def restore(self) -> None:
+        if self.front is not None:
+            self.front.restore()
+        self.front, self._key, self._allowed = None, None, None
 
 
 @contextmanager
@@ -419,6 +469,7 @@ def patch_moe(
             )
     restore: list[tuple[nn.Module, str, bool, object]] = []
     handles = []
+    kept_slots: list[_KeptSlot] = []
     try:
         for block in blocks:
             state = _BlockState()
@@ -439,7 +490,10 @@ def patch_moe(
                 stock = stock_experts and getattr(experts, "novice_route", None) is None and not block.router_extra
                 route_fwd = make(model, block, getattr(owner, attr), state, session, reroute, stock and not reroute)
                 if stock:
-                    experts_fwd = _stock_experts_forward(block, experts.forward, session)
+                    kept = None if reroute else _KeptSlot(block, experts)
+                    if kept is not None:
+                        kept_slots.append(kept)
+                    experts_fwd = _stock_experts_forward(block, experts.forward, session, kept)
                 else:
                     out_proj = None if block.expert_out_proj_path is None else model.get_submodule(block.expert_out_proj_path)
                     experts_fwd = _experts_forward(block, experts, state, session, observer, out_proj)
@@ -456,6 +510,8 @@ def patch_moe(
                 handles.append(norm.register_forward_pre_hook(grab))
         yield session
     finally:
+        for slot in reversed(kept_slots):
+            slot.restore()
         for handle in handles:
             handle.remove()
         for mod, name, had, old in reversed(restore):
