@@ -274,3 +274,33 @@ def test_cli_prune_imports_no_torch(root, tmp_path):
         "model.safetensors",
         "plan.json",
     ]
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen3_moe", "gpt_oss"])
+def test_dry_run_of_a_plain_removal_reads_the_headers_alone(root, tmp_path, model_type, monkeypatch):
+    """`moeprune prune --dry-run` of a plain removal (a plan, or --keep) plans from config.json and
+    the shard headers as the real run does: the same estimate as the model-based path (sizes,
+    shards, counts), and a fresh process imports none of torch, transformers or numpy."""
+    import moeprune.api as api
+    from moeprune.api import estimate_prune
+
+    src = _saved(model_type, "hub" if model_type in HUB_PER_EXPERT else "fused", root)
+    config = load_config(str(src))
+    blocks = find_moe_blocks(build_on_meta(config))
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_for(config, blocks, _kept(blocks)).dumps())
+    same = ("shards", "bytes_read", "bytes_written", "source_tensor_bytes", "output_tensor_bytes", "kept", "top_k", "layers", "stock")
+    for args in ({"plan": plan}, {"keep": 0.5}):
+        light = estimate_prune(src, bandwidth="1GB/s", **args)
+        with monkeypatch.context() as m:
+            m.setattr(api, "_header_blocks", lambda src: None)
+            full = estimate_prune(src, bandwidth="1GB/s", **args)
+        assert [getattr(light, f) for f in same] == [getattr(full, f) for f in same], args
+    code = (
+        "import sys\nfrom moeprune.cli import main\n"
+        f"rc = main(['prune', {str(src)!r}, '--plan', {str(plan)!r}, '--dry-run', '--json'])\n"
+        "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'numpy'}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []"

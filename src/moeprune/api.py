@@ -584,17 +584,21 @@ def estimate_prune(
             "pass --plan plan.json, or --keep K (experts per layer, or a fraction such as 0.5)",
         )
     src = resolve_model_dir(model_source(model))
-    config = load_config(str(src))
+    # a plain removal of a family the headers tell: no torch, no transformers (as prune)
+    header = _header_blocks(src) if mode == "remove" and not pad_uniform else None
+    config, blocks = header if header is not None else (load_config(str(src)), None)
     top_k = None
     if plan is not None:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        check_plan_matches(the_plan, config)
+        check_plan_matches(the_plan, config, blocks)
         kept = the_plan.kept
         top_k = the_plan.top_k if the_plan.top_k != _model_top_k(config) else None
     else:
-        from .arch import find_moe_blocks
+        if blocks is None:
+            from .arch import find_moe_blocks
 
-        kept = uniform_kept(find_moe_blocks(build_on_meta(config)), keep)  # type: ignore[arg-type]
+            blocks = find_moe_blocks(build_on_meta(config))
+        kept = uniform_kept(blocks, keep)  # type: ignore[arg-type]
     novices = None
     if mode == "novice":
         if profile is not None and plan is not None:
