@@ -116,7 +116,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="moeprune-bench-dry-run-", dir=args.dir))
     try:
-        bandwidth = args.bandwidth or f"{measure_disk(work):.0f}"
+        from moeprune.estimate import parse_bandwidth
+
+        bandwidth = f"{parse_bandwidth(args.bandwidth):.0f}" if args.bandwidth else f"{measure_disk(work):.0f}"
         rows = []
         for name in LAYOUT_NAMES:
             t0 = time.perf_counter()

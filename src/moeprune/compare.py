@@ -7,8 +7,10 @@ with the plan's removed experts masked out of routing (:func:`moeprune.arch.patc
 checkpoint ``moeprune prune`` would write). With ``novice=True`` it also evaluates MoNE's novice
 mode: the router is unchanged and each replaced expert outputs its calibration mean ``mone_mean``.
 In mask rows only the router is steered: the experts run their own forward (``stock_experts``,
-the model's fastest implementation, as the pruned checkpoint runs it); novice rows use the per-slot
-forward, which does not compute the replaced experts (docs/benchmarks.md, "compare rows").
+the model's fastest implementation, as the pruned checkpoint runs it), over the kept experts alone
+where the mask allows (:mod:`moeprune.arch.compact`: moved in front of the experts' tensors in
+place for the row, and back); novice rows use the per-slot forward, which does not compute the
+replaced experts (docs/benchmarks.md, "compare rows").
 
 Several profiles: one plan per profile (each domain's own experts), and the mixed-domain plan
 (EASY-EP: per-layer-normalised scores averaged over the domains), every one evaluated on all tasks.

@@ -14,8 +14,9 @@ restored on exit), the forward of each block's router and experts module:
 Calibration, masked evaluation and the architecture tests are all built on this. Evaluation, which
 needs no per-slot outputs, can keep the experts module's own forward (``stock_experts``: the
 fastest implementation the device has, as the pruned checkpoint would run it): only the router is
-steered, and novices are added as gate-weighted constants to the output of the real experts with
-the novices' gate weights zeroed.
+steered, under a mask the experts module sees only the kept experts (:mod:`.compact`: moved in
+front of its tensors in place for the session), and novices are added as gate-weighted constants
+to the output of the real experts with the novices' gate weights zeroed.
 """
 
 from __future__ import annotations
