@@ -18,23 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dbrx, llama4, variants
+from . import variants
+from .experts import plain_fused_experts
 
 
 def compactable(module: nn.Module) -> bool:
     """Whether the kept experts of ``module`` can be shown to its own forward as views: a
     ``@use_experts_implementation`` module whose per-expert tensors are its own parameters with the
     expert axis first, nothing quantized, no per-expert submodules, no novices."""
-    if dbrx.is_row_blocked_experts(module) or llama4.is_input_scaled_experts(module):
+    if not plain_fused_experts(module) or variants.expert_axis_children(module):
         return False
-    if not (hasattr(type(module), "_apply_gate") and hasattr(module, "has_gate")):
-        return False
-    if getattr(module, "novice_route", None) is not None or module.__dict__.get("_moeprune_quantized") is not None:
-        return False
-    if variants.expert_axis_children(module) or variants.per_expert_norm(module) is not None:
-        return False
-    n = getattr(module, "num_experts", None)
-    if not isinstance(n, int) or n < 1:
+    n = module.num_experts
+    if n < 1:
         return False
     if hasattr(module, "_hf_hook"):  # accelerate's offload puts its own tensors in at each forward
         return False

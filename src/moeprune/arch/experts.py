@@ -315,17 +315,23 @@ def _use_eager_loop(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and _groupable(module, hidden_states)
 
 
-def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether transformers' grouped kernels compute exactly this module's per-slot outputs: a
-    ``@use_experts_implementation`` module with plain weights in the activations' dtype (nothing
-    quantized, no per-expert norm, no novices)."""
+def plain_fused_experts(module: nn.Module) -> bool:
+    """A ``@use_experts_implementation`` module as transformers builds it, computing with its own
+    weights: not DBRX's or Llama-4's layouts, no novices, nothing moeprune holds quantized, no
+    per-expert norm, an int expert count."""
     if dbrx.is_row_blocked_experts(module) or llama4.is_input_scaled_experts(module):
         return False
     if not (hasattr(type(module), "_apply_gate") and hasattr(module, "has_gate")):
         return False
     if getattr(module, "novice_route", None) is not None or module.__dict__.get("_moeprune_quantized") is not None:
         return False
-    if variants.per_expert_norm(module) is not None or not isinstance(getattr(module, "num_experts", None), int):
+    return variants.per_expert_norm(module) is None and isinstance(getattr(module, "num_experts", None), int)
+
+
+def _groupable(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether transformers' grouped kernels compute exactly this module's per-slot outputs: a
+    :func:`plain_fused_experts` module with weights in the activations' dtype and device."""
+    if not plain_fused_experts(module):
         return False
     names = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
     if getattr(module, "has_bias", False):
