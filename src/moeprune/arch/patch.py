@@ -152,6 +152,26 @@ class _KeptCache:
         self.device, self.versions = weight.device, _versions(allowed, weight, bias)
 
 
+def _attribute_reader(model: nn.Module, path: str | None) -> Callable[[], torch.Tensor | None]:
+    """Reads the parameter or buffer at ``path`` (None: none) from its module, found at the first
+    read: each ``get_parameter_or_buffer`` walks the module path twice (the parameter lookup fails
+    first for a buffer), a visible share of a small model's steered router per forward."""
+    if path is None:
+        return lambda: None
+    found: list[tuple[nn.Module, str]] = []
+
+    def read() -> torch.Tensor | None:
+        if not found:
+            value = model.get_parameter_or_buffer(path)  # the first read fails as before, if it does
+            owner_path, _, name = path.rpartition(".")
+            found.append((model.get_submodule(owner_path), name))
+            return value
+        owner, name = found[0]
+        return getattr(owner, name)
+
+    return read
+
+
 def _router_forward(
     model: nn.Module,
     block: MoEBlock,
@@ -172,6 +192,7 @@ def _router_forward(
     prefix = block.router_path + "."
     weight_name = block.router_weight_path.removeprefix(prefix) if block.router_weight_path.startswith(prefix) else None
     cache = _KeptCache()
+    selection_bias = _attribute_reader(model, block.selection_bias_path)
 
     def kept_rows(control: BlockControl) -> tuple[KeptView, torch.Tensor] | None:
         """The pruned router a mask leaves: its kept view and the kept rows of the router's weight
@@ -180,7 +201,7 @@ def _router_forward(
         if allowed is None or weight_name is None:
             return None
         weight = getattr(router, weight_name) if "." not in weight_name else router.get_parameter(weight_name)
-        bias = block.selection_bias(model)
+        bias = selection_bias()
         if cache.valid_for(allowed, weight, bias, control.top_k):
             return cache.view
         view = None
