@@ -33,7 +33,7 @@ from . import llama4
 from .blocks import MoEBlock
 from .compact import KeptExperts, compactable
 from .experts import SlotOutputs, expert_slot_outputs
-from .routing import KeptView, kept_view, kept_view_problem, route_kept
+from .routing import KeptView, Routing, kept_view, kept_view_problem, route, route_kept
 
 
 @dataclass
@@ -172,6 +172,18 @@ def _attribute_reader(model: nn.Module, path: str | None) -> Callable[[], torch.
     return read
 
 
+def _block_router(model: nn.Module, block: MoEBlock) -> Callable[..., Routing]:
+    """:meth:`MoEBlock.route` of ``block`` in ``model``, its selection bias and weight scale read
+    through :func:`_attribute_reader` (found once, not looked up by path at every forward)."""
+    bias = _attribute_reader(model, block.selection_bias_path)
+    scale = _attribute_reader(model, block.weight_scale_path)
+
+    def route_block(logits: torch.Tensor, allowed: torch.Tensor | None = None, top_k: int | None = None) -> Routing:
+        return route(block.spec, logits, bias(), allowed=allowed, top_k=top_k, weight_scale=scale())
+
+    return route_block
+
+
 def _router_forward(
     model: nn.Module,
     block: MoEBlock,
@@ -193,6 +205,7 @@ def _router_forward(
     weight_name = block.router_weight_path.removeprefix(prefix) if block.router_weight_path.startswith(prefix) else None
     cache = _KeptCache()
     selection_bias = _attribute_reader(model, block.selection_bias_path)
+    route_block = _block_router(model, block)
 
     def kept_rows(control: BlockControl) -> tuple[KeptView, torch.Tensor] | None:
         """The pruned router a mask leaves: its kept view and the kept rows of the router's weight
@@ -222,7 +235,7 @@ def _router_forward(
                 r = route_kept(block.spec, logits, view, control.top_k)
             else:
                 logits = block.logits_only(router, hidden_states, None)
-                r = block.route(model, logits, allowed=control.allowed, top_k=control.top_k)
+                r = route_block(logits, allowed=control.allowed, top_k=control.top_k)
             state.logits, state.index = logits, None
             weights = r.top_k_weights
             if block.spec.scaling_site == "block" and block.spec.scaling != 1.0:
@@ -235,14 +248,9 @@ def _router_forward(
         state.index = out[2] if block.spec.extra_role == "zero" else None
         if not (steer or reroute):
             if block.spec.extra_role == "skip":  # ZAYA hands skip slots on as expert 0 (weight 0)
-                state.index = block.route(model, logits).top_k_index
+                state.index = route_block(logits).top_k_index
             return out
-        r = block.route(
-            model,
-            logits,
-            allowed=control.allowed if control else None,
-            top_k=control.top_k if control else None,
-        )
+        r = route_block(logits, allowed=control.allowed if control else None, top_k=control.top_k if control else None)
         if block.spec.selects_extra:
             state.index = r.top_k_index
         if block.adapter is not None and block.adapter.output is not None:
@@ -265,6 +273,7 @@ def _route_method_forward(
     logits_only: bool = False,
 ) -> Callable:
     """For routers that return logits only (DBRX): the block's ``logits -> (weights, index)``."""
+    route_block = _block_router(model, block)
 
     def forward(router_logits: torch.Tensor, *args, **kwargs):
         state.logits = router_logits
@@ -272,12 +281,7 @@ def _route_method_forward(
         steer = control is not None and (control.allowed is not None or control.top_k is not None)
         if not (steer or reroute):
             return original(router_logits, *args, **kwargs)
-        r = block.route(
-            model,
-            router_logits,
-            allowed=control.allowed if control else None,
-            top_k=control.top_k if control else None,
-        )
+        r = route_block(router_logits, allowed=control.allowed if control else None, top_k=control.top_k if control else None)
         return r.top_k_weights.to(router_logits.dtype), r.top_k_index
 
     return forward
@@ -349,9 +353,11 @@ def _input_gated_forwards(
         c = control()
         return reroute or (c is not None and (c.allowed is not None or c.top_k is not None))
 
+    route_block = _block_router(model, block)
+
     def route(logits: torch.Tensor):
         c = control()
-        return block.route(model, logits, allowed=c.allowed if c else None, top_k=c.top_k if c else None)
+        return route_block(logits, allowed=c.allowed if c else None, top_k=c.top_k if c else None)
 
     def novices() -> dict[int, torch.Tensor] | None:
         c = control()
