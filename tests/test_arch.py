@@ -454,3 +454,43 @@ def test_logits_only_entries_compute_what_the_router_computes(model_type, dtype)
     assert torch.equal(ids, own_ids)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(steered[1].gather(-1, order), own[1].gather(-1, own_order), rtol=tol, atol=tol)
+
+
+def test_ctrl_c_while_the_kept_experts_move_leaves_the_model_whole(monkeypatch):
+    """A SIGINT that arrives while the kept experts are swapped in front (or back) waits until the
+    swaps are done, then ends the session as KeyboardInterrupt: every weight is back."""
+    import os
+    import signal
+
+    from moeprune.arch import compact
+
+    model = tiny_model("qwen3_moe")
+    blocks = find_moe_blocks(model)
+    E = blocks[0].num_experts
+    allowed = torch.zeros(E, dtype=torch.bool)
+    allowed[1::2] = True  # every kept expert moves
+    controls = {b.index: BlockControl(allowed=allowed) for b in blocks}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swap_rows = compact._swap_rows
+    calls: list[int] = []
+
+    def interrupted(t, swaps):  # Ctrl-C in the middle of the first tensor's swaps
+        if not calls:
+            half = len(swaps) // 2
+            swap_rows(t, swaps[:half])
+            os.kill(os.getpid(), signal.SIGINT)
+            swap_rows(t, swaps[half:])
+        else:
+            swap_rows(t, swaps)
+        calls.append(len(swaps))
+
+    monkeypatch.setattr(compact, "_swap_rows", interrupted)
+    with (
+        torch.no_grad(),
+        pytest.raises(KeyboardInterrupt),
+        patch_moe(model, blocks, controls=controls, stock_experts=True),
+    ):
+        model(_inputs(model), use_cache=False)
+    assert len(calls) >= 4  # the interrupted apply finished, and everything was swapped back
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert blocks[0].experts(model).num_experts == E

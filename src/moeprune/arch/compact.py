@@ -15,6 +15,11 @@ pruned checkpoint's computes. :meth:`KeptExperts.restore` puts everything back, 
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -74,26 +79,44 @@ class KeptExperts:
                 at[pos], at[src] = at[src], at[pos]
                 where[at[pos]], where[at[src]] = pos, src
         params = dict(self.module.named_parameters(recurse=False))
-        with torch.no_grad():
+        k = len(self.kept)
+        with _interrupts_deferred(), torch.no_grad():
             for p in params.values():
                 _swap_rows(p.data, swaps)
-        self._swaps = swaps
-        k = len(self.kept)
-        for name, p in params.items():
-            self._params[name] = p
-            self.module._parameters[name] = nn.Parameter(p.data[:k], requires_grad=p.requires_grad)
-        self.module.num_experts = k
+            self._swaps = swaps
+            for name, p in params.items():
+                self._params[name] = p
+                self.module._parameters[name] = nn.Parameter(p.data[:k], requires_grad=p.requires_grad)
+            self.module.num_experts = k
 
     def restore(self) -> None:
         if not self._params:
             return
-        for name, p in self._params.items():
-            self.module._parameters[name] = p
-        self.module.num_experts = self.num_experts
-        with torch.no_grad():
+        with _interrupts_deferred(), torch.no_grad():
+            for name, p in self._params.items():
+                self.module._parameters[name] = p
+            self.module.num_experts = self.num_experts
             for p in self._params.values():
                 _swap_rows(p.data, self._swaps[::-1])
-        self._params, self._swaps = {}, []
+            self._params, self._swaps = {}, []
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the experts are whole again (a swap cut between its copies would leave
+    an expert's rows in the scratch), then raises KeyboardInterrupt. Only the main thread receives
+    signals; elsewhere, or under a handler not set from Python, nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _swap_rows(t: torch.Tensor, swaps: list[tuple[int, int]]) -> None:

@@ -449,8 +449,11 @@ class _KeptSlot:
         if self._shows_kept_alone(control):
             assert control is not None and allowed is not None
             front = KeptExperts(self.module, allowed.to(torch.bool).nonzero().flatten().cpu())
-            front.apply()
+        # held before it is applied: an interrupt that ends apply() (once the swaps are done) is
+        # followed by the session's restore(), which then undoes them
         self.front, self._key, self._allowed = front, key, allowed
+        if front is not None:
+            front.apply()
         return front
 
     def _shows_kept_alone(self, control: BlockControl | None) -> bool:
