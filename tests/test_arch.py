@@ -494,3 +494,29 @@ def test_ctrl_c_while_the_kept_experts_move_leaves_the_model_whole(monkeypatch):
     assert len(calls) >= 4  # the interrupted apply finished, and everything was swapped back
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert blocks[0].experts(model).num_experts == E
+
+
+def test_an_experts_module_shared_by_two_blocks_keeps_all_its_experts(monkeypatch):
+    """A looped model runs one experts module for several blocks, each with its own mask: that
+    module is never moved (each block's mask would move it its own way)."""
+    import dataclasses
+
+    from moeprune.arch.compact import KeptExperts
+
+    model = tiny_model("qwen3_moe")
+    blocks = find_moe_blocks(model)
+    twin = dataclasses.replace(blocks[1], experts_path=blocks[0].experts_path)
+    assert twin.experts(model) is blocks[0].experts(model)
+    E = blocks[0].num_experts
+    allowed = torch.ones(E, dtype=torch.bool)
+    allowed[::2] = False
+    applied: list = []
+    apply = KeptExperts.apply
+    monkeypatch.setattr(KeptExperts, "apply", lambda self: (applied.append(self.module), apply(self))[1])
+    with torch.no_grad():
+        with patch_moe(model, [blocks[0], twin], controls={0: BlockControl(allowed=allowed)}, stock_experts=True):
+            model(_inputs(model), use_cache=False)
+        assert applied == []
+        with patch_moe(model, blocks, controls={0: BlockControl(allowed=allowed)}, stock_experts=True):
+            model(_inputs(model), use_cache=False)
+    assert applied == [blocks[0].experts(model)]

@@ -21,6 +21,7 @@ to the output of the real experts with the novices' gate weights zeroed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -501,6 +502,9 @@ def patch_moe(
     restore: list[tuple[nn.Module, str, bool, object]] = []
     handles = []
     kept_slots: list[_KeptSlot] = []
+    # an experts module that serves several blocks (a looped layer) keeps all its experts: each
+    # block's mask would move them its own way
+    serves = Counter(id(block.experts(model)) for block in blocks)
     try:
         for block in blocks:
             state = _BlockState()
@@ -521,7 +525,7 @@ def patch_moe(
                 stock = stock_experts and getattr(experts, "novice_route", None) is None and not block.router_extra
                 route_fwd = make(model, block, getattr(owner, attr), state, session, reroute, stock and not reroute)
                 if stock:
-                    kept = None if reroute else _KeptSlot(block, experts)
+                    kept = None if reroute or serves[id(experts)] > 1 else _KeptSlot(block, experts)
                     if kept is not None:
                         kept_slots.append(kept)
                     experts_fwd = _stock_experts_forward(block, experts.forward, session, kept)
