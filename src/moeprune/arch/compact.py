@@ -104,8 +104,9 @@ class KeptExperts:
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Ctrl-C waits until the experts are whole again (a swap cut between its copies would leave
-    an expert's rows in the scratch), then raises KeyboardInterrupt. Only the main thread receives
-    signals; elsewhere, or under a handler not set from Python, nothing is deferred."""
+    an expert's rows in the scratch), then reaches the handler it would have reached (Python's
+    default raises KeyboardInterrupt). Only the main thread receives signals; elsewhere, or under a
+    handler not set from Python, nothing is deferred."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
@@ -116,7 +117,10 @@ def _interrupts_deferred() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:
-        raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def _swap_rows(t: torch.Tensor, swaps: list[tuple[int, int]]) -> None:
