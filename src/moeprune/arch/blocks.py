@@ -80,16 +80,51 @@ class MoEBlock:
         allowed: torch.Tensor | None = None,
         top_k: int | None = None,
     ):
-        scale = None if self.weight_scale_path is None else model.get_parameter_or_buffer(self.weight_scale_path)
-        return route(
-            self.spec, logits, self.selection_bias(model), allowed=allowed, top_k=top_k, weight_scale=scale
-        )
+        return self.bound_route(model)(logits, allowed=allowed, top_k=top_k)
+
+    def bound_route(self, model: nn.Module) -> BoundRoute:
+        """:meth:`route` for ``model``, to be called at every forward: its tensors are found once."""
+        return BoundRoute(self.spec, _TensorAt(model, self.selection_bias_path), _TensorAt(model, self.weight_scale_path))
 
     def router_logits(self, router: nn.Module, hidden: torch.Tensor, out) -> torch.Tensor:
         """The router's logits over all its columns [T, E + router_extra], from its input and output."""
         if self.adapter is not None and self.adapter.logits is not None:
             return self.adapter.logits(router, hidden, out)
         return out if isinstance(out, torch.Tensor) else out[0]
+
+
+class _TensorAt:
+    """The parameter or buffer at ``path`` of ``model`` (None: none), its module found at the first
+    read: ``get_parameter_or_buffer`` walks the module path, twice for a buffer (the parameter
+    lookup fails first), a visible share of a small model's steered router at every forward."""
+
+    def __init__(self, model: nn.Module, path: str | None) -> None:
+        self.model, self.path = model, path
+        self.found: tuple[nn.Module, str] | None = None
+
+    def __call__(self) -> torch.Tensor | None:
+        if self.path is None:
+            return None
+        if self.found is None:
+            value = self.model.get_parameter_or_buffer(self.path)  # a missing one fails as it did
+            owner_path, _, name = self.path.rpartition(".")
+            self.found = (self.model.get_submodule(owner_path), name)
+            return value
+        owner, name = self.found
+        return getattr(owner, name)
+
+
+@dataclass(frozen=True)
+class BoundRoute:
+    """:meth:`MoEBlock.route` of one block in one model (:meth:`MoEBlock.bound_route`)."""
+
+    spec: RoutingSpec
+    selection_bias: _TensorAt
+    weight_scale: _TensorAt
+
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None, top_k: int | None = None):
+        scale = self.weight_scale()
+        return route(self.spec, logits, self.selection_bias(), allowed=allowed, top_k=top_k, weight_scale=scale)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -34,7 +34,7 @@ from . import llama4
 from .blocks import MoEBlock
 from .compact import KeptExperts, compactable
 from .experts import SlotOutputs, expert_slot_outputs
-from .routing import KeptView, Routing, kept_view, kept_view_problem, route, route_kept
+from .routing import KeptView, kept_view, kept_view_problem, route_kept
 
 
 @dataclass
@@ -153,38 +153,6 @@ class _KeptCache:
         self.device, self.versions = weight.device, _versions(allowed, weight, bias)
 
 
-def _attribute_reader(model: nn.Module, path: str | None) -> Callable[[], torch.Tensor | None]:
-    """Reads the parameter or buffer at ``path`` (None: none) from its module, found at the first
-    read: each ``get_parameter_or_buffer`` walks the module path twice (the parameter lookup fails
-    first for a buffer), a visible share of a small model's steered router per forward."""
-    if path is None:
-        return lambda: None
-    found: list[tuple[nn.Module, str]] = []
-
-    def read() -> torch.Tensor | None:
-        if not found:
-            value = model.get_parameter_or_buffer(path)  # the first read fails as before, if it does
-            owner_path, _, name = path.rpartition(".")
-            found.append((model.get_submodule(owner_path), name))
-            return value
-        owner, name = found[0]
-        return getattr(owner, name)
-
-    return read
-
-
-def _block_router(model: nn.Module, block: MoEBlock) -> Callable[..., Routing]:
-    """:meth:`MoEBlock.route` of ``block`` in ``model``, its selection bias and weight scale read
-    through :func:`_attribute_reader` (found once, not looked up by path at every forward)."""
-    bias = _attribute_reader(model, block.selection_bias_path)
-    scale = _attribute_reader(model, block.weight_scale_path)
-
-    def route_block(logits: torch.Tensor, allowed: torch.Tensor | None = None, top_k: int | None = None) -> Routing:
-        return route(block.spec, logits, bias(), allowed=allowed, top_k=top_k, weight_scale=scale())
-
-    return route_block
-
-
 def _router_forward(
     model: nn.Module,
     block: MoEBlock,
@@ -205,8 +173,7 @@ def _router_forward(
     prefix = block.router_path + "."
     weight_name = block.router_weight_path.removeprefix(prefix) if block.router_weight_path.startswith(prefix) else None
     cache = _KeptCache()
-    selection_bias = _attribute_reader(model, block.selection_bias_path)
-    route_block = _block_router(model, block)
+    route_block = block.bound_route(model)
 
     def kept_rows(control: BlockControl) -> tuple[KeptView, torch.Tensor] | None:
         """The pruned router a mask leaves: its kept view and the kept rows of the router's weight
@@ -215,7 +182,7 @@ def _router_forward(
         if allowed is None or weight_name is None:
             return None
         weight = getattr(router, weight_name) if "." not in weight_name else router.get_parameter(weight_name)
-        bias = selection_bias()
+        bias = route_block.selection_bias()
         if cache.valid_for(allowed, weight, bias, control.top_k):
             return cache.view
         view = None
@@ -274,7 +241,7 @@ def _route_method_forward(
     logits_only: bool = False,
 ) -> Callable:
     """For routers that return logits only (DBRX): the block's ``logits -> (weights, index)``."""
-    route_block = _block_router(model, block)
+    route_block = block.bound_route(model)
 
     def forward(router_logits: torch.Tensor, *args, **kwargs):
         state.logits = router_logits
@@ -354,7 +321,7 @@ def _input_gated_forwards(
         c = control()
         return reroute or (c is not None and (c.allowed is not None or c.top_k is not None))
 
-    route_block = _block_router(model, block)
+    route_block = block.bound_route(model)
 
     def route(logits: torch.Tensor):
         c = control()
