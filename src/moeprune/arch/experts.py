@@ -180,7 +180,7 @@ class SlotOutputs:
     perm: torch.Tensor | None
     sorted_ids: torch.Tensor | None
     top_k: int
-    # Σ_k g e, when the experts summed as they went (:func:`_use_eager_loop`), and the gate
+    # Σ_k g e, when the experts summed as they went (:func:`_slot_kernels`), and the gate
     # weights it was summed with
     summed: torch.Tensor | None = None
     summed_with: torch.Tensor | None = None
@@ -242,16 +242,17 @@ def expert_slot_outputs(
     to a fixed [H] vector that replaces the expert's computation (MoNE novices). A novice experts
     module (:class:`moeprune.arch.pruned.NoviceExperts`) takes router ids and adds its stored
     constants. ``top_k_weights``: the gate weights the caller will sum with
-    (:meth:`SlotOutputs.weighted_sum`), where the experts may sum as they go (:func:`_use_eager_loop`).
+    (:meth:`SlotOutputs.weighted_sum`), where the experts may sum as they go (:func:`_slot_kernels`).
     ``out``: [T·k, H] memory in the activations' dtype for the rows of the per-expert loop (the
     grouped kernels allocate their own)."""
     novice_route = getattr(module, "novice_route", None)
     if novice_route is not None:
         top_k_index, constant_outputs = novice_route(top_k_index, constant_outputs)
-    if not constant_outputs and _use_grouped(module, hidden_states):
+    kernels = _slot_kernels(module, hidden_states)
+    if not constant_outputs and kernels == "grouped":
         return grouped_expert_outputs(module, hidden_states, top_k_index)
     # the loop of transformers' eager experts: each expert's weighted output added as it is computed
-    summing = not constant_outputs and top_k_weights is not None and _use_eager_loop(module, hidden_states)
+    summing = not constant_outputs and top_k_weights is not None and kernels == "summing"
     t, k = top_k_index.shape
     flat = top_k_index.reshape(-1).long()
     order = torch.argsort(flat.masked_fill(flat < 0, torch.iinfo(torch.long).max), stable=True)  # no expert: last
@@ -284,7 +285,7 @@ def expert_slot_outputs(
 # they compute the module exactly: :func:`_groupable`), "loop" (one matmul per expert, as
 # transformers' eager experts, the weighted sum gathered afterwards), or "auto": the grouped
 # kernels except for experts of at least LOOP_MIN_EXPERT_SIZE weights on CPU, which run the loop
-# that sums as it goes (:func:`_use_eager_loop`: the faster there, docs/benchmarks.md, "The loop
+# that sums as it goes (:func:`_slot_kernels`: the faster there, docs/benchmarks.md, "The loop
 # that sums as it goes"); small experts (the testbed's) spend more on the loop's few small ops per
 # expert than on the grouped kernels ("All layers' statistics").
 SLOT_KERNELS = "auto"
@@ -298,21 +299,26 @@ def _expert_size(module: nn.Module) -> int:
     return (first.numel() + module.down_proj.numel()) // max(n_exp, 1)
 
 
-def _use_grouped(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+def _slot_kernels(module: nn.Module, hidden_states: torch.Tensor) -> str:
+    """How :func:`expert_slot_outputs` computes this module's per-slot outputs: "grouped" (the
+    grouped kernels), "summing" (the loop of transformers' ``eager`` experts, summing as it goes:
+    large experts on CPU under ``auto``. Each expert's rows are gathered just before its matmuls,
+    while they are in cache, and its weighted output added at once, instead of a second pass over
+    all [T·k, H] rows gathering them back to pair order for the sum: docs/benchmarks.md, "Quiet
+    rerun after the merge") or "loop" (the per-expert loop, the sum gathered afterwards)."""
     if SLOT_KERNELS == "loop" or not _groupable(module, hidden_states):
-        return False
+        return "loop"
     if SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu":
-        return _expert_size(module) < LOOP_MIN_EXPERT_SIZE
-    return True
+        return "grouped" if _expert_size(module) < LOOP_MIN_EXPERT_SIZE else "summing"
+    return "grouped"
+
+
+def _use_grouped(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    return _slot_kernels(module, hidden_states) == "grouped"
 
 
 def _use_eager_loop(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Large experts on CPU (the grouped kernels are for the small ones), under ``auto``: the loop
-    of transformers' ``eager`` experts, summing as it goes. Each expert's rows are gathered just
-    before its matmuls, while they are in cache, and its weighted output added at once, instead of
-    a second pass over all [T·k, H] rows gathering them back to pair order for the sum
-    (docs/benchmarks.md, "Quiet rerun after the merge")."""
-    return SLOT_KERNELS == "auto" and hidden_states.device.type == "cpu" and _groupable(module, hidden_states)
+    return _slot_kernels(module, hidden_states) == "summing"
 
 
 def plain_fused_experts(module: nn.Module) -> bool:
