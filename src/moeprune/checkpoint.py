@@ -452,20 +452,20 @@ class OutTensor:
 # The checkpoints this process opened last, with the identity of the files they were read from. One
 # command opens the same checkpoint several times (the plan check, the router digest, the rewrite),
 # and a large model's headers take long to parse and check (DeepSeek-V3: 163 shards, ~91k tensors).
-_OPENED: dict[tuple[str, str], tuple[tuple, Checkpoint]] = {}
+_OPENED: dict[tuple[str, str], tuple[bytes, Checkpoint]] = {}
 _OPENED_MAX = 4
 
 
-def _files_identity(directory: Path, shard_files: Sequence[Path]) -> tuple | None:
+def _files_identity(directory: Path, shard_files: Sequence[Path]) -> bytes | None:
     """What a :class:`Checkpoint` is read from: the index's bytes and each shard's size and header
     bytes, as a digest (None when a file cannot be read: then it is read again, and fails with its
     own message). Modification times would not do: they tick in jiffies, so a file written twice
     in a few milliseconds can keep one."""
     digest = hashlib.blake2b(digest_size=16)
     try:
-        for path in (directory / INDEX_NAME, directory / SINGLE_NAME):
-            digest.update(path.read_bytes() if path.name == INDEX_NAME and path.is_file() else b"")
-            digest.update(b"\0" if path.is_file() else b"\1")
+        index = directory / INDEX_NAME
+        digest.update(b"\0" + index.read_bytes() if index.is_file() else b"\1")
+        digest.update(b"\0" if (directory / SINGLE_NAME).is_file() else b"\1")
         for path in shard_files:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
@@ -475,7 +475,7 @@ def _files_identity(directory: Path, shard_files: Sequence[Path]) -> tuple | Non
                 digest.update(fh.read(min(n, _MAX_HEADER)))
     except OSError:
         return None
-    return (digest.digest(),)
+    return digest.digest()
 
 
 def safetensors_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
