@@ -135,6 +135,33 @@ def test_auto_dtype_is_bf16_on_cpus_with_bf16_units(monkeypatch):
     assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "cuda") == "bfloat16"
 
 
+def test_auto_dtype_keeps_narrow_models_in_float32_on_bf16_cpus(monkeypatch):
+    """With bf16 units, `auto` gives bfloat16 only to models of hidden size >= CPU_BF16_MIN_HIDDEN
+    (narrow ones run faster in float32 there), read from a transformers config or a config.json
+    dict, the text model's for multimodal ones; without a width it keeps bfloat16. CUDA and CPUs
+    without the units are unchanged, and an explicit dtype is never overridden."""
+    from transformers import Qwen3MoeConfig
+
+    import moeprune.device as device
+
+    narrow = Qwen3MoeConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    wide = Qwen3MoeConfig(hidden_size=2048, num_attention_heads=4, num_key_value_heads=2)
+    edge = device.CPU_BF16_MIN_HIDDEN
+    monkeypatch.setenv("MOEPRUNE_CPU_BF16", "1")
+    assert resolve_dtype("auto", "cpu", narrow) == "float32"
+    assert resolve_dtype("auto", "cpu", wide) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", {"model_type": "x", "hidden_size": edge - 1}) == "float32"
+    assert resolve_dtype("auto", "cpu", {"model_type": "x", "hidden_size": edge}) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", {"text_config": {"hidden_size": 256}}) == "float32"
+    assert resolve_dtype("auto", "cpu", {"text_config": {"hidden_size": 4096}}) == "bfloat16"
+    for unknown in (None, {}, {"hidden_size": "128"}, {"hidden_size": True}):
+        assert resolve_dtype("auto", "cpu", unknown) == "bfloat16"
+    assert resolve_dtype("auto", "cuda", narrow) == "bfloat16"
+    assert resolve_dtype("bfloat16", "cpu", narrow) == "bfloat16"
+    monkeypatch.setenv("MOEPRUNE_CPU_BF16", "0")
+    assert resolve_dtype("auto", "cpu", wide) == "float32"
+
+
 def test_one_device_and_dtype_resolution():
     import moeprune.evaluate.loading as loading
     import moeprune.profiling as profiling

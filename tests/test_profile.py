@@ -683,12 +683,21 @@ def test_bfloat16_model_calibrates():
 
 
 def test_cli_auto_dtype_is_recorded_and_bf16_stays_close(model_dir, data_files, tmp_path, monkeypatch):
-    """`--dtype auto` on a CPU with bf16 units calibrates in bfloat16 and says so in the profile; the
-    statistics (summed in float64) stay close to the float32 profile's; float32 is recorded as such."""
+    """`--dtype auto` on a CPU with bf16 units calibrates a model wide enough in bfloat16 and says so
+    in the profile, a narrower one in float32; the statistics (summed in float64) stay close to the
+    float32 profile's; float32 is recorded as such."""
     a = data_files / "a.jsonl"
     f32, bf16 = tmp_path / "f32.profile.safetensors", tmp_path / "bf16.profile.safetensors"
+    import moeprune.device as device
+
     assert _run("profile", model_dir, "--data", a, "--out", f32, "-q") == 0  # conftest: auto = float32
     monkeypatch.setenv("MOEPRUNE_CPU_BF16", "1")
+    # this tiny model is narrower than CPU_BF16_MIN_HIDDEN: float32 even with bf16 units...
+    narrow = tmp_path / "narrow.profile.safetensors"
+    assert _run("profile", model_dir, "--data", a, "--out", narrow, "-q") == 0
+    assert Profile.load(narrow).meta["settings"]["dtype"] == "float32"
+    # ...and bfloat16 once models that wide count as wide enough
+    monkeypatch.setattr(device, "CPU_BF16_MIN_HIDDEN", 1)
     assert _run("profile", model_dir, "--data", a, "--out", bf16, "-q") == 0
     p32, p16 = Profile.load(f32), Profile.load(bf16)
     assert p32.meta["settings"]["dtype"] == "float32" and p16.meta["settings"]["dtype"] == "bfloat16"

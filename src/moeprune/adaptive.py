@@ -148,7 +148,7 @@ class AdaptiveMoE:
         else:  # auto: as every command (moeprune.device.resolve_dtype)
             from .device import resolve_dtype
 
-            torch_dtype = parse_dtype(resolve_dtype(str(dtype), str(device)))
+            torch_dtype = parse_dtype(resolve_dtype(str(dtype), str(device), config))
         config.dtype = torch_dtype
 
         # the original layout (E experts, on meta): what the checkpoint holds

@@ -437,11 +437,11 @@ def profile_estimate(
     check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype_name = resolve_dtype(dtype, device)
-    dt = _DTYPE_BYTES[dtype_name]
     if offload not in ("none", "sequential"):
         raise UserError(f"unknown --offload '{offload}'", "use --offload none or sequential")
     config = load_config(str(path))
+    dtype_name = resolve_dtype(dtype, device, config)
+    dt = _DTYPE_BYTES[dtype_name]
     fmt = quant_format(config)
     config.dtype = getattr(torch, dtype_name)
     model = build_on_meta(config)

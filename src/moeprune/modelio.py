@@ -226,10 +226,10 @@ def load_model(
     from .load import from_pretrained
 
     path = resolve_model_dir(model)
-    load_config(str(path))  # clear errors for broken configs before transformers' own
+    config = load_config(str(path))  # clear errors for broken configs before transformers' own
     from .device import resolve_dtype
 
-    torch_dtype = parse_dtype(resolve_dtype(dtype, device))
+    torch_dtype = parse_dtype(resolve_dtype(dtype, device, config))
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .device import resolve_device, resolve_dtype
+from .device import check_dtype, resolve_device, resolve_dtype
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def _run_profile(
     records, files = load_records(data, text_field)
     records = select_records(records, max_samples, seed)
     dev = resolve_device(device)
-    dtype = resolve_dtype(dtype, dev)
+    check_dtype(dtype)  # a bad name fails before anything loads; `auto` is resolved with the config
     started_dist = False
     if wants_distributed():
         started_dist = not torch.distributed.is_initialized()
@@ -212,6 +212,7 @@ def _run_profile(
 
             hf_logging.disable_progress_bar()
         config = loaded[0].config if loaded is not None else load_config(model)
+        dtype = resolve_dtype(dtype, dev, config)
         if offload == "sequential":
             # Only the tokenizer and a meta-device skeleton now; layers are read one at a time later.
             from .modelio import build_on_meta, load_tokenizer

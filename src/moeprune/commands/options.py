@@ -15,7 +15,7 @@ def device_option() -> Any:
 
 
 def dtype_option() -> Any:
-    """``--dtype``: auto (bfloat16 on CUDA and on CPUs with bf16 units, else float32), resolved by :func:`moeprune.device.resolve_dtype`."""
+    """``--dtype``: auto (bfloat16 on CUDA, and on CPUs with bf16 units for models of hidden size >= 1024; else float32), resolved by :func:`moeprune.device.resolve_dtype`."""
     return typer.Option("auto", "--dtype", help=DTYPE_HELP)
 
 

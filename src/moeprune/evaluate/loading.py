@@ -5,6 +5,7 @@ Self-contained on purpose; nothing is ever downloaded.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,16 @@ def resolve_model_path(model: str) -> Path:
     return snapshot
 
 
+def _raw_config(path: Path) -> dict[str, Any] | None:
+    """``config.json`` as a dict for the auto dtype's width; None where unreadable (the load that
+    follows names the problem)."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     """Load a causal LM (eval mode, on ``device``) and its tokenizer; never downloads."""
     from moeprune.load import check_finite, from_pretrained
@@ -72,7 +83,7 @@ def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "floa
 
     path = resolve_model_path(model)
     dev = resolve_device(device)
-    dt = torch_dtype(resolve_dtype(dtype, dev))
+    dt = torch_dtype(resolve_dtype(dtype, dev, _raw_config(path)))
     try:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as exc:
