@@ -9,8 +9,14 @@
    process, median of ``--repeats``; on the testbed (hidden 128: small ops) and on a random
    DeepSeek-V3-style model (hidden 1024, 64 experts, top-8, 4 MoE layers, 4 x 512 tokens), where
    matrix units matter. The stock forward of each dtype is timed too, for scale.
+3. ``--widths 128,512,1024``: instead of 1 and 2, where bfloat16 starts to pay on this CPU: the
+   fastest stock forward (``grouped_mm`` or ``eager``) in float32 and in bfloat16, runs alternating,
+   median of ``--repeats``, of random Qwen3-MoE-like models of each hidden size (64 experts, top-8,
+   expert width hidden/4, 2 layers, 4 x 256 tokens) and of the testbed, with what ``--dtype auto``
+   picks for each (``moeprune.device.resolve_dtype``; ``CPU_BF16_MIN_HIDDEN``).
 
     python benchmarks/bench_dtype.py [--repeats 3] [--threads 2] [--max-samples 40]
+    python benchmarks/bench_dtype.py --widths 128,256,512,1024,2048 [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ import time
 
 import torch
 
-from _models import dsv3_config
+from _models import dsv3_config, qwen3_config
 from moeprune import api
 from moeprune.arch import find_moe_blocks
 from moeprune.calibrate import _forward_kwargs, calibrate
 from moeprune.data import batches
-from moeprune.device import cpu_runs_bf16_fast
+from moeprune.device import CPU_BF16_MIN_HIDDEN, cpu_runs_bf16_fast, resolve_dtype
 from moeprune.score import score
 from moeprune.testbed import DOMAINS, MODEL_DIR, data_file
 
@@ -119,14 +125,78 @@ def speed(build, seq_len: int, batch_size: int, n_batches: int, repeats: int) ->
     return med
 
 
+def qwen3_of_width(hidden: int):
+    def build(dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        cfg = qwen3_config(
+            2,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=max(32, hidden // 4),
+            num_experts=64,
+            head_dim=max(16, hidden // 8),
+            vocab_size=4096,
+        )
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().to(dtype)
+
+    return build
+
+
+@torch.no_grad()
+def stock_by_dtype(build, seq_len: int, repeats: int) -> tuple[dict[str, float], object]:
+    """Median time of the fastest stock forward (grouped_mm or eager) per dtype over 4 x ``seq_len``."""
+    models = {dt: build(dt) for dt in (torch.float32, torch.bfloat16)}
+    config = models[torch.float32].config
+    ids = torch.randint(3, config.get_text_config().vocab_size, (4, seq_len), generator=torch.Generator().manual_seed(0))
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for dt, m in models.items():
+            for impl in ("grouped_mm", "eager"):
+                m.set_experts_implementation(impl)
+                t0 = time.perf_counter()
+                m(input_ids=ids, use_cache=False)
+                times.setdefault((str(dt).removeprefix("torch."), impl), []).append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    best = {dt: min(t for (d, _), t in med.items() if d == dt) for dt in ("float32", "bfloat16")}
+    return best, config
+
+
+def widths(hidden_sizes: list[int], repeats: int) -> list[str]:
+    rows = [
+        f"| model | stock f32 | stock bf16 | bf16 / f32 | faster | `auto` picks (bf16 units: {cpu_runs_bf16_fast()}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    cases = [(f"Qwen3-MoE-like, hidden {h}", qwen3_of_width(h), 256) for h in hidden_sizes]
+    if (MODEL_DIR / "config.json").is_file():
+        cases.append(("testbed (hidden 128)", testbed, 256))
+    for label, build, seq_len in cases:
+        best, config = stock_by_dtype(build, seq_len, repeats)
+        f32, b16 = best["float32"], best["bfloat16"]
+        faster = "bfloat16" if b16 < f32 else "float32"
+        rows.append(
+            f"| {label} | {f32 * 1e3:.0f} ms | {b16 * 1e3:.0f} ms | {b16 / f32:.2f} | {faster} | "
+            f"{resolve_dtype('auto', 'cpu', config)} |"
+        )
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-samples", type=int, default=40, help="calibration records per testbed domain")
+    ap.add_argument("--widths", default=None, help="comma-separated hidden sizes: only the stock forward by width")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"bf16 units detected: {cpu_runs_bf16_fast()}; load {os.getloadavg()}", file=sys.stderr)
+    if args.widths:
+        print(f"threads {args.threads}; CPU_BF16_MIN_HIDDEN {CPU_BF16_MIN_HIDDEN}")
+        print("\n".join(widths([int(w) for w in args.widths.split(",")], args.repeats)))
+        print(f"load after: {os.getloadavg()}", file=sys.stderr)
+        return
     print("\n".join(rankings(args.max_samples)))
     print()
     print(
