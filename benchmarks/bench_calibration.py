@@ -11,8 +11,12 @@ top-8, 4 MoE layers, sequences of 512, batch 4); ``qwen3``, a random Qwen3-MoE-l
 1024, 128 experts, top-8, 2 MoE layers, sequences of 512, batch 4); ``testbed``, the packaged
 testbed model (sequences of 256, batch 4), when ``src/moeprune/testbed/model`` holds a checkpoint.
 
+With ``--contend N``, N busy processes (one core each, ``while True: pass``) run beside every
+measured run, as other jobs on a shared machine do; the table then also gives the range over the
+rounds of calibration / fastest stock forward of the same round (wall time).
+
     python benchmarks/bench_calibration.py [--models dsv3,qwen3,testbed] [--dtype float32]
-        [--threads 2] [--repeats 3] [--batches 2] [--append docs/benchmarks.md]
+        [--threads 2] [--repeats 3] [--batches 2] [--contend 0] [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -140,6 +145,10 @@ def measure(
             print(f"  {name:18s} {wall[name][-1]:6.2f} s wall {cpu[name][-1]:6.2f} s cpu", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in wall.items()}
     med.update({f"{k}_cpu": statistics.median(v) for k, v in cpu.items()})
+    per_round = [
+        c / min(wall[f"stock {i}"][r] for i in STOCK_IMPLEMENTATIONS) for r, c in enumerate(wall["calibrate"])
+    ]
+    med["round_min"], med["round_max"] = min(per_round), max(per_round)
     fastest = min(STOCK_IMPLEMENTATIONS, key=lambda i: med[f"stock {i}"])
     med["stock"], med["stock_cpu"] = med[f"stock {fastest}"], med[f"stock {fastest}_cpu"]
     med["fastest"] = fastest  # type: ignore[assignment]
@@ -180,6 +189,7 @@ def main() -> None:
         action="store_true",
         help="also time calibration with a new per-slot rows tensor per experts call (before the shared buffer)",
     )
+    ap.add_argument("--contend", type=int, default=0, help="busy processes running beside the measured runs")
     ap.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +199,17 @@ def main() -> None:
     load = [os.getloadavg()[0]]
 
     rows = []
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+    try:
+        measure_all(args, dtype, rows, load)
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+    report(args, rows, load)
+
+
+def measure_all(args: argparse.Namespace, dtype: torch.dtype, rows: list, load: list[float]) -> None:
     for name in args.models.split(","):
         label, build, seq_len = MODELS[name]
         model = build()
@@ -202,6 +223,8 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         del model
 
+
+def report(args: argparse.Namespace, rows: list, load: list[float]) -> None:
     cmd = "python benchmarks/bench_calibration.py " + " ".join(
         f"--{k} {v}"
         for k, v in (
@@ -210,6 +233,7 @@ def main() -> None:
             ("threads", args.threads),
             ("repeats", args.repeats),
             ("batches", args.batches),
+            ("contend", args.contend),
         )
     )
     lines = [
@@ -223,6 +247,12 @@ def main() -> None:
             f"{m['patched']:.2f} s | {m['calibrate']:.2f} s | {m['calibrate'] / m['patched']:.3f} | "
             f"{m['calibrate'] / m['stock']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
         )
+    if args.contend:
+        lines.append("")
+        lines.append(f"| model | calib / fastest stock of the same round, {args.contend} busy processes beside (wall) |")
+        lines.append("|---|---|")
+        for label, m in rows:
+            lines.append(f"| {label} | {m['round_min']:.2f}-{m['round_max']:.2f} |")
     if args.also_kernels is not None:
         lines.append("")
         lines.append(f"| model | calib ({args.also_kernels}) / fastest stock (CPU time) | calib (auto) / fastest stock (CPU time) |")

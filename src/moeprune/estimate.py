@@ -428,7 +428,7 @@ def profile_estimate(
     from .arch import find_moe_blocks
     from .calibrate import wants_per_sample
     from .checkpoint import Checkpoint
-    from .device import check_device, resolve_dtype
+    from .device import check_device, check_dtype, resolve_dtype
     from .modelio import build_on_meta, load_config
     from .quant import quant_format
 
@@ -437,6 +437,7 @@ def profile_estimate(
     check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_dtype(dtype)  # before the config, as the run itself checks it
     if offload not in ("none", "sequential"):
         raise UserError(f"unknown --offload '{offload}'", "use --offload none or sequential")
     config = load_config(str(path))
