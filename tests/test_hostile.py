@@ -338,7 +338,7 @@ def test_an_opened_checkpoint_is_parsed_again_only_when_its_files_change(model_d
     src = _copy(model_dir, tmp_path)
     parsed: list[Path] = []
     read_header = C.read_header
-    monkeypatch.setattr(C, "read_header", lambda path: (parsed.append(Path(path)), read_header(path))[1])
+    monkeypatch.setattr(C, "read_header", lambda path, *a: (parsed.append(Path(path)), read_header(path, *a))[1])
     first = C.Checkpoint.open(src)
     again = C.Checkpoint.open(src)
     assert len(parsed) == 1 and again.tensors == first.tensors and again.tensors is not first.tensors
@@ -353,6 +353,30 @@ def test_an_opened_checkpoint_is_parsed_again_only_when_its_files_change(model_d
         C.Checkpoint.open(src)
 
 
+def test_a_header_rewritten_while_the_checkpoint_opens_is_parsed_again(model_dir, tmp_path, monkeypatch):
+    """What Checkpoint.open keeps is vouched for by the bytes it parsed: a shard header rewritten
+    after its parse, before the open returns, is parsed again at the next open (an identity read
+    after the parse would vouch for the new bytes with the old parse)."""
+    from moeprune import checkpoint as C
+
+    src = _copy(model_dir, tmp_path)
+    read_header = C.read_header
+    edited: list[Path] = []
+
+    def rewritten_after_parse(path, *args):
+        out = read_header(path, *args)
+        if not edited:
+            edited.append(Path(path))
+            _edit_header(src / "model.safetensors", _set(UP3, "dtype", "F99"))
+        return out
+
+    monkeypatch.setattr(C, "read_header", rewritten_after_parse)
+    first = C.Checkpoint.open(src)  # parsed before the edit
+    assert edited == [src / "model.safetensors"] and first.tensors[UP3].dtype != "F99"
+    with pytest.raises(UserError, match="F99"):
+        C.Checkpoint.open(src)
+
+
 def test_prune_parses_each_source_header_once(model_dir, plan_file, tmp_path, capsys, monkeypatch):
     """`moeprune prune` opens the source checkpoint for the plan check and again for the rewrite;
     its headers are parsed once."""
@@ -361,7 +385,7 @@ def test_prune_parses_each_source_header_once(model_dir, plan_file, tmp_path, ca
     src = _copy(model_dir, tmp_path)
     parsed: list[Path] = []
     read_header = C.read_header
-    monkeypatch.setattr(C, "read_header", lambda path: (parsed.append(Path(path)), read_header(path))[1])
+    monkeypatch.setattr(C, "read_header", lambda path, *a: (parsed.append(Path(path)), read_header(path, *a))[1])
     rc, _, err = run_cli(capsys, "prune", src, "--plan", plan_file, "--out", tmp_path / "out")
     assert rc == 0, err
     assert [p for p in parsed if p.parent == src] == [src / "model.safetensors"]

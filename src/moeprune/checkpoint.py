@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .fileio import read_json
+from .fileio import parse_json, read_text
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -209,19 +209,27 @@ def contiguous_runs(ids: Sequence[int]) -> list[tuple[int, int]]:
 # --- reading ----------------------------------------------------------------------------------
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensors and ``__metadata__`` of one safetensors file, from its header alone."""
+def read_header(
+    path: str | os.PathLike, digest: Any = None
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensors and ``__metadata__`` of one safetensors file, from its header alone. ``digest`` (a
+    hashlib object), when given, takes the file's size and the header bytes parsed here, as
+    :func:`_files_identity` reads them."""
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             raw = fh.read(8)
             if len(raw) != 8:
                 raise _corrupt(path, "shorter than a safetensors header")
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, _MAX_HEADER):
                 raise _corrupt(path, "header length is out of range")
-            header = json.loads(fh.read(n))
+            text = fh.read(n)
+        if digest is not None:
+            digest.update(struct.pack("<QQ", size, n))
+            digest.update(text)
+        header = json.loads(text)
     except OSError as exc:
         raise UserError(f"cannot read '{path}' ({exc.strerror or exc})", "check the file") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -313,12 +321,13 @@ class Checkpoint:
         if cached is not None and cached[0] == _files_identity(directory, cached[1].shard_files):
             return cached[1].copy()
         _OPENED.pop(key, None)
-        opened = cls._read(directory)
-        identity = _files_identity(directory, opened.shard_files)
+        # the identity of the very bytes parsed: a file rewritten meanwhile differs from it, and
+        # is parsed again at the next open
+        digest = hashlib.blake2b(digest_size=16)
+        opened = cls._read(directory, digest)
         while len(_OPENED) >= _OPENED_MAX:
             _OPENED.pop(next(iter(_OPENED)))
-        if identity is not None:
-            _OPENED[key] = (identity, opened)
+        _OPENED[key] = (digest.digest(), opened)
         return opened.copy()
 
     def copy(self) -> Checkpoint:
@@ -328,13 +337,18 @@ class Checkpoint:
         )
 
     @classmethod
-    def _read(cls, directory: Path) -> Checkpoint:
+    def _read(cls, directory: Path, digest: Any) -> Checkpoint:
+        """Parse the index and the shard headers; ``digest`` takes what they were parsed from, as
+        :func:`_files_identity` reads it."""
         index = directory / INDEX_NAME
         single = directory / SINGLE_NAME
         weight_map: dict[str, str] | None = None
         index_meta: dict[str, Any] = {}
         if index.is_file():
-            data = read_json(index, "safetensors index", "re-download or re-save the model")
+            fix = "re-download or re-save the model"
+            text = read_text(index, "safetensors index", fix)
+            digest.update(b"\0" + text.encode("utf-8"))  # the file's bytes: they decoded as UTF-8
+            data = parse_json(text, f"safetensors index '{index}'", fix)
             try:
                 weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
                 index_meta = dict(data.get("metadata") or {})
@@ -351,6 +365,7 @@ class Checkpoint:
                     "re-download the model",
                 )
         elif single.is_file():
+            digest.update(b"\1")
             files = [single]
         else:
             others = sorted(p.name for p in directory.iterdir() if _OTHER_WEIGHTS.search(p.name))
@@ -360,10 +375,11 @@ class Checkpoint:
                     "convert it first (load it with transformers and save_pretrained)",
                 )
             raise UserError(f"'{directory}' has no model.safetensors or {INDEX_NAME}", "check the model")
+        digest.update(b"\0" if single.is_file() else b"\1")
         tensors: dict[str, TensorInfo] = {}
         file_meta: dict[str, str] = {}
         for i, path in enumerate(files):
-            found, meta = read_header(path)
+            found, meta = read_header(path, digest)
             if i == 0:
                 file_meta = meta
             for key, info in sorted(found.items(), key=lambda kv: kv[1].start):
