@@ -7,8 +7,9 @@ float32) for models of hidden size >= :data:`CPU_BF16_MIN_HIDDEN`; float32 on ot
 those units bf16 is emulated and 2-4x slower) and for narrower models (their matmuls are too small
 for the units, the conversions around them dominate, and such models are small anyway). Statistics are
 accumulated in float64 whatever the compute dtype (:mod:`moeprune.calibrate`); docs/benchmarks.md
-measures what bf16 changes in the rankings. ``MOEPRUNE_CPU_BF16=0`` (or ``1``) overrides the CPU
-detection; the test suite sets 0 so that its exactness checks run in float32. No torch import at
+measures what bf16 changes in the rankings. ``MOEPRUNE_CPU_BF16=0`` (or ``1``) overrides the CPU's
+bf16-unit detection (the width rule still applies); the test suite sets 0 so that its exactness
+checks run in float32. No torch import at
 module level: the CLI reads the help texts before any heavy import.
 """
 
