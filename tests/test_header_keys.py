@@ -125,6 +125,41 @@ def test_header_map_equals_model_map(model_type, layout, overrides, root, monkey
         assert dataclasses.asdict(fast.result) == dataclasses.asdict(slow.result)
 
 
+@pytest.mark.parametrize("model_type, layout", CASES)
+def test_header_pad_uniform_equals_model_pad_uniform(model_type, layout, root, monkeypatch):
+    """`--pad-uniform` (a removal padded with dead experts) planned from the headers writes what
+    the model path writes, generated dead selection biases included; a family whose router has
+    no selection bias is refused by both with the same line."""
+    from moeprune.errors import UserError
+
+    # two MoE layers, so that the one that keeps fewer experts is padded to the other's count
+    overrides = {"first_k_dense_replace": 0} if model_type == "deepseek_v3" else {}
+    path = _saved(model_type, layout, root, json.dumps(overrides))
+    _, blocks, _ = _model_map(path)
+    assert len(blocks) > 1
+    kept = _kept(blocks)
+    first, groups = blocks[0], max(1, blocks[0].spec.n_group)
+    size = first.num_experts // groups
+    for g in range(groups):  # the first layer keeps one fewer per routing group: it is padded
+        kept[first.layer].remove(max(e for e in kept[first.layer] if e // size == g))
+    try:
+        fast, slow = _plans(path, monkeypatch, kept=kept, pad_uniform=True)
+    except UserError as exc:
+        assert "--pad-uniform cannot pad" in str(exc)
+        with monkeypatch.context() as m, pytest.raises(UserError) as slow_exc:
+            m.setattr(header_keys, "header_key_map", lambda *a, **k: None)
+            plan_rewrite(path, path / "out", kept=kept, pad_uniform=True)
+        assert str(slow_exc.value) == str(exc)
+        assert blocks[0].selection_bias_path is None or blocks[0].spec.score_fn == "softmax"
+        return
+    assert blocks[0].selection_bias_path is not None
+    assert fast.from_headers and not slow.from_headers
+    assert fast.result.padded and fast.layout.dead_experts
+    assert [dataclasses.astuple(t) for t in fast.tensors] == [dataclasses.astuple(t) for t in slow.tensors]
+    assert fast.new_config == slow.new_config and fast.layout == slow.layout
+    assert dataclasses.asdict(fast.result) == dataclasses.asdict(slow.result)
+
+
 def test_unknown_keys_fall_back_to_the_model(root):
     """A key the header map has no rule for (a stray tensor, an unknown attention module) gives
     None: the model path then checks it (and refuses a stray tensor, tests/test_hostile.py)."""

@@ -455,8 +455,9 @@ def _prune(
     inputs += list(reads)
     if into is None:
         check_output(out, inputs=[("input model", src), *inputs], force=force)
-    header = _header_blocks(src) if mode == "remove" and not pad_uniform else None
-    if header is not None:  # a plain removal of a family the headers tell: no torch, no transformers
+    header = _header_blocks(src) if mode == "remove" else None
+    if header is not None:  # a removal of a family the headers tell: no transformers (torch only for
+        # --pad-uniform's dead selection biases)
         config, blocks = header
     else:
         config, blocks = load_config(str(src)), None
@@ -584,8 +585,8 @@ def estimate_prune(
             "pass --plan plan.json, or --keep K (experts per layer, or a fraction such as 0.5)",
         )
     src = resolve_model_dir(model_source(model))
-    # a plain removal of a family the headers tell: no torch, no transformers (as prune)
-    header = _header_blocks(src) if mode == "remove" and not pad_uniform else None
+    # a removal of a family the headers tell: no torch, no transformers (as prune)
+    header = _header_blocks(src) if mode == "remove" else None
     config, blocks = header if header is not None else (load_config(str(src)), None)
     top_k = None
     if plan is not None:

@@ -596,9 +596,10 @@ def plan_rewrite(
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
     config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases).
 
-    A plain removal of a family :mod:`moeprune.arch.header_keys` knows maps the expert keys from
-    the config and the headers alone; everything else builds the model on the meta device to find
-    the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
+    A removal (plain or ``pad_uniform``) of a family :mod:`moeprune.arch.header_keys` knows maps
+    the expert keys from the config and the headers alone; everything else builds the model on the
+    meta device to find the MoE blocks and maps the keys with transformers' renaming
+    (:func:`_model_keymap`)."""
     from .modelio import load_config, read_raw_config
 
     if mode not in MODES:
@@ -607,7 +608,7 @@ def plan_rewrite(
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
     raw_config = read_raw_config(src)
     light = None  # the families header_keys knows, read without transformers' config classes
-    if mode == "remove" and not pad_uniform:
+    if mode == "remove":
         from .arch.header_config import header_config
 
         light = header_config(raw_config)
@@ -617,7 +618,7 @@ def plan_rewrite(
     ckpt = Checkpoint.open(src)
     mtp = mtp_keys(ckpt.tensors, raw_config)
     keymap = None
-    if mode == "remove" and not pad_uniform:  # the other modes read the experts modules' details
+    if mode == "remove":  # novice mode reads the experts modules' details (biases to hold a novice)
         from .arch.header_keys import header_key_map
 
         keymap = header_key_map(config, ckpt.shapes(), mtp)
@@ -625,6 +626,8 @@ def plan_rewrite(
     from_headers = keymap is not None
     if keymap is not None:  # no model built: the keys and counts come from config.json and the headers
         blocks: list[Any] = list(keymap.blocks)
+        if pad_uniform:  # a selection bias to pad against, as the model path checks
+            check_mode(blocks, None, mode, pad_uniform, config)
         kept, counts = check_kept(blocks, kept, top_k, mode)
         _check_expert_dtypes(ckpt, keymap, src, config)
     else:
