@@ -227,8 +227,7 @@ def read_header(
                 raise _corrupt(path, "header length is out of range")
             text = fh.read(n)
         if digest is not None:
-            digest.update(struct.pack("<QQ", size, n))
-            digest.update(text)
+            _digest_header(digest, size, n, text)
         header = json.loads(text)
     except OSError as exc:
         raise UserError(f"cannot read '{path}' ({exc.strerror or exc})", "check the file") from None
@@ -347,7 +346,7 @@ class Checkpoint:
         if index.is_file():
             fix = "re-download or re-save the model"
             text = read_text(index, "safetensors index", fix)
-            digest.update(b"\0" + text.encode("utf-8"))  # the file's bytes: they decoded as UTF-8
+            _digest_index(digest, text.encode("utf-8"))  # the file's bytes: they decoded as UTF-8
             data = parse_json(text, f"safetensors index '{index}'", fix)
             try:
                 weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
@@ -365,7 +364,7 @@ class Checkpoint:
                     "re-download the model",
                 )
         elif single.is_file():
-            digest.update(b"\1")
+            _digest_index(digest, None)
             files = [single]
         else:
             others = sorted(p.name for p in directory.iterdir() if _OTHER_WEIGHTS.search(p.name))
@@ -375,7 +374,7 @@ class Checkpoint:
                     "convert it first (load it with transformers and save_pretrained)",
                 )
             raise UserError(f"'{directory}' has no model.safetensors or {INDEX_NAME}", "check the model")
-        digest.update(b"\0" if single.is_file() else b"\1")
+        _digest_single(digest, directory)
         tensors: dict[str, TensorInfo] = {}
         file_meta: dict[str, str] = {}
         for i, path in enumerate(files):
@@ -480,18 +479,32 @@ def _files_identity(directory: Path, shard_files: Sequence[Path]) -> bytes | Non
     digest = hashlib.blake2b(digest_size=16)
     try:
         index = directory / INDEX_NAME
-        digest.update(b"\0" + index.read_bytes() if index.is_file() else b"\1")
-        digest.update(b"\0" if (directory / SINGLE_NAME).is_file() else b"\1")
+        _digest_index(digest, index.read_bytes() if index.is_file() else None)
+        _digest_single(digest, directory)
         for path in shard_files:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 raw = fh.read(8)
                 n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-                digest.update(struct.pack("<QQ", size, n))
-                digest.update(fh.read(min(n, _MAX_HEADER)))
+                _digest_header(digest, size, n, fh.read(min(n, _MAX_HEADER)))
     except OSError:
         return None
     return digest.digest()
+
+
+# What the identity hashes, in this order; Checkpoint._read feeds the bytes it parses through the
+# same three, so that a parse and a later check of the same files give the same digest.
+def _digest_index(digest: Any, index_bytes: bytes | None) -> None:
+    digest.update(b"\0" + index_bytes if index_bytes is not None else b"\1")
+
+
+def _digest_single(digest: Any, directory: Path) -> None:
+    digest.update(b"\0" if (directory / SINGLE_NAME).is_file() else b"\1")
+
+
+def _digest_header(digest: Any, size: int, n: int, header_bytes: bytes) -> None:
+    digest.update(struct.pack("<QQ", size, n))
+    digest.update(header_bytes)
 
 
 def safetensors_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
