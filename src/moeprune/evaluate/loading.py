@@ -5,7 +5,6 @@ Self-contained on purpose; nothing is ever downloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -67,13 +66,14 @@ def resolve_model_path(model: str) -> Path:
 
 
 def _raw_config(path: Path) -> dict[str, Any] | None:
-    """``config.json`` as a dict for the auto dtype's width; None where unreadable (the load that
-    follows names the problem)."""
+    """``config.json`` as a dict for the auto dtype's width; None where it is not one (the load
+    that follows names the problem)."""
+    from moeprune.modelio import read_raw_config
+
     try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_raw_config(path)
+    except UserError:
         return None
-    return raw if isinstance(raw, dict) else None
 
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
