@@ -455,9 +455,10 @@ def _prune(
     inputs += list(reads)
     if into is None:
         check_output(out, inputs=[("input model", src), *inputs], force=force)
+    # a removal of a family the headers tell: no transformers (torch only for --pad-uniform's dead
+    # selection biases)
     header = _header_blocks(src) if mode == "remove" else None
-    if header is not None:  # a removal of a family the headers tell: no transformers (torch only for
-        # --pad-uniform's dead selection biases)
+    if header is not None:
         config, blocks = header
     else:
         config, blocks = load_config(str(src)), None
