@@ -15,8 +15,14 @@ With ``--contend N``, N busy processes (one core each, ``while True: pass``) run
 measured run, as other jobs on a shared machine do; the table then also gives the range over the
 rounds of calibration / fastest stock forward of the same round (wall time).
 
+With ``--also-compiled``, the same calibration also runs with the accumulator's ``observe`` and
+``_flush`` compiled by ``torch.compile`` (inductor fuses the statistics' element-wise passes and
+reductions into a few loops): a measurement of what fused kernels would give and of what compiling
+costs, not something moeprune does.
+
     python benchmarks/bench_calibration.py [--models dsv3,qwen3,testbed] [--dtype float32]
-        [--threads 2] [--repeats 3] [--batches 2] [--contend 0] [--append docs/benchmarks.md]
+        [--threads 2] [--repeats 3] [--batches 2] [--contend 0] [--also-compiled]
+        [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ def measure(
     repeats: int,
     also: str | None = None,
     also_fresh_rows: bool = False,
+    also_compiled: bool = False,
 ) -> dict[str, float]:
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
@@ -126,16 +133,35 @@ def measure(
         finally:
             patch.PatchSession.rows_buffer = saved
 
+    compiled: dict[str, object] = {}
+
+    def calib_compiled() -> None:  # the statistics as torch.compile fuses them (a measurement only)
+        saved = Accumulator.observe, Accumulator._flush, Accumulator.moments_by_loop
+        if not compiled:
+            compiled["observe"] = torch.compile(Accumulator.observe, dynamic=True)
+            compiled["_flush"] = torch.compile(Accumulator._flush, dynamic=True)
+        Accumulator.observe, Accumulator._flush = compiled["observe"], compiled["_flush"]
+        Accumulator.moments_by_loop = False  # the large kernels: what inductor fuses
+        try:
+            calib()
+        finally:
+            Accumulator.observe, Accumulator._flush, Accumulator.moments_by_loop = saved
+
     runs = {f"stock {impl}": stock(impl) for impl in STOCK_IMPLEMENTATIONS}
     runs.update({"patched": patched, "calibrate": calib})
     if also is not None:  # the same calibration with other per-slot kernels, alternating with the rest
         runs["calibrate also"] = calib_with(also)
     if also_fresh_rows:
         runs["calibrate fresh rows"] = calib_fresh_rows
+    if also_compiled:
+        runs["calibrate compiled"] = calib_compiled
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
+    first: dict[str, float] = {}
+    for name, fn in runs.items():  # warm-up (the compiled run's first call compiles)
+        t0 = time.perf_counter()
         fn()
+        first[name] = time.perf_counter() - t0
     for _ in range(repeats):
         for name, fn in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
@@ -153,6 +179,8 @@ def measure(
     med["stock"], med["stock_cpu"] = med[f"stock {fastest}"], med[f"stock {fastest}_cpu"]
     med["fastest"] = fastest  # type: ignore[assignment]
     med["tokens"] = float(len(seqs) * seq_len)
+    med["first_compiled"] = first.get("calibrate compiled", float("nan"))
+    med["first_calibrate"] = first["calibrate"]
     return med
 
 
@@ -189,6 +217,12 @@ def main() -> None:
         action="store_true",
         help="also time calibration with a new per-slot rows tensor per experts call (before the shared buffer)",
     )
+    ap.add_argument(
+        "--also-compiled",
+        action="store_true",
+        help="also time calibration with the accumulator's observe and flush compiled by torch.compile "
+        "(inductor; needs a C++ compiler), and the first call's time, which compiles",
+    )
     ap.add_argument("--contend", type=int, default=0, help="busy processes running beside the measured runs")
     ap.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = ap.parse_args()
@@ -218,7 +252,9 @@ def measure_all(args: argparse.Namespace, dtype: torch.dtype, rows: list, load: 
         model = model.to(dtype)
         print(f"{label} ({args.dtype}, {args.threads} threads)", file=sys.stderr)
         n_pos = min(seq_len, model.config.get_text_config().max_position_embeddings)
-        m = measure(model, n_pos, 4, args.batches, args.repeats, args.also_kernels, args.also_fresh_rows)
+        m = measure(
+            model, n_pos, 4, args.batches, args.repeats, args.also_kernels, args.also_fresh_rows, args.also_compiled
+        )
         rows.append((f"{label}; {n_pos} tok x 4", m))
         load.append(os.getloadavg()[0])
         del model
@@ -235,7 +271,7 @@ def report(args: argparse.Namespace, rows: list, load: list[float]) -> None:
             ("batches", args.batches),
             ("contend", args.contend),
         )
-    )
+    ) + (" --also-compiled" if args.also_compiled else "")
     lines = [
         "| model | tokens/run | stock grouped_mm | stock eager | patched forward | calibration | calib / patched |"
         " calib / fastest stock | calib / fastest stock (CPU time) |",
@@ -268,6 +304,19 @@ def report(args: argparse.Namespace, rows: list, load: list[float]) -> None:
         for label, m in rows:
             lines.append(
                 f"| {label} | {m['calibrate fresh rows_cpu'] / m['stock_cpu']:.3f} | {m['calibrate_cpu'] / m['stock_cpu']:.3f} |"
+            )
+    if args.also_compiled:
+        lines.append("")
+        lines.append(
+            "| model | calib (compiled) / fastest stock | the same, CPU time | calib (eager) / fastest stock | "
+            "first call: compiled (compiles) | first call: eager |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        for label, m in rows:
+            lines.append(
+                f"| {label} | {m['calibrate compiled'] / m['stock']:.3f} | "
+                f"{m['calibrate compiled_cpu'] / m['stock_cpu']:.3f} | {m['calibrate'] / m['stock']:.3f} | "
+                f"{m['first_compiled']:.1f} s | {m['first_calibrate']:.2f} s |"
             )
     table = "\n".join(lines)
     print(table)
