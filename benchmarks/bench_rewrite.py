@@ -128,10 +128,12 @@ def generate(directory: Path, layers: int, shards: int) -> int:
     return write_shards(directory, entries, shards, {"BF16": pool, "F32": pool})  # one pool for both dtypes
 
 
-def kept_plan(layers: int) -> dict[int, list[int]]:
-    """Keep 4 of each group of 8 experts, different ones per layer."""
+def kept_plan(layers: int, ragged: bool = False) -> dict[int, list[int]]:
+    """Keep 4 of each group of 8 experts, different ones per layer; ``ragged``: 2, 3 or 4 of each
+    group by layer (16, 24 or 32 experts: a ragged checkpoint, as a global-scope plan makes)."""
+    per = {layer: (2 + layer % 3 if ragged else 4) for layer in range(1, layers + 1)}
     return {
-        layer: sorted(g * 8 + (layer + j) % 8 for g in range(8) for j in (0, 2, 4, 6))
+        layer: sorted(g * 8 + (layer + 2 * j) % 8 for g in range(8) for j in range(per[layer]))
         for layer in range(1, layers + 1)
     }
 
@@ -260,6 +262,11 @@ def main() -> None:
     parser.add_argument(
         "--cli", action="store_true", help="time the whole `moeprune prune` command instead of the call"
     )
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="keep 16, 24 or 32 experts by layer: a ragged checkpoint (moeprune's config and remote code)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rewrites per checkout, alternating")
     parser.add_argument("--append", type=Path, default=None, help="append the results to this markdown file")
     args = parser.parse_args()
@@ -276,7 +283,7 @@ def main() -> None:
             total = generate(src, args.layers, args.shards)
             print(f"generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         on_disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        kept = kept_plan(args.layers)
+        kept = kept_plan(args.layers, args.ragged)
         plan = write_plan(src, kept, work / "plan.json") if args.cli else None
         subprocess.run(["sync"], check=False)
 
@@ -336,6 +343,7 @@ def main() -> None:
         base = " --baseline BASE/src" if args.baseline is not None else ""
         base += " --with-torch" if args.with_torch else ""
         base += " --cli" if args.cli else ""
+        base += " --ragged" if args.ragged else ""
         cmd = f"python benchmarks/bench_rewrite.py --layers {args.layers} --repeat {args.repeat}{base} --append docs/benchmarks.md"
         append_section(
             args.append,
@@ -395,7 +403,10 @@ def report(child: dict, args, on_disk: int, kept_bytes: int, cp: dict, n: int) -
     imp_s, imp_cpu = total_s + child["import_seconds"], cpu_s + child["import_cpu_seconds"]
     rows = [
         (f"checkpoint (bf16, {args.shards} shards)", f"{on_disk / 1e9:.2f} GB"),
-        ("rewritten, keeping 32/64 experts", f"{kept_bytes / 1e9:.2f} GB in {child['shards']} shard(s)"),
+        (
+            "rewritten, keeping " + ("16-32/64 experts (ragged)" if args.ragged else "32/64 experts"),
+            f"{kept_bytes / 1e9:.2f} GB in {child['shards']} shard(s)",
+        ),
         (
             f"peak RSS of the rewrite process (largest of {n})",
             f"{peak / 1e6:.0f} MB = {100 * peak / on_disk:.1f}% of the checkpoint",

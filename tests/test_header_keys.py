@@ -339,3 +339,60 @@ def test_dry_run_of_a_plain_removal_reads_the_headers_alone(root, tmp_path, mode
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def _ragged(blocks) -> dict[int, list[int]]:
+    """:func:`_kept` with the first MoE layer keeping one fewer expert per routing group."""
+    kept = _kept(blocks)
+    first, groups = blocks[0], max(1, blocks[0].spec.n_group)
+    size = first.num_experts // groups
+    for g in range(groups):
+        kept[first.layer].remove(max(e for e in kept[first.layer] if e // size == g))
+    return kept
+
+
+def _same_folders(a: Path, b: Path) -> None:
+    """The same files with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("model_type, layout", CASES)
+def test_header_ragged_rewrite_equals_model_rewrite(model_type, layout, root, tmp_path, monkeypatch):
+    """A ragged removal (layers keeping different counts: moeprune's config and its remote-code
+    loader) planned from the headers writes what the model path writes: the loader's spec, which
+    the header path derives without building the model (header_serve_spec), included."""
+    from moeprune.surgery import rewrite_checkpoint
+
+    overrides = {"first_k_dense_replace": 0} if model_type == "deepseek_v3" else {}
+    path = _saved(model_type, layout, root, json.dumps(overrides))
+    _, blocks, _ = _model_map(path)
+    kept = _ragged(blocks)
+    fast = rewrite_checkpoint(path, tmp_path / "fast", kept)
+    with monkeypatch.context() as m:
+        m.setattr(header_keys, "header_key_map", lambda *a, **k: None)
+        slow = rewrite_checkpoint(path, tmp_path / "slow", kept)
+    assert not fast.stock and fast.remote_code_problem is None and slow.remote_code_problem is None
+    serve = json.loads((tmp_path / "fast" / "config.json").read_text())["moeprune"]["serve"]
+    assert serve["tensors"] and serve["attributes"]  # the first layer's experts and router shrink
+    _same_folders(tmp_path / "fast", tmp_path / "slow")
+
+
+def test_header_ragged_rewrite_imports_no_model_code(root, tmp_path):
+    """A ragged removal of a known family, remote-code loader included, runs without transformers
+    and torch, as a uniform one does."""
+    src = _saved("qwen3_moe", "hub", root)
+    kept = _ragged(find_moe_blocks(build_on_meta(load_config(str(src)))))
+    code = (
+        "import json, sys\n"
+        "from moeprune.surgery import rewrite_checkpoint\n"
+        f"r = rewrite_checkpoint({str(src)!r}, {str(tmp_path / 'out')!r}, {kept!r})\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch'))\n"
+        "print(json.dumps([r.stock, r.remote_code_problem, bad]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, None, []]
+    assert (tmp_path / "out" / "modeling_moeprune.py").is_file()

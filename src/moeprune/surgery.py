@@ -557,8 +557,12 @@ class RewritePlan:
     shards: list[list[OutTensor]]
     names: list[str]
     result: RewriteResult
-    # planned from config.json and the headers (arch/header_keys.py), no model built
+    # planned from config.json and the headers (arch/header_keys.py), no model built: then also
+    # the header config and blocks, and the expert count the written config gives every layer
     from_headers: bool = False
+    config: Any = None
+    blocks: list[Any] = field(default_factory=list)
+    config_experts: int = 0
 
     @property
     def file_metadata(self) -> dict[str, str]:
@@ -676,7 +680,19 @@ def plan_rewrite(
     )
 
     return RewritePlan(
-        ckpt, raw_config, new_config, layout, kept, tensors, shards, names, result, from_headers=from_headers
+        ckpt,
+        raw_config,
+        new_config,
+        layout,
+        kept,
+        tensors,
+        shards,
+        names,
+        result,
+        from_headers=from_headers,
+        config=config if from_headers else None,
+        blocks=blocks if from_headers else [],
+        config_experts=new_e,
     )
 
 
@@ -789,10 +805,7 @@ def rewrite_checkpoint(
             (tmp / INDEX_NAME).write_text(rp.index_text(), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
         if not result.stock:
-            from .modelio import load_config
-
-            source_config = load_config(str(src))
-            result.remote_code_problem = _mark_remote_code(tmp, new_config, source_config, raw_config, layout)
+            result.remote_code_problem = _mark_remote_code(tmp, rp, src)
         if not rp.from_headers:  # (header plans: tests/test_header_keys.py proves the same config)
             _self_check(tmp, layout, result.top_k)
 
@@ -901,18 +914,27 @@ def _check_not_reshaped(config: Any, src: Path) -> None:
         )
 
 
-def _mark_remote_code(
-    tmp: Path, new_config: dict[str, Any], config: Any, raw_config: dict[str, Any], layout: PrunedLayout
-) -> str | None:
+def _mark_remote_code(tmp: Path, rp: RewritePlan, src: Path) -> str | None:
     """Rewrite the ragged or novice ``config.json`` just written in ``tmp`` into one that stock
     transformers refuses and, where :mod:`moeprune.remote`'s loader is exact, one that it loads
     with ``trust_remote_code`` (beside ``modeling_moeprune.py``). Returns why no loader was
-    written, None when one was."""
-    from .modelio import build_on_meta, load_config
+    written, None when one was. A plan from the headers gives the loader's spec without
+    transformers (:func:`moeprune.arch.header_keys.header_serve_spec`); any other is read off the
+    stock build of the written config on the meta device."""
+    new_config, raw_config, layout = rp.new_config, rp.raw_config, rp.layout
+    if rp.from_headers:
+        from .arch.header_keys import header_serve_spec
 
-    meta = build_on_meta(load_config(str(tmp)))  # the stock build of the written config
-    spec = serve_spec(meta, layout)
-    problem = remote_code_problem(config, raw_config, meta)
+        config = rp.config
+        spec = header_serve_spec(config, rp.blocks, layout, rp.config_experts)
+        problem = remote_code_problem(config, raw_config, None)
+    else:
+        from .modelio import build_on_meta, load_config
+
+        config = load_config(str(src))
+        meta = build_on_meta(load_config(str(tmp)))  # the stock build of the written config
+        spec = serve_spec(meta, layout)
+        problem = remote_code_problem(config, raw_config, meta)
     if spec.pop("unknown_tensors"):
         problem = problem or "moeprune's loader adds tensors the template does not know"
     mark_config(new_config, _model_type(config), spec if problem is None else None)

@@ -339,3 +339,40 @@ def _expert_key(
         prefix=key[: len(key) - len(name)],
         suffix=f".{tail}",
     )
+
+
+def header_serve_spec(config: Any, blocks: list[HeaderBlock], layout: Any, experts: int) -> dict[str, Any]:
+    """:func:`moeprune.remote.serve_spec` of a ragged or novice checkpoint planned from its
+    headers, without building the model: what :func:`moeprune.arch.pruned.apply_layout` changes on
+    the stock build of the written config (``experts`` routed experts in every layer). In these
+    families that is the experts module's fused tensors and cached ``num_experts`` where a layer
+    stores another count, the router's tensors and ``num_experts`` where it routes another count,
+    and a novice module per block when novices live in a buffer (tests/test_header_keys.py: the
+    spec read off a meta build, family by family, in both layouts)."""
+    fam = FAMILIES[str(config.model_type)]
+    hidden, inter = int(config.hidden_size), int(getattr(config, fam.inter))
+    shapes = dict(fam.shapes)
+
+    def shape(leaf: str, e: int) -> list[int]:
+        sizes = {"E": e, "H": hidden, "I": inter, "2I": 2 * inter}
+        return [sizes[d] for d in shapes[leaf].split()]
+
+    tensors: dict[str, list[list[int]]] = {}
+    attributes: dict[str, list[int]] = {}
+    novices: dict[str, dict[str, Any]] = {}
+    for b in blocks:
+        stored = layout.experts_per_layer.get(b.layer, experts)
+        routed = layout.router_experts(b.layer, experts)
+        if stored != experts:
+            for name in fam.fused:
+                tensors[f"{b.experts_path}.{name}"] = [shape(name, experts), shape(name, stored)]
+            attributes[f"{b.experts_path}.num_experts"] = [experts, stored]
+        if routed != experts:
+            router = f"{b.path}.{fam.router}"
+            for leaf in fam.router_leaves:
+                tensors[f"{router}.{leaf}"] = [shape(leaf, experts), shape(leaf, routed)]
+            attributes[f"{router}.num_experts"] = [experts, routed]
+        if layout.novices_in_buffer:  # apply_layout makes every block's experts a novice module
+            ids = list(layout.novice_experts.get(b.layer, []))
+            novices[b.experts_path] = {"routed": routed, "ids": ids, "hidden": hidden}
+    return {"tensors": tensors, "attributes": attributes, "novices": novices, "unknown_tensors": []}

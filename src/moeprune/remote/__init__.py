@@ -32,17 +32,21 @@ SERVE_KEY = "serve"  # config.moeprune[SERVE_KEY]: what the template replays
 _BASE_LINE = 'BASE_MODEL_TYPE = "deepseek_v3"'
 
 
-def remote_code_problem(config: Any, raw: dict[str, Any], meta_model: nn.Module) -> str | None:
-    """Why ``modeling_moeprune.py`` would not load this checkpoint exactly (None when it does)."""
-    from ..arch.dbrx import is_row_blocked_experts
-    from ..arch.pruned import NoviceExperts
-
+def remote_code_problem(config: Any, raw: dict[str, Any], meta_model: nn.Module | None) -> str | None:
+    """Why ``modeling_moeprune.py`` would not load this checkpoint exactly (None when it does).
+    ``meta_model``: the reshaped meta build, or None for a family of
+    :mod:`moeprune.arch.header_keys` (3D fused experts, no DBRX row blocks)."""
     if getattr(config, "quantization_config", None):
         return "it is quantized (transformers' own quantizers do not dequantize it as moeprune does)"
     if raw.get("auto_map"):
         return "the source model has its own remote code (auto_map)"
     if config.get_text_config() is not config:
         return "its config nests a text config (multimodal), which the loader does not rename"
+    if meta_model is None:
+        return None
+    from ..arch.dbrx import is_row_blocked_experts
+    from ..arch.pruned import NoviceExperts
+
     for name, module in meta_model.named_modules():
         if isinstance(module, NoviceExperts) and is_row_blocked_experts(module):
             # the template computes an expert from 3D fused tensors; DBRX stores 2D row blocks
@@ -96,8 +100,8 @@ def mark_config(new_config: dict[str, Any], base_model_type: str, spec: dict[str
     new_config[CONFIG_KEY]["base_architectures"] = new_config.get("architectures")
     new_config["model_type"] = PREFIX + base_model_type
     new_config["architectures"] = [ARCHITECTURE]
-    if spec is not None:
-        new_config[CONFIG_KEY][SERVE_KEY] = spec
+    if spec is not None:  # in key order: the same file whichever way the spec was found
+        new_config[CONFIG_KEY][SERVE_KEY] = {k: dict(sorted(v.items())) for k, v in spec.items()}
         new_config["auto_map"] = {
             "AutoConfig": "modeling_moeprune.MoepruneConfig",
             "AutoModelForCausalLM": f"modeling_moeprune.{ARCHITECTURE}",
