@@ -359,24 +359,36 @@ def _same_folders(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("mode", ["remove", "novice"])
 @pytest.mark.parametrize("model_type, layout", CASES)
-def test_header_ragged_rewrite_equals_model_rewrite(model_type, layout, root, tmp_path, monkeypatch):
-    """A ragged removal (layers keeping different counts: moeprune's config and its remote-code
-    loader) planned from the headers writes what the model path writes: the loader's spec, which
-    the header path derives without building the model (header_serve_spec), included."""
+def test_header_ragged_rewrite_equals_model_rewrite(model_type, layout, mode, root, tmp_path, monkeypatch):
+    """A ragged removal (layers keeping different counts) or a novice checkpoint (novices in a
+    buffer), each with moeprune's config and remote-code loader, planned from the headers writes
+    what the model path writes: the loader's spec, which the header path derives without building
+    the model (header_serve_spec), included."""
+    import torch
+
     from moeprune.surgery import rewrite_checkpoint
 
     overrides = {"first_k_dense_replace": 0} if model_type == "deepseek_v3" else {}
     path = _saved(model_type, layout, root, json.dumps(overrides))
-    _, blocks, _ = _model_map(path)
+    config, blocks, _ = _model_map(path)
     kept = _ragged(blocks)
-    fast = rewrite_checkpoint(path, tmp_path / "fast", kept)
+    novices = None
+    if mode == "novice":
+        g = torch.Generator().manual_seed(0)
+        hidden = config.get_text_config().hidden_size
+        novices = {
+            b.layer: torch.randn(b.num_experts - len(kept[b.layer]), hidden, generator=g) for b in blocks
+        }
+    fast = rewrite_checkpoint(path, tmp_path / "fast", kept, mode=mode, novices=novices)
     with monkeypatch.context() as m:
         m.setattr(header_keys, "header_key_map", lambda *a, **k: None)
-        slow = rewrite_checkpoint(path, tmp_path / "slow", kept)
+        slow = rewrite_checkpoint(path, tmp_path / "slow", kept, mode=mode, novices=novices)
     assert not fast.stock and fast.remote_code_problem is None and slow.remote_code_problem is None
     serve = json.loads((tmp_path / "fast" / "config.json").read_text())["moeprune"]["serve"]
-    assert serve["tensors"] and serve["attributes"]  # the first layer's experts and router shrink
+    assert serve["tensors"] and serve["attributes"]  # the experts (remove: and routers) shrink
+    assert bool(serve["novices"]) == (mode == "novice")
     _same_folders(tmp_path / "fast", tmp_path / "slow")
 
 

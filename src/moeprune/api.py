@@ -429,7 +429,7 @@ def _prune(
     from .modelio import load_config, resolve_model_dir
     from .outputs import check_output
     from .plan import Plan
-    from .surgery import rewrite_checkpoint
+    from .surgery import headers_can_plan, rewrite_checkpoint
 
     # --- check everything before writing anything --------------------------------------------------
     if mode not in MODES:
@@ -455,9 +455,9 @@ def _prune(
     inputs += list(reads)
     if into is None:
         check_output(out, inputs=[("input model", src), *inputs], force=force)
-    # a removal of a family the headers tell: no transformers (torch only for --pad-uniform's dead
-    # selection biases)
-    header = _header_blocks(src) if mode == "remove" else None
+    # a removal, or novices in a buffer, of a family the headers tell: no transformers (torch only
+    # for the novice vectors and --pad-uniform's dead selection biases)
+    header = _header_blocks(src) if headers_can_plan(mode, pad_uniform) else None
     if header is not None:
         config, blocks = header
     else:
@@ -465,7 +465,7 @@ def _prune(
     check_plan_matches(the_plan, config, blocks)
     novices = None
     if mode == "novice" and profile is not None:
-        novices = _novice_vectors(profile, the_plan, config, name, novice)
+        novices = _novice_vectors(profile, the_plan, config, name, novice, blocks)
 
     top_k = the_plan.top_k if the_plan.top_k != _model_top_k(config) else None
     return rewrite_checkpoint(
@@ -576,6 +576,7 @@ def estimate_prune(
     from .estimate import prune_estimate, uniform_kept
     from .modelio import build_on_meta, load_config, resolve_model_dir
     from .plan import Plan
+    from .surgery import headers_can_plan
 
     started = time.perf_counter()
     if mode not in MODES:
@@ -586,8 +587,8 @@ def estimate_prune(
             "pass --plan plan.json, or --keep K (experts per layer, or a fraction such as 0.5)",
         )
     src = resolve_model_dir(model_source(model))
-    # a removal of a family the headers tell: no torch, no transformers (as prune)
-    header = _header_blocks(src) if mode == "remove" else None
+    # a removal (or novices in a buffer) of a family the headers tell: no transformers (as prune)
+    header = _header_blocks(src) if headers_can_plan(mode, pad_uniform) else None
     config, blocks = header if header is not None else (load_config(str(src)), None)
     top_k = None
     if plan is not None:
@@ -604,13 +605,14 @@ def estimate_prune(
     novices = None
     if mode == "novice":
         if profile is not None and plan is not None:
-            novices = _novice_vectors(profile, the_plan, config, str(src))
+            novices = _novice_vectors(profile, the_plan, config, str(src), blocks=blocks)
         else:  # the sizes need only the vectors' count and width: zeros stand in for them
             import torch
 
-            from .arch import find_moe_blocks
+            if blocks is None:
+                from .arch import find_moe_blocks
 
-            blocks = find_moe_blocks(build_on_meta(config))
+                blocks = find_moe_blocks(build_on_meta(config))
             hidden = int(config.get_text_config().hidden_size)
             novices = {
                 b.layer: torch.zeros(b.num_experts - len(kept[b.layer]), hidden) for b in blocks if b.layer in kept
@@ -717,14 +719,20 @@ def _dry_run_tokenizer(src: Path) -> Any:
 
 
 def _novice_vectors(
-    profile: Profile | PathLike, plan: Plan, config: Any, model: str, fit: str = "mean"
+    profile: Profile | PathLike,
+    plan: Plan,
+    config: Any,
+    model: str,
+    fit: str = "mean",
+    blocks: Sequence[Any] | None = None,
 ) -> dict[int, Any]:
     """Each layer's novice vectors [R, H] (ascending replaced ids) from the profile: the mean
-    expert outputs, or with ``fit="lsq"`` the gate-weighted least-squares fits."""
+    expert outputs, or with ``fit="lsq"`` the gate-weighted least-squares fits. ``blocks``: the
+    model's MoE blocks when known without building it (:func:`_header_blocks`)."""
     from .profile import Profile
 
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    prof.check_model(config, model)
+    prof.check_model(config, model, blocks)
     mean = prof.novices(fit)
     out: dict[int, Any] = {}
     for layer, ids in plan.replaced.items():

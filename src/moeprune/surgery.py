@@ -216,10 +216,10 @@ def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: 
     """Refuse a mode the architecture cannot do exactly (before anything is written)."""
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'", f"use {' or '.join(MODES)}")
-    from .arch import llama4
-
     mtype = _model_type(config)
     if mode == "novice" and blocks[0].spec.gate_site == "input":
+        from .arch import llama4  # (torch: only where it is needed)
+
         raise UserError(
             f"cannot write a novice checkpoint of '{mtype}': {llama4.NOVICE_PROBLEM}",
             "prune with --mode remove (moeprune compare --novice still evaluates novices in memory)",
@@ -583,6 +583,14 @@ class RewritePlan:
         return [(name, _aligned(shard)) for name, shard in zip(self.names, self.shards, strict=True)]
 
 
+def headers_can_plan(mode: str, pad_uniform: bool) -> bool:
+    """Whether a rewrite in this mode can be planned from config.json and the headers
+    (:mod:`moeprune.arch.header_keys`) where the family is known: every removal, and novices kept
+    in a buffer (``--pad-uniform`` novices live in expert biases, which only the experts module
+    can say it has)."""
+    return mode == "remove" or (mode == "novice" and not pad_uniform)
+
+
 def plan_rewrite(
     src: Path,
     out: Path,
@@ -612,7 +620,7 @@ def plan_rewrite(
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
     raw_config = read_raw_config(src)
     light = None  # the families header_keys knows, read without transformers' config classes
-    if mode == "remove":
+    if headers_can_plan(mode, pad_uniform):
         from .arch.header_config import header_config
 
         light = header_config(raw_config)
@@ -622,7 +630,7 @@ def plan_rewrite(
     ckpt = Checkpoint.open(src)
     mtp = mtp_keys(ckpt.tensors, raw_config)
     keymap = None
-    if mode == "remove":  # novice mode reads the experts modules' details (biases to hold a novice)
+    if light is not None:
         from .arch.header_keys import header_key_map
 
         keymap = header_key_map(config, ckpt.shapes(), mtp)
@@ -630,8 +638,7 @@ def plan_rewrite(
     from_headers = keymap is not None
     if keymap is not None:  # no model built: the keys and counts come from config.json and the headers
         blocks: list[Any] = list(keymap.blocks)
-        if pad_uniform:  # a selection bias to pad against, as the model path checks
-            check_mode(blocks, None, mode, pad_uniform, config)
+        check_mode(blocks, None, mode, pad_uniform, config)  # (--pad-uniform: a selection bias to pad against)
         kept, counts = check_kept(blocks, kept, top_k, mode)
         _check_expert_dtypes(ckpt, keymap, src, config)
     else:

@@ -162,6 +162,7 @@ class HeaderBlock:
     router_weight_path: str
     router_extra: int = 0
     router_tensors: dict[str, int] = field(default_factory=dict)
+    expert_out_proj_path: str | None = None  # (no family here runs its experts in a projected space)
 
 
 def _moe_layers(model_type: str, cfg: Any, n_layers: int) -> list[int]:
