@@ -608,10 +608,10 @@ def plan_rewrite(
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
     config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases).
 
-    A removal (plain or ``pad_uniform``) of a family :mod:`moeprune.arch.header_keys` knows maps
-    the expert keys from the config and the headers alone; everything else builds the model on the
-    meta device to find the MoE blocks and maps the keys with transformers' renaming
-    (:func:`_model_keymap`)."""
+    A removal (plain or ``pad_uniform``), or novices kept in a buffer, of a family
+    :mod:`moeprune.arch.header_keys` knows maps the expert keys from the config and the headers
+    alone (:func:`headers_can_plan`); everything else builds the model on the meta device to find
+    the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
     from .modelio import load_config, read_raw_config
 
     if mode not in MODES:
