@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from moeprune.cli import main
 
 
@@ -21,3 +25,22 @@ def assert_user_error(rc: int, err: str, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("moeprune: error:"), err
     for word in words:
         assert word in lines[0], lines[0]
+
+
+HEAVY = ("numpy", "torch", "transformers")
+
+
+def run_cli_fresh(*args) -> tuple[int, list[str]]:
+    """Run ``moeprune ARGS...`` in a fresh interpreter and return (exit code, which of
+    :data:`HEAVY` it imported): what a command pays that the test process has already loaded."""
+    argv = [str(a) for a in args]
+    code = (
+        "import json, sys\n"
+        "from moeprune.cli import main\n"
+        f"try:\n    rc = main({argv!r})\nexcept SystemExit as exc:\n    rc = exc.code\n"
+        f"print(json.dumps([rc, sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rc, modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rc, modules

@@ -15,6 +15,7 @@ import pytest
 
 import moeprune.arch.header_keys as header_keys
 from _checkpoints import plan_for
+from _cli import run_cli_fresh
 from moeprune.arch import find_moe_blocks
 from moeprune.arch.header_keys import FAMILIES, header_key_map
 from moeprune.arch.keys import map_expert_keys
@@ -203,23 +204,27 @@ def test_unknown_keys_fall_back_to_the_model(root):
     assert header_key_map(config, narrow, set()) is None
 
 
-def test_header_rewrite_imports_no_model_code(root, tmp_path):
+@pytest.mark.parametrize("ragged", [False, True])
+def test_header_rewrite_imports_no_model_code(root, tmp_path, ragged):
     """The whole remove rewrite of a known family runs without transformers: no model code, and
     not even its config classes (config.json is read by arch/header_config.py); and without torch,
-    since it copies byte ranges (torch alone would be ~230 MB of a rewrite's peak RSS)."""
-    src = _saved("deepseek_v3", "hub", root)
-    kept = _kept(find_moe_blocks(build_on_meta(load_config(str(src)))))
+    since it copies byte ranges (torch alone would be ~230 MB of a rewrite's peak RSS). A ragged
+    one too, its remote-code loader's spec included (header_serve_spec)."""
+    src = _saved("deepseek_v3", "hub", root, json.dumps({"first_k_dense_replace": 0}))
+    blocks = find_moe_blocks(build_on_meta(load_config(str(src))))
+    kept = _ragged(blocks) if ragged else _kept(blocks)
     code = (
         "import json, sys\n"
         "from moeprune.surgery import rewrite_checkpoint\n"
-        f"rewrite_checkpoint({str(src)!r}, {str(tmp_path / 'out')!r}, {kept!r})\n"
+        f"r = rewrite_checkpoint({str(src)!r}, {str(tmp_path / 'out')!r}, {kept!r})\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch'))\n"
-        "print(json.dumps(bad))\n"
+        "print(json.dumps([r.stock, r.remote_code_problem, bad]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [not ragged, None, []]
     assert (tmp_path / "out" / "config.json").is_file()
+    assert (tmp_path / "out" / "modeling_moeprune.py").is_file() == ragged
 
 
 @pytest.mark.parametrize("model_type, layout, overrides", [(t, lay, {}) for t, lay in CASES] + LAYER_CASES)
@@ -277,27 +282,14 @@ def test_cli_prune_imports_no_torch(root, tmp_path):
     assert digest
     plan = tmp_path / "plan.json"
     plan.write_text(plan_for(config, blocks, _kept(blocks), router_sha256=digest).dumps())
-    heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'numpy'})"
-
-    def run(*args: str) -> tuple[int, list[str]]:
-        code = (
-            "import json, sys\n"
-            "from moeprune.cli import main\n"
-            f"try:\n    rc = main({list(args)!r})\nexcept SystemExit as exc:\n    rc = exc.code\n"
-            f"print(json.dumps([rc, {heavy}]))\n"
-        )
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-        assert proc.returncode == 0, proc.stderr
-        rc, modules = json.loads(proc.stdout.strip().splitlines()[-1])
-        return rc, modules
 
     for args in (("--help",), ("--version",), ("prune", "--help")):
-        assert run(*args) == (0, []), args
-    assert run("prune", str(src), "--plan", str(plan), "--out", str(tmp_path / "out")) == (0, [])
+        assert run_cli_fresh(*args) == (0, []), args
+    assert run_cli_fresh("prune", str(src), "--plan", str(plan), "--out", str(tmp_path / "out")) == (0, [])
     # a plan of other router weights is still refused (the digest read from the stored bytes)
     other = tmp_path / "other.json"
     other.write_text(plan_for(config, blocks, _kept(blocks), router_sha256="f" * 64).dumps())
-    assert run("prune", str(src), "--plan", str(other), "--out", str(tmp_path / "out2"))[0] == 2
+    assert run_cli_fresh("prune", str(src), "--plan", str(other), "--out", str(tmp_path / "out2"))[0] == 2
     assert not (tmp_path / "out2").exists()
     via_model = plan_rewrite(src, tmp_path / "x", _kept(blocks))
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == via_model.new_config
@@ -390,21 +382,3 @@ def test_header_ragged_rewrite_equals_model_rewrite(model_type, layout, mode, ro
     assert serve["tensors"] and serve["attributes"]  # the experts (remove: and routers) shrink
     assert bool(serve["novices"]) == (mode == "novice")
     _same_folders(tmp_path / "fast", tmp_path / "slow")
-
-
-def test_header_ragged_rewrite_imports_no_model_code(root, tmp_path):
-    """A ragged removal of a known family, remote-code loader included, runs without transformers
-    and torch, as a uniform one does."""
-    src = _saved("qwen3_moe", "hub", root)
-    kept = _ragged(find_moe_blocks(build_on_meta(load_config(str(src)))))
-    code = (
-        "import json, sys\n"
-        "from moeprune.surgery import rewrite_checkpoint\n"
-        f"r = rewrite_checkpoint({str(src)!r}, {str(tmp_path / 'out')!r}, {kept!r})\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch'))\n"
-        "print(json.dumps([r.stock, r.remote_code_problem, bad]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, None, []]
-    assert (tmp_path / "out" / "modeling_moeprune.py").is_file()
