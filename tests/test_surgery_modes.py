@@ -407,18 +407,99 @@ def test_cli_ragged_and_novice(mixtral_dir, tmp_path, capsys):
     )
 
 
-def test_cli_ragged_and_novice_of_a_header_family_import_no_transformers(mixtral_dir, tmp_path):
+def test_cli_ragged_and_novice_of_a_header_family_import_no_transformers_or_torch(mixtral_dir, tmp_path):
     """A ragged removal and a novice checkpoint of a family arch/header_keys.py knows are written
     without transformers (no config class, no model code, no meta build: the remote-code loader's
-    spec comes from config.json and the headers); the novice vectors alone need torch."""
+    spec comes from config.json and the headers) and without torch (the novice vectors are read
+    from the profile file as numpy arrays, moeprune/profile_file.py)."""
     _, blocks = _tiny("mixtral")
     plan = _plan_file(tmp_path / "plan.json", mixtral_dir, ragged_plan(blocks))
     profile, _ = _profile_file(tmp_path / "p.profile.safetensors", mixtral_dir)
-    for mode, extra, imported in (("remove", [], []), ("novice", ["--profile", profile], ["torch"])):
+    for mode, extra in (("remove", []), ("novice", ["--profile", profile])):
         args = ["prune", mixtral_dir, "--plan", plan, "--mode", mode, *extra, "--out", tmp_path / mode]
         rc, modules = run_cli_fresh(*args)
-        assert (rc, [m for m in modules if m != "numpy"]) == (0, imported), mode
+        assert (rc, [m for m in modules if m != "numpy"]) == (0, []), mode
         assert (tmp_path / mode / "modeling_moeprune.py").is_file()
+
+
+def test_novice_rows_read_without_torch_are_the_profiles(mixtral_dir, tmp_path):
+    """profile_file.novice_rows gives the rows Profile.novices gives, as float32 numpy arrays, for
+    both fits; it gives None (the caller then reads the profile with torch, which names the
+    problem) for another model's fingerprint, a tensor that no longer matches its checksum, a layer
+    the profile lacks, a fit it does not store, or a file that is no profile."""
+    import numpy as np
+
+    from moeprune.checkpoint import read_header
+    from moeprune.profile import Profile
+    from moeprune.profile_file import novice_rows
+
+    _, blocks = _tiny("mixtral")
+    kept = ragged_plan(blocks)
+    replaced = {b.layer: sorted(set(range(b.num_experts)) - set(kept[b.layer])) for b in blocks}
+    path, _ = _profile_file(tmp_path / "p.profile.safetensors", mixtral_dir)
+    prof = Profile.load(path)
+    fp = prof.meta["model_fingerprint"]
+    rows = novice_rows(path, "mean", fp, replaced)
+    assert rows is not None and sorted(rows) == sorted(replaced)
+    for layer, ids in replaced.items():
+        want = prof.novices("mean")[prof.layers.index(layer), ids].numpy()
+        assert rows[layer].dtype == np.float32 and np.array_equal(rows[layer], want)
+    assert novice_rows(path, "lsq", fp, replaced) is None  # this profile stores no lsq fit
+    assert novice_rows(path, "median", fp, replaced) is None
+    assert novice_rows(path, "mean", "0" * 64, replaced) is None
+    assert novice_rows(path, "mean", fp, {**replaced, 99: [0]}) is None
+    assert novice_rows(mixtral_dir / "model.safetensors", "mean", fp, replaced) is None
+    info = read_header(path)[0]["mone_mean"]
+    data = bytearray(path.read_bytes())
+    data[info.start + 5] ^= 0x40  # one bit of a novice vector
+    bad = tmp_path / "bad.profile.safetensors"
+    bad.write_bytes(bytes(data))
+    assert novice_rows(bad, "mean", fp, replaced) is None
+
+
+def test_cli_novice_refuses_a_corrupt_profile_as_before(mixtral_dir, tmp_path, capsys):
+    """A profile whose novice tensor no longer matches its checksum is refused with the torch
+    path's line (the torch-free read steps aside), and nothing is written."""
+    from moeprune.checkpoint import read_header
+
+    _, blocks = _tiny("mixtral")
+    plan = _plan_file(tmp_path / "plan.json", mixtral_dir, ragged_plan(blocks))
+    path, _ = _profile_file(tmp_path / "p.profile.safetensors", mixtral_dir)
+    info = read_header(path)[0]["mone_mean"]
+    data = bytearray(path.read_bytes())
+    data[info.start + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    out = tmp_path / "novice"
+    rc, _, err = run_cli(capsys, "prune", mixtral_dir, "--plan", plan, "--mode", "novice", "--profile", path, "--out", out)
+    assert_user_error(rc, err, "corrupted", "mone_mean")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])
+def test_entry_bytes_round_as_torch_casts(dtype):
+    """The bytes a novice vector or a generated bias is written as (numpy, so that the header path
+    needs no torch) are the bytes torch's cast gives: round to nearest even (bf16 ties included),
+    subnormals, signed zeros, the largest values and overflow to infinity."""
+    import numpy as np
+
+    from moeprune.surgery import _entry_bytes
+
+    g = torch.Generator().manual_seed(0)
+    f32 = torch.cat(
+        [
+            torch.randn(4096, generator=g) * 10.0 ** torch.randint(-8, 8, (4096,), generator=g),
+            torch.tensor([0.0, -0.0, 1e-40, -1e-45, 3.0e38, -3.4e38, 65504.0, 65520.0, 1e5, 6e-8]),
+            # bf16 ties: the low 16 bits exactly 0x8000, with even and odd kept bits
+            torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7F8000], dtype=torch.int64)
+            .to(torch.int32)
+            .view(torch.float32),
+        ]
+    )
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[dtype]
+    want = f32.to(torch_dtype).view(torch.uint8).numpy().tobytes()
+    assert _entry_bytes(f32, dtype, "x") == want
+    assert _entry_bytes(f32.numpy(), dtype, "x") == want
+    assert _entry_bytes(f32.numpy().astype(np.float64), dtype, "x") == want
 
 
 def test_cli_refuses_bad_mode_input(mixtral_dir, qwen_dir, tmp_path, capsys):

@@ -728,7 +728,17 @@ def _novice_vectors(
 ) -> dict[int, Any]:
     """Each layer's novice vectors [R, H] (ascending replaced ids) from the profile: the mean
     expert outputs, or with ``fit="lsq"`` the gate-weighted least-squares fits. ``blocks``: the
-    model's MoE blocks when known without building it (:func:`_header_blocks`)."""
+    model's MoE blocks when known without building it (:func:`_header_blocks`); then a profile
+    file is read without torch where it checks out (:func:`moeprune.profile_file.novice_rows`:
+    numpy arrays), else with torch, which names any problem."""
+    if blocks is not None and not _is_profile(profile):
+        from .identity import fingerprint_fields, model_fingerprint
+        from .profile_file import novice_rows
+
+        fingerprint = model_fingerprint(fingerprint_fields(config, blocks))
+        rows = novice_rows(profile, fit, fingerprint, plan.replaced)  # type: ignore[arg-type]
+        if rows is not None:
+            return rows
     from .profile import Profile
 
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)

@@ -30,6 +30,7 @@ from .errors import UserError
 # the config fingerprint lives in the torch-free identity module (the rewrite checks it); named
 # here too for the callers that import it from the profile module
 from .identity import fingerprint_fields, model_fingerprint  # noqa: F401
+from .profile_file import CHECKSUM_KEY, FORMAT, NOVICE_TENSORS, OLD_FORMATS
 
 __all__ = [
     "FORMAT",
@@ -41,10 +42,8 @@ __all__ = [
     "model_fingerprint",
 ]
 
-FORMAT = "moeprune-profile/2"  # 2: PreMoe histograms (bounded size), checksums
-OLD_FORMATS = ("moeprune-profile/1",)  # per-token PreMoe entries, no checksum: read with a warning
 SUM_TENSORS = ("count", "gate", "prob", "reap_sum", "easyep", "premoe_v1")  # [L, E] float64
-NOVICE_FITS = ("mean", "lsq")  # what a novice is fitted to (Profile.novices)
+NOVICE_FITS = tuple(NOVICE_TENSORS)  # what a novice is fitted to (Profile.novices)
 # the least-squares novices (docs/methods.md): optional, absent in profiles written before them
 LSQ_TENSORS = ("gate_sq", "novice_lsq")  # [L, E] float64 Σ g², [L, E, H] float32 Σ g² e / Σ g²
 PREMOE_TENSORS = {"premoe_q": torch.float32, "premoe_f": torch.float32, "premoe_idx": torch.int32}
@@ -56,7 +55,6 @@ NON_NEGATIVE = (
     "premoe_hist_n", "premoe_qmax", "sample_premoe", "premoe_edges",
 )  # fmt: skip
 INTEGRAL = ("tokens", "count", "premoe_hist_n")  # counts stored as float64
-CHECKSUM_KEY = "sha256"
 META_KEYS = (
     "format",
     "tool_version",
@@ -100,7 +98,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def tensor_sha256(x: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (C order)."""
+    """sha256 of a tensor's dtype, shape and bytes (C order); the same as
+    :func:`moeprune.profile_file.float32_sha256` for float32 ones."""
     h = hashlib.sha256(f"{x.dtype}:{list(x.shape)}:".encode())
     h.update(x.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().data)
     return h.hexdigest()
@@ -229,7 +228,7 @@ class Profile:
         gate-weighted least-squares fit Σ g² e / Σ g² (`novice_lsq`, docs/methods.md)."""
         if fit not in NOVICE_FITS:
             raise UserError(f"unknown novice fit '{fit}'", f"use {' or '.join(NOVICE_FITS)}")
-        name = "mone_mean" if fit == "mean" else "novice_lsq"
+        name = NOVICE_TENSORS[fit]
         if name not in self.tensors:
             raise UserError(
                 f"profile '{self.name}' has no least-squares novices (written before they were added)",

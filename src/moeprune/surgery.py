@@ -76,12 +76,11 @@ from .model_files import SourceFiles, copy_source_files, inside, model_root
 from .quant import quant_format
 from .remote import mark_config, remote_code_problem, serve_spec, write_modeling_file
 
+# torch is imported inside the functions that read or compute a tensor (novice vectors of a loaded
+# profile, dead selection biases) or build a model: a rewrite planned from the headers copies byte
+# ranges and imports no torch (novice vectors read from the file come as numpy arrays), which it
+# would otherwise pay ~230 MB of peak RSS and seconds for (docs/benchmarks.md)
 if TYPE_CHECKING:
-    # torch only where a tensor is computed (novice vectors, dead selection biases) or a model is
-    # built: a plain removal planned from the headers copies byte ranges and imports no torch,
-    # which a rewrite would otherwise pay ~230 MB of peak RSS and seconds for (docs/benchmarks.md)
-    import torch
-
     from .arch.blocks import MoEBlock
 
 MODES = ("remove", "novice")
@@ -309,20 +308,45 @@ def pruned_config(
 # --- the rewrite -----------------------------------------------------------------------------------
 
 
-_WRITABLE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # torch names
+_WRITABLE_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
-def _entry_bytes(values: torch.Tensor, dtype: str, what: str) -> bytes:
-    """``values`` as the raw little-endian bytes of a safetensors ``dtype``."""
-    import torch
+def _as_array(values: Any) -> Any:
+    """``values`` (a torch tensor or a numpy array) as a numpy float64 array: exactly, as every
+    value of a float32, bfloat16 or float16 is a float64 too. Numpy, not torch: the novice vectors
+    of the header path come as numpy arrays (:mod:`moeprune.profile_file`), and the rewrite then
+    never imports torch."""
+    import numpy as np
+
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64)
+    return values.detach().cpu().double().numpy()
+
+
+def _entry_bytes(values: Any, dtype: str, what: str) -> bytes:
+    """``values`` (a torch tensor or a numpy array) as the raw little-endian bytes of a safetensors
+    ``dtype``, rounded to nearest even as torch's casts round (tests/test_surgery_modes.py)."""
+    import numpy as np
 
     if dtype not in _WRITABLE_DTYPES:
         raise UserError(
             f"{what} is stored as {dtype}, which moeprune cannot write values into",
             "this checkpoint's dtype is not supported for this mode yet",
         )
-    t = values.detach().to("cpu", getattr(torch, _WRITABLE_DTYPES[dtype])).contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
+    x = _as_array(values).reshape(-1)
+    if dtype == "F64":
+        return x.astype("<f8").tobytes()
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as torch's cast gives
+        if dtype == "F16":
+            return x.astype("<f2").tobytes()
+        f32 = x.astype(np.float32)
+    if dtype == "F32":
+        return f32.astype("<f4").tobytes()
+    # BF16: the top half of the float32 bits, rounded to nearest even (c10's round_to_nearest_even)
+    u = f32.view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    bits[np.isnan(f32)] = 0x7FC0
+    return bits.astype("<u2").tobytes()
 
 
 @dataclass
@@ -337,7 +361,7 @@ class BlockRewrite:
     block: MoEBlock
     experts: list[int | None]
     router: list[int | None] | None
-    constants: dict[int, torch.Tensor] = field(default_factory=dict)
+    constants: dict[int, Any] = field(default_factory=dict)  # numpy float64 rows
     novice_buffer: bool = False
     hidden: int = 0  # width of the constant vectors
 
@@ -465,7 +489,7 @@ def block_rewrites(
     kept: dict[int, list[int]],
     mode: str,
     pad_uniform: bool,
-    novices: dict[int, torch.Tensor] | None,
+    novices: dict[int, Any] | None,
 ) -> tuple[dict[int, BlockRewrite], PrunedLayout, int]:
     """Per-block rewrites, the config's layout record, and the config's expert count."""
     old_e = blocks[0].num_experts
@@ -486,19 +510,20 @@ def block_rewrites(
             original_experts=old_e,
         )
         return rewrites, layout, total
-    import torch
+    import numpy as np
 
     replaced = {b.layer: sorted(set(range(b.num_experts)) - set(kept[b.layer])) for b in blocks}
     for b in blocks:
-        vectors = (novices or {}).get(b.layer)
-        if vectors is None or vectors.dim() != 2 or vectors.shape[0] != len(replaced[b.layer]):
+        given = (novices or {}).get(b.layer)
+        vectors = None if given is None else _as_array(given)
+        if vectors is None or vectors.ndim != 2 or vectors.shape[0] != len(replaced[b.layer]):
             raise UserError(
                 f"no novice vector for each of the {len(replaced[b.layer])} replaced experts of layer {b.layer}",
                 "pass the profile the plan was made from",
             )
-        finite = torch.isfinite(vectors).all(dim=1)
+        finite = np.isfinite(vectors).all(axis=1)
         if not bool(finite.all()):  # a NaN novice would silently poison every token routed to it
-            expert = replaced[b.layer][int((~finite).nonzero()[0])]
+            expert = replaced[b.layer][int(np.flatnonzero(~finite)[0])]
             raise UserError(
                 f"the novice vector (mone_mean) of expert {expert} of layer {b.layer} is NaN or infinite",
                 "re-create the profile with `moeprune profile`",
@@ -602,7 +627,7 @@ def plan_rewrite(
     max_shard_size: int | str | None = None,
     mode: str = "remove",
     pad_uniform: bool = False,
-    novices: dict[int, torch.Tensor] | None = None,
+    novices: dict[int, Any] | None = None,
     allow_other_profile: bool = False,
 ) -> RewritePlan:
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
@@ -744,7 +769,7 @@ def rewrite_checkpoint(
     progress: Callable[[int, int], None] | None = None,
     mode: str = "remove",
     pad_uniform: bool = False,
-    novices: dict[int, torch.Tensor] | None = None,
+    novices: dict[int, Any] | None = None,
     allow_other_profile: bool = False,
     inputs: Sequence[Any] = (),
     into: Path | None = None,
@@ -753,9 +778,10 @@ def rewrite_checkpoint(
     sorted expert ids), only the experts ``kept``; ``top_k`` lowers the active experts per token.
 
     ``mode`` is ``remove`` or ``novice``; ``novices`` (novice mode) maps each layer to the constant
-    outputs [R, H] of its replaced experts, in ascending expert order. ``pad_uniform`` writes a
-    checkpoint stock transformers loads: ragged layers padded with dead experts (remove), or novices
-    stored as zeroed experts with a down bias (novice, experts with biases only).
+    outputs [R, H] of its replaced experts (torch tensors or numpy arrays), in ascending expert
+    order. ``pad_uniform`` writes a checkpoint stock transformers loads: ragged layers padded with
+    dead experts (remove), or novices stored as zeroed experts with a down bias (novice, experts
+    with biases only).
 
     ``plan`` (the plan's JSON) is kept as ``plan.json`` and ``metadata`` (the profile's ``meta``) as
     ``profile-meta.json``; both feed the model card. Both are refused when they were made on a
