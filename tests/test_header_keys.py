@@ -307,7 +307,8 @@ def test_cli_prune_imports_no_torch(root, tmp_path):
 def test_dry_run_of_a_plain_removal_reads_the_headers_alone(root, tmp_path, model_type, monkeypatch):
     """`moeprune prune --dry-run` of a plain removal (a plan, or --keep) plans from config.json and
     the shard headers as the real run does: the same estimate as the model-based path (sizes,
-    shards, counts), and a fresh process imports none of torch, transformers or numpy."""
+    shards, counts), and a fresh process imports none of torch, transformers or numpy; a novice
+    one too, with numpy only."""
     import moeprune.api as api
     from moeprune.api import estimate_prune
 
@@ -331,6 +332,13 @@ def test_dry_run_of_a_plain_removal_reads_the_headers_alone(root, tmp_path, mode
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "0 []"
+    # novice mode plans from the headers too (zeros stand in for the vectors): numpy, no torch
+    light = estimate_prune(src, bandwidth="1GB/s", keep=0.5, mode="novice")
+    with monkeypatch.context() as m:
+        m.setattr(api, "_header_blocks", lambda src: None)
+        full = estimate_prune(src, bandwidth="1GB/s", keep=0.5, mode="novice")
+    assert [getattr(light, f) for f in same] == [getattr(full, f) for f in same]
+    assert run_cli_fresh("prune", src, "--keep", "50%", "--mode", "novice", "--dry-run", "--json") == (0, ["numpy"])
 
 
 def _ragged(blocks) -> dict[int, list[int]]:

@@ -607,7 +607,7 @@ def estimate_prune(
         if profile is not None and plan is not None:
             novices = _novice_vectors(profile, the_plan, config, str(src), blocks=blocks)
         else:  # the sizes need only the vectors' count and width: zeros stand in for them
-            import torch
+            import numpy as np
 
             if blocks is None:
                 from .arch import find_moe_blocks
@@ -615,7 +615,9 @@ def estimate_prune(
                 blocks = find_moe_blocks(build_on_meta(config))
             hidden = int(config.get_text_config().hidden_size)
             novices = {
-                b.layer: torch.zeros(b.num_experts - len(kept[b.layer]), hidden) for b in blocks if b.layer in kept
+                b.layer: np.zeros((b.num_experts - len(kept[b.layer]), hidden), dtype=np.float32)
+                for b in blocks
+                if b.layer in kept
             }
     if max_shard_size is not None:
         from .checkpoint import parse_size
