@@ -25,7 +25,8 @@ from moeprune.surgery import mtp_keys, plan_rewrite
 from moeprune.testing.tiny import tiny_model
 
 CASES = [(t, layout) for t in sorted(FAMILIES) for layout in ("fused", "hub")]
-HUB_PER_EXPERT = {"deepseek_v3", "qwen3_moe", "qwen2_moe", "olmoe", "mixtral"}  # gpt-oss is fused on the hub
+FIRST_DENSE = {"deepseek_v3", "glm4_moe"}  # their first MoE layer follows first_k_dense_replace dense ones
+HUB_PER_EXPERT = {"deepseek_v3", "glm4_moe", "qwen3_moe", "qwen2_moe", "olmoe", "mixtral"}  # gpt-oss is fused on the hub
 
 
 @cache
@@ -79,6 +80,7 @@ LAYER_CASES = [
     ("qwen3_moe", "hub", {"mlp_only_layers": [0]}),
     ("qwen2_moe", "fused", {"decoder_sparse_step": 2}),
     ("deepseek_v3", "fused", {"first_k_dense_replace": 0}),
+    ("glm4_moe", "hub", {"first_k_dense_replace": 0, "use_qk_norm": True, "attention_bias": True}),
 ]
 
 
@@ -134,7 +136,7 @@ def test_header_pad_uniform_equals_model_pad_uniform(model_type, layout, root, m
     from moeprune.errors import UserError
 
     # two MoE layers, so that the one that keeps fewer experts is padded to the other's count
-    overrides = {"first_k_dense_replace": 0} if model_type == "deepseek_v3" else {}
+    overrides = {"first_k_dense_replace": 0} if model_type in FIRST_DENSE else {}
     path = _saved(model_type, layout, root, json.dumps(overrides))
     _, blocks, _ = _model_map(path)
     assert len(blocks) > 1
@@ -195,6 +197,12 @@ def test_unknown_keys_fall_back_to_the_model(root):
     assert header_key_map(config2, shapes2, set()) is not None
     for extra in ("model.layers.1.mlp.shared_expert.weight", "model.layers.1.self_attn.o_proj.bias"):
         assert header_key_map(config2, {**shapes2, extra: (1,)}, set()) is None, extra
+    glm = _saved("glm4_moe", "fused", root)  # use_qk_norm and attention_bias are false
+    shapes_g = dict(Checkpoint.open(glm).shapes())
+    config_g = load_config(str(glm))
+    assert header_key_map(config_g, shapes_g, set()) is not None
+    for extra in ("model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_proj.bias"):
+        assert header_key_map(config_g, {**shapes_g, extra: (1,)}, set()) is None, extra
     missing = {k: v for k, v in shapes.items() if k != "model.layers.1.mlp.experts.3.down_proj.weight"}
     assert header_key_map(config, missing, set()) is None
     wrong = {**shapes, "model.layers.1.mlp.gate.weight": (7, 64)}
@@ -370,7 +378,7 @@ def test_header_ragged_rewrite_equals_model_rewrite(model_type, layout, mode, ro
 
     from moeprune.surgery import rewrite_checkpoint
 
-    overrides = {"first_k_dense_replace": 0} if model_type == "deepseek_v3" else {}
+    overrides = {"first_k_dense_replace": 0} if model_type in FIRST_DENSE else {}
     path = _saved(model_type, layout, root, json.dumps(overrides))
     config, blocks, _ = _model_map(path)
     kept = _ragged(blocks)

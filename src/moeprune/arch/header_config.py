@@ -36,6 +36,22 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "routed_scaling_factor": 2.5,
         "topk_group": 4,
     },
+    "glm4_moe": {
+        "attention_bias": False,
+        "first_k_dense_replace": 1,
+        "hidden_size": 4096,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "n_group": 1,
+        "n_routed_experts": 128,
+        "norm_topk_prob": True,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 46,
+        "num_nextn_predict_layers": 1,
+        "routed_scaling_factor": 1.0,
+        "topk_group": 1,
+        "use_qk_norm": False,
+    },
     "gpt_oss": {
         "attention_bias": True,
         "hidden_size": 2880,
@@ -88,6 +104,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # each config class's ``attribute_map`` (alias -> the name the value is stored under)
 ALIASES: dict[str, dict[str, str]] = {
     "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "glm4_moe": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "gpt_oss": {"num_experts": "num_local_experts"},
     "mixtral": {"num_experts": "num_local_experts"},
     "olmoe": {"num_local_experts": "num_experts"},

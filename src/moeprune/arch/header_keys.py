@@ -54,6 +54,8 @@ class Family:
     # so a checkpoint with one goes the model path, which knows
     attention_bias: tuple[str, tuple[str, ...]] | tuple[()] = ()
     attention_leaves: tuple[str, ...] = ()  # self_attn tensors that are no module (gpt-oss sinks)
+    # (config flag, self_attn modules with a weight only when it is true: GLM-4-MoE's q/k norms)
+    attention_flagged: tuple[str, tuple[str, ...]] | tuple[()] = ()
     shared: tuple[str, ...] = ()  # shared-expert MLPs under the block (gate_proj, up_proj, down_proj)
     shared_gate: str | None = None  # the shared expert's own gate (a linear) under the block
     selection_bias: str | None = None  # router leaf that is the selection bias
@@ -126,6 +128,17 @@ FAMILIES: dict[str, Family] = {
         shared=("shared_experts",),
         selection_bias="e_score_correction_bias",
     ),
+    "glm4_moe": Family(
+        ("n_routed_experts",),
+        "gate",
+        ("weight", "e_score_correction_bias"),
+        ("gate_up_proj", "down_proj"),
+        _QWEN_HUB,
+        attention_bias=("attention_bias", ("q_proj", "k_proj", "v_proj")),
+        attention_flagged=("use_qk_norm", ("q_norm", "k_norm")),
+        shared=("shared_experts",),
+        selection_bias="e_score_correction_bias",
+    ),
     "gpt_oss": Family(
         ("num_local_experts",),
         "router",
@@ -167,7 +180,7 @@ class HeaderBlock:
 
 def _moe_layers(model_type: str, cfg: Any, n_layers: int) -> list[int]:
     """The decoder layers transformers builds with a routed MoE block for this config."""
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "glm4_moe"):
         return [i for i in range(n_layers) if i >= int(cfg.first_k_dense_replace)]
     if model_type in ("qwen2_moe", "qwen3_moe"):
         step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
@@ -291,7 +304,12 @@ def _plain(fam: Family, rest: str, moe: bool, config: Any) -> bool:
     if head.startswith("self_attn."):
         module = head[len("self_attn.") :]
         if leaf == "weight":
-            return module in fam.attention
+            if module in fam.attention:
+                return True
+            if fam.attention_flagged:
+                flag, modules = fam.attention_flagged
+                return bool(getattr(config, flag, False)) and module in modules
+            return False
         if leaf == "bias" and fam.attention_bias:
             flag, biased = fam.attention_bias
             return bool(getattr(config, flag, False)) and module in biased
