@@ -398,3 +398,43 @@ def test_header_ragged_rewrite_equals_model_rewrite(model_type, layout, mode, ro
     assert serve["tensors"] and serve["attributes"]  # the experts (remove: and routers) shrink
     assert bool(serve["novices"]) == (mode == "novice")
     _same_folders(tmp_path / "fast", tmp_path / "slow")
+
+
+@pytest.mark.parametrize("model_type, layout", CASES)
+def test_header_pad_uniform_novices_equal_model_ones(model_type, layout, root, tmp_path, monkeypatch):
+    """`--mode novice --pad-uniform` (novices stored as zeroed experts with a down bias, a stock
+    checkpoint) planned from the headers writes what the model path writes; a family whose experts
+    have no biases is refused by both with the same line. The family table's answer is the one
+    arch.pruned.bias_novice_problem gives on the built experts module."""
+    import torch
+
+    from moeprune.arch.pruned import bias_novice_problem
+    from moeprune.errors import UserError
+    from moeprune.surgery import rewrite_checkpoint
+
+    overrides = {"first_k_dense_replace": 0} if model_type in FIRST_DENSE else {}
+    path = _saved(model_type, layout, root, json.dumps(overrides))
+    config, blocks, _ = _model_map(path)
+    meta = build_on_meta(config)
+    assert FAMILIES[model_type].bias_novice_problem == bias_novice_problem(blocks[0].experts(meta))
+    kept = _ragged(blocks)
+    g = torch.Generator().manual_seed(1)
+    hidden = config.get_text_config().hidden_size
+    novices = {b.layer: torch.randn(b.num_experts - len(kept[b.layer]), hidden, generator=g) for b in blocks}
+    args = {"kept": kept, "mode": "novice", "novices": novices, "pad_uniform": True}
+    try:
+        fast = rewrite_checkpoint(path, tmp_path / "fast", **args)
+    except UserError as exc:
+        assert "--pad-uniform cannot store" in str(exc)
+        with monkeypatch.context() as m, pytest.raises(UserError) as slow_exc:
+            m.setattr(header_keys, "header_key_map", lambda *a, **k: None)
+            rewrite_checkpoint(path, tmp_path / "slow", **args)
+        assert str(slow_exc.value) == str(exc)
+        assert not (tmp_path / "fast").exists() and not (tmp_path / "slow").exists()
+        return
+    with monkeypatch.context() as m:
+        m.setattr(header_keys, "header_key_map", lambda *a, **k: None)
+        slow = rewrite_checkpoint(path, tmp_path / "slow", **args)
+    assert fast.stock and fast.padded and slow.stock
+    assert plan_rewrite(path, tmp_path / "x", **args).from_headers
+    _same_folders(tmp_path / "fast", tmp_path / "slow")

@@ -429,7 +429,7 @@ def _prune(
     from .modelio import load_config, resolve_model_dir
     from .outputs import check_output
     from .plan import Plan
-    from .surgery import headers_can_plan, rewrite_checkpoint
+    from .surgery import rewrite_checkpoint
 
     # --- check everything before writing anything --------------------------------------------------
     if mode not in MODES:
@@ -455,9 +455,9 @@ def _prune(
     inputs += list(reads)
     if into is None:
         check_output(out, inputs=[("input model", src), *inputs], force=force)
-    # a removal, or novices in a buffer, of a family the headers tell: no transformers (torch only
-    # for the novice vectors and --pad-uniform's dead selection biases)
-    header = _header_blocks(src) if headers_can_plan(mode, pad_uniform) else None
+    # a family the headers tell: no transformers (torch only for a novice profile that must be read
+    # with it and for --pad-uniform's dead selection biases)
+    header = _header_blocks(src)
     if header is not None:
         config, blocks = header
     else:
@@ -576,7 +576,6 @@ def estimate_prune(
     from .estimate import prune_estimate, uniform_kept
     from .modelio import build_on_meta, load_config, resolve_model_dir
     from .plan import Plan
-    from .surgery import headers_can_plan
 
     started = time.perf_counter()
     if mode not in MODES:
@@ -587,8 +586,8 @@ def estimate_prune(
             "pass --plan plan.json, or --keep K (experts per layer, or a fraction such as 0.5)",
         )
     src = resolve_model_dir(model_source(model))
-    # a removal (or novices in a buffer) of a family the headers tell: no transformers (as prune)
-    header = _header_blocks(src) if headers_can_plan(mode, pad_uniform) else None
+    # a family the headers tell: no transformers (as prune)
+    header = _header_blocks(src)
     config, blocks = header if header is not None else (load_config(str(src)), None)
     top_k = None
     if plan is not None:

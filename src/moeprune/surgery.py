@@ -239,7 +239,10 @@ def check_mode(blocks: list[MoEBlock], meta_model: Any, mode: str, pad_uniform: 
                 "drop --pad-uniform (the ragged checkpoint loads with moeprune.load), or plan with --scope layer",
             )
     else:
-        why = bias_novice_problem(blocks[0].experts(meta_model))
+        if meta_model is None:  # blocks read from the headers: their family's answer (arch/header_keys.py)
+            why = blocks[0].bias_novice_problem
+        else:
+            why = bias_novice_problem(blocks[0].experts(meta_model))
         if why is not None:
             raise UserError(
                 f"--pad-uniform cannot store '{mtype}' novices in stock expert weights: {why}",
@@ -608,14 +611,6 @@ class RewritePlan:
         return [(name, _aligned(shard)) for name, shard in zip(self.names, self.shards, strict=True)]
 
 
-def headers_can_plan(mode: str, pad_uniform: bool) -> bool:
-    """Whether a rewrite in this mode can be planned from config.json and the headers
-    (:mod:`moeprune.arch.header_keys`) where the family is known: every removal, and novices kept
-    in a buffer (``--pad-uniform`` novices live in expert biases, which only the experts module
-    can say it has)."""
-    return mode == "remove" or (mode == "novice" and not pad_uniform)
-
-
 def plan_rewrite(
     src: Path,
     out: Path,
@@ -633,10 +628,9 @@ def plan_rewrite(
     """The rewrite of :func:`rewrite_checkpoint`, checked and planned but not written (reads the
     config and the shard headers; tensor data only for ``pad_uniform``'s dead selection biases).
 
-    A removal (plain or ``pad_uniform``), or novices kept in a buffer, of a family
-    :mod:`moeprune.arch.header_keys` knows maps the expert keys from the config and the headers
-    alone (:func:`headers_can_plan`); everything else builds the model on the meta device to find
-    the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
+    A rewrite (any mode) of a family :mod:`moeprune.arch.header_keys` knows maps the expert keys
+    from the config and the headers alone; everything else builds the model on the meta device to
+    find the MoE blocks and maps the keys with transformers' renaming (:func:`_model_keymap`)."""
     from .modelio import load_config, read_raw_config
 
     if mode not in MODES:
@@ -644,11 +638,9 @@ def plan_rewrite(
     if not (src / "config.json").is_file():
         raise UserError(f"'{src}' has no config.json", "pass a transformers model directory")
     raw_config = read_raw_config(src)
-    light = None  # the families header_keys knows, read without transformers' config classes
-    if headers_can_plan(mode, pad_uniform):
-        from .arch.header_config import header_config
+    from .arch.header_config import header_config
 
-        light = header_config(raw_config)
+    light = header_config(raw_config)  # the families header_keys knows, without transformers' config classes
     config: Any = light if light is not None else load_config(str(src))
     quant = quant_format(config)  # fp8 / mxfp4 are copied as stored; other methods are refused
     _check_not_reshaped(config, src)

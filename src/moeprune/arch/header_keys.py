@@ -56,6 +56,9 @@ class Family:
     attention_leaves: tuple[str, ...] = ()  # self_attn tensors that are no module (gpt-oss sinks)
     # (config flag, self_attn modules with a weight only when it is true: GLM-4-MoE's q/k norms)
     attention_flagged: tuple[str, tuple[str, ...]] | tuple[()] = ()
+    # why a novice cannot live in an expert's down bias (--pad-uniform), as
+    # arch.pruned.bias_novice_problem finds on the experts module; None: it can
+    bias_novice_problem: str | None = "its experts have no biases"
     shared: tuple[str, ...] = ()  # shared-expert MLPs under the block (gate_proj, up_proj, down_proj)
     shared_gate: str | None = None  # the shared expert's own gate (a linear) under the block
     selection_bias: str | None = None  # router leaf that is the selection bias
@@ -148,6 +151,7 @@ FAMILIES: dict[str, Family] = {
         attention_bias=("attention_bias", _QKVO),
         attention_leaves=("sinks",),
         inter="intermediate_size",
+        bias_novice_problem=None,  # clamped SwiGLU of 0 is 0, and no norm follows the experts
         shapes=(
             ("gate_up_proj", "E H 2I"),
             ("gate_up_proj_bias", "E 2I"),
@@ -176,6 +180,7 @@ class HeaderBlock:
     router_extra: int = 0
     router_tensors: dict[str, int] = field(default_factory=dict)
     expert_out_proj_path: str | None = None  # (no family here runs its experts in a projected space)
+    bias_novice_problem: str | None = None  # the family's (Family.bias_novice_problem)
 
 
 def _moe_layers(model_type: str, cfg: Any, n_layers: int) -> list[int]:
@@ -237,6 +242,7 @@ def header_key_map(config: Any, shapes: Mapping[str, tuple[int, ...]], drop: set
                 else None,
                 router_weight_path=f"{path}.{fam.router}.weight",
                 router_tensors={f"{fam.router}.{leaf}": 0 for leaf in fam.router_leaves},
+                bias_novice_problem=fam.bias_novice_problem,
             )
         )
     by_layer = {b.layer: b for b in blocks}
