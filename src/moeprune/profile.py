@@ -30,7 +30,7 @@ from .errors import UserError
 # the config fingerprint lives in the torch-free identity module (the rewrite checks it); named
 # here too for the callers that import it from the profile module
 from .identity import fingerprint_fields, model_fingerprint  # noqa: F401
-from .profile_file import CHECKSUM_KEY, FORMAT, NOVICE_TENSORS, OLD_FORMATS
+from .profile_file import CHECKSUM_KEY, FORMAT, NOVICE_TENSORS, OLD_FORMATS, tensor_digest
 
 __all__ = [
     "FORMAT",
@@ -98,11 +98,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def tensor_sha256(x: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (C order); the same as
-    :func:`moeprune.profile_file.float32_sha256` for float32 ones."""
-    h = hashlib.sha256(f"{x.dtype}:{list(x.shape)}:".encode())
-    h.update(x.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().data)
-    return h.hexdigest()
+    """sha256 of a tensor's dtype, shape and bytes (C order): :func:`moeprune.profile_file.tensor_digest`."""
+    data = x.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().data  # (no copy)
+    return tensor_digest(str(x.dtype), list(x.shape), data)
 
 
 def checksums(tensors: dict[str, torch.Tensor], meta_text: str) -> dict[str, str]:

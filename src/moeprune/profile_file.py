@@ -20,9 +20,11 @@ CHECKSUM_KEY = "sha256"  # the header's checksum list: one per tensor, "__meta__
 NOVICE_TENSORS = {"mean": "mone_mean", "lsq": "novice_lsq"}  # novice fit -> [L, E, H] float32 tensor
 
 
-def float32_sha256(shape: list[int], data: bytes) -> str:
-    """:func:`moeprune.profile.tensor_sha256` of a float32 tensor given as its little-endian bytes."""
-    h = hashlib.sha256(f"torch.float32:{[int(d) for d in shape]}:".encode())
+def tensor_digest(dtype: str, shape: list[int], data: bytes | memoryview) -> str:
+    """A tensor's checksum as the profile stores it: sha256 of its torch dtype's name
+    (``torch.float32``), its shape and its bytes in C order (little-endian, as safetensors
+    stores them)."""
+    h = hashlib.sha256(f"{dtype}:{[int(d) for d in shape]}:".encode())
     h.update(data)
     return h.hexdigest()
 
@@ -61,7 +63,7 @@ def novice_rows(
         with open(info.file, "rb") as fh:
             fh.seek(info.start)
             data = fh.read(info.nbytes)
-        if len(data) != info.nbytes or stored.get(name) != float32_sha256(list(shape), data):
+        if len(data) != info.nbytes or stored.get(name) != tensor_digest("torch.float32", list(shape), data):
             return None
         table = np.frombuffer(data, dtype="<f4").reshape(shape)
         out = {}

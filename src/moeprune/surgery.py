@@ -322,7 +322,7 @@ def _as_array(values: Any) -> Any:
     import numpy as np
 
     if isinstance(values, np.ndarray):
-        return values.astype(np.float64)
+        return np.asarray(values, dtype=np.float64)  # no copy when it is one already
     return values.detach().cpu().double().numpy()
 
 
@@ -655,7 +655,7 @@ def plan_rewrite(
     from_headers = keymap is not None
     if keymap is not None:  # no model built: the keys and counts come from config.json and the headers
         blocks: list[Any] = list(keymap.blocks)
-        check_mode(blocks, None, mode, pad_uniform, config)  # (--pad-uniform: a selection bias to pad against)
+        check_mode(blocks, None, mode, pad_uniform, config)  # the model path's refusals, from the family's table
         kept, counts = check_kept(blocks, kept, top_k, mode)
         _check_expert_dtypes(ckpt, keymap, src, config)
     else:

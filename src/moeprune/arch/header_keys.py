@@ -220,7 +220,7 @@ def header_key_map(config: Any, shapes: Mapping[str, tuple[int, ...]], drop: set
     hidden, inter = getattr(config, "hidden_size", None), getattr(config, fam.inter, None)
     if not isinstance(hidden, int) or not isinstance(inter, int):
         return None
-    sizes = {"E": n_experts, "H": hidden, "I": inter, "2I": 2 * inter}
+    sizes = _sizes(n_experts, hidden, inter)
     moe = _moe_layers(model_type, config, n_layers)
     if not moe:
         return None
@@ -293,11 +293,21 @@ def header_key_map(config: Any, shapes: Mapping[str, tuple[int, ...]], drop: set
     return found
 
 
+def _sizes(experts: int, hidden: int, inter: int) -> dict[str, int]:
+    """The dimensions :attr:`Family.shapes` names."""
+    return {"E": experts, "H": hidden, "I": inter, "2I": 2 * inter}
+
+
+def _leaf_shape(fam: Family, leaf: str, sizes: dict[str, int]) -> tuple[int, ...] | None:
+    """The shape of the family's tensor ``leaf`` at ``sizes`` (None: not one it tables)."""
+    spec = dict(fam.shapes).get(leaf)
+    return None if spec is None else tuple(sizes[d] for d in spec.split())
+
+
 def _shape(fam: Family, ek: ExpertKey, sizes: dict[str, int]) -> tuple[int, ...] | None:
     """The shape config.json gives the tensor of ``ek`` (None: unknown)."""
     leaf = ek.suffix[1:] if ek.kind == "per_expert" else ek.key.rpartition(".")[2]
-    spec = dict(fam.shapes).get(leaf)
-    return None if spec is None else tuple(sizes[d] for d in spec.split())
+    return _leaf_shape(fam, leaf, sizes)
 
 
 def _plain(fam: Family, rest: str, moe: bool, config: Any) -> bool:
@@ -376,11 +386,9 @@ def header_serve_spec(config: Any, blocks: list[HeaderBlock], layout: Any, exper
     spec read off a meta build, family by family, in both layouts)."""
     fam = FAMILIES[str(config.model_type)]
     hidden, inter = int(config.hidden_size), int(getattr(config, fam.inter))
-    shapes = dict(fam.shapes)
 
     def shape(leaf: str, e: int) -> list[int]:
-        sizes = {"E": e, "H": hidden, "I": inter, "2I": 2 * inter}
-        return [sizes[d] for d in shapes[leaf].split()]
+        return list(_leaf_shape(fam, leaf, _sizes(e, hidden, inter)) or ())
 
     tensors: dict[str, list[list[int]]] = {}
     attributes: dict[str, list[int]] = {}
